@@ -1,0 +1,34 @@
+"""The ``guardfab`` command: one entry point, one group per role."""
+
+from __future__ import annotations
+
+import click
+
+from guardfab import __version__
+from guardfab.cli import eventlog, template, tenant
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="guardfab")
+def cli() -> None:
+    """guardfab: a guarded fabric for Linux/KVM.
+
+    Shielded VMs run only on hosts that the Host Guardian Service (HGS) has
+    attested healthy; their keys stay wrapped for the tenant's chosen guardians.
+
+    \b
+    Role groups:
+      tenant     guardians, key protectors and shielding data (on the tenant's machine)
+      template   sign and verify template disks, volume signature catalogs
+      eventlog   read a TCG PC Client boot event log
+    """
+
+
+cli.add_command(tenant.tenant)
+cli.add_command(template.template)
+cli.add_command(eventlog.eventlog)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()
