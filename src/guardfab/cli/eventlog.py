@@ -7,6 +7,6 @@ import click
 
 @click.command()
 @click.argument("path", type=click.Path(dir_okay=False))
-def eventlog(path: str) -> None:
+def eventlog(path: str) -> None:  # noqa: ARG001 - placeholder
     """Parse and replay the event log at PATH."""
     raise click.ClickException("not implemented yet")
