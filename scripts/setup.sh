@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Install everything guardfab needs on Debian 12, as root: Debian packages and a
+# virtualenv (.venv) with hash-pinned Python dependencies. Safe to run again:
+# it installs only what is missing or changed.
+#
+#   scripts/setup.sh          runtime only (what the demo needs)
+#   scripts/setup.sh --dev    also the test and lint tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dev=0
+[[ "${1:-}" == "--dev" ]] && dev=1
+
+# Debian packages. The product needs python3 + venv; the demo and tests also use
+# openssl (certificates, benchmarks) and coreutils (sha256sum).
+apt_packages=(python3 python3-venv python3-dev build-essential openssl coreutils)
+
+missing=()
+for pkg in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The virtualenv, from Debian's own Python so nothing depends on a hand-made one.
+locks=(requirements.lock)
+((dev)) && locks+=(requirements-dev.lock)
+stamp=".venv/.guardfab-setup-$(cat pyproject.toml "${locks[@]}" | sha256sum | cut -c1-16)"
+if [[ ! -f "$stamp" ]]; then
+  echo "setup: creating .venv with pinned dependencies (${locks[*]})"
+  [[ -x .venv/bin/python ]] || /usr/bin/python3 -m venv .venv
+  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade "pip==26.3"
+  for lock in "${locks[@]}"; do
+    .venv/bin/python -m pip install -q --disable-pip-version-check --require-hashes -r "$lock"
+  done
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+  rm -f .venv/.guardfab-setup-*
+  touch "$stamp"
+fi
+echo "setup: ready ($(.venv/bin/guardfab --version))"
