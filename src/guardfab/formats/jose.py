@@ -27,10 +27,17 @@ _CURVE_FOR_SIGNING_ALG = {"ES256": "P-256", "ES384": "P-384"}
 
 AsymmetricKey = ECKey | RSAKey
 
+#: Largest JWE ciphertext guardfab decrypts (base64url characters). joserfc's
+#: default (64 KB) is below what a shielding data file legitimately carries
+#: (384 KiB of files, base64 inside JSON, then encrypted); documents are bounded
+#: as a whole by their loaders long before this.
+MAX_JWE_CIPHERTEXT = 1024 * 1024
+
 _JWE_REGISTRY = jwe.JWERegistry(
     algorithms=[*WRAPPING_ALGS, CONTENT_ENC],
     verify_all_recipients=False,
 )
+_JWE_REGISTRY.max_ciphertext_length = MAX_JWE_CIPHERTEXT
 
 
 def signing_alg_for(key: AsymmetricKey) -> str:
