@@ -48,7 +48,8 @@ def load_json_document(data: bytes, *, what: str, max_bytes: int = MAX_DOCUMENT_
         raise FormatError(f"{what}: {len(data)} bytes is larger than the limit of {max_bytes}")
     try:
         return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    # ValueError also covers Python's integer-digit limit, not only JSONDecodeError.
+    except (ValueError, RecursionError) as exc:
         raise FormatError(f"{what}: not valid UTF-8 JSON ({exc.__class__.__name__})") from exc
 
 

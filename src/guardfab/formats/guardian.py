@@ -150,7 +150,8 @@ def _claimed_signing_key(token: str, *, what: str) -> jose.AsymmetricKey:
     raw = b64url_decode(parts[1], what=f"{what} payload")
     try:
         body = require_dict(json.loads(raw), what=what)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    # ValueError also covers Python's integer-digit limit, not only JSONDecodeError.
+    except (ValueError, RecursionError) as exc:
         raise FormatError(f"{what}: payload is not JSON") from exc
     return jose.import_public_jwk(body.get("signing_key"), what=f"{what} signing_key")
 
