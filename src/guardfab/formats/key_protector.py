@@ -1,0 +1,707 @@
+"""Key protectors (KP): a VM's transport key, wrapped once per guardian and signed.
+
+A KP lets a fabric start a shielded VM while the tenant is away: it carries the
+VM's 32-byte transport key wrapped for every guardian -- the owner and one or
+more fabrics' Key Protection Services -- so each guardian's private key recovers
+the key and nobody else's does.
+
+The file (version 1) is a compact JWS (``typ`` ``guardfab-kp+jws``, ``kid`` = the
+signer's guardian id) over an RFC 8785 canonical JSON payload::
+
+    {"type": "guardfab.key-protector", "version": 1, "kp_id": "<128-bit b64url>",
+     "generation": n, "owner": "<id>", "signer": "<id>",
+     "guardians": ["<self-signed guardian document>", ...],       # sorted by id
+     "guardian_set": "<owner-signed JWS over kp_id, generation, owner and
+                      every guardian's id, kind and encryption key id>",
+     "wrapping": {JWE General JSON, A256GCM, one recipient per guardian}}
+
+The guardian set is bound three ways (docs/adr/0002-key-protector-format.md):
+the owner's ``guardian_set`` statement, which a KPS re-keying the KP carries
+along but cannot re-make; the outer signature, by the owner or by a KPS guardian
+of the set; and the AEAD additional data of the wrapping, so a KP whose set was
+edited and re-signed by anybody still fails to unwrap for the real guardians.
+
+Everything here is pure: bytes and keys in, verified objects out.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from guardfab.errors import (
+    FormatError,
+    InvalidInputError,
+    NotAuthorizedError,
+    UsageError,
+    VerificationError,
+)
+from guardfab.formats import jose
+from guardfab.formats.encoding import (
+    b64url_decode,
+    b64url_encode,
+    canonical_json,
+    load_json_document,
+    reject_unknown_fields,
+    require_dict,
+    require_int,
+    require_str,
+)
+from guardfab.formats.guardian import (
+    MAX_GUARDIAN_BYTES,
+    Guardian,
+    GuardianKind,
+    load_guardian_document,
+    sign_guardian_document,
+)
+
+#: JOSE ``typ`` of a KP, so no other guardfab JWS can stand in for one.
+KP_JWS_TYPE = "guardfab-kp+jws"
+#: ``type`` member of the KP payload.
+KP_PAYLOAD_TYPE = "guardfab.key-protector"
+#: JOSE ``typ`` of the owner's statement of the guardian set.
+GUARDIAN_SET_JWS_TYPE = "guardfab-kp-guardian-set+jws"
+#: ``type`` member of the owner's statement of the guardian set.
+GUARDIAN_SET_TYPE = "guardfab.kp-guardian-set"
+#: ``type`` member of the wrapping's additional authenticated data.
+WRAPPING_AAD_TYPE = "guardfab.kp-wrapping"
+KP_VERSION = 1
+#: 32 guardian documents of RSA-3072 keys and their wrappings fit well below this.
+MAX_KP_BYTES = 256 * 1024
+MAX_GUARDIANS = 32
+TRANSPORT_KEY_BYTES = 32
+#: I-JSON integers: larger ones do not survive every JSON parser.
+MAX_GENERATION = 2**53 - 1
+
+_WHAT = "key protector"
+_KP_ID_BYTES = 16
+_KP_ID_RE = re.compile(r"[A-Za-z0-9_-]{22}")
+_PAYLOAD_FIELDS = {
+    "type",
+    "version",
+    "kp_id",
+    "generation",
+    "owner",
+    "signer",
+    "guardians",
+    "guardian_set",
+    "wrapping",
+}
+_WRAPPING_FIELDS = {"protected", "iv", "ciphertext", "tag", "aad", "recipients"}
+#: Decoded sizes of the A256GCM parts: 96-bit IV, 32-byte key, 128-bit tag.
+_WRAPPING_SIZES = (("iv", 12), ("ciphertext", TRANSPORT_KEY_BYTES), ("tag", 16))
+_ECDH = "ECDH-ES+A256KW"
+
+
+class TransportKey:
+    """The VM's 32-byte transport key; its bytes never show in a repr, log or error."""
+
+    __slots__ = ("_secret",)
+    #: Unhashable: a key should not become a dict key or set member by accident.
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) != TRANSPORT_KEY_BYTES:
+            raise FormatError(f"a transport key is {TRANSPORT_KEY_BYTES} bytes")
+        self._secret = bytes(secret)
+
+    @classmethod
+    def generate(cls) -> TransportKey:
+        """A fresh key from the operating system's CSPRNG."""
+        return cls(secrets.token_bytes(TRANSPORT_KEY_BYTES))
+
+    def reveal(self) -> bytes:
+        """The key bytes, for deriving disk, vTPM and migration keys; never print them."""
+        return self._secret
+
+    def __eq__(self, other: object) -> bool:
+        """Compare in constant time, so timing does not leak how many bytes match."""
+        if not isinstance(other, TransportKey):
+            return NotImplemented
+        return hmac.compare_digest(self._secret, other._secret)
+
+    def __repr__(self) -> str:
+        return "TransportKey(<redacted>)"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a transport key is not picklable: it would leave memory in clear")
+
+
+class GuardianKeyPair(Protocol):
+    """A guardian with its private keys (``guardfab.tenant.guardians.GuardianKeys`` fits).
+
+    A protocol rather than the store's class, so this pure module does not import
+    the file-backed store and a KPS can hand in its own key holder.
+    """
+
+    @property
+    def guardian(self) -> Guardian:
+        """The public guardian."""
+
+    @property
+    def signing_key(self) -> jose.AsymmetricKey:
+        """Its private signing key."""
+
+    @property
+    def encryption_key(self) -> jose.AsymmetricKey:
+        """Its private encryption (key-unwrapping) key."""
+
+
+def wrapping_aad(kp_id: str, generation: int, owner: str, guardian_ids: Iterable[str]) -> bytes:
+    """The AEAD additional data of a wrapping: what the AES-GCM tag binds.
+
+    Binding the set here, not only in a signature, means that a KP whose set was
+    edited and re-signed by anyone (even under another owner) fails to unwrap.
+    """
+    return canonical_json(
+        {
+            "type": WRAPPING_AAD_TYPE,
+            "version": KP_VERSION,
+            "kp_id": kp_id,
+            "generation": generation,
+            "owner": owner,
+            "guardians": sorted(guardian_ids),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class KeyProtector:
+    """A verified key protector; only :func:`load_key_protector` makes one.
+
+    Attributes:
+        kp_id: random id shared by every generation of this KP.
+        generation: 0 when made, +1 on every grant, revoke or KPS re-key.
+        owner: guardian id of the owner (kind tenant).
+        signer: guardian id of whoever signed this generation (the owner or a KPS).
+        guardians: every guardian, owner included, sorted by id.
+    """
+
+    kp_id: str
+    generation: int
+    owner: str
+    signer: str
+    guardians: tuple[Guardian, ...]
+    documents: tuple[str, ...] = field(repr=False)
+    guardian_set: str = field(repr=False)
+    wrapping: dict[str, Any] = field(repr=False)
+    raw: bytes = field(repr=False)
+
+    @property
+    def guardian_ids(self) -> tuple[str, ...]:
+        """Ids of all guardians, sorted."""
+        return tuple(g.id for g in self.guardians)
+
+    def guardian(self, guardian_id: str) -> Guardian:
+        """The guardian ``guardian_id`` of this KP.
+
+        Raises:
+            NotAuthorizedError: it is not a guardian of this KP.
+        """
+        for g in self.guardians:
+            if g.id == guardian_id:
+                return g
+        raise NotAuthorizedError(f"{_WHAT}: {guardian_id} is not one of its guardians")
+
+    def aad(self) -> bytes:
+        """The additional data the wrapping must authenticate (see :func:`wrapping_aad`)."""
+        return wrapping_aad(self.kp_id, self.generation, self.owner, self.guardian_ids)
+
+    def unwrap(self, keys: GuardianKeyPair) -> TransportKey:
+        """Recover the transport key with a guardian's private encryption key.
+
+        Raises:
+            NotAuthorizedError: ``keys`` are not those of a guardian of this KP.
+            VerificationError: the wrapping, its tag or its AAD does not authenticate.
+        """
+        mine = self.guardian(keys.guardian.id)
+        if jose.thumbprint(keys.encryption_key) != mine.encryption_kid:
+            raise NotAuthorizedError(
+                f"{_WHAT}: the encryption key given is not the one guardian {mine.id} has here",
+                hint="use the guardian's key pair as it was when the KP was made",
+            )
+        plaintext = jose.decrypt_for_recipient(
+            self.wrapping,
+            mine.encryption_kid,
+            keys.encryption_key,
+            aad=self.aad(),
+            what=f"{_WHAT} wrapping",
+        )
+        if len(plaintext) != TRANSPORT_KEY_BYTES:
+            raise VerificationError(f"{_WHAT}: the wrapped key has the wrong length")
+        return TransportKey(plaintext)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able description: ids, kinds and algorithms, never key material."""
+        return {
+            "kp_id": self.kp_id,
+            "generation": self.generation,
+            "owner": self.owner,
+            "signer": self.signer,
+            "guardians": [
+                {**g.summary(), "role": "owner" if g.id == self.owner else "guardian"}
+                for g in self.guardians
+            ],
+        }
+
+
+# --- making KPs ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Member:
+    guardian: Guardian
+    document: str
+
+
+def create_key_protector(
+    owner_keys: GuardianKeyPair,
+    fabric_guardians: Sequence[bytes],
+    transport_key: TransportKey | None = None,
+) -> tuple[bytes, TransportKey]:
+    """Make a new KP (generation 0) for the owner and the given guardians.
+
+    Args:
+        owner_keys: the owner (a tenant guardian) with its private keys; it signs.
+        fabric_guardians: self-signed guardian documents (as exported) of the other
+            guardians; documents, not Guardian objects, because the KP embeds them
+            and only their own signing keys could re-make them.
+        transport_key: the key to protect; a fresh random one if None.
+
+    Returns:
+        The KP file bytes and the transport key it protects.
+
+    Raises:
+        UsageError: no other guardian, a guardian listed twice, or too many.
+        InvalidInputError: a guardian document does not load.
+    """
+    owner = owner_keys.guardian
+    if owner.kind is not GuardianKind.TENANT:
+        raise UsageError(f"the owner must be a tenant guardian, not kind {owner.kind.value!r}")
+    owner_doc = sign_guardian_document(owner, owner_keys.signing_key).decode("ascii")
+    members = [_Member(owner, owner_doc)]
+    for data in fabric_guardians:
+        members = _with_member(members, _member_from_document(data))
+    if len(members) < 2:
+        raise UsageError("a key protector needs at least one guardian besides the owner")
+    key = transport_key or TransportKey.generate()
+    kp_id = b64url_encode(secrets.token_bytes(_KP_ID_BYTES))
+    return _mint_as_owner(kp_id, 0, owner_keys, members, key), key
+
+
+def grant(kp: KeyProtector, owner_keys: GuardianKeyPair, guardian_document: bytes) -> bytes:
+    """Add a guardian: the next generation, same transport key, signed by the owner.
+
+    Raises:
+        NotAuthorizedError: ``owner_keys`` are not the KP owner's.
+        UsageError: the guardian is already in the set, or the set is full.
+    """
+    key = _unwrap_as_owner(kp, owner_keys)
+    members = _with_member(_members(kp), _member_from_document(guardian_document))
+    return _mint_as_owner(kp.kp_id, kp.generation + 1, owner_keys, members, key)
+
+
+def revoke(kp: KeyProtector, owner_keys: GuardianKeyPair, guardian_id: str) -> bytes:
+    """Remove a guardian: the next generation, same transport key, signed by the owner.
+
+    The transport key is kept (the VM's disks and vTPM depend on it), so a
+    revoked guardian that kept an older KP or the key itself is not locked out of
+    what it already had; revocation governs what this and later KPs release.
+
+    Raises:
+        NotAuthorizedError: ``owner_keys`` are not the KP owner's.
+        UsageError: the guardian is the owner, the last other guardian, or not in the set.
+    """
+    key = _unwrap_as_owner(kp, owner_keys)
+    if guardian_id == kp.owner:
+        raise UsageError("the owner cannot be revoked from its own key protector")
+    kp.guardian(guardian_id)  # raises if it is not in the set
+    members = [m for m in _members(kp) if m.guardian.id != guardian_id]
+    if len(members) < 2:
+        raise UsageError(
+            "this is the last guardian besides the owner",
+            hint="grant another guardian first, or make a new key protector",
+        )
+    return _mint_as_owner(kp.kp_id, kp.generation + 1, owner_keys, members, key)
+
+
+def rekey(
+    kp: KeyProtector, signer_keys: GuardianKeyPair
+) -> tuple[bytes, TransportKey, TransportKey]:
+    """Mint the egress KP a Key Protection Service returns on a release.
+
+    Same kp_id and guardian set (the owner's ``guardian_set`` statement is carried
+    over unchanged), generation + 1, a fresh transport key, signed by the KPS.
+
+    Returns:
+        The egress KP bytes, the old transport key and the new one.
+
+    Raises:
+        NotAuthorizedError: ``signer_keys`` are not a KPS guardian of this KP.
+    """
+    signer = kp.guardian(signer_keys.guardian.id)
+    if signer.kind is not GuardianKind.KPS:
+        raise NotAuthorizedError(f"{_WHAT}: only a KPS guardian of the KP may re-key it")
+    if jose.thumbprint(signer_keys.signing_key) != signer.id:
+        raise NotAuthorizedError(f"{_WHAT}: the signing key is not guardian {signer.id}'s")
+    old = kp.unwrap(signer_keys)
+    new = TransportKey.generate()
+    data = _mint(
+        kp_id=kp.kp_id,
+        generation=kp.generation + 1,
+        owner=kp.owner,
+        members=_members(kp),
+        guardian_set=kp.guardian_set,
+        signer_keys=signer_keys,
+        transport_key=new,
+    )
+    return data, old, new
+
+
+def _unwrap_as_owner(kp: KeyProtector, owner_keys: GuardianKeyPair) -> TransportKey:
+    if owner_keys.guardian.id != kp.owner:
+        raise NotAuthorizedError(
+            f"{_WHAT}: only its owner {kp.owner} may change its guardians",
+            hint="use the owner guardian's private keys",
+        )
+    return kp.unwrap(owner_keys)
+
+
+def _members(kp: KeyProtector) -> list[_Member]:
+    return [_Member(g, d) for g, d in zip(kp.guardians, kp.documents, strict=True)]
+
+
+def _member_from_document(data: bytes) -> _Member:
+    guardian = load_guardian_document(data)
+    return _Member(guardian, data.decode("ascii").strip())
+
+
+def _with_member(members: list[_Member], new: _Member) -> list[_Member]:
+    if any(m.guardian.id == new.guardian.id for m in members):
+        raise UsageError(f"guardian {new.guardian.name} ({new.guardian.id}) is already in the set")
+    if any(m.guardian.encryption_kid == new.guardian.encryption_kid for m in members):
+        raise UsageError(f"guardian {new.guardian.name} shares an encryption key with another")
+    if len(members) >= MAX_GUARDIANS:
+        raise UsageError(f"a key protector holds at most {MAX_GUARDIANS} guardians")
+    return [*members, new]
+
+
+def _mint_as_owner(
+    kp_id: str,
+    generation: int,
+    owner_keys: GuardianKeyPair,
+    members: list[_Member],
+    key: TransportKey,
+) -> bytes:
+    """Sign a fresh guardian-set statement and the KP, both by the owner."""
+    owner = owner_keys.guardian
+    statement = _guardian_set_payload(kp_id, generation, owner.id, [m.guardian for m in members])
+    guardian_set = jose.sign_compact(
+        canonical_json(statement), owner_keys.signing_key, typ=GUARDIAN_SET_JWS_TYPE
+    )
+    return _mint(
+        kp_id=kp_id,
+        generation=generation,
+        owner=owner.id,
+        members=members,
+        guardian_set=guardian_set,
+        signer_keys=owner_keys,
+        transport_key=key,
+    )
+
+
+def _mint(
+    *,
+    kp_id: str,
+    generation: int,
+    owner: str,
+    members: list[_Member],
+    guardian_set: str,
+    signer_keys: GuardianKeyPair,
+    transport_key: TransportKey,
+) -> bytes:
+    """Wrap the key to every member, sign, and check that the result loads."""
+    ordered = sorted(members, key=lambda m: m.guardian.id)
+    guardians = [m.guardian for m in ordered]
+    aad = wrapping_aad(kp_id, generation, owner, [g.id for g in guardians])
+    wrapping = jose.encrypt_to_recipients(
+        transport_key.reveal(), [(g.encryption_kid, g.encryption_key) for g in guardians], aad=aad
+    )
+    payload = {
+        "type": KP_PAYLOAD_TYPE,
+        "version": KP_VERSION,
+        "kp_id": kp_id,
+        "generation": generation,
+        "owner": owner,
+        "signer": signer_keys.guardian.id,
+        "guardians": [m.document for m in ordered],
+        "guardian_set": guardian_set,
+        "wrapping": wrapping,
+    }
+    token = jose.sign_compact(canonical_json(payload), signer_keys.signing_key, typ=KP_JWS_TYPE)
+    data = token.encode("ascii") + b"\n"
+    load_key_protector(data, expected_owner=owner)  # never hand out what would not load
+    return data
+
+
+def _guardian_set_payload(
+    kp_id: str, generation: int, owner: str, guardians: Iterable[Guardian]
+) -> dict[str, Any]:
+    """What the owner signs: the exact set, with each guardian's kind and wrapping key."""
+    return {
+        "type": GUARDIAN_SET_TYPE,
+        "version": KP_VERSION,
+        "kp_id": kp_id,
+        "generation": generation,
+        "owner": owner,
+        "guardians": [
+            {"id": g.id, "kind": g.kind.value, "encryption_kid": g.encryption_kid}
+            for g in sorted(guardians, key=lambda g: g.id)
+        ],
+    }
+
+
+# --- loading KPs -----------------------------------------------------------------------
+
+
+def load_key_protector(data: bytes, *, expected_owner: str | None = None) -> KeyProtector:
+    """Load and verify a KP file.
+
+    Verify, then parse: before the signature is checked, only the embedded
+    guardian documents (each self-signed) and the owner id are read, to find the
+    signer's key; the header's ``kid`` must name the owner or a KPS guardian of
+    the set. Every other field is read from the verified payload.
+
+    Args:
+        data: the file's bytes (untrusted).
+        expected_owner: the owner's guardian id, pinned by the caller. Without it,
+            the KP is only proven self-consistent: anyone can make a KP of their own.
+
+    Raises:
+        FormatError: not a KP, wrong version, too big, malformed.
+        VerificationError: a signature, the guardian set statement or a binding fails.
+        NotAuthorizedError: signed by a guardian who may not sign it, or another owner.
+    """
+    token, header, raw, body = _split(data)
+    guardians, documents = _load_guardians(body)
+    owner = _owner(body, guardians, expected_owner)
+    signer = _authorized_signer(header, owner, guardians)
+    verified = jose.verify_compact(token, signer.signing_key, typ=KP_JWS_TYPE, what=_WHAT)
+    if verified.payload != raw or verified.header.get("kid") != signer.id:
+        raise VerificationError(f"{_WHAT}: the verified content differs from what was read")
+    kp_id, generation = _header_fields(body)
+    if body.get("signer") != signer.id:
+        raise VerificationError(f"{_WHAT}: the signer field does not name the key that signed")
+    statement_generation = _verify_guardian_set(body.get("guardian_set"), kp_id, owner, guardians)
+    _check_generation(generation, statement_generation, signer_is_owner=signer.id == owner.id)
+    aad = wrapping_aad(kp_id, generation, owner.id, [g.id for g in guardians])
+    wrapping = _check_wrapping(body.get("wrapping"), guardians, aad)
+    if canonical_json(body) != raw:
+        raise FormatError(f"{_WHAT}: the payload is not canonical JSON (RFC 8785)")
+    return KeyProtector(
+        kp_id=kp_id,
+        generation=generation,
+        owner=owner.id,
+        signer=signer.id,
+        guardians=guardians,
+        documents=documents,
+        guardian_set=body["guardian_set"],
+        wrapping=wrapping,
+        raw=data,
+    )
+
+
+def _split(data: bytes) -> tuple[str, dict[str, Any], bytes, dict[str, Any]]:
+    """Bound the size and cut the compact JWS into its (still unverified) parts."""
+    if len(data) > MAX_KP_BYTES:
+        raise FormatError(f"{_WHAT}: {len(data)} bytes is larger than the limit of {MAX_KP_BYTES}")
+    try:
+        token = data.decode("ascii").strip()
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{_WHAT}: not ASCII text") from exc
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise FormatError(f"{_WHAT}: not a compact JWS")
+    what = f"{_WHAT} header"
+    header = require_dict(
+        load_json_document(b64url_decode(parts[0], what=what), what=what), what=what
+    )
+    raw = b64url_decode(parts[1], what=f"{_WHAT} payload")
+    body = require_dict(load_json_document(raw, what=_WHAT, max_bytes=MAX_KP_BYTES), what=_WHAT)
+    return token, header, raw, body
+
+
+def _load_guardians(body: dict[str, Any]) -> tuple[tuple[Guardian, ...], tuple[str, ...]]:
+    """Load the embedded guardian documents, each verified by its own signature."""
+    documents = body.get("guardians")
+    if not isinstance(documents, list) or not 2 <= len(documents) <= MAX_GUARDIANS:
+        raise FormatError(f"{_WHAT}: 'guardians' must list 2 to {MAX_GUARDIANS} documents")
+    guardians = []
+    for index, document in enumerate(documents):
+        if not isinstance(document, str) or len(document) > MAX_GUARDIAN_BYTES:
+            raise FormatError(f"{_WHAT}: guardian #{index} is not a document string")
+        if document != document.strip():
+            raise FormatError(f"{_WHAT}: guardian #{index} has surrounding white space")
+        try:
+            guardians.append(load_guardian_document(document.encode("utf-8")))
+        except InvalidInputError as exc:
+            raise type(exc)(f"{_WHAT}: guardian #{index}: {exc}") from exc
+    ids = [g.id for g in guardians]
+    if ids != sorted(set(ids)):
+        raise FormatError(f"{_WHAT}: guardians must be sorted by id, each listed once")
+    if len({g.encryption_kid for g in guardians}) != len(guardians):
+        raise FormatError(f"{_WHAT}: two guardians share an encryption key")
+    return tuple(guardians), tuple(documents)
+
+
+def _owner(
+    body: dict[str, Any], guardians: tuple[Guardian, ...], expected_owner: str | None
+) -> Guardian:
+    owner_id = require_str(body, "owner", what=_WHAT, max_len=64)
+    if expected_owner is not None and owner_id != expected_owner:
+        raise NotAuthorizedError(
+            f"{_WHAT}: owned by {owner_id}, not by the expected owner {expected_owner}"
+        )
+    owner = next((g for g in guardians if g.id == owner_id), None)
+    if owner is None:
+        raise VerificationError(f"{_WHAT}: the owner is not one of its guardians")
+    if owner.kind is not GuardianKind.TENANT:
+        raise VerificationError(f"{_WHAT}: the owner must be a tenant guardian")
+    return owner
+
+
+def _authorized_signer(
+    header: dict[str, Any], owner: Guardian, guardians: tuple[Guardian, ...]
+) -> Guardian:
+    """The guardian whose key must have signed: the owner, or a KPS guardian of the set."""
+    kid = header.get("kid")
+    if not isinstance(kid, str):
+        raise FormatError(f"{_WHAT}: the header names no signer ('kid')")
+    signer = next((g for g in guardians if g.id == kid), None)
+    if signer is None:
+        raise NotAuthorizedError(
+            f"{_WHAT}: signed by {kid[:64]}, which is not one of its guardians"
+        )
+    if signer.id != owner.id and signer.kind is not GuardianKind.KPS:
+        raise NotAuthorizedError(
+            f"{_WHAT}: signed by guardian {signer.id} ({signer.kind.value}),"
+            " which is neither the owner nor a KPS guardian"
+        )
+    return signer
+
+
+def _header_fields(body: dict[str, Any]) -> tuple[str, int]:
+    """Check type, version and fields; return kp_id and generation."""
+    reject_unknown_fields(body, _PAYLOAD_FIELDS, what=_WHAT)
+    if body.get("type") != KP_PAYLOAD_TYPE:
+        raise FormatError(f"{_WHAT}: type is not {KP_PAYLOAD_TYPE!r}")
+    version = require_int(body, "version", what=_WHAT)
+    if version != KP_VERSION:
+        raise FormatError(f"{_WHAT}: version {version} is not supported (expected {KP_VERSION})")
+    kp_id = require_str(body, "kp_id", what=_WHAT, max_len=64)
+    if not _KP_ID_RE.fullmatch(kp_id) or b64url_encode(b64url_decode(kp_id, what="kp_id")) != kp_id:
+        raise FormatError(f"{_WHAT}: kp_id is not 128 bits in base64url")
+    generation = require_int(body, "generation", what=_WHAT)
+    if generation > MAX_GENERATION:
+        raise FormatError(f"{_WHAT}: generation is out of range")
+    return kp_id, generation
+
+
+def _verify_guardian_set(
+    token: Any, kp_id: str, owner: Guardian, guardians: tuple[Guardian, ...]
+) -> int:
+    """Check the owner signed exactly this set for this KP; return the statement's generation."""
+    what = f"{_WHAT} guardian set"
+    if not isinstance(token, str):
+        raise FormatError(f"{what}: missing")
+    verified = jose.verify_compact(token, owner.signing_key, typ=GUARDIAN_SET_JWS_TYPE, what=what)
+    body = require_dict(load_json_document(verified.payload, what=what), what=what)
+    generation = require_int(body, "generation", what=what)
+    if generation > MAX_GENERATION:
+        raise FormatError(f"{what}: generation is out of range")
+    expected = _guardian_set_payload(kp_id, generation, owner.id, guardians)
+    if verified.payload != canonical_json(expected):
+        raise VerificationError(
+            f"{what}: the owner did not sign this set of guardians for this key protector"
+        )
+    return generation
+
+
+def _check_generation(generation: int, statement_generation: int, *, signer_is_owner: bool) -> None:
+    """The owner signs its set statement with each KP; a KPS re-keys only later generations."""
+    if signer_is_owner and generation != statement_generation:
+        raise VerificationError(
+            f"{_WHAT}: signed by the owner at generation {generation},"
+            f" but the owner's guardian set is for generation {statement_generation}"
+        )
+    if not signer_is_owner and generation <= statement_generation:
+        raise VerificationError(
+            f"{_WHAT}: a KPS may sign only a re-keyed KP, newer than the owner's guardian set"
+        )
+
+
+def _check_wrapping(value: Any, guardians: tuple[Guardian, ...], aad: bytes) -> dict[str, Any]:
+    """Check the JWE's shape and that it is bound to this KP and wraps to exactly its set."""
+    what = f"{_WHAT} wrapping"
+    wrapping = require_dict(value, what=what)
+    reject_unknown_fields(wrapping, _WRAPPING_FIELDS, what=what)
+    protected_text = require_str(wrapping, "protected", what=what, max_len=256)
+    protected = load_json_document(
+        b64url_decode(protected_text, what=f"{what} protected header"), what=what
+    )
+    if protected != {"enc": jose.CONTENT_ENC}:
+        raise FormatError(f"{what}: the protected header must be exactly enc {jose.CONTENT_ENC}")
+    for name, size in _WRAPPING_SIZES:
+        part = b64url_decode(require_str(wrapping, name, what=what), what=f"{what} {name}")
+        if len(part) != size:
+            raise FormatError(f"{what}: {name} must be {size} bytes")
+    if require_str(wrapping, "aad", what=what) != b64url_encode(aad):
+        raise VerificationError(
+            f"{what}: not bound to this key protector's id, generation and guardian set"
+        )
+    _check_recipients(wrapping.get("recipients"), guardians, what=what)
+    return wrapping
+
+
+def _check_recipients(value: Any, guardians: tuple[Guardian, ...], *, what: str) -> None:
+    """Exactly one wrapping per guardian, each with the algorithm its key calls for."""
+    if not isinstance(value, list) or len(value) != len(guardians):
+        raise VerificationError(f"{what}: there must be exactly one wrapping per guardian")
+    by_kid = {g.encryption_kid: g for g in guardians}
+    seen: set[str] = set()
+    for recipient in value:
+        kid = _check_recipient(recipient, by_kid, what=what)
+        if kid in seen:
+            raise VerificationError(f"{what}: two wrappings for guardian key {kid}")
+        seen.add(kid)
+
+
+def _check_recipient(value: Any, by_kid: dict[str, Guardian], *, what: str) -> str:
+    recipient = require_dict(value, what=what)
+    reject_unknown_fields(recipient, {"header", "encrypted_key"}, what=what)
+    header = require_dict(recipient.get("header"), what=f"{what} recipient header")
+    reject_unknown_fields(header, {"alg", "kid", "epk"}, what=f"{what} recipient header")
+    kid = require_str(header, "kid", what=what, max_len=64)
+    guardian = by_kid.get(kid)
+    if guardian is None:
+        raise VerificationError(f"{what}: a wrapping for a key of no guardian of this KP")
+    alg = require_str(header, "alg", what=what)
+    if alg != jose.wrapping_alg_for(guardian.encryption_key):
+        raise FormatError(f"{what}: algorithm {alg[:32]!r} does not suit guardian {guardian.id}")
+    if ("epk" in header) != (alg == _ECDH):
+        raise FormatError(f"{what}: an ephemeral key is required for ECDH-ES and only there")
+    if alg == _ECDH:
+        epk = jose.import_public_jwk(header["epk"], what=f"{what} ephemeral key")
+        if (
+            epk.as_dict(private=False)["crv"]
+            != guardian.encryption_key.as_dict(private=False)["crv"]
+        ):
+            raise FormatError(f"{what}: the ephemeral key is not on the guardian's curve")
+    b64url_decode(require_str(recipient, "encrypted_key", what=what), what=f"{what} encrypted_key")
+    return kid
