@@ -51,8 +51,8 @@ DIGEST_ALG = "sha256-merkle"
 #: even when the statement comes from an attacker.
 MIN_CHUNK_SIZE = 1024
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
-#: Sizes are bound into the root as unsigned 64-bit integers.
-MAX_DISK_SIZE = 2**63 - 1
+#: The largest size RFC 8785 can sign exactly (I-JSON safe integers): 8 PiB.
+MAX_DISK_SIZE = 2**53 - 1
 
 #: A signature file, a catalog or a qualifier is a few KB; anything larger is not one.
 MAX_SIGNATURE_BYTES = 16 * 1024
@@ -245,7 +245,7 @@ class DiskSignatureStatement:
     def __post_init__(self) -> None:
         check_name(self.name, what="disk signature")
         if isinstance(self.size, bool) or not 0 < self.size <= MAX_DISK_SIZE:
-            raise FormatError("disk signature: size must be between 1 and 2**63-1 bytes")
+            raise FormatError(f"disk signature: size must be between 1 and {MAX_DISK_SIZE} bytes")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form whose canonical bytes are the JWS payload."""
