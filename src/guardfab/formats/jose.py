@@ -32,6 +32,9 @@ AsymmetricKey = ECKey | RSAKey
 #: (384 KiB of files, base64 inside JSON, then encrypted); documents are bounded
 #: as a whole by their loaders long before this.
 MAX_JWE_CIPHERTEXT = 1024 * 1024
+#: Largest compact JWS payload guardfab verifies (base64url characters); joserfc's
+#: default (128 kB) is below a shielding data file, which signs its sealed secrets.
+MAX_JWS_PAYLOAD = 2 * 1024 * 1024
 
 _JWE_REGISTRY = jwe.JWERegistry(
     algorithms=[*WRAPPING_ALGS, CONTENT_ENC],
@@ -120,9 +123,10 @@ def verify_compact(token: str, key: AsymmetricKey, *, typ: str, what: str) -> Ve
     """
     if not isinstance(token, str) or token.count(".") != 2:
         raise FormatError(f"{what}: not a compact JWS")
-    expected_alg = signing_alg_for(key)
+    registry = jws.JWSRegistry(algorithms=[signing_alg_for(key)])
+    registry.max_payload_length = MAX_JWS_PAYLOAD
     try:
-        obj = jws.deserialize_compact(token, key, algorithms=[expected_alg])
+        obj = jws.deserialize_compact(token, key, registry=registry)
     except JoseError as exc:
         raise VerificationError(f"{what}: signature does not verify ({exc.error})") from exc
     except (ValueError, TypeError, KeyError) as exc:
