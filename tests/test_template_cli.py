@@ -201,6 +201,19 @@ def test_protect_does_not_overwrite_without_force(
     assert run("verify", disk, "--publisher", keys["publisher.pub"])[0] == 0
 
 
+def test_protect_refuses_an_existing_output_before_hashing(
+    disk: Path, keys: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk.with_name("ws.img.sig").write_bytes(b"keep me")
+
+    def must_not_hash(*args: object, **kwargs: object) -> None:
+        raise AssertionError("hashed a disk whose signature could not be written")
+
+    monkeypatch.setattr(template_cli.disks, "protect_disk", must_not_hash)
+    code, out = protect(disk, keys["publisher"])
+    assert code == EXIT_USAGE, out
+
+
 def test_protect_of_an_empty_disk_writes_nothing(keys: dict[str, Path], tmp_path: Path) -> None:
     empty = tmp_path / "empty.img"
     empty.touch()
