@@ -502,8 +502,7 @@ def load_key_protector(data: bytes, *, expected_owner: str | None = None) -> Key
     _check_generation(generation, statement_generation, signer_is_owner=signer.id == owner.id)
     aad = wrapping_aad(kp_id, generation, owner.id, [g.id for g in guardians])
     wrapping = _check_wrapping(body.get("wrapping"), guardians, aad)
-    if canonical_json(body) != raw:
-        raise FormatError(f"{_WHAT}: the payload is not canonical JSON (RFC 8785)")
+    _require_canonical(body, raw)
     return KeyProtector(
         kp_id=kp_id,
         generation=generation,
@@ -515,6 +514,16 @@ def load_key_protector(data: bytes, *, expected_owner: str | None = None) -> Key
         wrapping=wrapping,
         raw=data,
     )
+
+
+def _require_canonical(body: dict[str, Any], raw: bytes) -> None:
+    """One byte form per KP: no duplicate keys, no NaN, no number or escape variants."""
+    try:
+        canonical = canonical_json(body)
+    except ValueError as exc:  # rfc8785 refuses NaN, huge integers, lone surrogates
+        raise FormatError(f"{_WHAT}: the payload holds a value JSON cannot carry") from exc
+    if canonical != raw:
+        raise FormatError(f"{_WHAT}: the payload is not canonical JSON (RFC 8785)")
 
 
 def _split(data: bytes) -> tuple[str, dict[str, Any], bytes, dict[str, Any]]:
@@ -549,7 +558,7 @@ def _load_guardians(body: dict[str, Any]) -> tuple[tuple[Guardian, ...], tuple[s
         if document != document.strip():
             raise FormatError(f"{_WHAT}: guardian #{index} has surrounding white space")
         try:
-            guardians.append(load_guardian_document(document.encode("utf-8")))
+            guardians.append(load_guardian_document(_ascii(document, what=f"guardian #{index}")))
         except InvalidInputError as exc:
             raise type(exc)(f"{_WHAT}: guardian #{index}: {exc}") from exc
     ids = [g.id for g in guardians]
@@ -558,6 +567,13 @@ def _load_guardians(body: dict[str, Any]) -> tuple[tuple[Guardian, ...], tuple[s
     if len({g.encryption_kid for g in guardians}) != len(guardians):
         raise FormatError(f"{_WHAT}: two guardians share an encryption key")
     return tuple(guardians), tuple(documents)
+
+
+def _ascii(text: str, *, what: str) -> bytes:
+    try:
+        return text.encode("ascii")
+    except UnicodeEncodeError as exc:
+        raise FormatError(f"{what}: not ASCII") from exc
 
 
 def _owner(

@@ -1,0 +1,763 @@
+"""Key protectors under attack: every tampering, substitution or wrong signer is caught.
+
+The attack table follows python-tuf's key-rotation tests: each row forges a KP
+the way an attacker holding some keys (or none) could, and names the error the
+loader -- or, when the forgery is self-consistent, the unwrap -- must raise.
+Forgeries are re-signed by whoever the attacker can sign as, so each row is
+caught only by the check it is about.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import hmac
+import json
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from joserfc.jwk import ECKey
+
+from guardfab.errors import (
+    FormatError,
+    InvalidInputError,
+    NotAuthorizedError,
+    UsageError,
+    VerificationError,
+)
+from guardfab.formats import jose
+from guardfab.formats.encoding import b64url_decode, b64url_encode, canonical_json
+from guardfab.formats.guardian import (
+    Guardian,
+    KeyAlgorithm,
+    load_guardian_document,
+    sign_guardian_document,
+)
+from guardfab.formats.key_protector import (
+    GUARDIAN_SET_JWS_TYPE,
+    KP_JWS_TYPE,
+    MAX_GUARDIANS,
+    MAX_KP_BYTES,
+    KeyProtector,
+    TransportKey,
+    create_key_protector,
+    grant,
+    load_key_protector,
+    rekey,
+    revoke,
+    wrapping_aad,
+)
+from guardfab.tenant.guardians import GuardianKeys, new_guardian_keys
+from test_key_protector_keyring import (
+    KPS,
+    Keyring,
+    flip_b64,
+    keyring,
+    sign_payload,
+    sign_set,
+    split,
+)
+
+# --- the honest KPs every attack starts from -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """An owner-made KP for owner + kps1 + cotenant, and kps1's egress KP made from it."""
+
+    ring: Keyring
+    base: bytes
+    key: TransportKey
+    egress: bytes
+    egress_key: TransportKey
+
+    @property
+    def owner_id(self) -> str:
+        return self.ring["owner"].guardian.id
+
+    def guardian(self, name: str) -> Guardian:
+        return self.ring[name].guardian
+
+
+@pytest.fixture(scope="module")
+def ctx() -> Ctx:
+    ring = keyring()
+    base, key = create_key_protector(ring["owner"], [ring.doc("kps1"), ring.doc("cotenant")])
+    egress, old, new = rekey(load_key_protector(base), ring["kps1"])
+    assert old == key
+    return Ctx(ring, base, key, egress, new)
+
+
+# --- forging helpers ------------------------------------------------------------------
+
+Payload = dict[str, Any]
+
+
+def forge(c: Ctx, mutate: Callable[[Payload], None], *, signer: str = "owner") -> bytes:
+    """Edit the base KP's payload and re-sign it as ``signer``."""
+    _, payload = split(c.base)
+    payload = copy.deepcopy(payload)
+    mutate(payload)
+    return sign_payload(payload, c.ring[signer])
+
+
+def unsigned_edit(data: bytes, mutate: Callable[[Payload], None]) -> bytes:
+    """Edit the payload but keep the original header and signature."""
+    header, payload, signature = data.decode("ascii").strip().split(".")
+    body = json.loads(b64url_decode(payload, what="test"))
+    mutate(body)
+    return f"{header}.{b64url_encode(canonical_json(body))}.{signature}".encode()
+
+
+def docs_by_id(payload: Payload) -> dict[str, str]:
+    return {load_guardian_document(d.encode()).id: d for d in payload["guardians"]}
+
+
+def recipients(payload: Payload) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = payload["wrapping"]["recipients"]
+    return result
+
+
+def resign_set_as(c: Ctx, payload: Payload, names: list[str], *, signer: str, owner: str) -> None:
+    """Make ``payload`` a self-consistent KP for ``names`` owned by ``owner``, wrapping
+    the real transport key (which a KPS or the owner could know) to that set."""
+    guardians = [c.guardian(n) for n in names]
+    documents = {n: c.ring.doc(n).decode() for n in names}
+    owner_id = c.guardian(owner).id
+    generation = payload["generation"]
+    payload["owner"] = owner_id
+    payload["signer"] = c.guardian(signer).id
+    payload["guardians"] = [documents[n] for n in sorted(names, key=lambda n: c.guardian(n).id)]
+    payload["guardian_set"] = sign_set(
+        c.ring[owner], payload["kp_id"], generation, owner_id, guardians
+    )
+    aad = wrapping_aad(payload["kp_id"], generation, owner_id, [g.id for g in guardians])
+    payload["wrapping"] = jose.encrypt_to_recipients(
+        c.key.reveal(),
+        [(g.encryption_kid, g.encryption_key) for g in sorted(guardians, key=lambda g: g.id)],
+        aad=aad,
+    )
+
+
+def set_field(name: str, value: Any) -> Callable[[Payload], None]:
+    def mutate(payload: Payload) -> None:
+        payload[name] = value
+
+    return mutate
+
+
+def flip_wrapping(name: str) -> Callable[[Payload], None]:
+    def mutate(payload: Payload) -> None:
+        payload["wrapping"][name] = flip_b64(payload["wrapping"][name])
+
+    return mutate
+
+
+def flip_all_encrypted_keys(payload: Payload) -> None:
+    for r in recipients(payload):
+        r["encrypted_key"] = flip_b64(r["encrypted_key"])
+
+
+def swap_all_epks(payload: Payload) -> None:
+    """Replace every ephemeral key with a fresh one on the same curve."""
+    for r in recipients(payload):
+        crv = r["header"]["epk"]["crv"]
+        r["header"]["epk"] = jose.public_jwk(ECKey.generate_key(crv))
+
+
+# --- file-level attacks (no key at all) ------------------------------------------------
+
+
+def flipped_payload_not_resigned(c: Ctx) -> bytes:
+    return unsigned_edit(c.base, flip_wrapping("ciphertext"))
+
+
+def flipped_signature(c: Ctx) -> bytes:
+    header, payload, signature = c.base.decode().strip().split(".")
+    return f"{header}.{payload}.{flip_b64(signature, 5)}".encode()
+
+
+def kid_points_at_kps(c: Ctx) -> bytes:
+    header, payload, signature = c.base.decode().strip().split(".")
+    fields = json.loads(b64url_decode(header, what="test"))
+    fields["kid"] = c.guardian("kps1").id
+    return f"{b64url_encode(canonical_json(fields))}.{payload}.{signature}".encode()
+
+
+def alg_none(c: Ctx) -> bytes:
+    header = {"alg": "none", "typ": KP_JWS_TYPE, "kid": c.owner_id}
+    payload = c.base.decode().strip().split(".")[1]
+    return f"{b64url_encode(canonical_json(header))}.{payload}.".encode()
+
+
+def hs256_with_public_key(c: Ctx) -> bytes:
+    """The classic confusion: HMAC keyed with the owner's *public* key."""
+    header = {"alg": "HS256", "typ": KP_JWS_TYPE, "kid": c.owner_id}
+    payload = c.base.decode().strip().split(".")[1]
+    signing_input = f"{b64url_encode(canonical_json(header))}.{payload}".encode()
+    secret = canonical_json(jose.public_jwk(c.guardian("owner").signing_key))
+    mac = hmac.new(secret, signing_input, hashlib.sha256).digest()
+    return signing_input + b"." + b64url_encode(mac).encode()
+
+
+def removed_guardian_not_resigned(c: Ctx) -> bytes:
+    cotenant = c.guardian("cotenant")
+
+    def mutate(payload: Payload) -> None:
+        payload["guardians"] = [d for i, d in docs_by_id(payload).items() if i != cotenant.id]
+        payload["wrapping"]["recipients"] = [
+            r for r in recipients(payload) if r["header"]["kid"] != cotenant.encryption_kid
+        ]
+
+    return unsigned_edit(c.base, mutate)
+
+
+# --- forgeries signed by the owner (isolate the format and wrapping checks) ----------
+
+
+def with_extra_field(payload: Payload) -> None:
+    payload["note"] = "unsigned data riding along"
+
+
+def non_canonical(c: Ctx) -> bytes:
+    _, payload = split(c.base)
+    return sign_payload(json.dumps(payload, indent=1).encode(), c.ring["owner"])
+
+
+def unsorted_guardians(payload: Payload) -> None:
+    payload["guardians"] = list(reversed(payload["guardians"]))
+
+
+def duplicated_guardian(payload: Payload) -> None:
+    payload["guardians"] = [payload["guardians"][0], *payload["guardians"]]
+
+
+def too_many_guardians(payload: Payload) -> None:
+    payload["guardians"] = payload["guardians"][:1] * (MAX_GUARDIANS + 1)
+
+
+def tampered_guardian_document(payload: Payload) -> None:
+    header, body, signature = payload["guardians"][0].split(".")
+    payload["guardians"][0] = f"{header}.{body}.{flip_b64(signature, 3)}"
+
+
+def recipient_removed(payload: Payload) -> None:
+    payload["wrapping"]["recipients"] = recipients(payload)[:-1]
+
+
+def recipient_duplicated(payload: Payload) -> None:
+    payload["wrapping"]["recipients"] = [recipients(payload)[0]] * len(recipients(payload))
+
+
+def zip_in_protected_header(payload: Payload) -> None:
+    protected = {"enc": "A256GCM", "zip": "DEF"}
+    payload["wrapping"]["protected"] = b64url_encode(canonical_json(protected))
+
+
+def rsa_alg_for_ec_key(payload: Payload) -> None:
+    recipients(payload)[0]["header"]["alg"] = "RSA-OAEP-256"
+
+
+def make_recipient_for(name: str) -> Callable[[Ctx], bytes]:
+    """An extra wrapping entry for ``name`` (an attacker cannot wrap the real CEK)."""
+
+    def make(c: Ctx) -> bytes:
+        def mutate(payload: Payload) -> None:
+            extra = copy.deepcopy(recipients(payload)[0])
+            extra["header"]["kid"] = c.guardian(name).encryption_kid
+            recipients(payload).append(extra)
+
+        return forge(c, mutate)
+
+    return make
+
+
+def spliced_guardian_set(c: Ctx) -> bytes:
+    """The owner's statement for another KP with the very same guardians."""
+    other, _ = create_key_protector(c.ring["owner"], [c.ring.doc("kps1"), c.ring.doc("cotenant")])
+    return forge(c, set_field("guardian_set", split(other)[1]["guardian_set"]))
+
+
+def signer_field_lies(c: Ctx) -> bytes:
+    return forge(c, set_field("signer", c.guardian("kps1").id))
+
+
+# --- set changes without the owner's key ----------------------------------------------
+
+
+def egress_of(c: Ctx, mutate: Callable[[Payload], None], *, signer: str) -> bytes:
+    """Forge from the base KP at generation 1, signed as ``signer``."""
+
+    def edit(payload: Payload) -> None:
+        payload["generation"] = 1
+        payload["signer"] = c.guardian(signer).id
+        mutate(payload)
+
+    return forge(c, edit, signer=signer)
+
+
+def kps_rewraps_without(name: str) -> Callable[[Ctx], bytes]:
+    """A KPS (who knows the key) re-wraps to the set minus ``name``, keeping the owner's
+    statement: only that statement shows the set is not the owner's."""
+
+    def make(c: Ctx) -> bytes:
+        def mutate(payload: Payload) -> None:
+            statement = payload["guardian_set"]
+            names = [n for n in ("owner", "kps1", "cotenant") if n != name]
+            resign_set_as(c, payload, names, signer="kps1", owner="owner")
+            payload["guardian_set"] = statement
+
+        return egress_of(c, mutate, signer="kps1")
+
+    return make
+
+
+def kps_rewraps_with(name: str, *, signer: str = "kps1") -> Callable[[Ctx], bytes]:
+    def make(c: Ctx) -> bytes:
+        def mutate(payload: Payload) -> None:
+            statement = payload["guardian_set"]
+            resign_set_as(
+                c, payload, ["owner", "kps1", "cotenant", name], signer=signer, owner="owner"
+            )
+            payload["guardian_set"] = statement
+
+        return egress_of(c, mutate, signer=signer)
+
+    return make
+
+
+def kps_swaps(old: str, new: str) -> Callable[[Ctx], bytes]:
+    def make(c: Ctx) -> bytes:
+        def mutate(payload: Payload) -> None:
+            statement = payload["guardian_set"]
+            names = [new if n == old else n for n in ("owner", "kps1", "cotenant")]
+            resign_set_as(c, payload, names, signer="kps1", owner="owner")
+            payload["guardian_set"] = statement
+
+        return egress_of(c, mutate, signer="kps1")
+
+    return make
+
+
+def signed_by(name: str, generation: int = 0) -> Callable[[Ctx], bytes]:
+    def make(c: Ctx) -> bytes:
+        def mutate(payload: Payload) -> None:
+            payload["generation"] = generation
+            payload["signer"] = c.guardian(name).id
+
+        return forge(c, mutate, signer=name)
+
+    return make
+
+
+def tenant_claims_kps(c: Ctx) -> bytes:
+    """cotenant re-issues its own document as kind kps (it can: the document is
+    self-signed) and signs an egress KP."""
+    keys = c.ring["cotenant"]
+    as_kps = dataclasses.replace(keys.guardian, kind=KPS)
+    document = sign_guardian_document(as_kps, keys.signing_key).decode()
+
+    def mutate(payload: Payload) -> None:
+        payload["guardians"] = [
+            document if i == as_kps.id else d for i, d in sorted(docs_by_id(payload).items())
+        ]
+
+    return egress_of(c, mutate, signer="cotenant")
+
+
+def owner_with_stale_statement(c: Ctx) -> bytes:
+    _, payload = split(c.egress)
+    payload["signer"] = c.owner_id
+    return sign_payload(payload, c.ring["owner"])
+
+
+def attacker_owned_copy(c: Ctx) -> bytes:
+    """mallory makes herself owner in place of the real one, keeps the real fabric
+    wrappings (she cannot make new ones), signs her own set statement and the KP,
+    and recomputes the AAD: a self-consistent KP that only the AEAD tag exposes."""
+    _, payload = split(c.base)
+    real_owner, mallory = c.guardian("owner"), c.guardian("mallory")
+    guardians = [mallory, c.guardian("kps1"), c.guardian("cotenant")]
+    documents = docs_by_id(payload) | {mallory.id: c.ring.doc("mallory").decode()}
+    documents.pop(real_owner.id)
+    payload["owner"] = payload["signer"] = mallory.id
+    payload["guardians"] = [documents[i] for i in sorted(documents)]
+    payload["guardian_set"] = sign_set(
+        c.ring["mallory"], payload["kp_id"], 0, mallory.id, guardians
+    )
+    for r in recipients(payload):
+        if r["header"]["kid"] == real_owner.encryption_kid:
+            r["header"]["kid"] = mallory.encryption_kid
+    aad = wrapping_aad(payload["kp_id"], 0, mallory.id, [g.id for g in guardians])
+    payload["wrapping"]["aad"] = b64url_encode(aad)
+    return sign_payload(payload, c.ring["mallory"])
+
+
+def kps_owned_copy(c: Ctx) -> bytes:
+    def mutate(payload: Payload) -> None:
+        resign_set_as(c, payload, ["kps1", "cotenant", "kps2"], signer="kps1", owner="kps1")
+
+    return forge(c, mutate, signer="kps1")
+
+
+# --- the table ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attack:
+    name: str
+    make: Callable[[Ctx], bytes]
+    error: type[InvalidInputError]
+    #: "load": the loader rejects it; "unwrap": it loads, and no real guardian can unwrap.
+    at: str = "load"
+    #: Pin the owner's id when loading (a verifier that knows its owner).
+    pinned: bool = True
+
+
+ATTACKS = [
+    # the file as received, edited by someone holding no key
+    Attack("payload byte flipped, not re-signed", flipped_payload_not_resigned, VerificationError),
+    Attack("signature byte flipped", flipped_signature, VerificationError),
+    Attack("header kid pointed at a KPS", kid_points_at_kps, VerificationError),
+    Attack("guardian removed, not re-signed", removed_guardian_not_resigned, VerificationError),
+    Attack("alg none", alg_none, VerificationError),
+    Attack("HS256 keyed with the owner's public key", hs256_with_public_key, VerificationError),
+    Attack("truncated to 10%", lambda c: c.base[: len(c.base) // 10], FormatError),
+    Attack("truncated to 60%", lambda c: c.base[: len(c.base) * 6 // 10], FormatError),
+    Attack("truncated inside the signature", lambda c: c.base[:-20], VerificationError),
+    Attack("oversized", lambda c: c.base + b" " * MAX_KP_BYTES, FormatError),
+    Attack("empty", lambda c: b"", FormatError),
+    Attack("not ASCII", lambda c: "é".encode() + c.base, FormatError),
+    Attack("a guardian document instead", lambda c: c.ring.doc("owner"), FormatError),
+    Attack(
+        "KP payload signed as another JWS type",
+        lambda c: sign_payload(split(c.base)[1], c.ring["owner"], typ=GUARDIAN_SET_JWS_TYPE),
+        VerificationError,
+    ),
+    # format checks, re-signed by the owner so the signature does not catch them
+    Attack("wrong version", lambda c: forge(c, set_field("version", 2)), FormatError),
+    Attack("wrong type", lambda c: forge(c, set_field("type", "guardfab.pdk")), FormatError),
+    Attack("unknown field", lambda c: forge(c, with_extra_field), FormatError),
+    Attack("non-canonical JSON", non_canonical, FormatError),
+    Attack("kp_id not 128 bits", lambda c: forge(c, set_field("kp_id", "abc")), FormatError),
+    Attack("generation is a bool", lambda c: forge(c, set_field("generation", True)), FormatError),
+    Attack("guardians not sorted", lambda c: forge(c, unsorted_guardians), FormatError),
+    Attack("guardian listed twice", lambda c: forge(c, duplicated_guardian), FormatError),
+    Attack("too many guardians", lambda c: forge(c, too_many_guardians), FormatError),
+    Attack(
+        "embedded guardian document tampered",
+        lambda c: forge(c, tampered_guardian_document),
+        VerificationError,
+    ),
+    Attack("signer field names another guardian", signer_field_lies, VerificationError),
+    Attack("owner's set statement of another KP", spliced_guardian_set, VerificationError),
+    # the wrapping, re-signed by the owner: the AEAD must catch what the signature does not
+    Attack(
+        "wrapping encrypted_key flipped",
+        lambda c: forge(c, flip_all_encrypted_keys),
+        VerificationError,
+        at="unwrap",
+    ),
+    Attack(
+        "wrapping ciphertext flipped",
+        lambda c: forge(c, flip_wrapping("ciphertext")),
+        VerificationError,
+        at="unwrap",
+    ),
+    Attack(
+        "wrapping tag flipped",
+        lambda c: forge(c, flip_wrapping("tag")),
+        VerificationError,
+        at="unwrap",
+    ),
+    Attack(
+        "wrapping iv flipped",
+        lambda c: forge(c, flip_wrapping("iv")),
+        VerificationError,
+        at="unwrap",
+    ),
+    Attack(
+        "wrapping ephemeral keys swapped",
+        lambda c: forge(c, swap_all_epks),
+        VerificationError,
+        at="unwrap",
+    ),
+    Attack("wrapping aad flipped", lambda c: forge(c, flip_wrapping("aad")), VerificationError),
+    Attack("wrapping recipient removed", lambda c: forge(c, recipient_removed), VerificationError),
+    Attack(
+        "wrapping recipient duplicated", lambda c: forge(c, recipient_duplicated), VerificationError
+    ),
+    Attack(
+        "wrapping recipient added for mallory", make_recipient_for("mallory"), VerificationError
+    ),
+    Attack("wrapping compressed (zip)", lambda c: forge(c, zip_in_protected_header), FormatError),
+    Attack("wrapping algorithm swapped", lambda c: forge(c, rsa_alg_for_ec_key), FormatError),
+    # the guardian set, changed by someone without the owner's signing key
+    Attack("KPS re-wraps without a guardian", kps_rewraps_without("cotenant"), VerificationError),
+    Attack("KPS re-wraps without the owner", kps_rewraps_without("owner"), VerificationError),
+    Attack("KPS re-wraps adding mallory", kps_rewraps_with("mallory"), VerificationError),
+    Attack(
+        "KPS re-wraps swapping cotenant for kps2", kps_swaps("cotenant", "kps2"), VerificationError
+    ),
+    Attack(
+        "rogue KPS adds itself and signs",
+        kps_rewraps_with("rogue-kps", signer="rogue-kps"),
+        VerificationError,
+    ),
+    Attack("attacker-owned copy, owner pinned", attacker_owned_copy, NotAuthorizedError),
+    Attack(
+        "attacker-owned copy, not pinned",
+        attacker_owned_copy,
+        VerificationError,
+        at="unwrap",
+        pinned=False,
+    ),
+    Attack("KPS-owned copy", kps_owned_copy, VerificationError, pinned=False),
+    # wrong signers
+    Attack("signed by a tenant guardian of the set", signed_by("cotenant"), NotAuthorizedError),
+    Attack("signed by an outsider", signed_by("mallory"), NotAuthorizedError),
+    Attack("egress signed by a KPS not in the set", signed_by("rogue-kps", 1), NotAuthorizedError),
+    Attack("egress signed by a tenant guardian", signed_by("cotenant", 1), NotAuthorizedError),
+    Attack("tenant guardian re-issued as kind kps signs", tenant_claims_kps, VerificationError),
+    Attack("KPS signs without re-keying (generation 0)", signed_by("kps1", 0), VerificationError),
+    Attack("owner signs with a stale set statement", owner_with_stale_statement, VerificationError),
+    Attack("another owner expected", lambda c: c.base, NotAuthorizedError, pinned=False),
+]
+
+
+@pytest.mark.parametrize("attack", ATTACKS, ids=[a.name for a in ATTACKS])
+def test_attack_is_caught(ctx: Ctx, attack: Attack) -> None:
+    data = attack.make(ctx)
+    expected_owner = ctx.owner_id if attack.pinned else None
+    if attack.name == "another owner expected":
+        expected_owner = ctx.guardian("owner2").id
+    if attack.at == "load":
+        with pytest.raises(attack.error) as caught:
+            load_key_protector(data, expected_owner=expected_owner)
+        assert type(caught.value) is attack.error
+        assert_no_secret(str(caught.value), ctx.key)
+        return
+    kp = load_key_protector(data, expected_owner=expected_owner)
+    holders = [
+        n for n in ("owner", "kps1", "cotenant", "mallory") if ctx.guardian(n).id in kp.guardian_ids
+    ]
+    assert holders
+    for name in holders:
+        with pytest.raises(attack.error) as caught:
+            kp.unwrap(ctx.ring[name])
+        assert_no_secret(str(caught.value), ctx.key)
+
+
+def test_the_table_forgeries_are_otherwise_well_formed(ctx: Ctx) -> None:
+    """Guard against vacuous rows: the honest KPs load and unwrap."""
+    for data, key in ((ctx.base, ctx.key), (ctx.egress, ctx.egress_key)):
+        kp = load_key_protector(data, expected_owner=ctx.owner_id)
+        for name in ("owner", "kps1", "cotenant"):
+            assert kp.unwrap(ctx.ring[name]) == key
+
+
+def assert_no_secret(text: str, key: TransportKey) -> None:
+    for form in (key.reveal().hex(), b64url_encode(key.reveal()), repr(key.reveal())):
+        assert form not in text
+
+
+def test_aad_binding_holds_even_if_the_loader_check_is_skipped(ctx: Ctx) -> None:
+    kp = load_key_protector(ctx.base)
+    forged = dataclasses.replace(kp, wrapping={**kp.wrapping, "aad": flip_b64(kp.wrapping["aad"])})
+    with pytest.raises(VerificationError):
+        forged.unwrap(ctx.ring["kps1"])
+    relabelled = dataclasses.replace(kp, generation=7)
+    with pytest.raises(VerificationError):
+        relabelled.unwrap(ctx.ring["kps1"])
+
+
+# --- unwrap ---------------------------------------------------------------------------
+
+
+def test_every_guardian_unwraps_the_same_key_and_nobody_else(ctx: Ctx) -> None:
+    kp = load_key_protector(ctx.base)
+    assert {kp.unwrap(ctx.ring[n]) == ctx.key for n in ("owner", "kps1", "cotenant")} == {True}
+    for outsider in ("mallory", "kps2", "rogue-kps"):
+        with pytest.raises(NotAuthorizedError):
+            kp.unwrap(ctx.ring[outsider])
+
+
+def test_unwrap_with_someone_elses_encryption_key_is_refused(ctx: Ctx) -> None:
+    kp = load_key_protector(ctx.base)
+    kps1, mallory = ctx.ring["kps1"], ctx.ring["mallory"]
+    impostor = GuardianKeys(kps1.guardian, kps1.signing_key, mallory.encryption_key)
+    with pytest.raises(NotAuthorizedError):
+        kp.unwrap(impostor)
+
+
+def test_rsa_guardian_round_trip() -> None:
+    ring = keyring()
+    data, key = create_key_protector(ring["owner2"], [ring.doc("kps-rsa")])
+    kp = load_key_protector(data)
+    assert kp.unwrap(ring["kps-rsa"]) == key
+    egress, old, new = rekey(kp, ring["kps-rsa"])
+    assert old == key
+    assert load_key_protector(egress).unwrap(ring["owner2"]) == new
+
+
+# --- rekey, grant, revoke -------------------------------------------------------------
+
+
+def test_rekey_changes_the_key_and_keeps_the_set(ctx: Ctx) -> None:
+    base, egress = load_key_protector(ctx.base), load_key_protector(ctx.egress)
+    assert ctx.egress_key != ctx.key
+    assert (egress.kp_id, egress.generation) == (base.kp_id, base.generation + 1)
+    assert egress.guardian_ids == base.guardian_ids
+    assert (egress.owner, egress.signer) == (ctx.owner_id, ctx.guardian("kps1").id)
+    assert egress.guardian_set == base.guardian_set
+    assert base.unwrap(ctx.ring["owner"]) == ctx.key  # the old KP still opens the old key
+    assert egress.unwrap(ctx.ring["owner"]) == ctx.egress_key
+    egress2, old, newer = rekey(egress, ctx.ring["kps1"])
+    assert old == ctx.egress_key
+    assert load_key_protector(egress2).generation == 2
+    assert newer not in (ctx.key, ctx.egress_key)
+
+
+@pytest.mark.parametrize("name", ["owner", "cotenant", "mallory", "rogue-kps"])
+def test_only_a_kps_guardian_of_the_set_may_rekey(ctx: Ctx, name: str) -> None:
+    with pytest.raises(NotAuthorizedError):
+        rekey(load_key_protector(ctx.base), ctx.ring[name])
+
+
+def test_rekey_with_a_mismatched_signing_key_is_refused(ctx: Ctx) -> None:
+    kps1 = ctx.ring["kps1"]
+    impostor = GuardianKeys(kps1.guardian, ctx.ring["rogue-kps"].signing_key, kps1.encryption_key)
+    with pytest.raises(NotAuthorizedError):
+        rekey(load_key_protector(ctx.base), impostor)
+
+
+def test_grant_adds_a_guardian_with_the_same_key(ctx: Ctx) -> None:
+    granted = load_key_protector(
+        grant(load_key_protector(ctx.egress), ctx.ring["owner"], ctx.ring.doc("kps2")),
+        expected_owner=ctx.owner_id,
+    )
+    assert granted.generation == 2
+    assert granted.signer == ctx.owner_id
+    assert ctx.guardian("kps2").id in granted.guardian_ids
+    assert granted.unwrap(ctx.ring["kps2"]) == ctx.egress_key
+
+
+def test_revoke_removes_a_guardian_and_keeps_the_key(ctx: Ctx) -> None:
+    revoked = load_key_protector(
+        revoke(load_key_protector(ctx.base), ctx.ring["owner"], ctx.guardian("cotenant").id)
+    )
+    assert revoked.generation == 1
+    assert ctx.guardian("cotenant").id not in revoked.guardian_ids
+    assert revoked.unwrap(ctx.ring["kps1"]) == ctx.key
+    with pytest.raises(NotAuthorizedError):
+        revoked.unwrap(ctx.ring["cotenant"])
+
+
+@pytest.mark.parametrize("name", ["kps1", "cotenant", "mallory"])
+def test_grant_and_revoke_need_the_owners_keys(ctx: Ctx, name: str) -> None:
+    kp = load_key_protector(ctx.base)
+    with pytest.raises(NotAuthorizedError):
+        grant(kp, ctx.ring[name], ctx.ring.doc("kps2"))
+    with pytest.raises(NotAuthorizedError):
+        revoke(kp, ctx.ring[name], ctx.guardian("cotenant").id)
+
+
+def test_revoke_refuses_the_owner_the_last_guardian_and_strangers(ctx: Ctx) -> None:
+    kp = load_key_protector(ctx.base)
+    owner = ctx.ring["owner"]
+    with pytest.raises(UsageError):
+        revoke(kp, owner, ctx.owner_id)
+    with pytest.raises(NotAuthorizedError):
+        revoke(kp, owner, ctx.guardian("mallory").id)
+    single = load_key_protector(revoke(kp, owner, ctx.guardian("cotenant").id))
+    with pytest.raises(UsageError):
+        revoke(single, owner, ctx.guardian("kps1").id)
+
+
+def test_grant_refuses_a_guardian_already_there(ctx: Ctx) -> None:
+    with pytest.raises(UsageError):
+        grant(load_key_protector(ctx.base), ctx.ring["owner"], ctx.ring.doc("kps1"))
+
+
+# --- create ---------------------------------------------------------------------------
+
+
+def test_create_protects_the_key_given() -> None:
+    ring = keyring()
+    key = TransportKey.generate()
+    data, same = create_key_protector(ring["owner"], [ring.doc("kps2")], key)
+    assert same is key
+    kp = load_key_protector(data)
+    assert (kp.generation, kp.owner, kp.signer) == (0, kp.owner, ring["owner"].guardian.id)
+    assert kp.unwrap(ring["kps2"]) == key
+
+
+@pytest.mark.parametrize(
+    ("owner", "others"),
+    [
+        ("owner", []),  # nobody besides the owner
+        ("owner", ["kps1", "kps1"]),  # listed twice
+        ("owner", ["owner"]),  # the owner as its own fabric guardian
+        ("kps1", ["kps2"]),  # a KPS cannot own a KP
+    ],
+)
+def test_create_refuses_bad_guardian_lists(owner: str, others: list[str]) -> None:
+    ring = keyring()
+    with pytest.raises(UsageError):
+        create_key_protector(ring[owner], [ring.doc(n) for n in others])
+
+
+def test_create_refuses_a_tampered_guardian_document() -> None:
+    ring = keyring()
+    header, body, signature = ring.doc("kps1").decode().split(".")
+    with pytest.raises(VerificationError):
+        create_key_protector(ring["owner"], [f"{header}.{body}.{flip_b64(signature)}".encode()])
+
+
+def test_guardian_cap_is_enforced_when_making() -> None:
+    ring = keyring()
+    extra = [new_guardian_keys(f"fabric-{i}", KeyAlgorithm.EC_P256) for i in range(MAX_GUARDIANS)]
+    documents = [sign_guardian_document(k.guardian, k.signing_key) for k in extra]
+    with pytest.raises(UsageError):
+        create_key_protector(ring["owner"], documents)
+    full, key = create_key_protector(ring["owner"], documents[1:])
+    kp = load_key_protector(full)
+    assert len(kp.guardians) == MAX_GUARDIANS
+    assert kp.unwrap(extra[-1]) == key
+    with pytest.raises(UsageError):
+        grant(kp, ring["owner"], documents[0])
+
+
+# --- secrets stay secret --------------------------------------------------------------
+
+
+def test_transport_key_never_shows() -> None:
+    key = TransportKey.generate()
+    for text in (repr(key), str(key), f"{key}", repr([key])):
+        assert key.reveal().hex() not in text
+        assert "redacted" in text
+    with pytest.raises(TypeError):
+        pickle.dumps(key)
+    with pytest.raises(TypeError):
+        hash(key)
+
+
+def test_transport_key_compares_by_value() -> None:
+    key = TransportKey.generate()
+    assert key == TransportKey(key.reveal())
+    assert key != TransportKey.generate()
+    assert key != key.reveal()
+    with pytest.raises(FormatError):
+        TransportKey(b"short")
+
+
+def test_key_protector_repr_has_no_wrapping(ctx: Ctx) -> None:
+    kp: KeyProtector = load_key_protector(ctx.base)
+    text = repr(kp) + json.dumps(kp.summary())
+    assert kp.wrapping["ciphertext"] not in text
+    assert "encrypted_key" not in text
+    assert_no_secret(text, ctx.key)
