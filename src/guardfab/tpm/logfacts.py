@@ -1,0 +1,320 @@
+"""Facts an attestation policy reads from a boot event log, each with its evidence.
+
+Rules every fact here follows (docs/eventlog-facts.md explains them at length):
+
+* **Only after the quote.** A fact is worth something only once the replay of
+  the quoted bank matched a verified quote over the PCRs the fact reads
+  (PCR 7 for the secure boot facts, PCRs 0-7 for separators). The event type
+  and data are not covered by a PCR; only digests are.
+* **Positive facts come from checked data.** A value read from event data (the
+  SecureBoot variable, the separator value) is used only if that data hashes to
+  the event's digest in the bank(s) required (:func:`derive_facts`).
+* **Negative facts come from digests.** "No UEFI Debug Mode event" is decided by
+  looking for the *digest* of that string in PCR 7, whatever the event type or
+  data say, because both can be rewritten without changing any PCR.
+* **Honest gaps.** What a Linux host's firmware log cannot show (hibernation,
+  crash dumps, resume, a CI policy, the OS IOMMU) has value ``None`` and a note
+  saying why and where the evidence would have to come from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from guardfab.tpm import uefi
+from guardfab.tpm.events import HASHERS, DigestStatus, EventType, alg_name
+
+if TYPE_CHECKING:
+    from guardfab.tpm.eventlog import Event, EventLog
+
+_DRIVER_CONFIG = int(EventType.EV_EFI_VARIABLE_DRIVER_CONFIG)
+_SEPARATOR = int(EventType.EV_SEPARATOR)
+#: The PCR UEFI secure boot policy is measured into (PFP).
+SECURE_BOOT_PCR = 7
+#: PCRs whose pre-OS measurements end with an EV_SEPARATOR (PFP).
+SEPARATOR_PCRS = range(8)
+_NORMAL_SEPARATOR = b"\0\0\0\0"
+
+#: Secure boot policy variables whose measurements a baseline compares.
+SECURE_BOOT_VARIABLES = (
+    (uefi.EFI_GLOBAL_VARIABLE, "PK"),
+    (uefi.EFI_GLOBAL_VARIABLE, "KEK"),
+    (uefi.EFI_IMAGE_SECURITY_DATABASE, "db"),
+    (uefi.EFI_IMAGE_SECURITY_DATABASE, "dbx"),
+)
+_SECURE_BOOT = (uefi.EFI_GLOBAL_VARIABLE, "SecureBoot")
+
+
+def _digests_of(*texts: bytes) -> frozenset[bytes]:
+    """Digests of ``texts`` in every bank we can compute, built once at import."""
+    return frozenset(hasher(text).digest() for hasher in HASHERS.values() for text in texts)
+
+
+#: EV_EFI_ACTION strings in PCR 7, with and without the NUL some firmware adds.
+#: "UEFI Debug Mode": PFP, measured when a firmware debugger is enabled.
+_DEBUG_MODE = _digests_of(b"UEFI Debug Mode", b"UEFI Debug Mode\0")
+#: "DMA Protection Disabled": measured when pre-boot DMA protection (IOMMU) is
+#: off or weakened (Windows requirement, EDK2 trusted boot chain).
+_DMA_DISABLED = _digests_of(b"DMA Protection Disabled", b"DMA Protection Disabled\0")
+
+
+class Fact(NamedTuple):
+    """One fact: its value (None when the log cannot show it), evidence and a note.
+
+    ``events`` are the indexes of the events the value was read from; ``note``
+    says what was read, or why there is no value.
+    """
+
+    value: Any
+    events: tuple[int, ...]
+    note: str
+
+
+def _gap(note: str) -> Fact:
+    return Fact(None, (), note)
+
+
+@dataclass(frozen=True)
+class LogFacts:
+    """What the attestation policies read from a log (see the module rules).
+
+    Attributes:
+        secure_boot: SecureBoot variable = 1 in a verified
+            EV_EFI_VARIABLE_DRIVER_CONFIG event in PCR 7.
+        secure_boot_variables: per variable (PK, KEK, db, dbx), the digests per
+            bank of its verified measurement in PCR 7; compared to a baseline.
+        uefi_debug_disabled: no "UEFI Debug Mode" digest in PCR 7, and PCR 7's
+            separator verified (firmware finished its policy measurements).
+        dma_protection: False if "DMA Protection Disabled" was measured in PCR 7;
+            otherwise None, since firmware only measures the disabled state.
+        separators_ok: PCRs 0-7 each hold exactly one verified, non-error separator.
+        resumed, boot_count, hibernation_disabled, dumps_disabled,
+        dump_encryption, ci_policy: not in a Linux host's firmware log; None.
+    """
+
+    secure_boot: Fact
+    secure_boot_variables: Fact
+    uefi_debug_disabled: Fact
+    dma_protection: Fact
+    separators_ok: Fact
+    resumed: Fact
+    boot_count: Fact
+    hibernation_disabled: Fact
+    dumps_disabled: Fact
+    dump_encryption: Fact
+    ci_policy: Fact
+
+    def items(self) -> Iterator[tuple[str, Fact]]:
+        """Each fact by name, in declaration order."""
+        for field in dataclasses.fields(self):
+            yield field.name, getattr(self, field.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: each fact's value by name, plus ``evidence`` (events and note)."""
+        out: dict[str, Any] = {name: fact.value for name, fact in self.items()}
+        out["evidence"] = {
+            name: {"events": list(fact.events), "note": fact.note} for name, fact in self.items()
+        }
+        return out
+
+
+# ------------------------------------------------------------------ what the log cannot show
+
+_RESUMED = _gap(
+    "S3 resume restores the TPM and re-measures nothing, so the log cannot show it; "
+    "read TPMS_CLOCK_INFO.restartCount in the quote (non-zero after a resume or restart)"
+)
+_BOOT_COUNT = _gap(
+    "UEFI firmware logs no boot counter (Windows keeps one in its WBCL); "
+    "the quote's resetCount counts TPM resets instead"
+)
+_HIBERNATION = _gap(
+    "Linux measures neither its hibernation setting nor a resume from a hibernation "
+    "image into the TCG log; resuming from S4 is a normal firmware boot"
+)
+_DUMPS = _gap(
+    "kdump and core dump settings are OS configuration that no firmware or boot "
+    "loader measures into the TCG log"
+)
+_DUMP_ENCRYPTION = _gap("crash dump encryption is not measured into the TCG log on Linux")
+_CI_POLICY = _gap(
+    "a CI policy (IMA policy or allowlist) is measured by the running OS into the IMA "
+    "log (PCR 10), not into the firmware log; it is checked from that log and the quote"
+)
+_DMA_UNKNOWN = (
+    "no 'DMA Protection Disabled' measurement in PCR 7, but firmware measures only the "
+    "disabled state and not all firmware does, and the Linux IOMMU (intel_iommu/amd_iommu) "
+    "is not in the log, so protection cannot be shown"
+)
+
+
+# --------------------------------------------------------------------------- derivation
+
+
+class _Reader:
+    """The log grouped by PCR, plus the bank rule deciding whose data may be read."""
+
+    def __init__(self, log: EventLog, bank: int | None) -> None:
+        self.log = log
+        self.required = (bank,) if bank is not None else log.replayable_banks
+        self.by_pcr: dict[int, list[Event]] = {}
+        for event in log.events:
+            self.by_pcr.setdefault(event.pcr, []).append(event)
+
+    def trusted(self, event: Event) -> bool:
+        """True if the data hashes to the digest in every required bank and the rest."""
+        check = self.log.digest_check(event)
+        if check.status is not DigestStatus.VERIFIED:
+            return False
+        return all(check.banks.get(bank) for bank in self.required)
+
+    def in_pcr(self, pcr: int) -> list[Event]:
+        return self.by_pcr.get(pcr, [])
+
+
+def _variables(reader: _Reader) -> list[tuple[Event, uefi.UefiVariable]]:
+    """PCR 7 EV_EFI_VARIABLE_DRIVER_CONFIG events whose data parses as a variable."""
+    found = []
+    for event in reader.in_pcr(SECURE_BOOT_PCR):
+        if event.event_type != _DRIVER_CONFIG:
+            continue
+        try:
+            found.append((event, uefi.parse_variable(event.data)))
+        except uefi.UndecodableError:
+            continue
+    return found
+
+
+def _one_measurement(
+    reader: _Reader, variables: Iterable[tuple[Event, uefi.UefiVariable]], key: tuple[bytes, str]
+) -> tuple[Event | None, uefi.UefiVariable | None, str]:
+    """The single verified measurement of variable ``key``, or None and why not."""
+    matches = [(e, v) for e, v in variables if (v.guid, v.name) == key]
+    name = key[1]
+    if not matches:
+        return None, None, f"no {name} measurement in PCR 7"
+    if len(matches) > 1:
+        return None, None, f"{name} is measured {len(matches)} times in PCR 7"
+    event, var = matches[0]
+    if not reader.trusted(event):
+        return None, None, f"event {event.number} ({name}): data does not verify against its digest"
+    return event, var, ""
+
+
+def _secure_boot(reader: _Reader, variables: list[tuple[Event, uefi.UefiVariable]]) -> Fact:
+    """SecureBoot = 1 in its verified PCR 7 measurement (UEFI: 1 enabled, 0 disabled)."""
+    event, var, why = _one_measurement(reader, variables, _SECURE_BOOT)
+    if event is None or var is None:
+        return _gap(why)
+    enabled = var.data == b"\x01"
+    state = "1 (enabled)" if enabled else f"{var.data.hex() or 'empty'} (disabled)"
+    return Fact(enabled, (event.number,), f"SecureBoot = {state}")
+
+
+def _secure_boot_variables(
+    reader: _Reader, variables: list[tuple[Event, uefi.UefiVariable]]
+) -> Fact:
+    """Digests of the verified PK, KEK, db and dbx measurements, per bank (hex)."""
+    value: dict[str, dict[str, str]] = {}
+    indexes: list[int] = []
+    problems: list[str] = []
+    for key in SECURE_BOOT_VARIABLES:
+        event, _var, why = _one_measurement(reader, variables, key)
+        if event is None:
+            problems.append(why)
+            continue
+        value[key[1]] = {alg_name(alg): digest.hex() for alg, digest in event.digests.items()}
+        indexes.append(event.number)
+    if problems:
+        return _gap("; ".join(problems))
+    return Fact(value, tuple(indexes), "digests of the PK, KEK, db and dbx measurements")
+
+
+def _pcr7_separator(reader: _Reader) -> Event | None:
+    separators = [e for e in reader.in_pcr(SECURE_BOOT_PCR) if e.event_type == _SEPARATOR]
+    if len(separators) == 1 and reader.trusted(separators[0]):
+        return separators[0]
+    return None
+
+
+def _measured_in_pcr7(reader: _Reader, digests: frozenset[bytes]) -> tuple[int, ...]:
+    """Indexes of PCR 7 events carrying one of ``digests`` in any bank, whatever their type."""
+    return tuple(
+        event.number
+        for event in reader.in_pcr(SECURE_BOOT_PCR)
+        if not digests.isdisjoint(event.digests.values())
+    )
+
+
+def _uefi_debug(reader: _Reader) -> Fact:
+    """False if "UEFI Debug Mode" is measured in PCR 7; True once PCR 7 is sealed without it."""
+    found = _measured_in_pcr7(reader, _DEBUG_MODE)
+    if found:
+        return Fact(False, found, "PCR 7 holds the 'UEFI Debug Mode' measurement")
+    separator = _pcr7_separator(reader)
+    if separator is None:
+        return _gap(
+            "PCR 7 has no single verified separator, so its policy measurements may be incomplete"
+        )
+    return Fact(True, (separator.number,), "no 'UEFI Debug Mode' digest anywhere in PCR 7")
+
+
+def _dma_protection(reader: _Reader) -> Fact:
+    """False if "DMA Protection Disabled" is measured in PCR 7; otherwise unknown."""
+    found = _measured_in_pcr7(reader, _DMA_DISABLED)
+    if found:
+        return Fact(False, found, "PCR 7 holds the 'DMA Protection Disabled' measurement")
+    return _gap(_DMA_UNKNOWN)
+
+
+def _separator_problem(reader: _Reader, pcr: int, separators: list[Event]) -> str:
+    if len(separators) != 1:
+        return f"PCR {pcr} has {len(separators)} separators"
+    event = separators[0]
+    if not reader.trusted(event):
+        return f"PCR {pcr} separator (event {event.number}) does not verify against its digest"
+    if event.data != _NORMAL_SEPARATOR:
+        return f"PCR {pcr} separator (event {event.number}) has value {event.data.hex()}"
+    return ""
+
+
+def _separators(reader: _Reader) -> Fact:
+    """PCRs 0-7 each end their pre-OS measurements with one verified 00000000 separator."""
+    by_pcr = {
+        pcr: [e for e in reader.in_pcr(pcr) if e.event_type == _SEPARATOR] for pcr in SEPARATOR_PCRS
+    }
+    for pcr, separators in by_pcr.items():
+        problem = _separator_problem(reader, pcr, separators)
+        if problem:
+            return Fact(False, tuple(e.number for e in separators), problem)
+    indexes = tuple(sorted(events[0].number for events in by_pcr.values()))
+    return Fact(True, indexes, "one verified 00000000 separator in each of PCRs 0-7")
+
+
+def derive_facts(log: EventLog, bank: int | None = None) -> LogFacts:
+    """Derive every fact from ``log``.
+
+    Args:
+        log: a parsed log; call this after its replay matched a verified quote.
+        bank: the quoted bank (TPM_ALG_ID). An event's data is read only if it
+            hashes to the digest in this bank (and in every other bank the event
+            carries). Without it, the event must carry every declared bank.
+    """
+    reader = _Reader(log, bank)
+    variables = _variables(reader)
+    return LogFacts(
+        secure_boot=_secure_boot(reader, variables),
+        secure_boot_variables=_secure_boot_variables(reader, variables),
+        uefi_debug_disabled=_uefi_debug(reader),
+        dma_protection=_dma_protection(reader),
+        separators_ok=_separators(reader),
+        resumed=_RESUMED,
+        boot_count=_BOOT_COUNT,
+        hibernation_disabled=_HIBERNATION,
+        dumps_disabled=_DUMPS,
+        dump_encryption=_DUMP_ENCRYPTION,
+        ci_policy=_CI_POLICY,
+    )
