@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from joserfc.jwk import ECKey
 
-from guardfab.errors import FormatError, NotAuthorizedError, UsageError, VerificationError
+from guardfab.errors import (
+    FormatError,
+    InvalidInputError,
+    NotAuthorizedError,
+    UsageError,
+    VerificationError,
+)
 from guardfab.formats import merkle
 from guardfab.formats.template import (
     DiskVersion,
@@ -268,4 +275,10 @@ def test_trust_anchor_from_a_public_key(disk: Path, publisher: ECKey, mallory: E
 )
 def test_trust_anchor_refuses_what_is_not_a_public_key(data: bytes) -> None:
     with pytest.raises(FormatError):
+        disks.load_trust_anchor(data, what="publisher")
+
+
+@given(st.binary(max_size=600))
+def test_trust_anchor_loader_raises_only_invalid_input(data: bytes) -> None:
+    with contextlib.suppress(InvalidInputError):
         disks.load_trust_anchor(data, what="publisher")

@@ -442,3 +442,11 @@ def test_a_signature_whose_key_id_names_another_key_is_refused(publisher: ECKey)
     token = jws.serialize_compact(header, canonical_json(_payload()), publisher)
     with pytest.raises(VerificationError, match="key id"):
         verify_disk_signature(token.encode(), PublisherKey.from_key(publisher))
+
+
+@given(st.text(max_size=40))
+def test_version_and_rule_parsers_raise_only_format_errors(text: str) -> None:
+    with contextlib.suppress(FormatError):
+        assert str(DiskVersion.parse(text)) == text
+    with contextlib.suppress(FormatError):
+        assert VersionRule.parse(text).value == text
