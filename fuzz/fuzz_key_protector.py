@@ -1,0 +1,108 @@
+"""Fuzz the key protector loader, and the unwrap of whatever it accepts.
+
+The first byte picks a mode, the rest is the input:
+
+* ``0``: the rest is a KP file, loaded as is (most mutations stop at the signature);
+* ``1`` / ``2``: the rest is a KP *payload*, signed here by the fixed owner (1) or
+  the fixed KPS guardian (2) before loading, so the fuzzer can explore every
+  check that runs after the signature.
+
+Whatever loads is unwrapped with every fixed guardian of its set. The guardians'
+keys are derived from constants, so the seeds in ``fuzz/corpus/key_protector``
+stay meaningful; regenerate them with::
+
+    .venv/bin/python fuzz/fuzz_key_protector.py --make-seeds fuzz/corpus/key_protector
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import atheris
+from cryptography.hazmat.primitives.asymmetric import ec
+from joserfc.jwk import ECKey
+
+with atheris.instrument_imports():
+    from guardfab.formats import jose
+    from guardfab.formats.encoding import b64url_decode
+    from guardfab.formats.guardian import Guardian, GuardianKind, sign_guardian_document
+    from guardfab.formats.key_protector import (
+        KP_JWS_TYPE,
+        create_key_protector,
+        load_key_protector,
+        rekey,
+    )
+    from guardfab.tenant.guardians import GuardianKeys
+
+from fuzz_common import expect_only_invalid_input
+
+
+def _fixed_key(seed: int) -> ECKey:
+    return ECKey.import_key(ec.derive_private_key(seed, ec.SECP256R1()))
+
+
+def _fixed_guardian(name: str, kind: GuardianKind, seed: int) -> GuardianKeys:
+    signing, encryption = _fixed_key(seed), _fixed_key(seed + 1)
+    guardian = Guardian(
+        name=name,
+        kind=kind,
+        signing_key=jose.import_public_jwk(jose.public_jwk(signing), what="fuzz"),
+        encryption_key=jose.import_public_jwk(jose.public_jwk(encryption), what="fuzz"),
+    )
+    return GuardianKeys(guardian, signing, encryption)
+
+
+OWNER = _fixed_guardian("owner", GuardianKind.TENANT, 0x5EED_0001)
+KPS = _fixed_guardian("kps", GuardianKind.KPS, 0x5EED_0003)
+COTENANT = _fixed_guardian("cotenant", GuardianKind.TENANT, 0x5EED_0005)
+GUARDIANS = (OWNER, KPS, COTENANT)
+SIGNERS = {1: OWNER, 2: KPS}
+
+
+def _load_and_unwrap(data: bytes) -> None:
+    kp = load_key_protector(data)
+    for keys in GUARDIANS:
+        if keys.guardian.id in kp.guardian_ids:
+            kp.unwrap(keys)
+
+
+def test_one_input(data: bytes) -> None:
+    if not data:
+        return
+    mode, rest = data[0] % 3, data[1:]
+    if mode in SIGNERS:
+        rest = jose.sign_compact(rest, SIGNERS[mode].signing_key, typ=KP_JWS_TYPE).encode()
+    expect_only_invalid_input(_load_and_unwrap, rest)
+
+
+def make_seeds(directory: Path) -> None:
+    """Write seeds: owner-made and egress KPs as files, and their payloads to be signed."""
+    documents = [sign_guardian_document(k.guardian, k.signing_key) for k in (KPS, COTENANT)]
+    made, _ = create_key_protector(OWNER, documents)
+    egress, _, _ = rekey(load_key_protector(made), KPS)
+    directory.mkdir(parents=True, exist_ok=True)
+    seeds = {
+        "owner-made.kp": b"\x00" + made,
+        "egress.kp": b"\x00" + egress,
+        "owner-made.payload": b"\x01" + _payload(made),
+        "egress.payload": b"\x02" + _payload(egress),
+    }
+    for name, seed in seeds.items():
+        (directory / name).write_bytes(seed)
+
+
+def _payload(data: bytes) -> bytes:
+    return b64url_decode(data.decode("ascii").split(".")[1], what="seed")
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--make-seeds":
+        make_seeds(Path(sys.argv[2]))
+        return
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
