@@ -72,10 +72,10 @@ def _load_keys(store: GuardianStore, name: str, passphrase_file: Path | None) ->
     try:
         return store.keys(name, None)
     except NotAuthorizedError:
-        passphrase = read_passphrase(None, prompt=True)
-        if passphrase is None:
+        if not sys.stdin.isatty():
             raise
-        return store.keys(name, passphrase)
+        passphrase: Any = click.prompt(f"Passphrase of guardian {name!r}", hide_input=True)
+        return store.keys(name, str(passphrase))
 
 
 def _admin_password(path: Path | None) -> str:
