@@ -1,0 +1,243 @@
+"""Attacks on the facts: altered data, relabelled types, missing banks, absent evidence.
+
+Only digests are bound by the quote. These tests change what a PCR does not
+cover (event data, event type, other banks) and check that no fact follows the
+change: a fact either keeps its true value or becomes unknown, never flips.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from guardfab.tpm.eventlog import EventLog, parse_event_log
+from guardfab.tpm.events import DigestRule, DigestStatus, measured_bytes
+from test_eventlog_builder import (
+    EFI_GLOBAL,
+    EFI_SECURITY_DB,
+    EV_EFI_ACTION,
+    EV_EFI_VARIABLE_DRIVER_CONFIG,
+    EV_POST_CODE,
+    EV_SEPARATOR,
+    SHA1,
+    SHA256,
+    VECTOR_NAMES,
+    AgileLog,
+    Ev,
+    digest,
+    variable,
+    vectors_fixture,  # noqa: F401 (the vectors fixture)
+)
+
+SEPARATOR = bytes(4)
+
+
+def _secure_boot_log(value: bytes, *, extra: list[Ev] | None = None) -> AgileLog:
+    """A minimal PFP-shaped boot: policy variables in PCR 7, then separators 0-7."""
+    policy = [
+        Ev(7, EV_EFI_VARIABLE_DRIVER_CONFIG, variable(EFI_GLOBAL, "SecureBoot", value)),
+        Ev(7, EV_EFI_VARIABLE_DRIVER_CONFIG, variable(EFI_GLOBAL, "PK", b"pk")),
+        Ev(7, EV_EFI_VARIABLE_DRIVER_CONFIG, variable(EFI_GLOBAL, "KEK", b"kek")),
+        Ev(7, EV_EFI_VARIABLE_DRIVER_CONFIG, variable(EFI_SECURITY_DB, "db", b"db")),
+        Ev(7, EV_EFI_VARIABLE_DRIVER_CONFIG, variable(EFI_SECURITY_DB, "dbx", b"dbx")),
+    ]
+    separators = [Ev(pcr, EV_SEPARATOR, SEPARATOR) for pcr in (7, 0, 1, 2, 3, 4, 5, 6)]
+    return AgileLog(events=(extra or []) + policy + separators)
+
+
+def _tamper(data: bytes, log: EventLog, number: int, position: int = -1) -> bytes:
+    """Flip one byte of event ``number``'s data (its digests stay as they were)."""
+    event = log.events[number]
+    start = event.offset + (len(_record_head(data, log, number)))
+    index = start + (position % len(event.data))
+    return data[:index] + bytes([data[index] ^ 0x01]) + data[index + 1 :]
+
+
+def _record_head(data: bytes, log: EventLog, number: int) -> bytes:
+    event = log.events[number]
+    end = log.events[number + 1].offset if number + 1 < len(log.events) else len(data)
+    return data[event.offset : end - len(event.data)]
+
+
+def test_secure_boot_enabled_is_read_from_the_verified_variable() -> None:
+    log = parse_event_log(_secure_boot_log(b"\x01").build())
+    facts = log.facts(SHA256)
+    assert facts.secure_boot.value is True
+    assert facts.secure_boot.events == (1,)
+    assert facts.separators_ok.value is True
+    assert facts.uefi_debug_disabled.value is True
+    assert facts.secure_boot_variables.value["db"] == {
+        "sha1": digest(SHA1, variable(EFI_SECURITY_DB, "db", b"db")).hex(),
+        "sha256": digest(SHA256, variable(EFI_SECURITY_DB, "db", b"db")).hex(),
+    }
+
+
+def test_altered_secure_boot_data_makes_the_fact_unknown_not_false() -> None:
+    """SecureBoot=0 measured, attacker writes 1 into the data: no 'enabled' follows."""
+    data = _secure_boot_log(b"\x00").build()
+    log = parse_event_log(data)
+    assert log.facts().secure_boot.value is False
+    tampered = parse_event_log(_tamper(data, log, 1))
+    assert tampered.events[1].data.endswith(b"\x01")
+    assert tampered.digest_check(tampered.events[1]).status is DigestStatus.MISMATCH
+    assert tampered.replay() == log.replay()  # the PCRs cannot see it ...
+    fact = tampered.facts().secure_boot
+    assert fact.value is None  # ... but the fact is gone
+    assert "does not verify" in fact.note
+    assert tampered.facts().secure_boot_variables.value is not None
+
+
+@pytest.mark.parametrize("name", VECTOR_NAMES)
+def test_every_strict_verified_event_of_a_real_log_fails_when_one_byte_changes(
+    vectors: Path,
+    name: str,
+) -> None:
+    data = (vectors / name).read_bytes()
+    log = parse_event_log(data)
+    strict = [
+        e
+        for e in log.events
+        if e.data
+        and measured_bytes(e.event_type, e.data)[0] is DigestRule.STRICT
+        and log.digest_check(e).status is DigestStatus.VERIFIED
+    ]
+    for event in strict:
+        tampered = parse_event_log(_tamper(data, log, event.number, len(event.data) // 2))
+        check = tampered.digest_check(tampered.events[event.number])
+        assert check.status is DigestStatus.MISMATCH, event
+        assert not any(check.banks.values())
+
+
+def test_tampered_secure_boot_variable_in_a_real_log_removes_the_fact(
+    vectors: Path,
+) -> None:
+    data = (vectors / "event-arch-linux.bin").read_bytes()
+    log = parse_event_log(data)
+    assert log.facts().secure_boot.value is False
+    tampered = parse_event_log(_tamper(data, log, 3, 0))  # the variable's GUID
+    assert tampered.facts().secure_boot.value is None
+    tampered_db = parse_event_log(_tamper(data, log, 6, 100))
+    assert tampered_db.facts().secure_boot_variables.value is None
+    assert "event 6 (db)" in tampered_db.facts().secure_boot_variables.note
+
+
+def test_altered_separator_breaks_separators_ok() -> None:
+    data = _secure_boot_log(b"\x01").build()
+    log = parse_event_log(data)
+    tampered = parse_event_log(_tamper(data, log, 6, 0))
+    fact = tampered.facts().separators_ok
+    assert fact.value is False
+    assert "PCR 7 separator" in fact.note
+    # PCR 7 unsealed: the absence of the debug measurement no longer means anything.
+    assert tampered.facts().uefi_debug_disabled.value is None
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"drop": 3}, "PCR 3 has 0 separators"),
+        ({"add": Ev(3, EV_SEPARATOR, SEPARATOR)}, "PCR 3 has 2 separators"),
+        ({"add": Ev(9, EV_SEPARATOR, SEPARATOR)}, None),
+    ],
+)
+def test_separator_count_per_pcr(change: dict[str, object], message: str | None) -> None:
+    log = _secure_boot_log(b"\x01")
+    if "drop" in change:
+        log.events = [
+            e for e in log.events if not (e.type == EV_SEPARATOR and e.pcr == change["drop"])
+        ]
+    if "add" in change:
+        log.events.append(change["add"])  # type: ignore[arg-type]
+    fact = parse_event_log(log.build()).facts().separators_ok
+    assert fact.value is (message is None)
+    if message:
+        assert message in fact.note
+
+
+def test_error_separator_is_not_ok() -> None:
+    log = _secure_boot_log(b"\x01")
+    log.events[-1] = Ev(6, EV_SEPARATOR, b"\x01\x00\x00\x00")
+    fact = parse_event_log(log.build()).facts().separators_ok
+    assert fact.value is False
+    assert "value 01000000" in fact.note
+
+
+@pytest.mark.parametrize("text", [b"UEFI Debug Mode", b"UEFI Debug Mode\0"])
+def test_uefi_debug_mode_is_found_by_its_digest(text: bytes) -> None:
+    debug = Ev(7, EV_EFI_ACTION, text)
+    log = parse_event_log(_secure_boot_log(b"\x01", extra=[debug]).build())
+    fact = log.facts().uefi_debug_disabled
+    assert fact.value is False
+    assert fact.events == (1,)
+
+
+def test_relabelled_and_rewritten_debug_event_is_still_found() -> None:
+    """Type and data are not in the PCR: an attacker can change both, not the digest."""
+    digests = {alg: digest(alg, b"UEFI Debug Mode") for alg in (SHA1, SHA256)}
+    disguised = Ev(7, EV_POST_CODE, b"nothing to see here", digests)
+    log = parse_event_log(_secure_boot_log(b"\x01", extra=[disguised]).build())
+    assert log.facts().uefi_debug_disabled.value is False
+
+
+def test_debug_mode_in_another_pcr_does_not_count() -> None:
+    elsewhere = Ev(4, EV_EFI_ACTION, b"UEFI Debug Mode")
+    log = parse_event_log(_secure_boot_log(b"\x01", extra=[elsewhere]).build())
+    assert log.facts().uefi_debug_disabled.value is True
+
+
+@pytest.mark.parametrize("text", [b"DMA Protection Disabled", b"DMA Protection Disabled\0"])
+def test_dma_protection_disabled_is_reported(text: bytes) -> None:
+    log = parse_event_log(_secure_boot_log(b"\x01", extra=[Ev(7, EV_EFI_ACTION, text)]).build())
+    fact = log.facts().dma_protection
+    assert fact.value is False
+    assert fact.events == (1,)
+
+
+def test_dma_protection_is_never_claimed_from_absence() -> None:
+    fact = parse_event_log(_secure_boot_log(b"\x01").build()).facts().dma_protection
+    assert fact.value is None
+    assert "cannot be shown" in fact.note
+
+
+def test_quoted_bank_missing_from_the_event_means_no_fact() -> None:
+    """SecureBoot=1 measured in SHA-1 only: a SHA-256 quote does not cover it."""
+    log = _secure_boot_log(b"\x01")
+    log.events[0] = Ev(log.events[0].pcr, log.events[0].type, log.events[0].data, banks=(SHA1,))
+    parsed = parse_event_log(log.build())
+    assert parsed.facts(SHA1).secure_boot.value is True
+    assert parsed.facts(SHA256).secure_boot.value is None
+    assert parsed.facts().secure_boot.value is None  # default: every replayable bank
+
+
+def test_a_wrong_digest_in_another_bank_removes_the_fact() -> None:
+    log = _secure_boot_log(b"\x01")
+    first = log.events[0]
+    log.events[0] = Ev(first.pcr, first.type, first.data, {SHA1: bytes(20)})
+    parsed = parse_event_log(log.build())
+    assert parsed.digest_check(parsed.events[1]).status is DigestStatus.MISMATCH
+    assert parsed.facts(SHA256).secure_boot.value is None
+
+
+def test_secure_boot_measured_twice_is_ambiguous() -> None:
+    again = Ev(7, EV_EFI_VARIABLE_DRIVER_CONFIG, variable(EFI_GLOBAL, "SecureBoot", b"\x01"))
+    log = parse_event_log(_secure_boot_log(b"\x01", extra=[again]).build())
+    fact = log.facts().secure_boot
+    assert fact.value is None
+    assert "2 times" in fact.note
+
+
+def test_secure_boot_variable_with_another_guid_is_not_secure_boot() -> None:
+    log = _secure_boot_log(b"\x00")
+    log.events[0] = Ev(
+        7, EV_EFI_VARIABLE_DRIVER_CONFIG, variable(EFI_SECURITY_DB, "SecureBoot", b"\x01")
+    )
+    assert parse_event_log(log.build()).facts().secure_boot.value is None
+
+
+def test_facts_to_dict_lists_values_and_evidence() -> None:
+    out = parse_event_log(_secure_boot_log(b"\x01").build()).facts().to_dict()
+    assert out["secure_boot"] is True
+    assert out["hibernation_disabled"] is None
+    assert out["evidence"]["secure_boot"] == {"events": [1], "note": "SecureBoot = 1 (enabled)"}
+    assert "hibernation" in out["evidence"]["hibernation_disabled"]["note"]
