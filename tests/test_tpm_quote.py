@@ -24,7 +24,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from guardfab.errors import FormatError, InvalidInputError
-from guardfab.tpm.constants import HASH_ALGS, TpmAlg, TpmaObject, TpmEccCurve, TpmSt
+from guardfab.tpm.constants import (
+    HASH_ALGS,
+    MAX_ATTEST_BYTES,
+    TpmAlg,
+    TpmaObject,
+    TpmEccCurve,
+    TpmSt,
+)
 from guardfab.tpm.quote import (
     AttestationKeyError,
     NonceMismatchError,
@@ -38,7 +45,6 @@ from guardfab.tpm.quote import (
     verify_quote,
 )
 from guardfab.tpm.structures import (
-    MAX_ATTEST_BYTES,
     SYM_NULL,
     EccParms,
     EccPoint,

@@ -20,18 +20,18 @@ from hypothesis import strategies as st
 from guardfab.errors import FormatError
 from guardfab.tpm.constants import (
     HASH_ALGS,
+    MAX_ECC_KEY_BYTES,
+    MAX_NAME_BYTES,
+    MAX_RSA_KEY_BYTES,
+    RSA_KEY_BITS,
+    SYM_MODES,
     TPMA_OBJECT_RESERVED,
     TpmAlg,
     TpmEccCurve,
     TpmSt,
 )
 from guardfab.tpm.structures import (
-    MAX_ECC_KEY_BYTES,
-    MAX_NAME_BYTES,
-    MAX_RSA_KEY_BYTES,
-    RSA_KEY_BITS,
     SCHEME_NULL,
-    SYM_MODES,
     SYM_NULL,
     EccParms,
     EccPoint,

@@ -112,6 +112,47 @@ class TpmaObject(enum.IntFlag):
 TPMA_OBJECT_RESERVED = 0xFFF0F309
 
 
+# Sizes and value sets of Part 2 that bound what the parsers accept.
+
+#: sizeof(TPMU_HA): the largest digest any TPM2B_DIGEST / TPM2B_DATA may hold.
+MAX_DIGEST_BYTES = 64
+#: sizeof(TPMU_NAME): a TPMT_HA (2 + 64 bytes); a handle name is 4 bytes.
+MAX_NAME_BYTES = 2 + MAX_DIGEST_BYTES
+#: MAX_RSA_KEY_BYTES for 4096-bit keys: bounds a modulus and an RSA signature.
+MAX_RSA_KEY_BYTES = 512
+#: MAX_ECC_KEY_BYTES for the largest curve the library defines (BN P638).
+MAX_ECC_KEY_BYTES = 80
+#: HASH_COUNT of the reference TSS (TPM2_NUM_PCR_BANKS): banks in one selection.
+MAX_PCR_BANKS = 16
+#: TPM2_PCR_SELECT_MAX: bytes of PCR bitmap per bank (32 PCRs).
+MAX_PCR_SELECT_BYTES = 4
+#: A quote is a few hundred bytes; refuse to hash more than this before parsing.
+MAX_ATTEST_BYTES = 4096
+
+RSA_KEY_BITS = frozenset({1024, 2048, 3072, 4096})
+SYM_KEY_BITS = frozenset({128, 192, 256})
+SYM_ALGS = frozenset({TpmAlg.AES, TpmAlg.SM4, TpmAlg.CAMELLIA})
+SYM_MODES = frozenset({TpmAlg.CFB, TpmAlg.CTR, TpmAlg.OFB, TpmAlg.CBC, TpmAlg.ECB, TpmAlg.NULL})
+
+# Schemes, each mapped to how many UINT16 detail fields follow its identifier:
+# 0 = none (RSAES), 1 = hashAlg, 2 = hashAlg + count (ECDAA).
+RSA_SCHEMES: dict[int, int] = {TpmAlg.RSASSA: 1, TpmAlg.RSAPSS: 1, TpmAlg.OAEP: 1, TpmAlg.RSAES: 0}
+ECC_SCHEMES: dict[int, int] = {
+    TpmAlg.ECDSA: 1,
+    TpmAlg.ECDH: 1,
+    TpmAlg.ECDAA: 2,
+    TpmAlg.SM2: 1,
+    TpmAlg.ECSCHNORR: 1,
+    TpmAlg.ECMQV: 1,
+}
+KDF_SCHEMES: dict[int, int] = {
+    TpmAlg.MGF1: 1,
+    TpmAlg.KDF1_SP800_56A: 1,
+    TpmAlg.KDF2: 1,
+    TpmAlg.KDF1_SP800_108: 1,
+}
+
+
 class Hasher(Protocol):
     """The part of a hashlib object guardfab uses."""
 

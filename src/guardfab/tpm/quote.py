@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from guardfab.errors import FormatError, VerificationError
 from guardfab.tpm.constants import (
     HASH_ALGS,
+    MAX_ATTEST_BYTES,
     TPM_GENERATED_VALUE,
     TpmAlg,
     TpmaObject,
@@ -38,7 +39,6 @@ from guardfab.tpm.constants import (
     st_name,
 )
 from guardfab.tpm.structures import (
-    MAX_ATTEST_BYTES,
     TpmsAttest,
     TpmsPcrSelection,
     TpmtPublic,

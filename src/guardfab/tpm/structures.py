@@ -25,7 +25,20 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from guardfab.errors import FormatError
 from guardfab.tpm.constants import (
+    ECC_SCHEMES,
     HASH_ALGS,
+    KDF_SCHEMES,
+    MAX_DIGEST_BYTES,
+    MAX_ECC_KEY_BYTES,
+    MAX_NAME_BYTES,
+    MAX_PCR_BANKS,
+    MAX_PCR_SELECT_BYTES,
+    MAX_RSA_KEY_BYTES,
+    RSA_KEY_BITS,
+    RSA_SCHEMES,
+    SYM_ALGS,
+    SYM_KEY_BITS,
+    SYM_MODES,
     TPM_GENERATED_VALUE,
     TPMA_OBJECT_RESERVED,
     TpmAlg,
@@ -34,44 +47,6 @@ from guardfab.tpm.constants import (
     alg_name,
     st_name,
 )
-
-#: sizeof(TPMU_HA): the largest digest any TPM2B_DIGEST / TPM2B_DATA may hold.
-MAX_DIGEST_BYTES = 64
-#: sizeof(TPMU_NAME): a TPMT_HA (2 + 64 bytes); a handle name is 4 bytes.
-MAX_NAME_BYTES = 2 + MAX_DIGEST_BYTES
-#: MAX_RSA_KEY_BYTES for 4096-bit keys: bounds a modulus and an RSA signature.
-MAX_RSA_KEY_BYTES = 512
-#: MAX_ECC_KEY_BYTES for the largest curve the library defines (BN P638).
-MAX_ECC_KEY_BYTES = 80
-#: HASH_COUNT of the reference TSS (TPM2_NUM_PCR_BANKS): banks in one selection.
-MAX_PCR_BANKS = 16
-#: TPM2_PCR_SELECT_MAX: bytes of PCR bitmap per bank (32 PCRs).
-MAX_PCR_SELECT_BYTES = 4
-#: A quote is a few hundred bytes; refuse to hash more than this before parsing.
-MAX_ATTEST_BYTES = 4096
-
-RSA_KEY_BITS = frozenset({1024, 2048, 3072, 4096})
-SYM_KEY_BITS = frozenset({128, 192, 256})
-SYM_ALGS = frozenset({TpmAlg.AES, TpmAlg.SM4, TpmAlg.CAMELLIA})
-SYM_MODES = frozenset({TpmAlg.CFB, TpmAlg.CTR, TpmAlg.OFB, TpmAlg.CBC, TpmAlg.ECB, TpmAlg.NULL})
-
-# Schemes, each mapped to how many UINT16 detail fields follow its identifier:
-# 0 = none (RSAES), 1 = hashAlg, 2 = hashAlg + count (ECDAA).
-_RSA_SCHEMES: dict[int, int] = {TpmAlg.RSASSA: 1, TpmAlg.RSAPSS: 1, TpmAlg.OAEP: 1, TpmAlg.RSAES: 0}
-_ECC_SCHEMES: dict[int, int] = {
-    TpmAlg.ECDSA: 1,
-    TpmAlg.ECDH: 1,
-    TpmAlg.ECDAA: 2,
-    TpmAlg.SM2: 1,
-    TpmAlg.ECSCHNORR: 1,
-    TpmAlg.ECMQV: 1,
-}
-_KDF_SCHEMES: dict[int, int] = {
-    TpmAlg.MGF1: 1,
-    TpmAlg.KDF1_SP800_56A: 1,
-    TpmAlg.KDF2: 1,
-    TpmAlg.KDF1_SP800_108: 1,
-}
 
 #: Curves a public area can be turned into a ``cryptography`` key for.
 _CURVES: dict[int, ec.EllipticCurve] = {
@@ -301,7 +276,7 @@ def _scheme(
 
 def _rsa_parms(data: bytes, off: int, end: int) -> tuple[RsaParms, int]:
     symmetric, off = _sym_def(data, off, end, "TPMS_RSA_PARMS.symmetric")
-    scheme, off = _scheme(data, off, end, "TPMS_RSA_PARMS.scheme", _RSA_SCHEMES)
+    scheme, off = _scheme(data, off, end, "TPMS_RSA_PARMS.scheme", RSA_SCHEMES)
     key_bits, off = _u16(data, off, end, "TPMS_RSA_PARMS.keyBits")
     if key_bits not in RSA_KEY_BITS:
         raise FormatError(f"TPMS_RSA_PARMS.keyBits at offset {off - 2}: {key_bits} unsupported")
@@ -313,11 +288,11 @@ def _rsa_parms(data: bytes, off: int, end: int) -> tuple[RsaParms, int]:
 
 def _ecc_parms(data: bytes, off: int, end: int) -> tuple[EccParms, int]:
     symmetric, off = _sym_def(data, off, end, "TPMS_ECC_PARMS.symmetric")
-    scheme, off = _scheme(data, off, end, "TPMS_ECC_PARMS.scheme", _ECC_SCHEMES)
+    scheme, off = _scheme(data, off, end, "TPMS_ECC_PARMS.scheme", ECC_SCHEMES)
     curve_id, off = _u16(data, off, end, "TPMS_ECC_PARMS.curveID")
     if curve_id not in _KNOWN_CURVES:
         raise FormatError(f"TPMS_ECC_PARMS.curveID at offset {off - 2}: 0x{curve_id:04x} unknown")
-    kdf, off = _scheme(data, off, end, "TPMS_ECC_PARMS.kdf", _KDF_SCHEMES)
+    kdf, off = _scheme(data, off, end, "TPMS_ECC_PARMS.kdf", KDF_SCHEMES)
     return EccParms(symmetric, scheme, curve_id, kdf), off
 
 
