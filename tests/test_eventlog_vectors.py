@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
+from guardfab.tpm.constants import TpmAlg
 from guardfab.tpm.eventlog import EventLog, LogFormat, parse_event_log
-from guardfab.tpm.events import DigestStatus, HashAlg, alg_name
+from guardfab.tpm.events import DigestStatus, alg_name
 from test_eventlog_builder import (
     VECTOR_NAMES,
     VECTORS,
@@ -88,10 +89,10 @@ def test_yields_the_events_tpm2_tools_printed(vectors: Path, name: str) -> None:
 @pytest.mark.parametrize(
     ("name", "log_format", "banks"),
     [
-        ("event-arch-linux.bin", LogFormat.CRYPTO_AGILE, (HashAlg.SHA1, HashAlg.SHA256)),
+        ("event-arch-linux.bin", LogFormat.CRYPTO_AGILE, (TpmAlg.SHA1, TpmAlg.SHA256)),
         ("event-gce-ubuntu-2104-log.bin", LogFormat.CRYPTO_AGILE, (4, 11, 12)),
-        ("event-sd-boot-fedora37.bin", LogFormat.CRYPTO_AGILE, (HashAlg.SHA256,)),
-        ("event-uefi-sha1-log.bin", LogFormat.SHA1, (HashAlg.SHA1,)),
+        ("event-sd-boot-fedora37.bin", LogFormat.CRYPTO_AGILE, (TpmAlg.SHA256,)),
+        ("event-uefi-sha1-log.bin", LogFormat.SHA1, (TpmAlg.SHA1,)),
         ("event.bin", LogFormat.CRYPTO_AGILE, (4, 11, 12, 13)),
         ("specid-vendordata.bin", LogFormat.CRYPTO_AGILE, (4, 11)),
     ],
@@ -148,7 +149,7 @@ def test_facts_of_the_real_logs(
 
 def test_secure_boot_variables_are_the_measured_digests(vectors: Path) -> None:
     log = parse_event_log((vectors / "event-sd-boot-fedora37.bin").read_bytes())
-    fact = log.facts(HashAlg.SHA256).secure_boot_variables
+    fact = log.facts(TpmAlg.SHA256).secure_boot_variables
     assert fact.events == (5, 6, 7, 8)
     assert fact.value["PK"] == {
         "sha256": "dea7b80ab53a3daaa24d5cc46c64e1fa9ffd03739f90aadbd8c0867c4a5b4890"

@@ -12,8 +12,9 @@ import click
 
 from guardfab.cli.output import emit, handle_errors, json_option
 from guardfab.files import read_bounded
+from guardfab.tpm.constants import TpmAlg
 from guardfab.tpm.eventlog import MAX_LOG_BYTES, PCR_COUNT, Event, EventLog, parse_event_log
-from guardfab.tpm.events import HashAlg, alg_name
+from guardfab.tpm.events import alg_name
 from guardfab.tpm.logfacts import LogFacts
 
 _SUMMARY_WIDTH = 72
@@ -50,7 +51,7 @@ def _render(log: EventLog, pcrs: set[int] | None, *, verbose: bool) -> str:
     banks = ", ".join(alg_name(bank) for bank in log.banks)
     lines = [f"{log.format.value} event log, {len(log.events)} events, banks: {banks}"]
     lines += [f"note: {note}" for note in log.notes]
-    shown = log.banks[0] if HashAlg.SHA256 not in log.banks else int(HashAlg.SHA256)
+    shown = log.banks[0] if TpmAlg.SHA256 not in log.banks else int(TpmAlg.SHA256)
     lines.append(f"{'#':>4} {'PCR':>3}  {'type':<34} {alg_name(shown):<8} {'check':<8} summary")
     for event in log.events:
         if pcrs is None or event.pcr in pcrs:

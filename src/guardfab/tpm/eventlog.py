@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 from guardfab.errors import FormatError, VerificationError
 from guardfab.tpm import logfacts
+from guardfab.tpm.constants import TpmAlg
 from guardfab.tpm.decode import Decoded, decode
 from guardfab.tpm.events import (
     HASHERS,
@@ -36,7 +37,6 @@ from guardfab.tpm.events import (
     SPEC_ID_SIGNATURE,
     DigestCheck,
     EventType,
-    HashAlg,
     SpecIdEvent,
     alg_name,
     check_digests,
@@ -54,7 +54,7 @@ PCR_COUNT = 24
 
 _NO_ACTION = int(EventType.EV_NO_ACTION)
 _HCRTM = int(EventType.EV_EFI_HCRTM_EVENT)
-_SHA1 = int(HashAlg.SHA1)
+_SHA1 = int(TpmAlg.SHA1)
 _SHA1_EVENT = struct.Struct("<II20sI")
 _EVENT2_HEADER = struct.Struct("<III")
 _U16 = struct.Struct("<H")

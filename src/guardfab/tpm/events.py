@@ -15,88 +15,27 @@ it can be trusted.
 from __future__ import annotations
 
 import enum
-import hashlib
 import struct
 from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 from guardfab.errors import FormatError
+from guardfab.tpm.constants import HASH_ALGS, Hasher, TpmAlg, alg_name
+
+__all__ = ["alg_name"]  # re-exported: bank names for logs come from the TPM constants
 
 # --------------------------------------------------------------------------- banks
 
-
-class HashAlg(enum.IntEnum):
-    """TPM_ALG_ID values of the hash algorithms a PCR bank can use."""
-
-    SHA1 = 0x0004
-    SHA256 = 0x000B
-    SHA384 = 0x000C
-    SHA512 = 0x000D
-    SM3_256 = 0x0012
-    SHA3_256 = 0x0027
-    SHA3_384 = 0x0028
-    SHA3_512 = 0x0029
-
-
-#: Digest size of each known algorithm; a Spec ID header that declares another
-#: size for one of these is malformed.
+#: Digest size of each hash algorithm a bank may use; a Spec ID header that
+#: declares another size for one of these is malformed. SM3 is known by size
+#: but not replayed (guardfab.tpm.constants leaves it out on purpose).
 HASH_SIZES: dict[int, int] = {
-    HashAlg.SHA1: 20,
-    HashAlg.SHA256: 32,
-    HashAlg.SHA384: 48,
-    HashAlg.SHA512: 64,
-    HashAlg.SM3_256: 32,
-    HashAlg.SHA3_256: 32,
-    HashAlg.SHA3_384: 48,
-    HashAlg.SHA3_512: 64,
+    **{alg: info.digest_size for alg, info in HASH_ALGS.items()},
+    TpmAlg.SM3_256: 32,
 }
 
-_HASHLIB_NAMES = {
-    HashAlg.SHA1: "sha1",
-    HashAlg.SHA256: "sha256",
-    HashAlg.SHA384: "sha384",
-    HashAlg.SHA512: "sha512",
-    HashAlg.SM3_256: "sm3",
-    HashAlg.SHA3_256: "sha3_256",
-    HashAlg.SHA3_384: "sha3_384",
-    HashAlg.SHA3_512: "sha3_512",
-}
-
-
-class _HashObject(Protocol):
-    def digest(self) -> bytes: ...  # pragma: no cover - protocol
-
-
-#: A one-shot hash constructor such as ``hashlib.sha256``.
-HashFunc = Callable[[bytes], _HashObject]
-
-
-def _constructor(name: str) -> HashFunc | None:
-    """Return a fast one-shot constructor for ``name``, or None if OpenSSL lacks it."""
-    direct = getattr(hashlib, name, None)
-    if callable(direct):
-        return direct  # type: ignore[no-any-return]
-    if name not in hashlib.algorithms_available:
-        return None
-
-    def construct(data: bytes) -> _HashObject:
-        return hashlib.new(name, data)
-
-    return construct
-
-
-#: The banks this host can replay, built once at import (never per call).
-HASHERS: dict[int, HashFunc] = {
-    alg: func for alg, name in _HASHLIB_NAMES.items() if (func := _constructor(name)) is not None
-}
-
-
-def alg_name(alg: int) -> str:
-    """Return the lowercase bank name (``sha256``) or ``alg_0x1234`` for an unknown id."""
-    name = _HASHLIB_NAMES.get(alg)  # type: ignore[call-overload]
-    if name == "sm3":
-        return "sm3_256"
-    return name if name is not None else f"alg_0x{alg:04x}"
+#: One-shot hash constructors of the banks this host can replay, by TPM_ALG_ID.
+HASHERS: dict[int, Callable[..., Hasher]] = {alg: info.new for alg, info in HASH_ALGS.items()}
 
 
 # --------------------------------------------------------------------------- event types
@@ -387,7 +326,7 @@ def check_digests(event_type: int, data: bytes, digests: dict[int, bytes]) -> Di
     return DigestCheck(DigestStatus.UNCHECKED, banks)
 
 
-def _matches(hasher: HashFunc, candidates: tuple[bytes, ...], digest: bytes) -> bool:
+def _matches(hasher: Callable[..., Hasher], candidates: tuple[bytes, ...], digest: bytes) -> bool:
     if len(candidates) == 1:  # the common case, without a generator's overhead
         return hasher(candidates[0]).digest() == digest
     return any(hasher(candidate).digest() == digest for candidate in candidates)
