@@ -369,6 +369,17 @@ def test_an_existing_file_needs_force(world: World, made: Path) -> None:
     assert leftovers(made.parent) == []
 
 
+def test_an_existing_file_is_refused_before_any_prompt(
+    world: World, made: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tty = SimpleNamespace(isatty=lambda: True)
+    monkeypatch.setattr(cli_pdk, "sys", SimpleNamespace(stdin=tty, stdout=tty))
+    result = world.pdk(*without(new_args(world, made), "--admin-password-file"), stdin="")
+    assert result.code == 2
+    assert "already exists" in result.err
+    assert "password" not in result.out.lower()
+
+
 def test_encrypted_owner_keys_need_their_passphrase(
     world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -149,8 +149,8 @@ def _describe_header(header: ShieldingDataHeader) -> str:
     "--policy",
     type=click.Choice([p.value for p in SecurityPolicy]),
     required=True,
-    help="shielded: every protection locked on; encryption-supported: a trusted fabric "
-    "administrator may relax some (console, serial, debugger).",
+    help="shielded: every protection locked on (no console, serial or debugger); "
+    "encryption-supported: protections a trusted fabric administrator may configure.",
 )
 @click.option("--admin-user", required=True, help="Name of the VM's administrator account.")
 @click.option(

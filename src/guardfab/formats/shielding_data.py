@@ -103,7 +103,8 @@ class SecurityPolicy(enum.StrEnum):
     #: Every protection on and locked: secure boot, vTPM, encrypted state and
     #: migration, no console, serial port, debugger or guest-agent channel.
     SHIELDED = "shielded"
-    #: The same protections, but a (trusted) fabric administrator may relax some.
+    #: Secure boot, vTPM and encrypted state on, but configurable by a (trusted)
+    #: fabric administrator; console, serial port and debugger stay available.
     ENCRYPTION_SUPPORTED = "encryption-supported"
 
 
@@ -386,8 +387,8 @@ def create_shielding_data(
         The file's bytes (one compact JWS and a newline).
 
     Raises:
-        FormatError: a guardian document or argument is invalid, or the result
-            would exceed :data:`MAX_SHIELDING_DATA_BYTES`.
+        FormatError: an argument is invalid, or the file would be too large.
+        VerificationError: a guardian document's self-signature does not verify.
     """
     owner = GuardianDocument.load(
         sign_guardian_document(owner_keys.guardian, owner_keys.signing_key), what=f"{_WHAT} owner"
@@ -404,13 +405,9 @@ def create_shielding_data(
         answer_file_kind=secrets.answer_file_kind,
     )
     sealed = seal(secrets, header.recipients(), aad=header.aad())
-    body = {
-        "type": PDK_PAYLOAD_TYPE,
-        "version": PDK_VERSION,
-        "header": header.to_dict(),
-        "secrets": sealed,
-    }
-    token = jose.sign_compact(canonical_json(body), owner_keys.signing_key, typ=PDK_JWS_TYPE)
+    body = {"type": PDK_PAYLOAD_TYPE, "version": PDK_VERSION, "header": header.to_dict()}
+    payload = canonical_json({**body, "secrets": sealed})
+    token = jose.sign_compact(payload, owner_keys.signing_key, typ=PDK_JWS_TYPE)
     data = token.encode("ascii") + b"\n"
     if len(data) > MAX_SHIELDING_DATA_BYTES:
         raise FormatError(
