@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -125,22 +126,52 @@ def recipients(payload: Payload) -> list[dict[str, Any]]:
 def resign_set_as(c: Ctx, payload: Payload, names: list[str], *, signer: str, owner: str) -> None:
     """Make ``payload`` a self-consistent KP for ``names`` owned by ``owner``, wrapping
     the real transport key (which a KPS or the owner could know) to that set."""
-    guardians = [c.guardian(n) for n in names]
-    documents = {n: c.ring.doc(n).decode() for n in names}
-    owner_id = c.guardian(owner).id
-    generation = payload["generation"]
-    payload["owner"] = owner_id
+    rebuild(c, payload, [c.ring[n] for n in names], owner=c.ring[owner])
     payload["signer"] = c.guardian(signer).id
-    payload["guardians"] = [documents[n] for n in sorted(names, key=lambda n: c.guardian(n).id)]
-    payload["guardian_set"] = sign_set(
-        c.ring[owner], payload["kp_id"], generation, owner_id, guardians
-    )
+
+
+def rebuild(c: Ctx, payload: Payload, members: list[GuardianKeys], *, owner: GuardianKeys) -> None:
+    """Owner, guardians, owner statement and wrapping, all consistent for ``members``."""
+    ordered = sorted(members, key=lambda k: k.guardian.id)
+    guardians = [k.guardian for k in ordered]
+    generation, owner_id = payload["generation"], owner.guardian.id
+    payload["owner"] = payload["signer"] = owner_id
+    payload["guardians"] = [
+        sign_guardian_document(k.guardian, k.signing_key).decode() for k in ordered
+    ]
+    payload["guardian_set"] = sign_set(owner, payload["kp_id"], generation, owner_id, guardians)
     aad = wrapping_aad(payload["kp_id"], generation, owner_id, [g.id for g in guardians])
     payload["wrapping"] = jose.encrypt_to_recipients(
-        c.key.reveal(),
-        [(g.encryption_kid, g.encryption_key) for g in sorted(guardians, key=lambda g: g.id)],
-        aad=aad,
+        c.key.reveal(), [(g.encryption_kid, g.encryption_key) for g in guardians], aad=aad
     )
+
+
+@functools.cache
+def crowd() -> list[GuardianKeys]:
+    """Enough extra guardians to go past the cap."""
+    return [new_guardian_keys(f"extra-{i}", KeyAlgorithm.EC_P256) for i in range(MAX_GUARDIANS)]
+
+
+def owner_built(members: Callable[[Ctx], list[GuardianKeys]]) -> Callable[[Ctx], bytes]:
+    """A KP the owner builds by hand for ``members``, bypassing create_key_protector."""
+
+    def make(c: Ctx) -> bytes:
+        return forge(c, lambda p: rebuild(c, p, members(c), owner=c.ring["owner"]))
+
+    return make
+
+
+def twin_of_cotenant(c: Ctx) -> list[GuardianKeys]:
+    """owner, cotenant, and a guardian with its own signing key but cotenant's encryption key."""
+    signing = new_guardian_keys("twin", KeyAlgorithm.EC_P256).signing_key
+    cotenant = c.ring["cotenant"]
+    twin = Guardian(
+        "twin",
+        cotenant.guardian.kind,
+        jose.import_public_jwk(jose.public_jwk(signing), what="test"),
+        cotenant.guardian.encryption_key,
+    )
+    return [c.ring["owner"], cotenant, GuardianKeys(twin, signing, cotenant.encryption_key)]
 
 
 def set_field(name: str, value: Any) -> Callable[[Payload], None]:
@@ -259,7 +290,39 @@ def zip_in_protected_header(payload: Payload) -> None:
 
 
 def rsa_alg_for_ec_key(payload: Payload) -> None:
-    recipients(payload)[0]["header"]["alg"] = "RSA-OAEP-256"
+    header = recipients(payload)[0]["header"]
+    header["alg"] = "RSA-OAEP-256"
+    del header["epk"]
+
+
+def epk_removed(payload: Payload) -> None:
+    del recipients(payload)[0]["header"]["epk"]
+
+
+def iv_of_16_bytes(payload: Payload) -> None:
+    payload["wrapping"]["iv"] = b64url_encode(bytes(16))
+
+
+def swap_recipient_for(name: str) -> Callable[[Ctx], bytes]:
+    """Relabel the last wrapping as ``name``'s (the count stays right)."""
+
+    def make(c: Ctx) -> bytes:
+        def mutate(payload: Payload) -> None:
+            recipients(payload)[-1]["header"]["kid"] = c.guardian(name).encryption_kid
+
+        return forge(c, mutate)
+
+    return make
+
+
+def padded_document(payload: Payload) -> None:
+    payload["guardians"][0] += "\n"
+
+
+def epk_on_another_curve(payload: Payload) -> None:
+    for r in recipients(payload):
+        other = "P-384" if r["header"]["epk"]["crv"] == "P-256" else "P-256"
+        r["header"]["epk"] = jose.public_jwk(ECKey.generate_key(other))
 
 
 def make_recipient_for(name: str) -> Callable[[Ctx], bytes]:
@@ -445,9 +508,20 @@ ATTACKS = [
     Attack("non-canonical JSON", non_canonical, FormatError),
     Attack("kp_id not 128 bits", lambda c: forge(c, set_field("kp_id", "abc")), FormatError),
     Attack("generation is a bool", lambda c: forge(c, set_field("generation", True)), FormatError),
+    Attack(
+        "generation past 2**53", lambda c: forge(c, set_field("generation", 2**53)), FormatError
+    ),
+    Attack("guardian document with a newline", lambda c: forge(c, padded_document), FormatError),
     Attack("guardians not sorted", lambda c: forge(c, unsorted_guardians), FormatError),
     Attack("guardian listed twice", lambda c: forge(c, duplicated_guardian), FormatError),
     Attack("too many guardians", lambda c: forge(c, too_many_guardians), FormatError),
+    Attack(
+        "too many guardians, all consistent",
+        owner_built(lambda c: [c.ring["owner"], *crowd()]),
+        FormatError,
+    ),
+    Attack("only the owner, consistent", owner_built(lambda c: [c.ring["owner"]]), FormatError),
+    Attack("two guardians share an encryption key", owner_built(twin_of_cotenant), FormatError),
     Attack(
         "embedded guardian document tampered",
         lambda c: forge(c, tampered_guardian_document),
@@ -496,6 +570,14 @@ ATTACKS = [
     ),
     Attack("wrapping compressed (zip)", lambda c: forge(c, zip_in_protected_header), FormatError),
     Attack("wrapping algorithm swapped", lambda c: forge(c, rsa_alg_for_ec_key), FormatError),
+    Attack("wrapping ephemeral key removed", lambda c: forge(c, epk_removed), FormatError),
+    Attack("wrapping iv of 16 bytes", lambda c: forge(c, iv_of_16_bytes), FormatError),
+    Attack("wrapping relabelled for mallory", swap_recipient_for("mallory"), VerificationError),
+    Attack(
+        "wrapping ephemeral key on another curve",
+        lambda c: forge(c, epk_on_another_curve),
+        FormatError,
+    ),
     # the guardian set, changed by someone without the owner's signing key
     Attack("KPS re-wraps without a guardian", kps_rewraps_without("cotenant"), VerificationError),
     Attack("KPS re-wraps without the owner", kps_rewraps_without("owner"), VerificationError),
@@ -679,8 +761,29 @@ def test_revoke_refuses_the_owner_the_last_guardian_and_strangers(ctx: Ctx) -> N
 
 
 def test_grant_refuses_a_guardian_already_there(ctx: Ctx) -> None:
+    kp = load_key_protector(ctx.base)
     with pytest.raises(UsageError):
-        grant(load_key_protector(ctx.base), ctx.ring["owner"], ctx.ring.doc("kps1"))
+        grant(kp, ctx.ring["owner"], ctx.ring.doc("kps1"))
+    # the same guardian (same signing key, same id) with a new encryption key
+    kps1 = ctx.ring["kps1"]
+    fresh = new_guardian_keys("kps1", KeyAlgorithm.EC_P256).encryption_key
+    again = dataclasses.replace(
+        kps1.guardian,
+        encryption_key=jose.import_public_jwk(jose.public_jwk(fresh), what="test"),
+    )
+    with pytest.raises(UsageError):
+        grant(kp, ctx.ring["owner"], sign_guardian_document(again, kps1.signing_key))
+
+
+def test_unwrap_refuses_a_wrapped_key_of_the_wrong_length(ctx: Ctx) -> None:
+    """Only reachable past the loader (which fixes the ciphertext size): still refused."""
+    kp = load_key_protector(ctx.base)
+    kps1 = ctx.guardian("kps1")
+    short = jose.encrypt_to_recipients(
+        bytes(16), [(kps1.encryption_kid, kps1.encryption_key)], aad=kp.aad()
+    )
+    with pytest.raises(VerificationError):
+        dataclasses.replace(kp, wrapping=short).unwrap(ctx.ring["kps1"])
 
 
 # --- create ---------------------------------------------------------------------------
