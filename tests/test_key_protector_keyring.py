@@ -21,7 +21,14 @@ from guardfab.formats.guardian import (
     KeyAlgorithm,
     sign_guardian_document,
 )
-from guardfab.formats.key_protector import GUARDIAN_SET_JWS_TYPE, KP_JWS_TYPE
+from guardfab.formats.key_protector import (
+    GUARDIAN_SET_JWS_TYPE,
+    KP_JWS_TYPE,
+    TransportKey,
+    create_key_protector,
+    load_key_protector,
+    rekey,
+)
 from guardfab.tenant.guardians import GuardianKeys, new_guardian_keys
 
 TENANT = GuardianKind.TENANT
@@ -74,6 +81,42 @@ def keyring() -> Keyring:
     keys = {name: new_guardian_keys(name, alg, kind) for name, (alg, kind) in ec.items()}
     keys["kps-rsa"] = _rsa_guardian("kps-rsa", KPS)
     return Keyring(keys)
+
+
+# --- the honest KPs the attack and operation tests start from --------------------------
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """An owner-made KP for owner + kps1 + cotenant, and kps1's egress KP made from it."""
+
+    ring: Keyring
+    base: bytes
+    key: TransportKey
+    egress: bytes
+    egress_key: TransportKey
+
+    @property
+    def owner_id(self) -> str:
+        return self.ring["owner"].guardian.id
+
+    def guardian(self, name: str) -> Guardian:
+        return self.ring[name].guardian
+
+
+@functools.cache
+def make_ctx() -> Ctx:
+    ring = keyring()
+    base, key = create_key_protector(ring["owner"], [ring.doc("kps1"), ring.doc("cotenant")])
+    egress, old, new = rekey(load_key_protector(base), ring["kps1"])
+    assert old == key
+    return Ctx(ring, base, key, egress, new)
+
+
+def assert_no_secret(text: str, key: TransportKey) -> None:
+    """Neither the hex, the base64url nor the repr of the key bytes is in ``text``."""
+    for form in (key.reveal().hex(), b64url_encode(key.reveal()), repr(key.reveal())):
+        assert form not in text
 
 
 # --- attacker tools: take a KP apart and put it back together ---------------------------
@@ -142,3 +185,4 @@ def test_keyring_has_the_kinds_the_tests_assume() -> None:
 
 def test_keyring_is_made_once() -> None:
     assert keyring() is keyring()
+    assert make_ctx() is make_ctx()
