@@ -11,9 +11,11 @@ cd "$(dirname "$0")/.."
 dev=0
 [[ "${1:-}" == "--dev" ]] && dev=1
 
-# Debian packages. The product needs python3 + venv; the demo and tests also use
+# Debian packages. The product needs python3 + venv, and libtss2 for tpm2-pytss on
+# guarded hosts (swtpm stands in for a host TPM in tests); the demo and tests also use
 # openssl (certificates, benchmarks) and coreutils (sha256sum).
-apt_packages=(python3 python3-venv python3-dev build-essential openssl coreutils)
+apt_packages=(python3 python3-venv python3-dev build-essential pkg-config openssl coreutils
+  libtss2-dev swtpm swtpm-tools)
 
 missing=()
 for pkg in "${apt_packages[@]}"; do

@@ -6,6 +6,7 @@ shell history): they come from a file (``--passphrase-file``) or a hidden prompt
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def read_passphrase(path: Path | None, *, prompt: bool, confirm: bool = False) -
         if not value:
             raise UsageError(f"passphrase file {path} is empty")
         return value
-    if prompt and click.get_text_stream("stdin").isatty():
+    if prompt and sys.stdin.isatty():
         value_any: Any = click.prompt(
             "Passphrase",
             hide_input=True,

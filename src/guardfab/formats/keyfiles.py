@@ -82,7 +82,7 @@ def load_public_key(data: bytes, *, what: str) -> jose.AsymmetricKey:
     if stripped.startswith(b"{"):
         try:
             return jose.import_public_jwk(json.loads(stripped), what=what)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers
             raise FormatError(f"{what}: not valid JWK JSON") from exc
     if b"PUBLIC KEY" not in stripped:
         raise FormatError(f"{what}: neither a PEM public key nor a JWK")
