@@ -7,6 +7,7 @@ and replays to the same PCR values in every bank.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,27 @@ def test_strict_event_types_all_verify_in_real_logs(vectors: Path, name: str) ->
     log = parse_event_log((vectors / name).read_bytes())
     statuses = {log.digest_check(e).status for e in log.events}
     assert DigestStatus.MISMATCH not in statuses
+
+
+@pytest.mark.parametrize(
+    ("name", "variable_data_only"),
+    [
+        ("event-arch-linux.bin", False),
+        ("event-gce-ubuntu-2104-log.bin", True),
+        ("event-sd-boot-fedora37.bin", True),
+    ],
+)
+def test_boot_variables_verify_in_either_firmware_form(
+    vectors: Path, name: str, variable_data_only: bool
+) -> None:
+    """EDK2 (GCE, OVMF) hashes VariableData only, the laptop firmware the whole structure."""
+    log = parse_event_log((vectors / name).read_bytes())
+    boot = [e for e in log.events if e.event_type == 0x80000002]
+    assert len(boot) >= 4
+    for event in boot:
+        assert log.digest_check(event).status is DigestStatus.VERIFIED
+        whole = hashlib.sha256(event.data).digest() == event.digests[TpmAlg.SHA256]
+        assert whole is not variable_data_only
 
 
 def test_decoded_events_of_a_real_log(vectors: Path) -> None:

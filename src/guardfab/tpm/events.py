@@ -1,9 +1,9 @@
 """Event types, hash banks and the measured-bytes rules of the TCG PC Client log.
 
 The names and values come from the TCG PC Client Platform Firmware Profile (PFP)
-and the TPM 2.0 Library (TPM_ALG_ID). The log itself is parsed in
-:mod:`guardfab.tpm.eventlog`; event data is decoded for people in
-:mod:`guardfab.tpm.uefi`.
+and the TPM 2.0 Library (TPM_ALG_ID, via :mod:`guardfab.tpm.constants`). The log
+itself is parsed in :mod:`guardfab.tpm.eventlog`; event data is decoded for
+people in :mod:`guardfab.tpm.decode` and :mod:`guardfab.tpm.uefi`.
 
 The part that matters for security is :func:`measured_bytes`: for which event
 types the digest is the hash of the event data, so that a verifier may read a
@@ -129,7 +129,9 @@ def _variable_data_or_whole(data: bytes) -> MeasuredBytes:
 
     EDK2 (Tcg2Dxe ``MeasureVariable``) hashes just the variable's contents for
     EV_EFI_VARIABLE_BOOT; PFP 1.05 added EV_EFI_VARIABLE_BOOT2 whose digest is the
-    hash of the whole UEFI_VARIABLE_DATA. Either form is accepted when it matches.
+    hash of the whole UEFI_VARIABLE_DATA. Either form is accepted when it matches;
+    in the contents-only form the variable's name and GUID are not covered, so
+    no fact may be read from them (none is: boot variables feed no fact).
     """
     if len(data) < _UEFI_VARIABLE_HEADER:
         return DigestRule.LENIENT, (data,)

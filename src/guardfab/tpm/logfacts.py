@@ -141,8 +141,9 @@ _DUMPS = _gap(
 )
 _DUMP_ENCRYPTION = _gap("crash dump encryption is not measured into the TCG log on Linux")
 _CI_POLICY = _gap(
-    "a CI policy (IMA policy or allowlist) is measured by the running OS into the IMA "
-    "log (PCR 10), not into the firmware log; it is checked from that log and the quote"
+    "the firmware log closes at ExitBootServices; a CI policy (IMA policy or allowlist) "
+    "measured by the running OS is in the log of whoever measured it (the IMA list for "
+    "PCR 10, or the host agent's own), which is checked against the quote separately"
 )
 _DMA_UNKNOWN = (
     "no 'DMA Protection Disabled' measurement in PCR 7, but firmware measures only the "
