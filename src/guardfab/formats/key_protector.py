@@ -30,7 +30,7 @@ import hmac
 import re
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from guardfab.errors import (
@@ -141,16 +141,11 @@ class GuardianKeyPair(Protocol):
     """
 
     @property
-    def guardian(self) -> Guardian:
-        """The public guardian."""
-
+    def guardian(self) -> Guardian: ...
     @property
-    def signing_key(self) -> jose.AsymmetricKey:
-        """Its private signing key."""
-
+    def signing_key(self) -> jose.AsymmetricKey: ...
     @property
-    def encryption_key(self) -> jose.AsymmetricKey:
-        """Its private encryption (key-unwrapping) key."""
+    def encryption_key(self) -> jose.AsymmetricKey: ...
 
 
 def wrapping_aad(kp_id: str, generation: int, owner: str, guardian_ids: Iterable[str]) -> bytes:
@@ -260,6 +255,17 @@ class _Member:
     document: str
 
 
+@dataclass(frozen=True)
+class _Draft:
+    """Everything of a KP generation except the wrapping and the outer signature."""
+
+    kp_id: str
+    generation: int
+    owner: str
+    members: list[_Member]
+    guardian_set: str = ""
+
+
 def create_key_protector(
     owner_keys: GuardianKeyPair,
     fabric_guardians: Sequence[bytes],
@@ -290,9 +296,9 @@ def create_key_protector(
         members = _with_member(members, _member_from_document(data))
     if len(members) < 2:
         raise UsageError("a key protector needs at least one guardian besides the owner")
-    key = transport_key or TransportKey.generate()
+    key = TransportKey.generate() if transport_key is None else transport_key
     kp_id = b64url_encode(secrets.token_bytes(_KP_ID_BYTES))
-    return _mint_as_owner(kp_id, 0, owner_keys, members, key), key
+    return _mint_as_owner(_Draft(kp_id, 0, owner.id, members), owner_keys, key), key
 
 
 def grant(kp: KeyProtector, owner_keys: GuardianKeyPair, guardian_document: bytes) -> bytes:
@@ -304,7 +310,7 @@ def grant(kp: KeyProtector, owner_keys: GuardianKeyPair, guardian_document: byte
     """
     key = _unwrap_as_owner(kp, owner_keys)
     members = _with_member(_members(kp), _member_from_document(guardian_document))
-    return _mint_as_owner(kp.kp_id, kp.generation + 1, owner_keys, members, key)
+    return _mint_as_owner(_Draft(kp.kp_id, kp.generation + 1, kp.owner, members), owner_keys, key)
 
 
 def revoke(kp: KeyProtector, owner_keys: GuardianKeyPair, guardian_id: str) -> bytes:
@@ -328,7 +334,7 @@ def revoke(kp: KeyProtector, owner_keys: GuardianKeyPair, guardian_id: str) -> b
             "this is the last guardian besides the owner",
             hint="grant another guardian first, or make a new key protector",
         )
-    return _mint_as_owner(kp.kp_id, kp.generation + 1, owner_keys, members, key)
+    return _mint_as_owner(_Draft(kp.kp_id, kp.generation + 1, kp.owner, members), owner_keys, key)
 
 
 def rekey(
@@ -350,18 +356,9 @@ def rekey(
         raise NotAuthorizedError(f"{_WHAT}: only a KPS guardian of the KP may re-key it")
     if jose.thumbprint(signer_keys.signing_key) != signer.id:
         raise NotAuthorizedError(f"{_WHAT}: the signing key is not guardian {signer.id}'s")
-    old = kp.unwrap(signer_keys)
-    new = TransportKey.generate()
-    data = _mint(
-        kp_id=kp.kp_id,
-        generation=kp.generation + 1,
-        owner=kp.owner,
-        members=_members(kp),
-        guardian_set=kp.guardian_set,
-        signer_keys=signer_keys,
-        transport_key=new,
-    )
-    return data, old, new
+    old, new = kp.unwrap(signer_keys), TransportKey.generate()
+    draft = _Draft(kp.kp_id, kp.generation + 1, kp.owner, _members(kp), kp.guardian_set)
+    return _mint(draft, signer_keys, new), old, new
 
 
 def _unwrap_as_owner(kp: KeyProtector, owner_keys: GuardianKeyPair) -> TransportKey:
@@ -392,61 +389,36 @@ def _with_member(members: list[_Member], new: _Member) -> list[_Member]:
     return [*members, new]
 
 
-def _mint_as_owner(
-    kp_id: str,
-    generation: int,
-    owner_keys: GuardianKeyPair,
-    members: list[_Member],
-    key: TransportKey,
-) -> bytes:
+def _mint_as_owner(draft: _Draft, owner_keys: GuardianKeyPair, key: TransportKey) -> bytes:
     """Sign a fresh guardian-set statement and the KP, both by the owner."""
-    owner = owner_keys.guardian
-    statement = _guardian_set_payload(kp_id, generation, owner.id, [m.guardian for m in members])
+    guardians = [m.guardian for m in draft.members]
+    statement = _guardian_set_payload(draft.kp_id, draft.generation, draft.owner, guardians)
     guardian_set = jose.sign_compact(
         canonical_json(statement), owner_keys.signing_key, typ=GUARDIAN_SET_JWS_TYPE
     )
-    return _mint(
-        kp_id=kp_id,
-        generation=generation,
-        owner=owner.id,
-        members=members,
-        guardian_set=guardian_set,
-        signer_keys=owner_keys,
-        transport_key=key,
-    )
+    return _mint(replace(draft, guardian_set=guardian_set), owner_keys, key)
 
 
-def _mint(
-    *,
-    kp_id: str,
-    generation: int,
-    owner: str,
-    members: list[_Member],
-    guardian_set: str,
-    signer_keys: GuardianKeyPair,
-    transport_key: TransportKey,
-) -> bytes:
+def _mint(draft: _Draft, signer_keys: GuardianKeyPair, key: TransportKey) -> bytes:
     """Wrap the key to every member, sign, and check that the result loads."""
-    ordered = sorted(members, key=lambda m: m.guardian.id)
+    ordered = sorted(draft.members, key=lambda m: m.guardian.id)
     guardians = [m.guardian for m in ordered]
-    aad = wrapping_aad(kp_id, generation, owner, [g.id for g in guardians])
-    wrapping = jose.encrypt_to_recipients(
-        transport_key.reveal(), [(g.encryption_kid, g.encryption_key) for g in guardians], aad=aad
-    )
+    aad = wrapping_aad(draft.kp_id, draft.generation, draft.owner, [g.id for g in guardians])
+    recipients = [(g.encryption_kid, g.encryption_key) for g in guardians]
     payload = {
         "type": KP_PAYLOAD_TYPE,
         "version": KP_VERSION,
-        "kp_id": kp_id,
-        "generation": generation,
-        "owner": owner,
+        "kp_id": draft.kp_id,
+        "generation": draft.generation,
+        "owner": draft.owner,
         "signer": signer_keys.guardian.id,
         "guardians": [m.document for m in ordered],
-        "guardian_set": guardian_set,
-        "wrapping": wrapping,
+        "guardian_set": draft.guardian_set,
+        "wrapping": jose.encrypt_to_recipients(key.reveal(), recipients, aad=aad),
     }
     token = jose.sign_compact(canonical_json(payload), signer_keys.signing_key, typ=KP_JWS_TYPE)
     data = token.encode("ascii") + b"\n"
-    load_key_protector(data, expected_owner=owner)  # never hand out what would not load
+    load_key_protector(data, expected_owner=draft.owner)  # never hand out what would not load
     return data
 
 
@@ -714,10 +686,7 @@ def _check_recipient(value: Any, by_kid: dict[str, Guardian], *, what: str) -> s
         raise FormatError(f"{what}: an ephemeral key is required for ECDH-ES and only there")
     if alg == _ECDH:
         epk = jose.import_public_jwk(header["epk"], what=f"{what} ephemeral key")
-        if (
-            epk.as_dict(private=False)["crv"]
-            != guardian.encryption_key.as_dict(private=False)["crv"]
-        ):
+        if jose.public_jwk(epk).get("crv") != jose.public_jwk(guardian.encryption_key).get("crv"):
             raise FormatError(f"{what}: the ephemeral key is not on the guardian's curve")
     b64url_decode(require_str(recipient, "encrypted_key", what=what), what=f"{what} encrypted_key")
     return kid
