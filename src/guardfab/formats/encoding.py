@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from typing import Any
 
 import rfc8785
@@ -19,6 +20,8 @@ from guardfab.errors import FormatError
 #: The largest JSON document any guardfab loader accepts (PDKs hold at most
 #: 384 KB of files; base64 and envelopes roughly double that).
 MAX_DOCUMENT_BYTES = 2 * 1024 * 1024
+
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
 def canonical_json(value: Any) -> bytes:
@@ -32,14 +35,20 @@ def b64url_encode(data: bytes) -> str:
 
 
 def b64url_decode(text: str, *, what: str) -> bytes:
-    """Decode unpadded base64url, naming ``what`` in the error if it is not valid."""
-    if not isinstance(text, str):
-        raise FormatError(f"{what}: expected a base64url string")
-    padded = text + "=" * (-len(text) % 4)
+    """Decode canonical unpadded base64url, naming ``what`` in the error if it is not.
+
+    Only one encoding of any byte string is accepted (no padding, no ``+``/``/``,
+    no stray trailing bits), so signed data cannot be re-encoded unnoticed.
+    """
+    if not isinstance(text, str) or not _B64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise FormatError(f"{what}: not valid base64url")
     try:
-        return base64.b64decode(padded, altchars=b"-_", validate=True)
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as exc:
         raise FormatError(f"{what}: not valid base64url") from exc
+    if b64url_encode(data) != text:
+        raise FormatError(f"{what}: not canonical base64url")
+    return data
 
 
 def load_json_document(data: bytes, *, what: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> Any:

@@ -1,0 +1,49 @@
+"""Canonical encodings shared by every format."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from guardfab.errors import FormatError
+from guardfab.formats.encoding import b64url_decode, b64url_encode, load_json_document
+
+
+@given(st.binary(max_size=200))
+def test_b64url_round_trip(data: bytes) -> None:
+    assert b64url_decode(b64url_encode(data), what="x") == data
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["AR", "A", "AQ==", "+/8", "AQ=", "a b", "Zm9v\n", 1],
+    ids=[
+        "trailing-bits",
+        "lone-char",
+        "padding",
+        "std-alphabet",
+        "pad1",
+        "space",
+        "newline",
+        "int",
+    ],
+)
+def test_b64url_rejects_non_canonical(text: object) -> None:
+    with pytest.raises(FormatError):
+        b64url_decode(text, what="field")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\xff", b"{", b"1" * 5000, b"[" * 100000],
+    ids=["not-utf8", "truncated", "huge-int", "deep-nesting"],
+)
+def test_load_json_document_rejects_with_format_error(data: bytes) -> None:
+    with pytest.raises(FormatError):
+        load_json_document(data, what="doc")
+
+
+def test_load_json_document_enforces_size() -> None:
+    with pytest.raises(FormatError, match="larger than"):
+        load_json_document(b"{}" + b" " * 100, what="doc", max_bytes=50)
