@@ -175,10 +175,10 @@ def _agile_events(buf: bytes, offset: int, index: int, spec: SpecIdEvent, out: l
     total = len(buf)
     new = tuple.__new__
     while offset < total and index < MAX_EVENTS:
-        values = unpack(buf, offset) if offset + head <= total else None
-        digests = build(values) if values is not None else None
-        if values is not None and digests is not None:
-            pcr, event_type, start, size = values[0], values[1], offset + head, values[-1]
+        start = offset + head
+        digests = build(values := unpack(buf, offset)) if start <= total else None
+        if digests is not None:
+            pcr, event_type, size = values[0], values[1], values[-1]
         else:
             pcr, event_type, digests, start, size = _slow_event2(buf, offset, index, sizes)
         end = start + size
@@ -225,10 +225,14 @@ def _builder(algs: tuple[int, ...]) -> _Builder:
         return lambda h: {a0: h[4]} if h[2] == 1 and h[3] == a0 else None
     if len(algs) == 2:
         a0, a1 = algs
-        return lambda h: {a0: h[4], a1: h[6]} if h[2] == 2 and h[3:6:2] == algs else None
+        return lambda h: {a0: h[4], a1: h[6]} if h[2] == 2 and h[3] == a0 and h[5] == a1 else None
     if len(algs) == 3:
         a0, a1, a2 = algs
-        return lambda h: {a0: h[4], a1: h[6], a2: h[8]} if h[2] == 3 and h[3:8:2] == algs else None
+        return lambda h: (
+            {a0: h[4], a1: h[6], a2: h[8]}
+            if h[2] == 3 and h[3] == a0 and h[5] == a1 and h[7] == a2
+            else None
+        )
     count = len(algs)
     return lambda h: (
         dict(zip(algs, h[4:-1:2], strict=True)) if h[2] == count and h[3:-1:2] == algs else None
