@@ -1,0 +1,200 @@
+"""The HGS state directory: configuration, signing keys, TLS material, access tokens.
+
+Layout (``guardfab hgs init --dir D``)::
+
+    D/hgs.json                         configuration (public)
+    D/keys/attestation-signing.pem     signs health certificates (0600)
+    D/keys/nonce.key                   MAC key for challenges (0600)
+    D/tls/ca.pem                       trust anchor hosts and admins use (public)
+    D/tls/server.pem, server.key       the HTTPS service certificate (key 0600)
+    D/tokens/admin.token               HGS administrator credential (0600)
+    D/tokens/reviewer.token            read-only reviewer credential (0600)
+    D/access.json                      SHA-256 of each token and its role
+    D/state.db                         the embedded SQLite store
+
+The directory is created complete or not at all: it is built under a temporary
+name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import json
+import secrets
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from guardfab.errors import FormatError, NotAuthorizedError, UsageError
+from guardfab.files import PRIVATE, PUBLIC, atomic_write, read_bounded
+from guardfab.formats import jose, keyfiles
+from guardfab.formats.guardian import KeyAlgorithm
+from guardfab.hgs.tls import TlsMaterial, make_private_ca_and_server
+
+CONFIG_VERSION = 1
+ROLES = ("admin", "reviewer")
+
+
+@dataclass(frozen=True)
+class HgsConfig:
+    """What ``hgs.json`` holds."""
+
+    service_name: str
+    listen: str = "127.0.0.1:8443"
+    server_names: tuple[str, ...] = ("127.0.0.1", "localhost")
+    store: dict[str, Any] = field(default_factory=lambda: {"backend": "sqlite", "path": "state.db"})
+    health_certificate_lifetime: int = 8 * 3600
+    nonce_ttl: int = 120
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form, with a version so later releases can migrate it."""
+        return {
+            "version": CONFIG_VERSION,
+            "service_name": self.service_name,
+            "listen": self.listen,
+            "server_names": list(self.server_names),
+            "store": self.store,
+            "health_certificate_lifetime": self.health_certificate_lifetime,
+            "nonce_ttl": self.nonce_ttl,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> HgsConfig:
+        """Load and check ``hgs.json``."""
+        if not isinstance(data, dict) or data.get("version") != CONFIG_VERSION:
+            raise FormatError("hgs.json: not a version 1 HGS configuration")
+        try:
+            config = cls(
+                service_name=str(data["service_name"]),
+                listen=str(data["listen"]),
+                server_names=tuple(str(n) for n in data["server_names"]),
+                store=dict(data["store"]),
+                health_certificate_lifetime=int(data["health_certificate_lifetime"]),
+                nonce_ttl=int(data["nonce_ttl"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"hgs.json: missing or invalid field ({exc})") from exc
+        if not 60 <= config.health_certificate_lifetime <= 7 * 24 * 3600:
+            raise FormatError("hgs.json: health_certificate_lifetime must be 60 s to 7 days")
+        if not 5 <= config.nonce_ttl <= 3600:
+            raise FormatError("hgs.json: nonce_ttl must be 5 s to 1 hour")
+        return config
+
+
+def token_digest(token: str) -> str:
+    """The stored form of an access token (SHA-256 hex; tokens are 256-bit random)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class AccessTable:
+    """Which token digest has which role."""
+
+    entries: dict[str, str]
+
+    def role_of(self, token: str) -> str:
+        """The role of ``token``, compared in constant time; raises if unknown."""
+        digest = token_digest(token)
+        for known, role in self.entries.items():
+            if hmac.compare_digest(known, digest):
+                return role
+        raise NotAuthorizedError("unknown or revoked access token")
+
+
+class HgsState:
+    """An initialized HGS directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+        config_path = self.dir / "hgs.json"
+        if not config_path.is_file():
+            raise UsageError(
+                f"{self.dir} is not an HGS directory (no hgs.json)",
+                hint="create one with 'guardfab hgs init --dir DIR'",
+            )
+        raw = read_bounded(config_path, limit=64 * 1024, what="HGS configuration")
+        try:
+            self.config = HgsConfig.from_dict(json.loads(raw))
+        except ValueError as exc:
+            raise FormatError("hgs.json: not JSON") from exc
+
+    def path(self, *parts: str) -> Path:
+        """A path inside the state directory."""
+        return self.dir.joinpath(*parts)
+
+    def attestation_signing_key(self) -> jose.AsymmetricKey:
+        """The key that signs health certificates."""
+        data = read_bounded(self.path("keys", "attestation-signing.pem"), limit=16384, what="key")
+        return keyfiles.load_private_key(data, what="attestation signing key")
+
+    def nonce_key(self) -> bytes:
+        """The MAC key of attestation challenges."""
+        return read_bounded(self.path("keys", "nonce.key"), limit=64, what="nonce key")
+
+    def access(self) -> AccessTable:
+        """The access-token table."""
+        data = json.loads(read_bounded(self.path("access.json"), limit=65536, what="access table"))
+        return AccessTable({e["sha256"]: e["role"] for e in data["tokens"]})
+
+    def store_path(self) -> Path:
+        """Where the embedded SQLite store lives."""
+        return self.path(str(self.config.store.get("path", "state.db")))
+
+
+def default_server_names() -> tuple[str, ...]:
+    """Names the service is reached by on this machine: loopback and the host name."""
+    return ("127.0.0.1", "localhost", socket.gethostname())
+
+
+def init_state(
+    directory: Path,
+    config: HgsConfig,
+    *,
+    tls: TlsMaterial | None = None,
+    now: datetime.datetime | None = None,
+) -> dict[str, str]:
+    """Create a complete HGS directory; return the new access tokens by role (shown once)."""
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()):
+        raise UsageError(f"{directory} exists and is not empty", hint="choose a new directory")
+    now = now or datetime.datetime.now(datetime.UTC)
+    staging = directory.parent / f".{directory.name}.init"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        tokens = _populate(staging, config, tls or _default_tls(config, now))
+        if directory.exists():
+            directory.rmdir()
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return tokens
+
+
+def _default_tls(config: HgsConfig, now: datetime.datetime) -> TlsMaterial:
+    return make_private_ca_and_server(config.service_name, list(config.server_names), now=now)
+
+
+def _populate(root: Path, config: HgsConfig, tls: TlsMaterial) -> dict[str, str]:
+    for sub in ("keys", "tls", "tokens"):
+        (root / sub).mkdir(parents=True, mode=0o700)
+    root.chmod(0o700)
+    signing = keyfiles.generate_key(KeyAlgorithm.EC_P256)
+    atomic_write(
+        root / "keys" / "attestation-signing.pem", keyfiles.private_key_pem(signing), mode=PRIVATE
+    )
+    atomic_write(root / "keys" / "nonce.key", secrets.token_bytes(32), mode=PRIVATE)
+    atomic_write(root / "tls" / "ca.pem", tls.ca_pem, mode=PUBLIC)
+    atomic_write(root / "tls" / "server.pem", tls.server_chain_pem, mode=PUBLIC)
+    atomic_write(root / "tls" / "server.key", tls.server_key_pem, mode=PRIVATE)
+    tokens = {role: secrets.token_urlsafe(32) for role in ROLES}
+    for role, token in tokens.items():
+        atomic_write(root / "tokens" / f"{role}.token", token.encode() + b"\n", mode=PRIVATE)
+    table = {"tokens": [{"role": r, "sha256": token_digest(t)} for r, t in tokens.items()]}
+    atomic_write(root / "access.json", json.dumps(table, indent=2).encode(), mode=PRIVATE)
+    atomic_write(root / "hgs.json", json.dumps(config.to_dict(), indent=2).encode(), mode=PUBLIC)
+    return tokens
