@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from guardfab import __version__
-from guardfab.cli import eventlog, template, tenant
+from guardfab.cli import eventlog, hgs, template, tenant
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,12 +20,14 @@ def cli() -> None:
     Role groups:
       tenant     guardians, key protectors and shielding data (on the tenant's machine)
       template   sign and verify template disks, volume signature catalogs
+      hgs        run and administer the Host Guardian Service
       eventlog   read a TCG PC Client boot event log
     """
 
 
 cli.add_command(tenant.tenant)
 cli.add_command(template.template)
+cli.add_command(hgs.hgs)
 cli.add_command(eventlog.eventlog)
 
 
