@@ -9,7 +9,7 @@ in the page cache, then in the same run times:
   (memory must be flat in the disk's size),
 * the SHA-256 limit: ``openssl speed -evp sha256 -bytes 4194304`` times the cores.
 
-Usage: ``.venv/bin/python bench/disk_digest.py [--size 512M] [--repeat 3]``.
+Usage: ``.venv/bin/python bench/disk_digest.py [--size 512M] [--repeat 5]``.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def main() -> None:
     """Create the file, run every measurement, print the table, delete the file."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=parse_size, default=2 * 1024**3, help="e.g. 2G, 512M")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per tool (median shown)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per tool (median shown)")
     args = parser.parse_args()
     cores = default_workers()
     workdir = Path(tempfile.mkdtemp(prefix="guardfab-bench-"))
