@@ -1,0 +1,269 @@
+"""The append-only, hash-chained audit log, kept in any :class:`~guardfab.store.base.Store`.
+
+Layout under the prefix (default ``audit/``)::
+
+    audit/00000000000000000001   record 1 (canonical JSON, see audit_chain)
+    audit/00000000000000000002   record 2, whose prev = hash(record 1)
+    ...
+    audit/head                   {"seq": N, "hash": hash(record N)}
+
+An append writes record N+1 and moves the head in one transaction that
+compares the head's revision (and that record N+1 is absent). Two appenders
+racing -- threads, processes, or HGS nodes on etcd -- cannot both win: the loser
+gets a ConflictError on the head, re-reads it and retries, so the chain never
+forks and no record is lost.
+
+The HGS usually has its own state change to make in the same breath (consume a
+nonce, record a host's new certificate). It builds a :class:`~guardfab.store.base.Txn`
+and passes it as ``txn=``; the state change and the audit record then commit
+together or not at all, and a conflict on the caller's own keys (a replayed
+nonce) is raised at once instead of retried::
+
+    txn = Txn().compare(nonce_key, ABSENT).put(nonce_key, b"", ttl=nonce_ttl)
+    audit.append(kind="attestation", actor=host_id, subject=host_id,
+                 outcome="success", details={"policies": passed}, txn=txn)
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+
+from guardfab.errors import FormatError
+from guardfab.formats import jose
+from guardfab.store.audit_chain import (
+    EMPTY_HEAD,
+    AuditCheckpoint,
+    AuditEvent,
+    AuditHead,
+    AuditRecord,
+    AuditReport,
+    ChainVerifier,
+    format_time,
+)
+from guardfab.store.base import ABSENT, Entry, Store, Txn, check_prefix
+from guardfab.store.errors import AuditChainError, ConflictError, StoreError, StoreUsageError
+
+#: Where the audit log lives unless told otherwise.
+AUDIT_PREFIX = "audit/"
+#: Appends give up after this many lost races (each costs one read and one
+#: failed transaction; see the ADR for measured contention).
+DEFAULT_MAX_ATTEMPTS = 64
+#: Entries read per store call while walking the log.
+PAGE_SIZE = 512
+_SEQ_DIGITS = 20
+
+
+class AuditLog:
+    """Appends to, reads and checkpoints the audit chain in ``store``.
+
+    Args:
+        store: Any Store; the log shares its transactions with the caller's state.
+        clock: Wall-clock seconds for record times (injected for tests).
+        prefix: Key prefix of the log; must end with ``/``.
+        max_attempts: Lost head races tolerated per append before StoreError.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.time,
+        prefix: str = AUDIT_PREFIX,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    ) -> None:
+        if not check_prefix(prefix).endswith("/"):
+            raise StoreUsageError("the audit prefix must end with '/'")
+        self._store = store
+        self._clock = clock
+        self.prefix = prefix
+        self.head_key = prefix + "head"
+        self._max_attempts = max_attempts
+
+    def record_key(self, seq: int) -> str:
+        """Return the key of record ``seq``."""
+        return record_key(self.prefix, seq)
+
+    def head(self) -> AuditHead:
+        """Return the current head (seq 0 and the genesis hash for an empty log)."""
+        entry = self._store.get(self.head_key)
+        return EMPTY_HEAD if entry is None else AuditHead.from_bytes(entry.value)
+
+    def append(
+        self,
+        *,
+        kind: str,
+        actor: str,
+        subject: str,
+        outcome: str,
+        details: dict[str, object] | None = None,
+        txn: Txn | None = None,
+    ) -> AuditRecord:
+        """Append one record, atomically with ``txn`` if given; return the record.
+
+        Raises:
+            StoreUsageError: a field is malformed, details look secret, or ``txn``
+                writes inside the audit prefix.
+            ConflictError: one of the caller's own compares in ``txn`` failed;
+                nothing was written.
+            AuditChainError: the head is corrupt, or a record already sits
+                beyond it (someone rewound the head): appending would fork.
+            StoreError: the store failed, or the head stayed contended for
+                ``max_attempts`` tries.
+        """
+        event = AuditEvent(kind, actor, subject, outcome, dict(details or {}))
+        base = Txn() if txn is None else txn.copy()
+        touched = {c.key for c in base.compares} | base.written_keys()
+        if any(key.startswith(self.prefix) for key in touched):
+            raise StoreUsageError("the caller's transaction must not touch the audit log")
+        for attempt in range(self._max_attempts):
+            try:
+                return self._try_append(event, base)
+            except ConflictError as exc:
+                self._check_conflict(exc)
+            # Jitter, not security: spreads racing appenders apart.
+            time.sleep(random.uniform(0, min(0.0002 * 2**attempt, 0.02)))  # noqa: S311
+        raise StoreError(
+            f"audit append lost the head race {self._max_attempts} times",
+            hint="the store is overloaded; retry later or add HGS capacity",
+        )
+
+    def _try_append(self, event: AuditEvent, base: Txn) -> AuditRecord:
+        entry = self._store.get(self.head_key)
+        head = EMPTY_HEAD if entry is None else AuditHead.from_bytes(entry.value)
+        record = event.link(seq=head.seq + 1, time=self._clock(), prev=head.hash)
+        key = self.record_key(record.seq)
+        txn = base.copy()
+        txn.compare(self.head_key, ABSENT if entry is None else entry.revision)
+        txn.compare(key, ABSENT)
+        txn.put(key, record.to_bytes())
+        txn.put(self.head_key, AuditHead(record.seq, record.hash).to_bytes())
+        txn.commit(self._store)
+        return record
+
+    def _check_conflict(self, exc: ConflictError) -> None:
+        """Re-raise conflicts that a retry cannot fix; return for a lost head race."""
+        if exc.key == self.head_key:
+            return
+        if exc.key.startswith(self.prefix):
+            seq = parse_record_key(self.prefix, exc.key)
+            raise AuditChainError(
+                "a record already exists beyond the head; refusing to fork the chain",
+                seq=seq,
+                reason="beyond-head",
+            ) from exc
+        raise exc
+
+    def iter_records(self, since_seq: int = 0) -> Iterator[AuditRecord]:
+        """Yield the records after ``since_seq`` in order, parsed but not verified.
+
+        Use :func:`verify` for integrity; this is for reading and exporting.
+
+        Raises:
+            AuditChainError: a record does not parse (reason ``malformed``).
+        """
+        for entry in walk(self._store, self.prefix, start=self.record_key(since_seq + 1)):
+            seq = parse_record_key(self.prefix, entry.key)
+            if seq is None:
+                continue
+            try:
+                yield AuditRecord.from_bytes(entry.value, what=f"audit record {seq}")
+            except FormatError as exc:
+                raise AuditChainError(str(exc), seq=seq, reason="malformed") from exc
+
+    def checkpoint(self, signing_key: jose.AsymmetricKey) -> str:
+        """Return a signed checkpoint of the current head, to keep outside the store.
+
+        A checkpoint held elsewhere (a log collector, an auditor's mailbox) is what
+        makes cutting records off the tail detectable.
+        """
+        head = self.head()
+        return AuditCheckpoint(head.seq, head.hash, format_time(self._clock())).sign(signing_key)
+
+    def verify(
+        self,
+        *,
+        checkpoint: str | None = None,
+        checkpoint_key: jose.AsymmetricKey | None = None,
+    ) -> AuditReport:
+        """Verify this log; see :func:`verify`."""
+        return verify(
+            self._store, prefix=self.prefix, checkpoint=checkpoint, checkpoint_key=checkpoint_key
+        )
+
+
+def record_key(prefix: str, seq: int) -> str:
+    """Return the key of record ``seq`` under ``prefix`` (zero-padded, so keys sort)."""
+    return f"{prefix}{seq:0{_SEQ_DIGITS}d}"
+
+
+def parse_record_key(prefix: str, key: str) -> int | None:
+    """Return the record number of ``key``, or ``None`` if it is not a record key."""
+    suffix = key[len(prefix) :] if key.startswith(prefix) else ""
+    if len(suffix) != _SEQ_DIGITS or not suffix.isascii() or not suffix.isdigit():
+        return None
+    seq = int(suffix)
+    return seq if seq >= 1 else None
+
+
+def walk(
+    store: Store, prefix: str, *, start: str | None = None, page_size: int = PAGE_SIZE
+) -> Iterator[Entry]:
+    """Yield every live entry under ``prefix`` from ``start`` on, a page at a time."""
+    if page_size < 2:
+        raise StoreUsageError("page_size must be at least 2")
+    last: str | None = None
+    while True:
+        page = store.list(prefix, start=start, limit=page_size)
+        for entry in page:
+            if entry.key != last:
+                yield entry
+        if len(page) < page_size:
+            return
+        # ``start`` is inclusive: re-read the last key and skip it, which stays
+        # correct for keys of any length.
+        start = last = page[-1].key
+
+
+def verify(
+    store: Store,
+    *,
+    prefix: str = AUDIT_PREFIX,
+    checkpoint: str | None = None,
+    checkpoint_key: jose.AsymmetricKey | None = None,
+) -> AuditReport:
+    """Walk the whole chain in ``store``; raise at the first record that does not verify.
+
+    Args:
+        store: The store holding the log.
+        prefix: The log's key prefix.
+        checkpoint: A signed checkpoint (from :meth:`AuditLog.checkpoint`) the
+            log must still contain; this is what catches a cut-off tail.
+        checkpoint_key: The key that signed ``checkpoint``.
+
+    Raises:
+        AuditChainError: naming the first broken ``seq`` and a ``reason``.
+        VerificationError: the checkpoint's signature does not verify.
+        StoreError: the store failed.
+    """
+    verified: AuditCheckpoint | None = None
+    if checkpoint is not None:
+        if checkpoint_key is None:
+            raise StoreUsageError("a checkpoint needs the key that signed it")
+        verified = AuditCheckpoint.verify(checkpoint, checkpoint_key)
+    head_key = prefix + "head"
+    snapshot = store.current_revision()
+    head_entry = store.get(head_key)
+    head = None if head_entry is None else AuditHead.from_bytes(head_entry.value)
+    verifier = ChainVerifier(head, snapshot, verified)
+    for entry in walk(store, prefix):
+        if entry.key == head_key:
+            continue
+        seq = parse_record_key(prefix, entry.key)
+        if seq is None:
+            raise AuditChainError(
+                f"unexpected key {entry.key!r} in the audit log", seq=None, reason="unexpected-key"
+            )
+        verifier.feed(seq, entry.value, entry.revision)
+    return verifier.finish()
