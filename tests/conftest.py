@@ -9,6 +9,9 @@ import pytest
 from guardfab.formats.guardian import KeyAlgorithm
 from guardfab.tenant.guardians import GuardianKeys, new_guardian_keys
 
+# Fixtures that start real processes (an HGS over HTTPS) live in their own module.
+pytest_plugins = ["hgs_harness"]
+
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

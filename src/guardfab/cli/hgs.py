@@ -121,3 +121,31 @@ def init(
             f"next: guardfab hgs serve --dir {directory}"
         ),
     )
+
+
+@hgs.command("serve")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="HGS state directory made by 'hgs init'.",
+)
+@click.option("--listen", default=None, help="HOST:PORT to listen on [default: from hgs.json].")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Worker processes (one per core is a good start).",
+)
+@handle_errors
+def serve(directory: Path, listen: str | None, workers: int) -> None:
+    """Serve the attestation, key protection and admin APIs over HTTPS.
+
+    The OpenAPI document is at /openapi.json; hosts need no credential, admin
+    routes need the admin (or, read-only, the reviewer) token as a bearer token.
+    """
+    from guardfab.hgs.server import serve as run  # noqa: PLC0415 - keep the CLI quick to start
+
+    run(directory, listen, workers)

@@ -1,0 +1,103 @@
+"""The HGS HTTPS API (FastAPI): host-facing attestation and the admin API.
+
+Host-facing routes need no credential (the evidence is the credential). Admin
+routes need a bearer token: the ``admin`` role may change state, the
+``reviewer`` role may only read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Request
+from pydantic import BaseModel, ConfigDict
+
+from guardfab import __version__
+from guardfab.errors import GuardfabError, NotAuthorizedError
+from guardfab.hgs.service import HgsService
+from guardfab.hgs.web import BodyLimitMiddleware, guardfab_error_handler, unexpected_error_handler
+
+
+class Strict(BaseModel):
+    """Request bodies reject unknown fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChallengeResponse(BaseModel):
+    """A fresh nonce and its expiry (Unix seconds)."""
+
+    nonce: str
+    expires_at: int
+
+
+class MissingCredentialError(NotAuthorizedError):
+    """No bearer token on an admin request."""
+
+    hint = "send 'Authorization: Bearer <token>' with an HGS admin or reviewer token"
+
+
+def service_of(request: Request) -> HgsService:
+    """The HgsService bound to the running app."""
+    service: HgsService = request.app.state.service
+    return service
+
+
+def require_role(*roles: str) -> Callable[..., str]:
+    """A dependency that admits only bearer tokens of ``roles``; returns the role."""
+
+    def dependency(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+        if not authorization or not authorization.startswith("Bearer "):
+            raise MissingCredentialError("an HGS access token is required")
+        role = service_of(request).access.role_of(authorization.removeprefix("Bearer ").strip())
+        if role not in roles:
+            raise NotAuthorizedError(f"the {role} role may not do this")
+        return role
+
+    return dependency
+
+
+ADMIN = require_role("admin")
+READER = require_role("admin", "reviewer")
+
+
+def create_app(service: HgsService) -> FastAPI:
+    """Build the ASGI application around ``service``."""
+    app = FastAPI(
+        title="guardfab Host Guardian Service",
+        version=__version__,
+        description="Attestation and key protection for a guarded fabric of Linux/KVM hosts.",
+    )
+    app.state.service = service
+    app.add_exception_handler(GuardfabError, guardfab_error_handler)
+    app.add_exception_handler(Exception, unexpected_error_handler)
+    app.add_middleware(BodyLimitMiddleware)
+    _host_routes(app)
+    _admin_routes(app)
+    return app
+
+
+def _host_routes(app: FastAPI) -> None:
+    @app.get("/healthz", tags=["service"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.post("/attestation/v1/challenge", tags=["attestation"])
+    async def challenge(request: Request) -> ChallengeResponse:
+        """A single-use nonce the host binds into its evidence."""
+        nonce = service_of(request).challenge()
+        return ChallengeResponse(nonce=nonce.token, expires_at=nonce.expires_at)
+
+    @app.get("/attestation/v1/signers", tags=["attestation"])
+    async def signers(request: Request) -> dict[str, Any]:
+        """Public keys that sign this HGS's health certificates (JWK Set)."""
+        return service_of(request).signers()
+
+
+def _admin_routes(app: FastAPI) -> None:
+    @app.get("/admin/v1/whoami", tags=["admin"])
+    async def whoami(role: Annotated[str, Depends(READER)]) -> dict[str, str]:
+        """The role of the presented token."""
+        return {"role": role}

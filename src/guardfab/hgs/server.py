@@ -1,0 +1,74 @@
+"""Running the HGS: open the store, build the app, serve HTTPS with uvicorn.
+
+Worker processes each build their own app from the state directory (named by
+``GUARDFAB_HGS_DIR``), so ``--workers N`` scales over the cores while the store
+keeps them consistent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from guardfab.errors import UsageError
+from guardfab.hgs.app import create_app
+from guardfab.hgs.service import HgsService
+from guardfab.hgs.state import HgsState
+from guardfab.store.base import Store
+from guardfab.store.sqlite import SqliteStore
+
+STATE_DIR_ENV = "GUARDFAB_HGS_DIR"
+
+
+def open_store(state: HgsState) -> Store:
+    """The store named by the HGS configuration."""
+    backend = state.config.store.get("backend")
+    if backend == "sqlite":
+        return SqliteStore(state.store_path())
+    raise UsageError(f"hgs.json: unknown store backend {backend!r}")
+
+
+def build_app(directory: Path) -> FastAPI:
+    """The HGS application for the state in ``directory``."""
+    state = HgsState(directory)
+    return create_app(HgsService(state, open_store(state)))
+
+
+def app_from_environment() -> FastAPI:
+    """uvicorn factory for worker processes: the state directory comes from the environment."""
+    directory = os.environ.get(STATE_DIR_ENV)
+    if not directory:
+        raise UsageError(f"{STATE_DIR_ENV} is not set")
+    return build_app(Path(directory))
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """Split ``host:port`` (IPv6 in brackets) and check the port."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise UsageError(f"--listen {listen!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port_text)
+
+
+def serve(directory: Path, listen: str | None = None, workers: int = 1) -> None:
+    """Serve the HGS over HTTPS until interrupted."""
+    state = HgsState(directory)
+    host, port = parse_listen(listen or state.config.listen)
+    os.environ[STATE_DIR_ENV] = str(Path(directory).resolve())
+    app_from_environment()  # fail here, with a clear error, rather than in a worker
+    uvicorn.run(
+        "guardfab.hgs.server:app_from_environment",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        ssl_certfile=str(state.path("tls", "server.pem")),
+        ssl_keyfile=str(state.path("tls", "server.key")),
+        log_level="warning",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+    )

@@ -1,0 +1,43 @@
+"""The HGS service object: state directory + store + audit, shared by every request.
+
+Stateless apart from the store: any number of these (threads, worker processes,
+cluster nodes) can serve the same HGS. The HTTP layer (:mod:`guardfab.hgs.app`)
+only translates requests into calls on this object.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from guardfab.formats import jose
+from guardfab.hgs.nonce import Nonce, issue_nonce
+from guardfab.hgs.state import AccessTable, HgsState
+from guardfab.store.audit import AuditLog
+from guardfab.store.base import Store
+
+
+class HgsService:
+    """Everything a request handler needs, loaded once per process."""
+
+    def __init__(
+        self, state: HgsState, store: Store, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.state = state
+        self.store = store
+        self.clock = clock
+        self.audit = AuditLog(store, clock=clock)
+        self.access: AccessTable = state.access()
+        self._nonce_key = state.nonce_key()
+        self._signing_key = state.attestation_signing_key()
+        self.signer_id = jose.thumbprint(self._signing_key)
+
+    def challenge(self) -> Nonce:
+        """A fresh attestation challenge."""
+        return issue_nonce(self._nonce_key, now=self.clock(), ttl=self.state.config.nonce_ttl)
+
+    def signers(self) -> dict[str, Any]:
+        """The public attestation signing keys as a JWK Set (for Key Protection Services)."""
+        public = jose.public_jwk(self._signing_key)
+        return {"keys": [{**public, "kid": self.signer_id, "use": "sig"}]}
