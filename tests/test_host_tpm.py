@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from tpm2_pytss import (
+from tpm2_pytss import (  # type: ignore[import-untyped]
     ESAPI,
     ESYS_TR,
     TPM2_ALG,
@@ -48,6 +48,7 @@ from guardfab.host.tpm import (
     CredentialRejectedError,
     HostTpm,
     TpmDeviceError,
+    _trim_der,
 )
 from guardfab.tpm.constants import TpmAlg, TpmaObject
 from guardfab.tpm.credential import make_credential
@@ -134,7 +135,8 @@ def test_ek_public_area_is_the_certified_key(host: HostTpm, profile: str) -> Non
     parsed = unmarshal_public2b(ek.public)
     assert ek.certificate is not None
     cert = x509.load_der_x509_certificate(ek.certificate)
-    assert public_key(parsed).public_numbers() == cert.public_key().public_numbers()
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert public_key(parsed).public_bytes(*spki) == cert.public_key().public_bytes(*spki)
     assert object_name(parsed) == ek.name
     assert parsed.object_attributes & TpmaObject.RESTRICTED
     assert parsed.object_attributes & TpmaObject.DECRYPT
@@ -144,6 +146,8 @@ def test_available_eks_are_the_manufactured_ones(host: HostTpm) -> None:
     assert set(host.available_eks()) == set(EK_PROFILES)
     with pytest.raises(TpmDeviceError, match="has no EK-HIGH-RSA2048"):
         host.read_ek("EK-HIGH-RSA2048")
+    # A low-range profile needs no certificate: the key comes from the default template.
+    assert host.read_ek("EK-ECC256").certificate is None
 
 
 @pytest.mark.parametrize("profile", EK_PROFILES)
@@ -357,7 +361,7 @@ def test_pcr_extended_after_the_quote_changes_the_quoted_digest(
     log = (vectors / "event-sd-boot-fedora37.bin").read_bytes()
     simulate_measured_boot(host, log)
     ak = host.ensure_ak()
-    expected = {SHA256: expected_pcrs(log, SHA256)}
+    expected: dict[int, dict[int, bytes]] = {SHA256: expected_pcrs(log, SHA256)}
     before = host.quote(b"n1")
     verify_quote(
         before.attest, before.signature, ak.public, expected_nonce=b"n1", pcr_values=expected
@@ -431,6 +435,21 @@ def test_pcr_read_is_chunked_because_the_tpm_cuts_selections(swtpm: Swtpm) -> No
     assert sorted(values) == list(range(24))
     assert values[16] == hashlib.sha256(bytes(32) + bytes(range(32))).digest()
     assert values[17] == b"\xff" * 32  # D-RTM PCRs reset to all ones
+
+
+def test_an_unallocated_bank_is_a_device_error_not_an_empty_answer(host: HostTpm) -> None:
+    assert set(host.pcr_banks()) == {SHA1, SHA256}
+    with pytest.raises(TpmDeviceError, match="no PCR of bank sha384"):
+        host.read_pcrs([0], TpmAlg.SHA384)
+
+
+def test_padding_after_an_ek_certificate_is_cut(host: HostTpm) -> None:
+    """Some TPMs (ST33) pad the certificate's NV index with 0xff up to 1600 bytes."""
+    der = host.read_ek().certificate
+    assert der is not None
+    assert _trim_der(der + b"\xff" * (1600 - len(der))) == der
+    assert _trim_der(b"\x30\x03abc\xff\xff") == b"\x30\x03abc"
+    assert _trim_der(b"not DER") == b"not DER"
 
 
 def test_extend_refuses_what_the_tpm_would_misread(host: HostTpm) -> None:

@@ -18,6 +18,9 @@ Traps this module handles, all met on swtpm (see PLATFORM-NOTES):
 * the PCR values returned with a quote must be the ones it signed: after quoting,
   the PCRs are read and their digest is compared with the quote's ``pcrDigest``;
   an extend in between makes the comparison fail and the quote is taken again.
+* ``create_ek_template``'s NV reader probes indices that usually do not exist and
+  libtss2 logs every probe as an error; probing only listed indices keeps the
+  success path silent without touching ``TSS2_LOG`` (the operator's to set).
 
 The AK is created under the endorsement hierarchy (a child of the EK, as
 ``tpm2_createak`` does), so quotes carry the real reset and restart counters, and it is
@@ -27,7 +30,6 @@ persisted so that the Name the HGS registered survives agent restarts.
 from __future__ import annotations
 
 import enum
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -192,7 +194,7 @@ def _check_pcrs(pcrs: Iterable[int]) -> tuple[int, ...]:
 
 
 def _trim_der(data: bytes) -> bytes:
-    """Cut NV padding after a DER certificate (some TPMs size the index generously)."""
+    """Cut the padding after a DER certificate (ST33 TPMs fill the NV index with 0xff)."""
     if len(data) < 2 or data[0] != 0x30:
         return data
     if data[1] < 0x80:
@@ -231,16 +233,12 @@ class HostTpm:
     ) -> None:
         if ek_profile not in EK_CERT_INDEX:
             raise ValueError(f"unknown EK profile {ek_profile!r}")
-        if not _HT_PERSISTENT <= ak_handle < _HT_PERSISTENT + 0x01000000:
+        if ak_handle >> 24 != _HT_PERSISTENT >> 24:
             raise ValueError(f"0x{ak_handle:08x} is not a persistent handle")
         self.ak_handle = ak_handle
         self.ak_type = ak_type
         self.ek_profile = ek_profile
         self.pcrs = _check_pcrs(pcrs)
-        # libtss2 logs every failed command to stderr; each one reaches the caller as
-        # an exception with the same response code, so the log line is only noise.
-        # A TSS2_LOG the operator set (to debug the stack) is left alone.
-        os.environ.setdefault("TSS2_LOG", "esys+none")
         with _device(f"connection ({tcti.split(':', 1)[0]})"):
             self._ectx = tss.ESAPI(tcti)
         try:
@@ -404,13 +402,11 @@ class HostTpm:
         if int(public.publicArea.objectAttributes) & TpmaObject.USER_WITH_AUTH:
             yield tss.ESYS_TR.PASSWORD
             return
+        none, sym_null = tss.ESYS_TR.NONE, tss.TPMT_SYM_DEF(algorithm=tss.TPM2_ALG.NULL)
+        name_alg = int(public.publicArea.nameAlg)  # a policy session hashes like the EK
         with _device("StartAuthSession(policy)"):
             session = self._ectx.start_auth_session(
-                tss.ESYS_TR.NONE,
-                tss.ESYS_TR.NONE,
-                tss.TPM2_SE.POLICY,
-                tss.TPMT_SYM_DEF(algorithm=tss.TPM2_ALG.NULL),
-                int(public.publicArea.nameAlg),
+                none, none, tss.TPM2_SE.POLICY, sym_null, name_alg
             )
         try:
             with _device("PolicySecret(endorsement)"):
@@ -543,12 +539,8 @@ class HostTpm:
         with the signed ``pcrDigest``; if an extend slipped in between, the quote is
         taken again (up to :data:`QUOTE_ATTEMPTS` times). So the returned values are
         exactly what the signature vouches for, and the HGS can compare them with
-        the event log's replay.
-
-        Args:
-            qualifying_data: at most 64 bytes, e.g. ``binding.quote_qualifying_data``.
-            pcrs: PCR indices (the configured selection by default).
-            bank: the PCR bank, sha256 by default.
+        the event log's replay. ``qualifying_data`` (at most 64 bytes) is normally
+        ``binding.quote_qualifying_data``; ``pcrs`` defaults to the configured ones.
 
         Raises:
             TpmDeviceError: the TPM failed, or the PCRs changed under every attempt.
