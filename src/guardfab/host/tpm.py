@@ -541,6 +541,7 @@ class HostTpm:
         exactly what the signature vouches for, and the HGS can compare them with
         the event log's replay. ``qualifying_data`` (at most 64 bytes) is normally
         ``binding.quote_qualifying_data``; ``pcrs`` defaults to the configured ones.
+        Without a persisted AK, one is created first (as :meth:`ensure_ak`).
 
         Raises:
             TpmDeviceError: the TPM failed, or the PCRs changed under every attempt.
