@@ -46,7 +46,7 @@ PCR_BANKS = "sha1,sha256"
 
 
 @dataclass(frozen=True)
-class TestCa:
+class LocalCa:
     """The session's swtpm-localca: what an HGS admin would trust for EK certificates."""
 
     directory: Path
@@ -62,7 +62,7 @@ class TestCa:
         return (self.directory / "issuercert.pem").read_bytes()
 
 
-def _write_configs(workdir: Path) -> tuple[Path, TestCa]:
+def _write_configs(workdir: Path) -> tuple[Path, LocalCa]:
     """Write swtpm_setup and swtpm-localca configs whose CA lives under ``workdir``."""
     ca_dir = workdir / "ca"
     ca_dir.mkdir(parents=True)
@@ -84,7 +84,7 @@ def _write_configs(workdir: Path) -> tuple[Path, TestCa]:
         f"create_certs_tool_options = {options}\n"
         f"active_pcr_banks = {PCR_BANKS}\n"
     )
-    return setup, TestCa(ca_dir)
+    return setup, LocalCa(ca_dir)
 
 
 def manufacture(state_dir: Path, setup_config: Path, log: Path) -> None:
