@@ -1,0 +1,267 @@
+"""The verified, minimal record of one host's last attestation.
+
+Policies, baseline matching and ``hgs what-if`` all read a :class:`HostSummary`,
+never raw evidence: it is built only after the quote verified and the event log
+replayed to the quoted PCRs, so everything in it is bound by the TPM. Keeping
+the policy input this small is what lets the HGS re-evaluate every host against
+a proposed trust change without asking hosts for new evidence. It holds no
+secrets: PCR values, the digests and types of the events in quoted PCRs, a
+one-line description of each event, and the facts the policies read.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+from guardfab.errors import FormatError
+from guardfab.formats.encoding import reject_unknown_fields, require_dict, require_int, require_str
+from guardfab.tpm.constants import TpmAlg
+from guardfab.tpm.decode import decode
+from guardfab.tpm.eventlog import PCR_COUNT, EventLog
+from guardfab.tpm.events import EventType, event_type_name
+from guardfab.tpm.logfacts import Fact
+
+_NO_ACTION = int(EventType.EV_NO_ACTION)
+_SHA256 = int(TpmAlg.SHA256)
+#: Descriptions longer than this are cut: they are for people, never decisive.
+MAX_SUMMARY_CHARS = 160
+#: Bounds for stored records (a real log has 50-300 events).
+MAX_STORED_EVENTS = 4096
+
+
+class EventRecord(NamedTuple):
+    """One measured event of a quoted PCR: what the quote binds, plus a description.
+
+    ``digest`` is the event's SHA-256 digest (the bank the quote covers).
+    ``data`` is the raw event data while the log is at hand (decoded only when a
+    person needs it, so the hot path never pays for decoding); ``text`` is the
+    stored description once the data is gone.
+    """
+
+    number: int
+    pcr: int
+    event_type: int
+    digest: bytes
+    data: bytes = b""
+    text: str | None = None
+
+    @property
+    def type_name(self) -> str:
+        """The PFP name of the event type."""
+        return event_type_name(self.event_type)
+
+    def describe(self, uintn_size: int = 8) -> str:
+        """A one-line description of the event data, for diffs and explanations."""
+        if self.text is not None:
+            return self.text
+        text = decode(self.event_type, self.data, uintn_size).summary
+        return text if len(text) <= MAX_SUMMARY_CHARS else text[: MAX_SUMMARY_CHARS - 3] + "..."
+
+    def to_dict(self, uintn_size: int = 8) -> dict[str, Any]:
+        """The stored form: no raw data, only its description."""
+        return {
+            "number": self.number,
+            "pcr": self.pcr,
+            "type": self.event_type,
+            "digest": self.digest.hex(),
+            "summary": self.describe(uintn_size),
+        }
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> EventRecord:
+        """Load a stored record; strict, since a bad record would mislead a diff."""
+        what = "event record"
+        obj = require_dict(obj, what=what)
+        reject_unknown_fields(obj, {"number", "pcr", "type", "digest", "summary"}, what=what)
+        pcr = require_int(obj, "pcr", what=what)
+        if pcr >= PCR_COUNT:
+            raise FormatError(f"{what}: PCR {pcr} is not below {PCR_COUNT}")
+        return cls(
+            number=require_int(obj, "number", what=what),
+            pcr=pcr,
+            event_type=require_int(obj, "type", what=what),
+            digest=hex_digest(obj, "digest", what=what),
+            text=require_str(obj, "summary", what=what, max_len=MAX_SUMMARY_CHARS),
+        )
+
+
+def hex_digest(obj: Mapping[str, Any], key: str, *, what: str, size: int = 32) -> bytes:
+    """Read a lower-case hex SHA-256 (by default) digest field, exactly ``size`` bytes."""
+    text = require_str(dict(obj), key, what=what, max_len=2 * size)
+    try:
+        value = bytes.fromhex(text)
+    except ValueError as exc:
+        raise FormatError(f"{what}: field '{key}' is not hex") from exc
+    if len(value) != size or text != value.hex():
+        raise FormatError(f"{what}: field '{key}' must be {size} bytes of lower-case hex")
+    return value
+
+
+def pcr_map_from_dict(obj: Any, *, what: str) -> dict[int, bytes]:
+    """Read ``{"0": hex, ...}`` (decimal PCR indexes, canonical spelling) as SHA-256 values."""
+    obj = require_dict(obj, what=what)
+    if len(obj) > PCR_COUNT:
+        raise FormatError(f"{what}: more than {PCR_COUNT} PCRs")
+    values: dict[int, bytes] = {}
+    for key in obj:
+        if not isinstance(key, str) or not key.isdigit() or str(int(key)) != key:
+            raise FormatError(f"{what}: PCR index {key!r} is not a decimal number")
+        if int(key) >= PCR_COUNT:
+            raise FormatError(f"{what}: PCR {key} is not below {PCR_COUNT}")
+        values[int(key)] = hex_digest(obj, key, what=f"{what} PCR {key}")
+    return values
+
+
+def pcr_map_to_dict(values: Mapping[int, bytes]) -> dict[str, str]:
+    """The JSON form of a PCR map: decimal index to lower-case hex, in index order."""
+    return {str(index): values[index].hex() for index in sorted(values)}
+
+
+class FactRecord(NamedTuple):
+    """A fact as stored: its JSON value (None: not shown), event numbers and a note."""
+
+    value: Any
+    events: tuple[int, ...]
+    note: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"value": self.value, "events": list(self.events), "note": self.note}
+
+    @classmethod
+    def from_dict(cls, obj: Any, *, what: str) -> FactRecord:
+        """Load a stored fact."""
+        obj = require_dict(obj, what=what)
+        reject_unknown_fields(obj, {"value", "events", "note"}, what=what)
+        events = obj.get("events")
+        if not isinstance(events, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) for n in events
+        ):
+            raise FormatError(f"{what}: 'events' must be a list of integers")
+        note = require_str(obj, "note", what=what)
+        return cls(obj.get("value"), tuple(events), note)
+
+
+@dataclass(frozen=True)
+class HostSummary:
+    """What the HGS keeps from a host's last verified TPM attestation.
+
+    Attributes:
+        host_id: the host's registered identity.
+        verified_at: when the evidence was verified (the caller's clock).
+        pcrs: the quoted SHA-256 PCR values, by index (the quote's selection).
+        events: the events of quoted PCRs that extend the SHA-256 bank, in log
+            order. Events of PCRs outside the quote are left out: nothing binds them.
+        facts: what the policies read, by name (:mod:`guardfab.tpm.logfacts`
+            plus the quote's clock facts and the CI policy PCR digests).
+        uintn_size: UEFI UINTN size from the log header, for decoding.
+    """
+
+    host_id: str
+    verified_at: datetime.datetime
+    pcrs: Mapping[int, bytes]
+    events: tuple[EventRecord, ...]
+    facts: Mapping[str, FactRecord]
+    uintn_size: int = 8
+    _by_pcr: dict[int, tuple[EventRecord, ...]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pcrs", MappingProxyType(dict(self.pcrs)))
+        object.__setattr__(self, "facts", MappingProxyType(dict(self.facts)))
+
+    def events_in(self, pcr: int) -> tuple[EventRecord, ...]:
+        """The events of one PCR, in log order (empty for a PCR the quote did not cover)."""
+        found = self._by_pcr.get(pcr)
+        if found is None:
+            found = tuple(event for event in self.events if event.pcr == pcr)
+            self._by_pcr[pcr] = found
+        return found
+
+    def fact(self, name: str) -> FactRecord:
+        """One fact by name; an unknown name is a fact nobody could show."""
+        found = self.facts.get(name)
+        return found if found is not None else FactRecord(None, (), f"no fact named {name}")
+
+    def facts_dict(self) -> dict[str, Any]:
+        """Facts as the API shows them: values by name, plus ``evidence`` (events, note)."""
+        out: dict[str, Any] = {name: fact.value for name, fact in self.facts.items()}
+        out["evidence"] = {
+            name: {"events": list(fact.events), "note": fact.note}
+            for name, fact in self.facts.items()
+        }
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form (JSON), without raw event data."""
+        return {
+            "host_id": self.host_id,
+            "verified_at": self.verified_at.isoformat(),
+            "pcrs": {"sha256": pcr_map_to_dict(self.pcrs)},
+            "events": [event.to_dict(self.uintn_size) for event in self.events],
+            "facts": {name: fact.to_dict() for name, fact in self.facts.items()},
+            "uintn_size": self.uintn_size,
+        }
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> HostSummary:
+        """Load a stored summary; strict, unknown fields rejected."""
+        what = "host summary"
+        obj = require_dict(obj, what=what)
+        allowed = {"host_id", "verified_at", "pcrs", "events", "facts", "uintn_size"}
+        reject_unknown_fields(obj, allowed, what=what)
+        pcrs = require_dict(obj.get("pcrs"), what=f"{what} pcrs")
+        reject_unknown_fields(pcrs, {"sha256"}, what=f"{what} pcrs")
+        events = obj.get("events")
+        if not isinstance(events, list) or len(events) > MAX_STORED_EVENTS:
+            raise FormatError(f"{what}: 'events' must be a list of at most {MAX_STORED_EVENTS}")
+        facts = require_dict(obj.get("facts"), what=f"{what} facts")
+        return cls(
+            host_id=require_str(obj, "host_id", what=what, max_len=256),
+            verified_at=parse_time(require_str(obj, "verified_at", what=what), what=what),
+            pcrs=pcr_map_from_dict(pcrs.get("sha256"), what=f"{what} pcrs"),
+            events=tuple(EventRecord.from_dict(event) for event in events),
+            facts={
+                str(name): FactRecord.from_dict(fact, what=f"{what} fact {name}")
+                for name, fact in facts.items()
+            },
+            uintn_size=require_int(obj, "uintn_size", what=what),
+        )
+
+
+def parse_time(text: str, *, what: str) -> datetime.datetime:
+    """Parse an ISO 8601 timestamp that must carry a time zone."""
+    try:
+        value = datetime.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise FormatError(f"{what}: not an ISO 8601 time") from exc
+    if value.tzinfo is None:
+        raise FormatError(f"{what}: the time has no time zone")
+    return value
+
+
+def quoted_events(log: EventLog, quoted: Iterable[int]) -> tuple[EventRecord, ...]:
+    """The SHA-256 events of the quoted PCRs, as records (no decoding: that is lazy).
+
+    Built with ``tuple.__new__`` (as the log parser builds its events): this runs
+    for every attestation, over every event.
+    """
+    pcrs = frozenset(quoted)
+    new = tuple.__new__
+    out = []
+    for number, _offset, pcr, event_type, digests, data in log.events:
+        if pcr in pcrs and event_type != _NO_ACTION:
+            digest = digests.get(_SHA256)
+            if digest is not None:
+                out.append(new(EventRecord, (number, pcr, event_type, digest, data, None)))
+    return tuple(out)
+
+
+def fact_record(fact: Fact) -> FactRecord:
+    """A log fact as a stored record."""
+    return FactRecord(fact.value, fact.events, fact.note)
