@@ -1,0 +1,328 @@
+"""Typed attestation evidence: the JSON body of ``POST /attestation/v1/attest``.
+
+Three modes, one loader (:func:`evidence_from_dict`). Loading is strict on
+purpose: unknown fields are rejected (nothing unverified rides along into a
+health certificate), every binary field is unpadded base64url with a size
+limit checked before decoding, PCR indexes are canonical decimal strings and
+values lower-case hex. Loading checks shape only; what the bytes prove is
+decided by the mode verifiers, after their signatures verify.
+
+The host encryption key (``host_key``) is a public JWK with exactly the members
+RFC 7638 names (EC: kty, crv, x, y; RSA: kty, n, e). Because the binding
+(:mod:`guardfab.attestation.binding`) hashes its canonical JSON, any extra
+member would be a second spelling of the same key; refusing them keeps one.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+from guardfab.attestation.summary import pcr_map_from_dict, pcr_map_to_dict
+from guardfab.attestation.trust import AttestationMode
+from guardfab.errors import FormatError
+from guardfab.formats import jose
+from guardfab.formats.encoding import (
+    b64url_decode,
+    b64url_encode,
+    canonical_json,
+    load_json_document,
+    reject_unknown_fields,
+    require_dict,
+    require_str,
+)
+from guardfab.tpm.constants import MAX_ATTEST_BYTES
+
+#: A whole evidence document (the HGS should cap request bodies at this too).
+MAX_EVIDENCE_BYTES = 2 * 1024 * 1024
+#: TPM2B_PUBLIC of an RSA-4096 key is about 600 bytes.
+MAX_TPM_PUBLIC_BYTES = 1024
+MAX_EK_CERTIFICATE_BYTES = 8 * 1024
+MAX_TPM_SIGNATURE_BYTES = 1024
+#: Real logs are 20-100 KB; a dbx update adds about 25 KB.
+MAX_EVENT_LOG_BYTES = 1024 * 1024
+MAX_CLAIMS_BYTES = 16 * 1024
+MAX_CHAIN_CERTIFICATES = 4
+MAX_CERTIFICATE_BYTES = 8 * 1024
+#: A compact JWS with a detached payload: protected header, empty payload, signature.
+MAX_JWS_CHARS = 4096
+_DETACHED_JWS = re.compile(r"[A-Za-z0-9_-]+\.\.[A-Za-z0-9_-]+")
+_JWK_MEMBERS = {"EC": {"kty", "crv", "x", "y"}, "RSA": {"kty", "n", "e"}}
+_THUMBPRINT = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+def _b64(obj: Mapping[str, Any], key: str, *, what: str, max_bytes: int) -> bytes:
+    """A non-empty base64url field of at most ``max_bytes`` decoded bytes."""
+    text = obj.get(key)
+    if not isinstance(text, str):
+        raise FormatError(f"{what}: field '{key}' must be a base64url string")
+    if len(text) > (max_bytes * 4 + 2) // 3:
+        raise FormatError(f"{what}: field '{key}' is larger than {max_bytes} bytes")
+    value = b64url_decode(text, what=f"{what} {key}")
+    if not value:
+        raise FormatError(f"{what}: field '{key}' is empty")
+    return value
+
+
+def load_host_key(value: Any, *, what: str = "host_key") -> dict[str, Any]:
+    """Check a public JWK of the host encryption key and return it as given.
+
+    Raises:
+        FormatError: not an EC or RSA public JWK with exactly its RFC 7638 members,
+            or a key too weak to wrap VM keys to.
+    """
+    jwk = require_dict(value, what=what)
+    members = _JWK_MEMBERS.get(jwk.get("kty"))  # type: ignore[arg-type]
+    if members is None:
+        raise FormatError(f"{what}: key type must be EC or RSA")
+    reject_unknown_fields(jwk, members, what=what)
+    missing = sorted(members - set(jwk))
+    if missing:
+        raise FormatError(f"{what}: missing member(s) {', '.join(missing)}")
+    for name in members:
+        require_str(jwk, name, what=what, max_len=1024)
+    _check_key(tuple(sorted(jwk.items())), what)
+    return dict(jwk)
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_key(items: tuple[tuple[str, str], ...], what: str) -> None:
+    """Validate a public JWK once: a host presents the same key every 8 hours.
+
+    Cached on the exact members (a failure raises and is never cached).
+    """
+    jose.import_public_jwk(dict(items), what=what)
+
+
+def canonical_claims(value: Any, *, what: str = "claims") -> bytes:
+    """The canonical JSON bytes of a claims object, bounded in size.
+
+    Raises:
+        FormatError: not a JSON object, not canonicalizable (floats out of range,
+            huge integers, too deep), or larger than :data:`MAX_CLAIMS_BYTES`.
+    """
+    claims = require_dict(value, what=what)
+    try:
+        data = canonical_json(claims)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise FormatError(f"{what}: cannot be canonicalized ({exc.__class__.__name__})") from exc
+    if len(data) > MAX_CLAIMS_BYTES:
+        raise FormatError(f"{what}: larger than {MAX_CLAIMS_BYTES} bytes")
+    return data
+
+
+def _detached_jws(obj: Mapping[str, Any], key: str, *, what: str) -> str:
+    text = require_str(dict(obj), key, what=what, max_len=MAX_JWS_CHARS)
+    if not _DETACHED_JWS.fullmatch(text):
+        raise FormatError(f"{what}: '{key}' must be a compact JWS with a detached payload")
+    return text
+
+
+def _mode(obj: Mapping[str, Any], expected: AttestationMode, what: str) -> None:
+    if obj.get("mode") != expected.value:
+        raise FormatError(f"{what}: 'mode' must be {expected.value!r}")
+
+
+@dataclass(frozen=True)
+class TpmEvidence:
+    """TPM-mode evidence: identity, AK, quote, reported PCRs, event log, host key.
+
+    ``pcrs`` are the SHA-256 PCR values the host read with its quote; the quote
+    must cover exactly these, and the log must replay to them.
+    """
+
+    mode: ClassVar[AttestationMode] = AttestationMode.TPM
+    ek_public: bytes
+    ek_certificate: bytes | None
+    ak_public: bytes
+    quote_attest: bytes
+    quote_signature: bytes
+    pcrs: Mapping[int, bytes]
+    event_log: bytes
+    host_key: Mapping[str, Any]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pcrs", MappingProxyType(dict(self.pcrs)))
+        object.__setattr__(self, "host_key", MappingProxyType(dict(self.host_key)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON body a host sends."""
+        cert = self.ek_certificate
+        return {
+            "mode": self.mode.value,
+            "ek_public": b64url_encode(self.ek_public),
+            "ek_certificate": None if cert is None else b64url_encode(cert),
+            "ak_public": b64url_encode(self.ak_public),
+            "quote": {
+                "attest": b64url_encode(self.quote_attest),
+                "signature": b64url_encode(self.quote_signature),
+            },
+            "pcrs": {"sha256": pcr_map_to_dict(self.pcrs)},
+            "event_log": b64url_encode(self.event_log),
+            "host_key": dict(self.host_key),
+        }
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> TpmEvidence:
+        """Load TPM evidence (strict). Raises FormatError naming the bad field."""
+        what = "TPM evidence"
+        obj = require_dict(obj, what=what)
+        allowed = {"mode", "ek_public", "ek_certificate", "ak_public", "quote", "pcrs"}
+        reject_unknown_fields(obj, allowed | {"event_log", "host_key"}, what=what)
+        _mode(obj, cls.mode, what)
+        quote = require_dict(obj.get("quote"), what=f"{what} quote")
+        reject_unknown_fields(quote, {"attest", "signature"}, what=f"{what} quote")
+        pcrs = require_dict(obj.get("pcrs"), what=f"{what} pcrs")
+        reject_unknown_fields(pcrs, {"sha256"}, what=f"{what} pcrs (only sha256 is accepted)")
+        cert = None
+        if obj.get("ek_certificate") is not None:
+            cert = _b64(obj, "ek_certificate", what=what, max_bytes=MAX_EK_CERTIFICATE_BYTES)
+        return cls(
+            ek_public=_b64(obj, "ek_public", what=what, max_bytes=MAX_TPM_PUBLIC_BYTES),
+            ek_certificate=cert,
+            ak_public=_b64(obj, "ak_public", what=what, max_bytes=MAX_TPM_PUBLIC_BYTES),
+            quote_attest=_b64(quote, "attest", what=f"{what} quote", max_bytes=MAX_ATTEST_BYTES),
+            quote_signature=_b64(
+                quote, "signature", what=f"{what} quote", max_bytes=MAX_TPM_SIGNATURE_BYTES
+            ),
+            pcrs=pcr_map_from_dict(pcrs.get("sha256"), what=f"{what} pcrs"),
+            event_log=_b64(obj, "event_log", what=what, max_bytes=MAX_EVENT_LOG_BYTES),
+            host_key=load_host_key(obj.get("host_key")),
+        )
+
+
+@dataclass(frozen=True)
+class HostKeyEvidence:
+    """Host-key-mode evidence: the registered key's id, its signature, claims, host key.
+
+    ``signature`` is a compact JWS with a detached payload (RFC 7515 appendix F)
+    made with the registered signing key over
+    :func:`~guardfab.attestation.binding.host_key_binding` of the nonce, the host
+    key and the canonical claims.
+    """
+
+    mode: ClassVar[AttestationMode] = AttestationMode.HOST_KEY
+    host_key_id: str
+    signature: str
+    claims: Mapping[str, Any]
+    host_key: Mapping[str, Any]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "claims", MappingProxyType(dict(self.claims)))
+        object.__setattr__(self, "host_key", MappingProxyType(dict(self.host_key)))
+
+    def claims_bytes(self) -> bytes:
+        """The canonical claims the signature covers."""
+        return canonical_claims(dict(self.claims))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON body a host sends."""
+        return {
+            "mode": self.mode.value,
+            "host_key_id": self.host_key_id,
+            "signature": self.signature,
+            "claims": dict(self.claims),
+            "host_key": dict(self.host_key),
+        }
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> HostKeyEvidence:
+        """Load host-key evidence (strict)."""
+        what = "host-key evidence"
+        obj = require_dict(obj, what=what)
+        allowed = {"mode", "host_key_id", "signature", "claims", "host_key"}
+        reject_unknown_fields(obj, allowed, what=what)
+        _mode(obj, cls.mode, what)
+        key_id = require_str(obj, "host_key_id", what=what, max_len=43)
+        if not _THUMBPRINT.fullmatch(key_id):
+            raise FormatError(f"{what}: 'host_key_id' must be an RFC 7638 SHA-256 thumbprint")
+        canonical_claims(obj.get("claims"))
+        return cls(
+            host_key_id=key_id,
+            signature=_detached_jws(obj, "signature", what=what),
+            claims=dict(obj["claims"]),
+            host_key=load_host_key(obj.get("host_key")),
+        )
+
+
+@dataclass(frozen=True)
+class AdminGroupEvidence:
+    """Admin-group-mode evidence (deprecated): a certificate chain, a signature, host key.
+
+    ``certificates`` are DER certificates, leaf first (intermediates may follow).
+    ``signature`` is a detached compact JWS by the leaf certificate's key over the
+    same binding as host-key mode, with claims ``{"mode": "admin-group"}``, so a
+    certificate (which is not secret) cannot be replayed by anyone without its key.
+    """
+
+    mode: ClassVar[AttestationMode] = AttestationMode.ADMIN_GROUP
+    certificates: tuple[bytes, ...]
+    signature: str
+    host_key: Mapping[str, Any]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "host_key", MappingProxyType(dict(self.host_key)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON body a host sends."""
+        return {
+            "mode": self.mode.value,
+            "certificates": [b64url_encode(cert) for cert in self.certificates],
+            "signature": self.signature,
+            "host_key": dict(self.host_key),
+        }
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> AdminGroupEvidence:
+        """Load admin-group evidence (strict)."""
+        what = "admin-group evidence"
+        obj = require_dict(obj, what=what)
+        reject_unknown_fields(obj, {"mode", "certificates", "signature", "host_key"}, what=what)
+        _mode(obj, cls.mode, what)
+        chain = obj.get("certificates")
+        if not isinstance(chain, list) or not 1 <= len(chain) <= MAX_CHAIN_CERTIFICATES:
+            raise FormatError(
+                f"{what}: 'certificates' must list 1 to {MAX_CHAIN_CERTIFICATES} certificates"
+            )
+        certificates = tuple(
+            _b64({"c": c}, "c", what=f"{what} certificate {i}", max_bytes=MAX_CERTIFICATE_BYTES)
+            for i, c in enumerate(chain)
+        )
+        return cls(
+            certificates=certificates,
+            signature=_detached_jws(obj, "signature", what=what),
+            host_key=load_host_key(obj.get("host_key")),
+        )
+
+
+Evidence = TpmEvidence | HostKeyEvidence | AdminGroupEvidence
+_LOADERS: dict[str, Any] = {
+    AttestationMode.TPM.value: TpmEvidence.from_dict,
+    AttestationMode.HOST_KEY.value: HostKeyEvidence.from_dict,
+    AttestationMode.ADMIN_GROUP.value: AdminGroupEvidence.from_dict,
+}
+
+
+def evidence_from_dict(obj: Any) -> Evidence:
+    """Load evidence of any mode from parsed JSON.
+
+    Raises:
+        FormatError: unknown mode, unknown fields, bad encodings or sizes.
+    """
+    obj = require_dict(obj, what="evidence")
+    loader = _LOADERS.get(obj.get("mode"))
+    if loader is None:
+        raise FormatError(f"evidence: 'mode' must be one of {', '.join(_LOADERS)}")
+    evidence: Evidence = loader(obj)
+    return evidence
+
+
+def load_evidence(data: bytes) -> Evidence:
+    """Load evidence from the raw request body (size-bounded JSON)."""
+    return evidence_from_dict(
+        load_json_document(data, what="evidence", max_bytes=MAX_EVIDENCE_BYTES)
+    )
