@@ -1,0 +1,337 @@
+"""TPM-trusted attestation: identity, AK binding, quote, event log, then policies.
+
+The order is the order of trust (verify, then parse):
+
+1. **identity**: the EK is registered, or (if the HGS admits them) its
+   certificate chains to a configured TPM vendor CA; a revoked host stops here;
+2. **AK**: fit for attestation (restricted signing key made in the TPM), and
+   bound to this EK by an earlier MakeCredential/ActivateCredential; an AK
+   never seen yields ActivationRequired with what MakeCredential needs;
+3. **quote**: signature over the exact bytes received, then qualifying data =
+   ``quote_qualifying_data(nonce, host_key)`` (binds the challenge and the host
+   encryption key), then the host's reported PCR values against the digest;
+4. **event log**: parsed and replayed in the SHA-256 bank; every quoted PCR the
+   log extends, and every required PCR, must equal the quoted value (a log
+   edited after the quote fails here);
+5. only then facts, the baseline match and every policy.
+
+Any stage that fails stops the pipeline with a named check; every policy still
+gets a verdict (not evaluated), and no fact is ever read from a log that did not
+replay to the quote.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hmac
+from collections.abc import Mapping
+
+from cryptography import x509
+
+from guardfab.attestation.binding import quote_qualifying_data
+from guardfab.attestation.certchain import (
+    UntrustedCertificateError,
+    load_der_certificate,
+    verify_ek_certificate,
+)
+from guardfab.attestation.evaluation import assess_summary, refused_result, require_mode
+from guardfab.attestation.evidence import TpmEvidence
+from guardfab.attestation.policies import DEFAULT_POLICY_SET, PolicySet
+from guardfab.attestation.result import (
+    ActivationRequest,
+    AttestationResult,
+    AttestationStatus,
+    Refusal,
+)
+from guardfab.attestation.summary import FactRecord, HostSummary, fact_record, quoted_events
+from guardfab.attestation.trust import AttestationMode, TrustState, ek_digest
+from guardfab.errors import FormatError, GuardfabError, VerificationError
+from guardfab.tpm.constants import TpmAlg, TpmaObject
+from guardfab.tpm.eventlog import EventLog, parse_event_log
+from guardfab.tpm.quote import (
+    AttestationKeyError,
+    NonceMismatchError,
+    PcrDigestMismatchError,
+    PcrSelectionError,
+    VerifiedQuote,
+    check_attestation_key,
+    verify_quote,
+)
+from guardfab.tpm.structures import TpmtPublic, object_name, unmarshal_public2b
+
+_SHA256 = int(TpmAlg.SHA256)
+_INVALID = AttestationStatus.INVALID_EVIDENCE
+_TPM_ERROR = AttestationStatus.TPM_ERROR
+_UNAUTHORIZED = AttestationStatus.UNAUTHORIZED_HOST
+_EK_ATTRIBUTES = (
+    TpmaObject.RESTRICTED | TpmaObject.DECRYPT | TpmaObject.FIXED_TPM | TpmaObject.FIXED_PARENT
+)
+
+
+class EventLogMismatchError(VerificationError):
+    """The event log does not replay to the PCR values the TPM quoted."""
+
+    hint = (
+        "send the unmodified binary_bios_measurements read at the time of the quote; "
+        "a log edited after the quote, or from another boot, cannot replay to it"
+    )
+
+
+class _ActivationNeeded(Exception):  # noqa: N818 (control flow)
+    def __init__(self, request: ActivationRequest) -> None:
+        super().__init__("activation required")
+        self.request = request
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def _parse_ek(evidence: TpmEvidence) -> tuple[TpmtPublic, bytes, x509.Certificate | None]:
+    """The EK public area (must look like an EK), its digest and the EK certificate."""
+    try:
+        ek = unmarshal_public2b(evidence.ek_public)
+        if ek.object_attributes & _EK_ATTRIBUTES != _EK_ATTRIBUTES:
+            raise FormatError("the EK is not a fixed, restricted decryption key")
+        digest = ek_digest(ek)
+        cert = None
+        if evidence.ek_certificate is not None:
+            cert = load_der_certificate(evidence.ek_certificate, what="EK certificate")
+    except FormatError as exc:
+        raise Refusal.of("ek-public", _INVALID, exc) from exc
+    return ek, digest, cert
+
+
+def _certificate_matches(cert: x509.Certificate, digest: bytes) -> None:
+    try:
+        same = hmac.compare_digest(ek_digest(cert), digest)
+    except (ValueError, TypeError) as exc:
+        raise Refusal.of(
+            "ek-certificate", _INVALID, "the EK certificate's key is unusable"
+        ) from exc
+    if not same:
+        raise Refusal.of("ek-certificate", _INVALID, "the EK certificate is for another key")
+
+
+def _admit_certified(
+    cert: x509.Certificate | None, digest: bytes, trust: TrustState, now: datetime.datetime
+) -> str:
+    """Admit an unregistered EK through its certificate, if the HGS allows that."""
+    if cert is None or not trust.admit_certified_eks or trust.ek_store is None:
+        detail = "" if cert is None else "; EK certificates are not accepted instead"
+        raise Refusal.of(
+            "identity",
+            _UNAUTHORIZED,
+            f"the EK (digest {digest.hex()[:16]}...) is not registered{detail}",
+            hint="register the host's EK at the HGS (hgs tpm-host add)",
+        )
+    try:
+        verify_ek_certificate(cert, trust.ek_store, trust.ek_intermediates, now=now)
+    except UntrustedCertificateError as exc:
+        raise Refusal.of("ek-certificate", _UNAUTHORIZED, exc) from exc
+    return "ek-" + digest.hex()[:16]
+
+
+def _identify(
+    evidence: TpmEvidence, trust: TrustState, now: datetime.datetime
+) -> tuple[str, bytes]:
+    """The host id and EK digest of a trusted, unrevoked EK."""
+    _ek, digest, cert = _parse_ek(evidence)
+    if cert is not None:
+        _certificate_matches(cert, digest)
+    host = trust.tpm_host(digest)
+    host_id = host.host_id if host is not None else _admit_certified(cert, digest, trust, now)
+    if trust.is_revoked(host_id):
+        raise Refusal.of("revocation", _UNAUTHORIZED, f"host {host_id} is revoked")
+    return host_id, digest
+
+
+def _check_ak(evidence: TpmEvidence, host_id: str, digest: bytes, trust: TrustState) -> TpmtPublic:
+    """A fit AK, bound to this EK; unknown AKs need activation first.
+
+    The attributes are checked before the binding: an AK that could sign
+    made-up quotes must never be offered a MakeCredential challenge.
+    """
+    try:
+        ak = unmarshal_public2b(evidence.ak_public)
+        check_attestation_key(ak)
+    except AttestationKeyError as exc:
+        raise Refusal.of("ak-attributes", _TPM_ERROR, exc) from exc
+    except FormatError as exc:
+        raise Refusal.of("ak-public", _INVALID, exc) from exc
+    name = object_name(ak)
+    binding = trust.ak_binding(name)
+    if binding is None:
+        request = ActivationRequest(host_id, evidence.ek_public, evidence.ak_public, name, digest)
+        raise _ActivationNeeded(request)
+    if not hmac.compare_digest(binding.ek_digest, digest):
+        raise Refusal.of(
+            "ak-binding",
+            _UNAUTHORIZED,
+            "the AK was activated for another TPM's EK: the quote is not from this TPM",
+        )
+    return ak
+
+
+# --------------------------------------------------------------------------- quote and log
+
+#: Quote errors by class (first match wins), with the check name and status.
+_QUOTE_CHECKS: tuple[tuple[type[GuardfabError], str, AttestationStatus], ...] = (
+    (NonceMismatchError, "quote-nonce", _INVALID),
+    (PcrSelectionError, "quote-pcr-selection", _INVALID),
+    (PcrDigestMismatchError, "quote-pcr-digest", _INVALID),
+    (VerificationError, "quote-signature", _TPM_ERROR),
+    (FormatError, "quote-format", _INVALID),
+)
+_NONCE_HINT = (
+    "the quote was made for another challenge or another host key: "
+    "request a new challenge and quote with qualifying data = H(nonce || host key)"
+)
+
+
+def _verify_quote(
+    evidence: TpmEvidence, ak: TpmtPublic, trust: TrustState, nonce: bytes
+) -> VerifiedQuote:
+    """Verify the quote over the exact bytes, bound to the nonce and the host key."""
+    missing = sorted(trust.quote_pcrs - evidence.pcrs.keys())
+    if missing:
+        error = PcrSelectionError(f"the quote does not cover required PCR(s) {missing}")
+        raise Refusal.of("quote-pcr-selection", _INVALID, error)
+    expected = quote_qualifying_data(nonce, dict(evidence.host_key))
+    try:
+        return verify_quote(
+            evidence.quote_attest,
+            evidence.quote_signature,
+            ak,
+            expected_nonce=expected,
+            pcr_values={_SHA256: evidence.pcrs},
+        )
+    except GuardfabError as exc:
+        for kind, check, status in _QUOTE_CHECKS:
+            if isinstance(exc, kind):
+                hint = _NONCE_HINT if check == "quote-nonce" else ""
+                raise Refusal.of(check, status, exc, hint) from exc
+        raise
+
+
+def _replayed_log(
+    evidence: TpmEvidence, quoted: Mapping[int, bytes], trust: TrustState
+) -> EventLog:
+    """Parse and replay the log; it must reproduce every quoted PCR it touches."""
+    try:
+        log = parse_event_log(evidence.event_log)
+    except FormatError as exc:
+        raise Refusal.of("event-log-format", _INVALID, exc) from exc
+    if _SHA256 not in log.replayable_banks:
+        raise Refusal.of("event-log-format", _INVALID, "the event log has no SHA-256 bank")
+    replayed = log.replay([_SHA256])[_SHA256]
+    initial = log.initial_pcrs(_SHA256)
+    wrong = []
+    for pcr, value in quoted.items():
+        expected = replayed.get(pcr)
+        if expected is None:
+            if pcr not in trust.quote_pcrs:
+                continue  # a PCR the firmware log does not cover (e.g. IMA's PCR 10)
+            expected = initial[pcr]
+        if not hmac.compare_digest(expected, value):
+            wrong.append(f"PCR {pcr}: log {expected.hex()[:16]}..., quote {value.hex()[:16]}...")
+    if wrong:
+        error = EventLogMismatchError(
+            "the event log does not replay to the quoted PCRs (" + "; ".join(wrong) + ")"
+        )
+        raise Refusal.of("event-log-replay", _INVALID, error)
+    return log
+
+
+# --------------------------------------------------------------------------- facts
+
+
+def _summarize(
+    host_id: str, log: EventLog, quote: VerifiedQuote, trust: TrustState, now: datetime.datetime
+) -> HostSummary:
+    """The verified record: quoted PCRs, their events, and the facts policies read."""
+    pcrs = quote.pcrs[_SHA256]
+    events = quoted_events(log, pcrs)
+    facts = {name: fact_record(fact) for name, fact in log.facts(_SHA256).items()}
+    clock = quote.attest.clock_info
+    facts["resumed"] = FactRecord(
+        clock.restart_count != 0,
+        (),
+        f"restartCount = {clock.restart_count} in the verified quote's TPMS_CLOCK_INFO "
+        "(0: no S3 resume or TPM restart since the last full boot)",
+    )
+    facts["boot_count"] = FactRecord(
+        clock.reset_count, (), "resetCount in the verified quote (TPM resets, not OS boots)"
+    )
+    ci_pcr = trust.ci_policy_pcr
+    ci_events = tuple(e for e in events if e.pcr == ci_pcr)
+    facts["ci_policy"] = (
+        FactRecord(
+            [e.digest.hex() for e in ci_events],
+            tuple(e.number for e in ci_events),
+            f"digests measured into PCR {ci_pcr}, where GRUB measures each file it loads; "
+            "Hgs_CiPolicy compares them with the registered CI policies",
+        )
+        if ci_pcr in pcrs
+        else FactRecord(None, (), f"the quote does not cover PCR {ci_pcr}")
+    )
+    return HostSummary(host_id, now, pcrs, events, facts, log.uintn_size)
+
+
+def verify_tpm_evidence(
+    evidence: TpmEvidence,
+    trust: TrustState,
+    *,
+    nonce: bytes,
+    now: datetime.datetime,
+    policies: PolicySet = DEFAULT_POLICY_SET,
+) -> AttestationResult:
+    """Verify TPM evidence against the trust state; return the full result.
+
+    Args:
+        evidence: the loaded evidence (:meth:`TpmEvidence.from_dict`).
+        trust: what the HGS trusts now.
+        nonce: the challenge nonce the service issued (and checked for expiry
+            and single use) for this attestation.
+        now: the caller's clock (certificate validity, result time).
+        policies: the policies to evaluate (all of them by default).
+
+    Returns:
+        The result: Passed only if every check passed and no enforced policy blocks.
+    """
+    host_id: str | None = None
+    host_key = evidence.host_key
+    try:
+        require_mode(trust, AttestationMode.TPM)
+        host_id, digest = _identify(evidence, trust, now)
+        ak = _check_ak(evidence, host_id, digest, trust)
+        quote = _verify_quote(evidence, ak, trust, nonce)
+        log = _replayed_log(evidence, quote.pcrs[_SHA256], trust)
+    except _ActivationNeeded as needed:
+        refusal = Refusal.of(
+            "activation",
+            AttestationStatus.ACTIVATION_REQUIRED,
+            "the AK is not yet bound to this EK",
+            hint="answer the MakeCredential challenge with TPM2_ActivateCredential",
+        )
+        return refused_result(
+            AttestationMode.TPM,
+            refusal,
+            trust,
+            host_id=host_id,
+            host_key=host_key,
+            now=now,
+            activation=needed.request,
+            policies=policies,
+        )
+    except Refusal as refusal:
+        return refused_result(
+            AttestationMode.TPM,
+            refusal,
+            trust,
+            host_id=host_id,
+            host_key=host_key,
+            now=now,
+            policies=policies,
+        )
+    summary = _summarize(host_id, log, quote, trust, now)
+    return assess_summary(summary, trust, host_key=host_key, now=now, policies=policies)
