@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 
 from guardfab.errors import FormatError
@@ -42,14 +43,27 @@ from guardfab.store.audit_chain import (
     ChainVerifier,
     format_time,
 )
-from guardfab.store.base import ABSENT, Entry, Store, Txn, check_prefix
+from guardfab.store.base import (
+    ABSENT,
+    MAX_TXN_OPS,
+    Entry,
+    Store,
+    Txn,
+    check_prefix,
+    check_transaction,
+    describe_condition,
+)
 from guardfab.store.errors import AuditChainError, ConflictError, StoreError, StoreUsageError
+from guardfab.store.group_commit import GroupCommit, Pending
 
 #: Where the audit log lives unless told otherwise.
 AUDIT_PREFIX = "audit/"
 #: Appends give up after this many lost races (each costs one read and one
 #: failed transaction; see the ADR for measured contention).
 DEFAULT_MAX_ATTEMPTS = 64
+#: Most concurrent appends committed in one transaction (etcd's 128-operation
+#: limit caps it further for callers with large transactions).
+DEFAULT_MAX_BATCH = 32
 #: Entries read per store call while walking the log.
 PAGE_SIZE = 512
 _SEQ_DIGITS = 20
@@ -63,6 +77,7 @@ class AuditLog:
         clock: Wall-clock seconds for record times (injected for tests).
         prefix: Key prefix of the log; must end with ``/``.
         max_attempts: Lost head races tolerated per append before StoreError.
+        max_batch: Most appends group-committed in one store transaction.
     """
 
     def __init__(
@@ -72,14 +87,19 @@ class AuditLog:
         clock: Callable[[], float] = time.time,
         prefix: str = AUDIT_PREFIX,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         if not check_prefix(prefix).endswith("/"):
             raise StoreUsageError("the audit prefix must end with '/'")
+        if max_attempts < 1 or max_batch < 1:
+            raise StoreUsageError("max_attempts and max_batch must be at least 1")
         self._store = store
         self._clock = clock
         self.prefix = prefix
         self.head_key = prefix + "head"
         self._max_attempts = max_attempts
+        self._max_batch = max_batch
+        self._group: GroupCommit[_Append] = GroupCommit(self._select, self._commit_batch)
 
     def record_key(self, seq: int) -> str:
         """Return the key of record ``seq``."""
@@ -102,57 +122,127 @@ class AuditLog:
     ) -> AuditRecord:
         """Append one record, atomically with ``txn`` if given; return the record.
 
+        Concurrent calls on one AuditLog are group-committed: they may share a
+        store transaction, but each caller's ``txn`` is still all-or-nothing, and
+        a failed compare in one caller's ``txn`` fails only that caller.
+
         Raises:
             StoreUsageError: a field is malformed, details look secret, or ``txn``
-                writes inside the audit prefix.
+                is invalid, too large, or touches the audit prefix.
             ConflictError: one of the caller's own compares in ``txn`` failed;
-                nothing was written.
+                nothing of it was written.
             AuditChainError: the head is corrupt, or a record already sits
                 beyond it (someone rewound the head): appending would fork.
             StoreError: the store failed, or the head stayed contended for
                 ``max_attempts`` tries.
         """
         event = AuditEvent(kind, actor, subject, outcome, dict(details or {}))
-        base = Txn() if txn is None else txn.copy()
-        touched = {c.key for c in base.compares} | base.written_keys()
-        if any(key.startswith(self.prefix) for key in touched):
+        request = _Append(event, Txn() if txn is None else txn.copy())
+        if any(key.startswith(self.prefix) for key in request.compared | request.written):
             raise StoreUsageError("the caller's transaction must not touch the audit log")
-        for attempt in range(self._max_attempts):
-            try:
-                return self._try_append(event, base)
-            except ConflictError as exc:
-                self._check_conflict(exc)
-            # Jitter, not security: spreads racing appenders apart.
-            time.sleep(random.uniform(0, min(0.0002 * 2**attempt, 0.02)))  # noqa: S311
-        raise StoreError(
-            f"audit append lost the head race {self._max_attempts} times",
-            hint="the store is overloaded; retry later or add HGS capacity",
-        )
+        self._group.submit(request)
+        return request.outcome()
 
-    def _try_append(self, event: AuditEvent, base: Txn) -> AuditRecord:
+    def _select(self, queue: deque[_Append]) -> list[_Append]:
+        """Take the next batch: requests whose keys cannot interfere, within etcd's op limit.
+
+        A request joins only if it writes no key that the batch compares or
+        writes, and compares no key the batch writes. All compares of one
+        transaction see the state before any of its writes; with no key read by
+        one request and written by another, the batch gives the same result as
+        running its requests one after another in any order (no write skew).
+        Requests left out stay queued, in order, for the next batch.
+        """
+        batch: list[_Append] = []
+        skipped: list[_Append] = []
+        compared: set[str] = set()
+        written: set[str] = set()
+        compares = writes = 1  # the head's compare and put
+        while queue:
+            request = queue.popleft()
+            fits = (
+                len(batch) < self._max_batch
+                and compares + request.compare_ops <= MAX_TXN_OPS
+                and writes + request.write_ops <= MAX_TXN_OPS
+                and not request.written & (compared | written)
+                and not request.compared & written
+            )
+            if not fits:
+                skipped.append(request)
+                continue
+            batch.append(request)
+            compared |= request.compared
+            written |= request.written
+            compares += request.compare_ops
+            writes += request.write_ops
+        queue.extend(skipped)
+        return batch
+
+    def _commit_batch(self, batch: list[_Append]) -> None:
+        """Commit ``batch``, dropping requests whose own compares fail, retrying head races."""
+        lost_races = 0
+        while batch:
+            try:
+                records = self._try_commit(batch)
+            except ConflictError as exc:
+                if exc.key != self.head_key:
+                    batch = self._drop_failed(batch, exc)
+                    continue
+                lost_races += 1
+                if lost_races >= self._max_attempts:
+                    raise StoreError(
+                        f"audit append lost the head race {lost_races} times",
+                        hint="the store is overloaded; retry later or add HGS capacity",
+                    ) from exc
+                # Jitter, not security: spreads racing appenders apart.
+                time.sleep(random.uniform(0, min(0.0002 * 2**lost_races, 0.02)))  # noqa: S311
+                continue
+            for request, record in zip(batch, records, strict=True):
+                request.resolve(record)
+            return
+
+    def _try_commit(self, batch: list[_Append]) -> list[AuditRecord]:
         entry = self._store.get(self.head_key)
         head = EMPTY_HEAD if entry is None else AuditHead.from_bytes(entry.value)
-        record = event.link(seq=head.seq + 1, time=self._clock(), prev=head.hash)
-        key = self.record_key(record.seq)
-        txn = base.copy()
+        txn = Txn()
+        for request in batch:
+            txn.compares += request.txn.compares
+            txn.puts += request.txn.puts
+            txn.deletes += request.txn.deletes
+        # The head's compare goes before the records': a lost head race must read
+        # as a race, not as a record found beyond the head.
         txn.compare(self.head_key, ABSENT if entry is None else entry.revision)
-        txn.compare(key, ABSENT)
-        txn.put(key, record.to_bytes())
-        txn.put(self.head_key, AuditHead(record.seq, record.hash).to_bytes())
+        records: list[AuditRecord] = []
+        prev, now = head, self._clock()
+        for request in batch:
+            record = request.event.link(seq=prev.seq + 1, time=now, prev=prev.hash)
+            key = self.record_key(record.seq)
+            txn.compare(key, ABSENT).put(key, record.to_bytes())
+            records.append(record)
+            prev = AuditHead(record.seq, record.hash)
+        txn.put(self.head_key, prev.to_bytes())
         txn.commit(self._store)
-        return record
+        return records
 
-    def _check_conflict(self, exc: ConflictError) -> None:
-        """Re-raise conflicts that a retry cannot fix; return for a lost head race."""
-        if exc.key == self.head_key:
-            return
+    def _drop_failed(self, batch: list[_Append], exc: ConflictError) -> list[_Append]:
+        """Fail the request whose own compare failed; return the rest to retry.
+
+        Raises:
+            AuditChainError: the failed compare is on a record key (a fork).
+        """
         if exc.key.startswith(self.prefix):
-            seq = parse_record_key(self.prefix, exc.key)
             raise AuditChainError(
                 "a record already exists beyond the head; refusing to fork the chain",
-                seq=seq,
+                seq=parse_record_key(self.prefix, exc.key),
                 reason="beyond-head",
             ) from exc
+        for index, request in enumerate(batch):
+            if any(
+                key == exc.key and describe_condition(expect) == exc.expected
+                for key, expect in request.txn.compares
+            ):
+                request.fail(exc)
+                return batch[:index] + batch[index + 1 :]
         raise exc
 
     def iter_records(self, since_seq: int = 0) -> Iterator[AuditRecord]:
@@ -267,3 +357,20 @@ def verify(
             )
         verifier.feed(seq, entry.value, entry.revision)
     return verifier.finish()
+
+
+class _Append(Pending[AuditRecord]):
+    """One caller's append waiting to be group-committed."""
+
+    def __init__(self, event: AuditEvent, txn: Txn) -> None:
+        super().__init__()
+        # Validate alone, so one caller's bad request never fails a shared batch.
+        check_transaction(txn.compares, txn.puts, txn.deletes)
+        self.event = event
+        self.txn = txn
+        self.compared = frozenset(compare.key for compare in txn.compares)
+        self.written = frozenset(txn.written_keys())
+        self.compare_ops = len(txn.compares) + 1  # + "record key absent"
+        self.write_ops = len(txn.puts) + len(txn.deletes) + 1  # + the record
+        if self.compare_ops >= MAX_TXN_OPS or self.write_ops >= MAX_TXN_OPS:
+            raise StoreUsageError("the caller's transaction leaves no room for the audit record")
