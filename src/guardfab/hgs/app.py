@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from guardfab import __version__
@@ -30,6 +31,20 @@ class ChallengeResponse(BaseModel):
 
     nonce: str
     expires_at: int
+
+
+class AttestRequest(Strict):
+    """A challenge nonce and the evidence bound to it (see the evidence formats)."""
+
+    nonce: str
+    evidence: dict[str, Any]
+
+
+class ActivateRequest(Strict):
+    """The secret a host's TPM recovered with TPM2_ActivateCredential (base64url)."""
+
+    activation_id: str
+    secret: str
 
 
 class MissingCredentialError(NotAuthorizedError):
@@ -89,6 +104,23 @@ def _host_routes(app: FastAPI) -> None:
         """A single-use nonce the host binds into its evidence."""
         nonce = service_of(request).challenge()
         return ChallengeResponse(nonce=nonce.token, expires_at=nonce.expires_at)
+
+    @app.post("/attestation/v1/attest", tags=["attestation"])
+    async def attest(request: Request, body: AttestRequest) -> JSONResponse:
+        """Verify evidence; answer a health certificate, an activation challenge or a refusal.
+
+        200 with ``health_certificate`` when the host passed; 200 with ``activation``
+        when its AK must first be bound to its EK; 403 with every verdict otherwise.
+        """
+        outcome = service_of(request).attest(body.nonce, body.evidence)
+        refused = not outcome.result.passed and outcome.activation is None
+        return JSONResponse(outcome.to_dict(), status_code=403 if refused else 200)
+
+    @app.post("/attestation/v1/activate", tags=["attestation"])
+    async def activate(request: Request, body: ActivateRequest) -> dict[str, str]:
+        """Bind the host's AK to its EK after a correct ActivateCredential answer."""
+        binding = service_of(request).activate(body.activation_id, body.secret)
+        return {"host_id": binding.host_id, "ak_name": binding.ak_name.hex()}
 
     @app.get("/attestation/v1/signers", tags=["attestation"])
     async def signers(request: Request) -> dict[str, Any]:

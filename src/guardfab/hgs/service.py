@@ -11,8 +11,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from guardfab.attestation.evidence import evidence_from_dict
+from guardfab.attestation.trust import AkBinding
 from guardfab.formats import jose
-from guardfab.hgs.nonce import Nonce, issue_nonce
+from guardfab.hgs.attest import Attestor, AttestOutcome
+from guardfab.hgs.nonce import Nonce, check_nonce, issue_nonce
+from guardfab.hgs.registry import Registry
 from guardfab.hgs.state import AccessTable, HgsState
 from guardfab.store.audit import AuditLog
 from guardfab.store.base import Store
@@ -32,6 +36,15 @@ class HgsService:
         self._nonce_key = state.nonce_key()
         self._signing_key = state.attestation_signing_key()
         self.signer_id = jose.thumbprint(self._signing_key)
+        self.registry = Registry(store)
+        self.attestor = Attestor(
+            registry=self.registry,
+            audit=self.audit,
+            signing_key=self._signing_key,
+            issuer=state.config.service_name,
+            certificate_lifetime=state.config.health_certificate_lifetime,
+            clock=clock,
+        )
 
     def challenge(self) -> Nonce:
         """A fresh attestation challenge."""
@@ -41,3 +54,12 @@ class HgsService:
         """The public attestation signing keys as a JWK Set (for Key Protection Services)."""
         public = jose.public_jwk(self._signing_key)
         return {"keys": [{**public, "kid": self.signer_id, "use": "sig"}]}
+
+    def attest(self, nonce_token: str, evidence: Any) -> AttestOutcome:
+        """Check the challenge, load the evidence strictly, and attest."""
+        nonce = check_nonce(self._nonce_key, nonce_token, now=self.clock())
+        return self.attestor.attest(nonce, evidence_from_dict(evidence))
+
+    def activate(self, activation_id: str, secret: str) -> AkBinding:
+        """Accept a host's ActivateCredential answer (binds its AK to its EK)."""
+        return self.attestor.activate(activation_id, secret)

@@ -1,0 +1,187 @@
+"""The attestation protocol around the pure engine: nonces, records, certificates.
+
+One attestation is: check the challenge (MAC, expiry), verify the evidence
+against the current trust, then in ONE store transaction consume the nonce,
+keep the host's last result, file an activation challenge if one is needed,
+and append the audit record. A replayed nonce loses that transaction and
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from guardfab.attestation.activation import activation_challenge, binding_for
+from guardfab.attestation.admin_group_mode import verify_admin_group_evidence
+from guardfab.attestation.evidence import (
+    AdminGroupEvidence,
+    Evidence,
+    HostKeyEvidence,
+    TpmEvidence,
+)
+from guardfab.attestation.hostkey_mode import verify_host_key_evidence
+from guardfab.attestation.result import ActivationRequest, AttestationResult, VerdictState
+from guardfab.attestation.tpm_mode import verify_tpm_evidence
+from guardfab.attestation.trust import AkBinding
+from guardfab.errors import FormatError, VerificationError
+from guardfab.formats import jose
+from guardfab.formats.encoding import b64url_decode
+from guardfab.formats.health_certificate import HealthCertificate, issue_health_certificate
+from guardfab.hgs import registry as reg
+from guardfab.hgs.nonce import Nonce, NonceError
+from guardfab.store.audit import AuditLog
+from guardfab.store.base import ABSENT, Txn
+from guardfab.store.errors import ConflictError
+
+#: How long a host has to answer a MakeCredential challenge.
+ACTIVATION_TTL = 300
+
+_Verifier = Callable[..., AttestationResult]
+_VERIFIERS: dict[type, _Verifier] = {
+    TpmEvidence: verify_tpm_evidence,
+    HostKeyEvidence: verify_host_key_evidence,
+    AdminGroupEvidence: verify_admin_group_evidence,
+}
+
+
+class ActivationFailedError(VerificationError):
+    """The host's ActivateCredential answer was wrong, expired or already used."""
+
+    hint = "attest again to get a fresh MakeCredential challenge"
+
+
+@dataclass(frozen=True)
+class AttestOutcome:
+    """What the API answers: the result, and a certificate or activation challenge."""
+
+    result: AttestationResult
+    health_certificate: str | None = None
+    expires_at: int | None = None
+    activation: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON body for the host."""
+        body = self.result.to_dict()
+        body["health_certificate"] = self.health_certificate
+        body["expires_at"] = self.expires_at
+        if self.activation is not None:
+            body["activation"] = self.activation
+        return body
+
+
+@dataclass
+class Attestor:
+    """Runs attestations and activations for one HGS (shared by request handlers)."""
+
+    registry: reg.Registry
+    audit: AuditLog
+    signing_key: jose.AsymmetricKey
+    issuer: str
+    certificate_lifetime: int
+    clock: Callable[[], float]
+
+    def attest(self, nonce: Nonce, evidence: Evidence) -> AttestOutcome:
+        """Verify ``evidence`` bound to the checked ``nonce``; record and answer."""
+        now = self.clock()
+        when = datetime.datetime.fromtimestamp(now, datetime.UTC)
+        verify = _VERIFIERS[type(evidence)]
+        result = verify(evidence, self.registry.trust(), nonce=nonce.value, now=when)
+        txn = Txn().compare(reg.NONCES + nonce.nonce_id, ABSENT)
+        txn.put(reg.NONCES + nonce.nonce_id, b"", ttl=max(1.0, nonce.expires_at - now + 1))
+        outcome = self._outcome(result, int(now), txn)
+        if result.host_id is not None:
+            txn.put(reg.LAST + result.host_id, reg.encode(_last_record(result)))
+        try:
+            self.audit.append(
+                kind="attestation",
+                actor=result.host_id or "unidentified-host",
+                subject=result.host_id or "unidentified-host",
+                outcome="success" if result.passed else "failure",
+                details=_audit_details(result, outcome),
+                txn=txn,
+            )
+        except ConflictError as exc:
+            raise NonceError("nonce: already used (replayed request)") from exc
+        return outcome
+
+    def _outcome(self, result: AttestationResult, now: int, txn: Txn) -> AttestOutcome:
+        if result.passed and result.host_id is not None and result.host_key is not None:
+            cert = HealthCertificate(
+                issuer=self.issuer,
+                host_id=result.host_id,
+                mode=result.mode.value,
+                host_key=result.host_key,
+                issued_at=now,
+                expires_at=now + self.certificate_lifetime,
+                policies=tuple(v.policy for v in result.verdicts if v.state is VerdictState.PASSED),
+            )
+            token = issue_health_certificate(cert, self.signing_key)
+            return AttestOutcome(result, token, cert.expires_at)
+        if result.activation is not None:
+            return AttestOutcome(result, activation=self._file_activation(result.activation, txn))
+        return AttestOutcome(result)
+
+    def _file_activation(self, request: ActivationRequest, txn: Txn) -> dict[str, Any]:
+        secret = secrets.token_bytes(32)
+        challenge = activation_challenge(request.ek_public, request.ak_public, secret)
+        activation_id = secrets.token_urlsafe(16)
+        record = {
+            "secret_sha256": hashlib.sha256(secret).hexdigest(),
+            "binding": binding_for(request).to_dict(),
+        }
+        txn.put(reg.ACTIVATIONS + activation_id, reg.encode(record), ttl=ACTIVATION_TTL)
+        return {"activation_id": activation_id, **challenge.to_dict()}
+
+    def activate(self, activation_id: str, answer_b64: str) -> AkBinding:
+        """Check a host's ActivateCredential answer; bind its AK to its EK once."""
+        answer = b64url_decode(answer_b64, what="activation secret")
+        key = reg.ACTIVATIONS + _safe_id(activation_id)
+        entry = self.registry.store.get(key)
+        if entry is None:
+            raise ActivationFailedError("activation: unknown or expired activation id")
+        record = reg.decode(entry.value, what=key)
+        expected = bytes.fromhex(record["secret_sha256"])
+        if not hmac.compare_digest(expected, hashlib.sha256(answer).digest()):
+            raise ActivationFailedError("activation: the answer does not match the challenge")
+        binding = AkBinding.from_dict(record["binding"])
+        txn = reg.Registry.trust_txn(
+            puts=[(reg.AK_BINDINGS + binding.ak_name.hex(), record["binding"])]
+        )
+        txn.compare(key, entry.revision).delete(key)
+        try:
+            self.audit.append(
+                kind="activation", actor=binding.host_id, subject=binding.host_id,
+                outcome="success", details={"ak_name": binding.ak_name.hex()}, txn=txn,
+            )  # fmt: skip
+        except ConflictError as exc:
+            raise ActivationFailedError("activation: already used") from exc
+        return binding
+
+
+def _safe_id(value: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= 64 or not value.isascii():
+        raise FormatError("activation id: not a valid id")
+    return value
+
+
+def _last_record(result: AttestationResult) -> dict[str, Any]:
+    return {
+        "result": result.to_dict(),
+        "summary": None if result.summary is None else result.summary.to_dict(),
+    }
+
+
+def _audit_details(result: AttestationResult, outcome: AttestOutcome) -> dict[str, object]:
+    return {
+        "status": result.status.value,
+        "mode": result.mode.value,
+        "failed_policies": list(result.failed_policies),
+        "failed_checks": [f.check for f in result.failures],
+        "certificate_expires_at": outcome.expires_at,
+    }
