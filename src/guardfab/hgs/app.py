@@ -7,7 +7,9 @@ routes need a bearer token: the ``admin`` role may change state, the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -17,7 +19,12 @@ from pydantic import BaseModel, ConfigDict
 from guardfab import __version__
 from guardfab.errors import GuardfabError, NotAuthorizedError
 from guardfab.hgs.service import HgsService
-from guardfab.hgs.web import BodyLimitMiddleware, guardfab_error_handler, unexpected_error_handler
+from guardfab.hgs.web import (
+    LOG,
+    BodyLimitMiddleware,
+    guardfab_error_handler,
+    unexpected_error_handler,
+)
 
 
 class Strict(BaseModel):
@@ -55,8 +62,7 @@ class MissingCredentialError(NotAuthorizedError):
 
 def service_of(request: Request) -> HgsService:
     """The HgsService bound to the running app."""
-    service: HgsService = request.app.state.service
-    return service
+    return service_of_app(request.app)
 
 
 def require_role(*roles: str) -> Callable[..., str]:
@@ -77,9 +83,39 @@ ADMIN = require_role("admin")
 READER = require_role("admin", "reviewer")
 
 
+#: How often a worker removes expired nonces and activation challenges from the store.
+COMPACT_INTERVAL = 60.0
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Run the store's expiry sweep in the background while the app serves."""
+
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(COMPACT_INTERVAL)
+            try:
+                service_of_app(app).store.compact_expired()
+            except GuardfabError as exc:  # a busy store: try again next round
+                LOG.warning("expiry sweep skipped: %s", exc)
+
+    task = asyncio.create_task(sweep())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+def service_of_app(app: FastAPI) -> HgsService:
+    """The HgsService bound to ``app``."""
+    service: HgsService = app.state.service
+    return service
+
+
 def create_app(service: HgsService) -> FastAPI:
     """Build the ASGI application around ``service``."""
     app = FastAPI(
+        lifespan=_lifespan,
         title="guardfab Host Guardian Service",
         version=__version__,
         description="Attestation and key protection for a guarded fabric of Linux/KVM hosts.",
