@@ -13,13 +13,14 @@ and, for host keys, ``kid`` (the key's thumbprint).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from joserfc import jws
 from joserfc.errors import JoseError
 
 from guardfab.attestation.binding import host_key_binding
+from guardfab.attestation.evidence import AdminGroupEvidence, HostKeyEvidence, canonical_claims
 from guardfab.errors import FormatError, VerificationError
 from guardfab.formats import jose
 from guardfab.formats.encoding import canonical_json
@@ -85,3 +86,35 @@ def binding_payload(nonce: bytes, host_key: Mapping[str, Any], claims: bytes) ->
 def admin_group_claims() -> bytes:
     """The canonical claims every admin-group signature binds."""
     return canonical_json(ADMIN_GROUP_CLAIMS)
+
+
+def host_key_evidence(
+    signing_key: jose.AsymmetricKey,
+    *,
+    nonce: bytes,
+    host_key: Mapping[str, Any],
+    claims: Mapping[str, Any] | None = None,
+) -> HostKeyEvidence:
+    """Build host-key evidence on the host: sign the binding with the registered key.
+
+    ``signing_key`` is the private host signing key (JOSE key); ``host_key`` the
+    public JWK of the host encryption key the KPS will wrap VM keys to.
+    """
+    claims = dict(claims or {})
+    payload = binding_payload(nonce, host_key, canonical_claims(claims))
+    kid = jose.thumbprint(signing_key)
+    signature = sign_binding(signing_key, payload, typ=HOST_KEY_TYP, kid=kid)
+    return HostKeyEvidence(kid, signature, claims, dict(host_key))
+
+
+def admin_group_evidence(
+    certificate_key: jose.AsymmetricKey,
+    certificates: Sequence[bytes],
+    *,
+    nonce: bytes,
+    host_key: Mapping[str, Any],
+) -> AdminGroupEvidence:
+    """Build admin-group evidence on the host (deprecated mode): chain plus signed binding."""
+    payload = binding_payload(nonce, host_key, admin_group_claims())
+    signature = sign_binding(certificate_key, payload, typ=ADMIN_GROUP_TYP)
+    return AdminGroupEvidence(tuple(certificates), signature, dict(host_key))
