@@ -1,0 +1,267 @@
+"""Evidence loading: strict shapes, size limits, canonical encodings, round trips."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import string
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guardfab.attestation.evidence import (
+    MAX_CLAIMS_BYTES,
+    MAX_EVENT_LOG_BYTES,
+    AdminGroupEvidence,
+    HostKeyEvidence,
+    TpmEvidence,
+    evidence_from_dict,
+    load_evidence,
+)
+from guardfab.attestation.signing import host_key_evidence
+from guardfab.errors import FormatError, InvalidInputError
+from guardfab.formats.encoding import b64url_encode
+from test_attestation_fixtures import NONCE, SoftHost, encryption_key, host_key_jwk
+from test_attestation_hostkey import member, signing_key
+
+
+def tpm_body() -> dict[str, Any]:
+    return SoftHost().evidence().to_dict()
+
+
+def hk_body() -> dict[str, Any]:
+    return host_key_evidence(
+        signing_key(), nonce=NONCE, host_key=host_key_jwk(), claims={"a": 1}
+    ).to_dict()
+
+
+def ag_body() -> dict[str, Any]:
+    return member().evidence().to_dict()
+
+
+BODIES = {"tpm": tpm_body, "host-key": hk_body, "admin-group": ag_body}
+
+
+@pytest.mark.parametrize("mode", BODIES)
+def test_each_mode_round_trips_through_json(mode: str) -> None:
+    body = BODIES[mode]()
+    evidence = load_evidence(json.dumps(body).encode())
+    assert evidence.mode.value == mode
+    assert evidence.to_dict() == body
+    assert evidence_from_dict(evidence.to_dict()) == evidence
+
+
+def _set(body: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A copy of ``body`` with the dotted ``path`` set (or deleted when value is ...)."""
+    out = json.loads(json.dumps(body))
+    *parents, last = path.split(".")
+    node = out
+    for key in parents:
+        node = node[key]
+    if value is ...:
+        del node[last]
+    else:
+        node[last] = value
+    return out
+
+
+BAD_TPM: list[tuple[str, str, Any, str]] = [
+    ("unknown top-level field", "ci_policy_digest", "00", "unknown field"),
+    ("unknown quote field", "quote.extra", "AA", "unknown field"),
+    ("missing field", "ak_public", ..., "ak_public"),
+    ("wrong mode", "mode", "TPM", "mode"),
+    ("padded base64", "ek_public", "AAAA==", "base64url"),
+    ("standard base64 alphabet", "ak_public", "ab+/", "base64url"),
+    ("empty field", "ak_public", "", "empty"),
+    ("oversized log", "event_log", "A" * (MAX_EVENT_LOG_BYTES * 4 // 3 + 8), "larger than"),
+    ("oversized quote", "quote.attest", "A" * 6000, "larger than"),
+    ("a sha1 bank", "pcrs.sha1", {"0": "00" * 20}, "only sha256"),
+    ("PCR index with a leading zero", "pcrs.sha256.07", "00" * 32, "decimal"),
+    ("PCR 24", "pcrs.sha256.24", "00" * 32, "not below 24"),
+    ("upper-case hex", "pcrs.sha256.0", "AB" * 32, "lower-case hex"),
+    ("short PCR value", "pcrs.sha256.0", "00" * 20, "32 bytes"),
+    ("a number for a PCR value", "pcrs.sha256.0", 0, "string"),
+    ("EK certificate not base64", "ek_certificate", 5, "base64url"),
+    ("host key with a kid", "host_key.kid", "k1", "unknown field"),
+    ("host key with a private part", "host_key.d", "AAAA", "unknown field"),
+    ("host key missing y", "host_key.y", ..., "missing"),
+    ("symmetric host key", "host_key", {"kty": "oct", "k": "AAAA"}, "EC or RSA"),
+    ("host key not on the curve", "host_key.x", b64url_encode(b"\x01" * 32), "JWK"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "pattern"), [b[1:] for b in BAD_TPM], ids=[b[0] for b in BAD_TPM]
+)
+def test_bad_tpm_evidence_is_refused_with_the_field_named(
+    path: str, value: Any, pattern: str
+) -> None:
+    with pytest.raises(FormatError, match=pattern):
+        evidence_from_dict(_set(tpm_body(), path, value))
+
+
+@pytest.mark.filterwarnings("ignore:Key size should be")
+def test_a_weak_rsa_host_key_is_refused() -> None:
+    weak = {"kty": "RSA", "n": b64url_encode(b"\xc1" * 128), "e": "AQAB"}
+    with pytest.raises(FormatError, match="too small"):
+        evidence_from_dict(_set(tpm_body(), "host_key", weak))
+
+
+BAD_HOST_KEY: list[tuple[str, str, Any, str]] = [
+    ("not a thumbprint", "host_key_id", "key-1", "thumbprint"),
+    ("signature with a payload", "signature", "a.b.c", "detached"),
+    ("signature not a JWS", "signature", "abc", "detached"),
+    ("claims not an object", "claims", [1], "JSON object"),
+    ("claims too large", "claims", {"x": "y" * MAX_CLAIMS_BYTES}, "larger than"),
+    ("claims with a huge integer", "claims", {"n": 2**64}, "canonicalized"),
+    ("unknown field", "nonce", "AAAA", "unknown field"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "pattern"),
+    [b[1:] for b in BAD_HOST_KEY],
+    ids=[b[0] for b in BAD_HOST_KEY],
+)
+def test_bad_host_key_evidence_is_refused(path: str, value: Any, pattern: str) -> None:
+    with pytest.raises(FormatError, match=pattern):
+        evidence_from_dict(_set(hk_body(), path, value))
+
+
+def test_claims_with_nan_are_refused() -> None:
+    """Python's json accepts NaN; canonical JSON cannot carry it."""
+    text = json.dumps(hk_body()).replace('"claims": {"a": 1}', '"claims": {"a": NaN}')
+    with pytest.raises(FormatError, match="canonicalized"):
+        load_evidence(text.encode())
+
+
+@pytest.mark.parametrize(
+    ("value", "pattern"),
+    [([], "1 to 4"), (["A"] * 5, "1 to 4"), ("AAAA", "1 to 4"), ([5], "base64url")],
+)
+def test_bad_certificate_lists_are_refused(value: Any, pattern: str) -> None:
+    with pytest.raises(FormatError, match=pattern):
+        evidence_from_dict(_set(ag_body(), "certificates", value))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"[]", b"{}", b'{"mode": 5}', b'{"mode": "x"}', b"\xff", b"[" * 100_000, b"1e999999"],
+)
+def test_garbage_bodies_are_format_errors(data: bytes) -> None:
+    with pytest.raises(FormatError):
+        load_evidence(data)
+
+
+def test_a_body_over_the_limit_is_refused_before_parsing() -> None:
+    with pytest.raises(FormatError, match="larger than the limit"):
+        load_evidence(b" " * (2 * 1024 * 1024 + 1))
+
+
+# ------------------------------------------------------------------ hypothesis
+
+_bytes = st.binary(min_size=1, max_size=64)
+_pcrs = st.dictionaries(st.integers(0, 23), st.binary(min_size=32, max_size=32), max_size=24)
+_json_scalar = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**53) + 1, 2**53 - 1), st.text(max_size=20)
+)
+_claims = st.dictionaries(
+    st.text(max_size=10),
+    st.recursive(
+        _json_scalar,
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+        ),
+        max_leaves=8,
+    ),
+    max_size=5,
+)
+_host_keys = st.sampled_from([host_key_jwk(0), host_key_jwk(1)])
+_jws = st.builds(
+    lambda h, s: f"{h}..{s}",
+    st.text(string.ascii_letters + string.digits + "-_", min_size=1, max_size=40),
+    st.text(string.ascii_letters + string.digits + "-_", min_size=1, max_size=90),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ek=_bytes,
+    cert=st.none() | _bytes,
+    ak=_bytes,
+    attest=_bytes,
+    sig=_bytes,
+    pcrs=_pcrs,
+    log=st.binary(min_size=1, max_size=512),
+    host_key=_host_keys,
+)
+def test_tpm_evidence_round_trips(
+    ek: bytes,
+    cert: bytes | None,
+    ak: bytes,
+    attest: bytes,
+    sig: bytes,
+    pcrs: dict[int, bytes],
+    log: bytes,
+    host_key: dict[str, Any],
+) -> None:
+    evidence = TpmEvidence(ek, cert, ak, attest, sig, pcrs, log, host_key)
+    body = json.loads(json.dumps(evidence.to_dict()))
+    assert TpmEvidence.from_dict(body) == evidence
+
+
+@settings(max_examples=150, deadline=None)
+@given(claims=_claims, host_key=_host_keys, signature=_jws)
+def test_host_key_evidence_round_trips(
+    claims: dict[str, Any], host_key: dict[str, Any], signature: str
+) -> None:
+    key_id = "A" * 43
+    evidence = HostKeyEvidence(key_id, signature, claims, host_key)
+    body = json.loads(json.dumps(evidence.to_dict()))
+    assert HostKeyEvidence.from_dict(body) == evidence
+
+
+@settings(max_examples=100, deadline=None)
+@given(certs=st.lists(_bytes, min_size=1, max_size=4), host_key=_host_keys, signature=_jws)
+def test_admin_group_evidence_round_trips(
+    certs: list[bytes], host_key: dict[str, Any], signature: str
+) -> None:
+    evidence = AdminGroupEvidence(tuple(certs), signature, host_key)
+    assert AdminGroupEvidence.from_dict(evidence.to_dict()) == evidence
+
+
+_json = st.recursive(
+    _json_scalar | st.floats(allow_nan=False),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=6)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    base=st.sampled_from(["tpm", "host-key", "admin-group"]),
+    key=st.text(max_size=12),
+    value=_json,
+)
+def test_any_field_value_is_loaded_or_refused_with_a_format_error(
+    base: str, key: str, value: Any
+) -> None:
+    body = {**_BODIES_ONCE[base], key: value}
+    with contextlib.suppress(InvalidInputError):
+        evidence_from_dict(body)
+
+
+_BODIES_ONCE = {mode: make() for mode, make in BODIES.items()}
+
+
+def test_the_host_key_cache_still_refuses_a_bad_key() -> None:
+    """Validation is cached for good keys only: a bad key is refused every time."""
+    bad = {**host_key_jwk(), "x": b64url_encode(b"\x02" * 32)}
+    for _ in range(2):
+        with pytest.raises(FormatError):
+            evidence_from_dict(_set(tpm_body(), "host_key", bad))
+    assert encryption_key(0).as_dict(private=False)["x"] == host_key_jwk()["x"]
