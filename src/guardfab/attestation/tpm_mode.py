@@ -41,6 +41,7 @@ from guardfab.attestation.result import (
     ActivationRequest,
     AttestationResult,
     AttestationStatus,
+    CheckFailure,
     Refusal,
 )
 from guardfab.attestation.summary import FactRecord, HostSummary, fact_record, quoted_events
@@ -77,9 +78,19 @@ class EventLogMismatchError(VerificationError):
     )
 
 
-class _ActivationNeeded(Exception):  # noqa: N818 (control flow)
+class _ActivationNeeded(Refusal):
+    """The AK is fit but unknown: stop, and carry what MakeCredential needs."""
+
     def __init__(self, request: ActivationRequest) -> None:
-        super().__init__("activation required")
+        super().__init__(
+            CheckFailure(
+                "activation",
+                AttestationStatus.ACTIVATION_REQUIRED,
+                "",
+                "the AK is not yet bound to this EK",
+                "answer the MakeCredential challenge with TPM2_ActivateCredential",
+            )
+        )
         self.request = request
 
 
@@ -299,39 +310,23 @@ def verify_tpm_evidence(
         The result: Passed only if every check passed and no enforced policy blocks.
     """
     host_id: str | None = None
-    host_key = evidence.host_key
     try:
         require_mode(trust, AttestationMode.TPM)
         host_id, digest = _identify(evidence, trust, now)
         ak = _check_ak(evidence, host_id, digest, trust)
         quote = _verify_quote(evidence, ak, trust, nonce)
         log = _replayed_log(evidence, quote.pcrs[_SHA256], trust)
-    except _ActivationNeeded as needed:
-        refusal = Refusal.of(
-            "activation",
-            AttestationStatus.ACTIVATION_REQUIRED,
-            "the AK is not yet bound to this EK",
-            hint="answer the MakeCredential challenge with TPM2_ActivateCredential",
-        )
-        return refused_result(
-            AttestationMode.TPM,
-            refusal,
-            trust,
-            host_id=host_id,
-            host_key=host_key,
-            now=now,
-            activation=needed.request,
-            policies=policies,
-        )
     except Refusal as refusal:
+        activation = refusal.request if isinstance(refusal, _ActivationNeeded) else None
         return refused_result(
             AttestationMode.TPM,
             refusal,
             trust,
             host_id=host_id,
-            host_key=host_key,
+            host_key=evidence.host_key,
             now=now,
+            activation=activation,
             policies=policies,
         )
     summary = _summarize(host_id, log, quote, trust, now)
-    return assess_summary(summary, trust, host_key=host_key, now=now, policies=policies)
+    return assess_summary(summary, trust, host_key=evidence.host_key, now=now, policies=policies)
