@@ -126,6 +126,9 @@ def create_app(service: HgsService) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware)
     _host_routes(app)
     _admin_routes(app)
+    from guardfab.hgs.admin_api import add_admin_routes  # noqa: PLC0415 - it imports this module
+
+    add_admin_routes(app)
     return app
 
 
