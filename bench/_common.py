@@ -1,0 +1,269 @@
+"""Shared pieces of the benches: the bench boot log, software hosts, tables, process CPU.
+
+The boot log is the test fixture's golden boot (``tests/test_attestation_fixtures.Boot``)
+reshaped so that *both* guardfab and Keylime's verifier (tpm2_eventlog + its
+"example" measured-boot policy) can read it: real UEFI structures where the
+fixture has placeholders (EFI_SIGNATURE_LISTs in PK/KEK/db/dbx, UEFI_IMAGE_LOAD_EVENTs
+with file device paths), an S-CRTM version, shim's MokList/MokListX in PCR 14
+and GRUB's kernel command line in PCR 8. 100 events, SHA-1 and SHA-256 banks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+# ruff: noqa: E402 (the fixtures live in tests/, importable only after the path is set)
+from guardfab.attestation.baseline import baseline_from_log
+from guardfab.attestation.trust import CiPolicy, TrustState
+from test_attestation_fixtures import CI_POLICY_FILE, Boot, SoftHost
+from test_eventlog_builder import (
+    EFI_GLOBAL,
+    EFI_SECURITY_DB,
+    EV_EFI_PLATFORM_FIRMWARE_BLOB,
+    EV_EFI_VARIABLE_BOOT,
+    EV_EFI_VARIABLE_DRIVER_CONFIG,
+    EV_IPL,
+    EV_SEPARATOR,
+    SHA1,
+    SHA256,
+    Ev,
+    variable,
+)
+from test_tpm_quote import SoftAk, soft_ak
+
+EV_S_CRTM_VERSION = 0x08
+EV_EFI_BOOT_SERVICES_APPLICATION = 0x80000003
+EV_EFI_VARIABLE_AUTHORITY = 0x800000E0
+EFI_CERT_X509 = uuid.UUID("a5c059a1-94e4-4aa7-87b5-ab155c2bf072").bytes_le
+EFI_CERT_SHA256 = uuid.UUID("c1c41626-504c-4092-aca9-41f936934328").bytes_le
+OWNER = uuid.UUID("77fa9abd-0359-4d32-bd60-28f4e78f784b").bytes_le
+#: PCRs the bench quotes: the boot PCRs and shim's PCR 14 (Keylime's example policy needs it).
+QUOTED_PCRS = (*range(10), 14)
+#: Events in the bench log (the issue's "100-event log").
+BENCH_EVENTS = 100
+CI_POLICY = CiPolicy("ima-appraise-bench", hashlib.sha256(CI_POLICY_FILE).digest())
+
+
+def _digests(content: bytes) -> dict[int, bytes]:
+    return {SHA1: hashlib.sha1(content).digest(), SHA256: hashlib.sha256(content).digest()}
+
+
+def signature_list(sig_type: bytes, entries: Sequence[bytes]) -> bytes:
+    """EFI_SIGNATURE_LIST of same-size entries, each owned by OWNER."""
+    size = 16 + len(entries[0])
+    body = b"".join(OWNER + entry for entry in entries)
+    return sig_type + struct.pack("<III", 28 + len(body), 0, size) + body
+
+
+def _fake_cert(name: bytes) -> bytes:
+    """DER-shaped placeholder bytes for an X.509 certificate (only hashed and compared)."""
+    payload = b"certificate of " + name + bytes(200)
+    return b"\x30\x82" + len(payload).to_bytes(2, "big") + payload
+
+
+def image_load(path: str) -> bytes:
+    """UEFI_IMAGE_LOAD_EVENT with a MEDIA_FILEPATH_DP device path."""
+    name = path.encode("utf-16-le") + b"\0\0"
+    device_path = struct.pack("<BBH", 4, 4, 4 + len(name)) + name + b"\x7f\xff\x04\x00"
+    return struct.pack("<QQQQ", 0x7D000000, 0x100000, 0, len(device_path)) + device_path
+
+
+def _app(path: str) -> Ev:
+    return Ev(
+        4, EV_EFI_BOOT_SERVICES_APPLICATION, image_load(path), _digests(b"PE " + path.encode())
+    )
+
+
+def _file(pcr: int, path: bytes, content: bytes) -> Ev:
+    return Ev(pcr, EV_IPL, path, _digests(content))
+
+
+def _command(text: bytes) -> Ev:
+    """A GRUB command in PCR 8: logged as "grub_cmd: ...\\0", measured without prefix and NUL."""
+    return Ev(8, EV_IPL, text + b"\0", _digests(text.split(b": ", 1)[1]))
+
+
+@dataclass(frozen=True)
+class BenchBoot(Boot):
+    """The fixture's golden boot with real UEFI structures (see the module docstring)."""
+
+    grub_commands: int = BENCH_EVENTS - 28
+
+    def events(self) -> list[Ev]:
+        """S-CRTM and firmware, secure boot policy, separators, shim, GRUB, kernel."""
+        x509, sha = EFI_CERT_X509, EFI_CERT_SHA256
+        events = [
+            Ev(0, EV_S_CRTM_VERSION, "1.0".encode("utf-16-le") + b"\0\0"),
+            Ev(0, EV_EFI_PLATFORM_FIRMWARE_BLOB, struct.pack("<QQ", 0x820000, 0xE0000)),
+            Ev(0, EV_EFI_PLATFORM_FIRMWARE_BLOB, struct.pack("<QQ", 0x900000, 0xC00000)),
+            Ev(7, EV_EFI_VARIABLE_DRIVER_CONFIG, variable(EFI_GLOBAL, "SecureBoot", b"\x01")),
+            Ev(7, EV_EFI_VARIABLE_DRIVER_CONFIG,
+               variable(EFI_GLOBAL, "PK", signature_list(x509, [_fake_cert(b"PK")]))),
+            Ev(7, EV_EFI_VARIABLE_DRIVER_CONFIG,
+               variable(EFI_GLOBAL, "KEK", signature_list(x509, [_fake_cert(b"KEK")]))),
+            Ev(7, EV_EFI_VARIABLE_DRIVER_CONFIG,
+               variable(EFI_SECURITY_DB, "db", signature_list(x509, [_fake_cert(self.db)]))),
+            Ev(7, EV_EFI_VARIABLE_DRIVER_CONFIG, variable(EFI_SECURITY_DB, "dbx", signature_list(
+                sha, [hashlib.sha256(bytes([n])).digest() for n in range(4)]))),
+            Ev(1, EV_EFI_VARIABLE_BOOT, variable(EFI_GLOBAL, "BootOrder", self.boot_order)),
+        ]  # fmt: skip
+        events += [Ev(pcr, EV_SEPARATOR, bytes(4)) for pcr in range(8)]
+        events += [
+            Ev(7, EV_EFI_VARIABLE_AUTHORITY,
+               variable(EFI_SECURITY_DB, "db", OWNER + _fake_cert(self.db))),
+            _app("\\EFI\\debian\\shimx64.efi"),
+            Ev(14, EV_IPL, b"MokList\0", _digests(b"mok list")),
+            Ev(14, EV_IPL, b"MokListX\0", _digests(b"mok list x")),
+            _app("\\EFI\\debian\\grubx64.efi"),
+            _file(9, b"(hd0,gpt2)/boot/grub/grub.cfg\0", b"set timeout=0\n"),
+            _file(9, b"(hd0,gpt2)/boot/grub/ima-policy\0", CI_POLICY_FILE),
+        ]  # fmt: skip
+        events += [
+            _command(f"grub_cmd: set option_{n}=value_{n}".encode())
+            for n in range(self.grub_commands)
+        ]
+        events += [
+            _command(b"kernel_cmdline: /boot/vmlinuz-6.12 root=/dev/vda2 ro quiet"),
+            _file(9, b"(hd0,gpt2)/boot/vmlinuz-6.12\0", b"kernel image 6.12"),
+            _file(9, b"(hd0,gpt2)/boot/initrd.img-6.12\0", b"initrd 6.12"),
+            _app("\\vmlinuz-6.12"),
+        ]
+        return events
+
+
+@dataclass(frozen=True)
+class BenchHost(SoftHost):
+    """A software host whose AK is RSA-2048 (RSASSA) or ECC P-256 (ECDSA)."""
+
+    ak_kind: str = "ecc"
+
+    @property
+    def ak(self) -> SoftAk:
+        return soft_ak(self.ak_kind, index=self.index)
+
+
+def bench_trust(hosts: Iterable[SoftHost], log: bytes, **changes: object) -> TrustState:
+    """Trust registering and binding ``hosts``, a baseline made from ``log``, the CI policy."""
+    hosts = tuple(hosts)
+    return TrustState(
+        tpm_hosts=tuple(h.registration() for h in hosts),
+        ak_bindings=tuple(h.binding() for h in hosts),
+        baselines=(baseline_from_log("bench-boot", log),),
+        ci_policies=(CI_POLICY,),
+        **changes,  # type: ignore[arg-type]
+    )
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def timed_rate(call: Callable[[], object], seconds: float, *, min_calls: int = 3) -> float:
+    """Calls per second of ``call`` run back to back for about ``seconds``."""
+    calls, start = 0, time.perf_counter()
+    deadline = start + seconds
+    while calls < min_calls or time.perf_counter() < deadline:
+        call()
+        calls += 1
+    return calls / (time.perf_counter() - start)
+
+
+def best_rate(call: Callable[[], object], seconds: float, repeat: int) -> float:
+    """The best of ``repeat`` timed runs (noise on a shared machine only slows a run down)."""
+    call()  # warm caches and lazy imports
+    return max(timed_rate(call, seconds / repeat) for _ in range(repeat))
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (from /proc/<pid>/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (through /proc/<pid>/task/*/children)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+# ------------------------------------------------------------------ tools and output
+
+
+def ensure_debian_tools(wanted: dict[str, str], notes: list[str]) -> list[str]:
+    """Install Debian packages for missing tools (benchmarks only); return what is still missing.
+
+    ``wanted`` maps a check (an executable name, or a path to a library/file) to
+    its package. Every install is recorded in ``notes`` for the output.
+    """
+    missing = {pkg for check, pkg in wanted.items() if not _present(check)}
+    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
+        packages = sorted(missing)
+        notes.append(f"installed Debian package(s) {', '.join(packages)} for this bench only")
+        run = subprocess.run(
+            ["apt-get", "install", "-y", "-qq", *packages],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            check=False,
+        )
+        if run.returncode != 0:
+            notes.append(f"apt-get install failed: {run.stderr.strip()[-300:]}")
+    return sorted({pkg for check, pkg in wanted.items() if not _present(check)})
+
+
+def _present(check: str) -> bool:
+    if check.startswith("/"):
+        return Path(check).exists()
+    if check.endswith(".so") or ".so." in check:
+        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=False)
+        return check in out.stdout
+    return shutil.which(check) is not None
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, numeric: bool = True) -> str:
+    """A plain text table: first column left-aligned, the others right-aligned if ``numeric``."""
+    rows = [list(r) for r in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)]
+    lines = []
+    for n, row in enumerate([list(headers), *rows]):
+        cells = [
+            str(c).rjust(w) if i and numeric else str(c).ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=False))
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def verdict(ok: bool) -> str:
+    """PASS or FAIL."""
+    return "PASS" if ok else "FAIL"

@@ -1,0 +1,555 @@
+"""How fast is guardfab's full TPM evidence check, next to Keylime's verifier and the floor?
+
+In one run, on the same inputs (a 100-event crypto-agile boot log, SHA-1 + SHA-256
+banks, a quote over PCRs 0-9 and 14 bound to a nonce and host key, RSA-2048 and
+ECC P-256 AKs), one core each, it times:
+
+* **guardfab**: ``evidence_from_dict`` + ``verify_tpm_evidence``: EK and AK binding,
+  quote signature, nonce and PCR digest, event-log parse and SHA-256 replay, PCR
+  comparison, facts, baseline match, CI policy and every policy;
+* **Keylime** (from PyPI, pinned, in its own venv under ``~/.cache/guardfab-bench``):
+  ``Tpm().check_quote`` with the measured-boot log and a refstate made from it by
+  Keylime's own ``create_mb_refstate``, policy "example", evaluated on every check.
+  Its parser shells out to ``tpm2_eventlog`` (Debian tpm2-tools), which this bench
+  installs if missing, with libefivar1 and python3-gpg that Keylime also loads;
+* **floor**: one ``cryptography`` signature verify of the quote + a hashlib
+  SHA-256 replay of the log's 100 digests (already extracted), nothing else.
+
+Each engine is first shown to refuse a log that does not replay to the quote (so
+the timed path really parses and replays). It also reports, for every log in
+``shared/vectors/eventlogs``, whether guardfab replays it to the PCRs in its
+``.yaml`` and what Keylime's parser does with it.
+
+Usage: ``.venv/bin/python bench/verify_core.py [--seconds 3] [--repeat 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import struct
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import _common as c
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from guardfab.attestation.binding import quote_qualifying_data
+from guardfab.attestation.evidence import TpmEvidence, evidence_from_dict
+from guardfab.attestation.result import AttestationStatus
+from guardfab.attestation.tpm_mode import verify_tpm_evidence
+from guardfab.attestation.trust import TrustState
+from guardfab.tpm.eventlog import parse_event_log
+from guardfab.tpm.events import EventType
+from test_attestation_fixtures import NONCE, NOW
+
+KEYLIME_VERSION = "7.14.3"
+#: What Keylime's check_quote imports, beside keylime itself (it declares no dependencies).
+KEYLIME_DEPS = ("cryptography", "pyyaml", "packaging", "pyasn1", "pyasn1-modules")
+KEYLIME_DEPS += ("jsonschema", "lark")
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "guardfab-bench"
+VECTORS = c.REPO.parent / "shared" / "vectors" / "eventlogs"
+KINDS = {"rsa": "RSA-2048 AK", "ecc": "ECC P-256 AK"}
+_BANKS = {"sha1": 0x0004, "sha256": 0x000B, "sha384": 0x000C, "sha512": 0x000D}
+_SHA256 = 0x000B
+_DEBIAN_PYTHON = "/usr/bin/python3"
+_GPG = "/usr/lib/python3/dist-packages/gpg"
+
+# Runs inside Keylime's venv. Prints one JSON object on stdout; logs go to stderr.
+_KEYLIME_CHILD = r"""
+import argparse, base64, json, resource, sys, time
+from pathlib import Path
+
+def cpu():
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+def main():
+    inputs = json.loads(Path(sys.argv[1]).read_text())
+    from importlib.metadata import version
+    from keylime.common.algorithms import Hash
+    from keylime.mba import mba
+    from keylime.policy.create_mb_policy import create_mb_refstate
+    from keylime.tpm.tpm_main import Tpm
+    mba.load_imports(skip_custom_policies=True)
+    log_path = Path(sys.argv[1]).with_name("bench-log.bin")
+    log = base64.b64decode(inputs["log"])
+    log_path.write_bytes(log)
+    refstate = create_mb_refstate(argparse.Namespace(
+        eventlog_file=str(log_path), without_secureboot=False, output=str(log_path) + ".refstate"))
+    if not refstate:
+        raise SystemExit("create_mb_refstate could not make a refstate from the bench log")
+    policy = json.dumps(refstate)
+    tpm = Tpm()
+    out = {"keylime": version("keylime"), "cryptography": version("cryptography"),
+           "pyyaml": version("pyyaml"), "kinds": {}, "vectors": {}}
+
+    def check(q, nonce, mb_log, mb_policy=policy):
+        failure = tpm.check_quote(None, nonce, None, q["quote"], base64.b64decode(q["ak"]),
+            tpm_policy={}, hash_alg=Hash.SHA256, mb_measurement_list=mb_log,
+            mb_policy=mb_policy, mb_policy_name="example", count=0)
+        return [e.event_id for e in failure.events]
+
+    tampered = base64.b64decode(inputs["tampered_log"])
+    for kind, q in inputs["quotes"].items():
+        nonce = base64.b64decode(q["nonce"])
+        result = {"honest": check(q, nonce, log), "tampered_log": check(q, nonce, tampered)}
+        runs = []
+        check(q, nonce, log)
+        for _ in range(inputs["repeat"]):
+            n, cpu0, t0 = 0, cpu(), time.perf_counter()
+            while n < 3 or time.perf_counter() - t0 < inputs["seconds"]:
+                check(q, nonce, log)
+                n += 1
+            runs.append((n / (time.perf_counter() - t0), (cpu() - cpu0) / n))
+        best = max(runs)
+        result.update(rate=best[0], cpu_per_check=best[1])
+        out["kinds"][kind] = result
+    for name, (blob, bank) in inputs["vectors"].items():
+        try:
+            pcrs, _agg, _data, failure = mba.bootlog_parse(blob, bank)
+            out["vectors"][name] = {"pcrs": {k: int(v) for k, v in pcrs.items()},
+                                    "failure": [e.event_id for e in failure.events]}
+        except Exception as exc:
+            cause = exc.__cause__ or exc
+            crash = f"{type(exc).__name__} from {type(cause).__name__}: {cause}"
+            out["vectors"][name] = {"crash": crash}
+    print(json.dumps(out))
+
+main()
+"""
+
+_VERIFIER_CONF = """[verifier]
+measured_boot_policy_name = example
+measured_boot_imports = []
+measured_boot_evaluate = always
+"""
+# Keylime logs at WARNING here (its packaged default is INFO): no log I/O in the timed loop.
+_LOGGING_CONF = """[loggers]
+keys = root,keylime
+[handlers]
+keys = stderr
+[formatters]
+keys = plain
+[formatter_plain]
+format = %(name)s %(levelname)s %(message)s
+[handler_stderr]
+class = StreamHandler
+level = NOTSET
+formatter = plain
+args = (sys.stderr,)
+[logger_root]
+level = WARNING
+handlers = stderr
+[logger_keylime]
+level = WARNING
+handlers =
+qualname = keylime
+"""
+
+
+class KeylimeUnavailableError(RuntimeError):
+    """Keylime could not be installed or driven here; the message says why."""
+
+
+# ------------------------------------------------------------------ inputs
+
+
+@dataclass(frozen=True)
+class Case:
+    """One AK kind: the evidence, the trust that admits it, and what the floor needs."""
+
+    kind: str
+    evidence: TpmEvidence
+    trust: TrustState
+    verify_signature: Callable[[], None]
+    keylime_quote: dict[str, str]
+
+
+def tpm2_tools_pcrs(pcrs: dict[int, bytes]) -> bytes:
+    """PCR values as ``tpm2_quote -o`` writes them (what Keylime's quote string carries).
+
+    TPML_PCR_SELECTION (count, 16 x {hash u16, sizeofSelect u8, pcrSelect[3], pad}),
+    then the number of TPML_DIGESTs and each {count u32, 8 x {size u16, 64 bytes}},
+    little-endian C structs.
+    """
+    select = sum(1 << pcr for pcr in pcrs)
+    head = struct.pack("<IHB", 1, _SHA256, 3) + select.to_bytes(3, "little") + bytes(2 + 8 * 15)
+    values = [pcrs[pcr] for pcr in sorted(pcrs)]
+    chunks = [values[i : i + 8] for i in range(0, len(values), 8)]
+    body = struct.pack("<I", len(chunks))
+    for chunk in chunks:
+        body += struct.pack("<I", len(chunk))
+        for n in range(8):
+            value = chunk[n] if n < len(chunk) else b""
+            body += struct.pack("<H", len(value)) + value.ljust(64, b"\0")
+    return head + body
+
+
+def _signature_check(host: c.BenchHost, attest: bytes) -> Callable[[], None]:
+    """The floor's one signature verify, with a key and signature made ready beforehand."""
+    private = host.ak.private
+    if isinstance(private, rsa.RSAPrivateKey):
+        public_rsa, pad = private.public_key(), padding.PKCS1v15()
+        signature = private.sign(attest, pad, hashes.SHA256())
+        return lambda: public_rsa.verify(signature, attest, pad, hashes.SHA256())
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    public_ec, algorithm = private.public_key(), ec.ECDSA(hashes.SHA256())
+    signature = private.sign(attest, algorithm)
+    return lambda: public_ec.verify(signature, attest, algorithm)
+
+
+def make_case(kind: str, boot: c.BenchBoot, log: bytes) -> Case:
+    """Honest evidence for ``kind`` and the same quote in Keylime's wire form."""
+    host = c.BenchHost(host_id=f"host-{kind}", ak_kind=kind, boot=boot)
+    evidence = host.evidence(NONCE, quoted=c.QUOTED_PCRS)
+    parts = (evidence.quote_attest, evidence.quote_signature, tpm2_tools_pcrs(dict(evidence.pcrs)))
+    qualifying = quote_qualifying_data(NONCE, dict(evidence.host_key))
+    keylime_quote = {
+        "quote": "r" + ":".join(base64.b64encode(p).decode() for p in parts),
+        "ak": base64.b64encode(evidence.ak_public).decode(),
+        "nonce": base64.b64encode(qualifying).decode(),
+    }
+    return Case(
+        kind,
+        evidence,
+        c.bench_trust([host], log),
+        _signature_check(host, evidence.quote_attest),
+        keylime_quote,
+    )
+
+
+def log_digests(log: bytes) -> list[tuple[int, bytes]]:
+    """(PCR, SHA-256 digest) of every extending event, extracted once for the floor."""
+    events = parse_event_log(log).events
+    skip = int(EventType.EV_NO_ACTION)
+    return [(e.pcr, e.digests[_SHA256]) for e in events if e.event_type != skip]
+
+
+# ------------------------------------------------------------------ guardfab and the floor
+
+
+def guardfab_check(case: Case) -> Callable[[], object]:
+    """The timed guardfab call: load the evidence JSON object, verify it, insist on Passed."""
+    wire = case.evidence.to_dict()
+
+    def check() -> object:
+        return verify_tpm_evidence(evidence_from_dict(wire), case.trust, nonce=NONCE, now=NOW)
+
+    result = check()
+    if result.status is not AttestationStatus.PASSED:  # type: ignore[attr-defined]
+        raise SystemExit(f"guardfab refused the honest {case.kind} evidence: {result}")
+    return check
+
+
+def guardfab_refuses_tampered(case: Case, tampered: bytes) -> str:
+    """The check name guardfab fails a log that does not replay to the quote with."""
+    evidence = TpmEvidence.from_dict({**case.evidence.to_dict(), "event_log": _b64url(tampered)})
+    result = verify_tpm_evidence(evidence, case.trust, nonce=NONCE, now=NOW)
+    return ", ".join(f.check for f in result.failures) or "NOT REFUSED"
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def floor_check(case: Case, digests: list[tuple[int, bytes]]) -> Callable[[], object]:
+    """One signature verify + a hashlib replay of the log's SHA-256 digests."""
+    zero, sha256 = bytes(32), hashlib.sha256
+
+    def check() -> object:
+        case.verify_signature()
+        pcrs: dict[int, bytes] = {}
+        for pcr, digest in digests:
+            pcrs[pcr] = sha256(pcrs.get(pcr, zero) + digest).digest()
+        return pcrs
+
+    return check
+
+
+# ------------------------------------------------------------------ vectors
+
+
+def yaml_pcrs(path: Path) -> dict[str, dict[int, bytes]]:
+    """The PCRs per bank that tpm2_eventlog printed at the end of a vector's .yaml."""
+    text = path.read_text().split("\npcrs:", 1)[1]
+    banks: dict[str, dict[int, bytes]] = {}
+    current = None
+    for line in text.splitlines():
+        if bank := re.fullmatch(r"  (sha\w+):", line):
+            current = banks.setdefault(bank.group(1), {})
+        elif (value := re.fullmatch(r" +(\d+) +: 0x([0-9a-f]+)", line)) and current is not None:
+            current[int(value.group(1))] = bytes.fromhex(value.group(2))
+    return banks
+
+
+def guardfab_vector(blob: bytes, expected: dict[str, dict[int, bytes]]) -> str:
+    """'ok' when guardfab's parser replays every bank of the log to the .yaml's PCRs."""
+    try:
+        log = parse_event_log(blob)
+        replayed = log.replay(log.replayable_banks)
+    except Exception as exc:  # noqa: BLE001 (report any failure, whatever it is)
+        return f"error: {type(exc).__name__}: {exc}"
+    for name, pcrs in expected.items():
+        if replayed.get(_BANKS[name], {}) != pcrs:
+            return f"MISMATCH in {name}"
+    extra = {alg for alg, pcrs in replayed.items() if pcrs} - {_BANKS[n] for n in expected}
+    if extra:
+        return f"MISMATCH: extra bank(s) {sorted(extra)}"
+    return f"ok ({len(log.events)} records, banks {'+'.join(expected) or 'none'})"
+
+
+def keylime_vector(answer: dict[str, Any], bank: str, expected: dict[str, dict[int, bytes]]) -> str:
+    """Keylime's parser on one vector: ok, refused (a failure event) or crash."""
+    if "crash" in answer:
+        return "CRASH: " + answer["crash"][:90]
+    if answer["failure"]:
+        return "refused: " + ", ".join(answer["failure"])
+    want = {str(pcr): int.from_bytes(v, "big") for pcr, v in expected.get(bank, {}).items()}
+    return f"ok ({bank})" if answer["pcrs"] == want else f"MISMATCH in {bank}"
+
+
+def vector_inputs() -> dict[str, tuple[bytes, dict[str, dict[int, bytes]], str]]:
+    """Every vector log: its bytes, the .yaml's PCRs, and the bank Keylime is asked for."""
+    out = {}
+    for path in sorted(VECTORS.glob("*.bin")):
+        expected = yaml_pcrs(path.with_name(path.name + ".yaml"))
+        bank = "sha256" if "sha256" in expected or not expected else next(iter(expected))
+        out[path.name] = (path.read_bytes(), expected, bank)
+    if not out:
+        raise SystemExit(f"no vector logs under {VECTORS}: clone shared/ beside the repository")
+    return out
+
+
+# ------------------------------------------------------------------ Keylime
+
+
+def keylime_python(notes: list[str]) -> Path:
+    """Keylime's venv (created and filled on first use); raises with the reason if impossible."""
+    missing = c.ensure_debian_tools(
+        {"tpm2_eventlog": "tpm2-tools", "libefivar.so.1": "libefivar1", _GPG: "python3-gpg"}, notes
+    )
+    if missing:
+        raise KeylimeUnavailableError(f"Debian package(s) {', '.join(missing)} missing")
+    venv = CACHE / "keylime-venv"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        _run([_DEBIAN_PYTHON, "-m", "venv", str(venv)], "python3 -m venv")
+    where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    purelib = Path(_output([str(python), "-c", where]))
+    gpg = purelib / "gpg"
+    if not gpg.exists():
+        gpg.symlink_to(_GPG)  # Keylime's GPG bindings must match the system's libgpgme
+    probe = "import importlib.metadata as m, keylime.tpm.tpm_main; print(m.version('keylime'))"
+    check = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=False)
+    if check.returncode != 0 or check.stdout.strip() != KEYLIME_VERSION:
+        notes.append(f"installed keylime=={KEYLIME_VERSION} into {venv}")
+        packages = [f"keylime=={KEYLIME_VERSION}", *KEYLIME_DEPS]
+        _run([str(python), "-m", "pip", "install", "-q", *packages], "pip install keylime")
+    return python
+
+
+def _run(command: list[str], what: str) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise KeylimeUnavailableError(f"{what} failed: {done.stderr.strip()[-400:]}")
+
+
+def _output(command: list[str]) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise KeylimeUnavailableError(f"{command[0]} failed: {done.stderr.strip()[-400:]}")
+    return done.stdout.strip()
+
+
+def run_keylime(python: Path, inputs: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run the Keylime child on ``inputs``; its JSON answer."""
+    with tempfile.TemporaryDirectory(prefix="guardfab-keylime-") as work:
+        folder = Path(work)
+        (folder / "inputs.json").write_text(json.dumps(inputs))
+        (folder / "verifier.conf").write_text(_VERIFIER_CONF)
+        (folder / "logging.conf").write_text(_LOGGING_CONF)
+        env = {
+            **os.environ,
+            "KEYLIME_VERIFIER_CONFIG": str(folder / "verifier.conf"),
+            "KEYLIME_LOGGING_CONFIG": str(folder / "logging.conf"),
+        }
+        try:
+            done = subprocess.run(
+                [str(python), "-c", _KEYLIME_CHILD, str(folder / "inputs.json")],
+                capture_output=True, text=True, cwd=folder, env=env, timeout=timeout, check=False,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired as exc:
+            raise KeylimeUnavailableError(f"Keylime did not finish in {timeout:.0f} s") from exc
+    if done.returncode != 0 or not done.stdout.strip():
+        raise KeylimeUnavailableError(f"Keylime failed: {done.stderr.strip()[-600:]}")
+    answer: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return answer
+
+
+def keylime_inputs(
+    cases: list[Case], log: bytes, tampered: bytes, vectors: dict[str, Any], args: Any
+) -> dict[str, Any]:
+    """What the Keylime child needs, all base64."""
+    return {
+        "log": _b64(log),
+        "tampered_log": _b64(tampered),
+        "quotes": {case.kind: case.keylime_quote for case in cases},
+        "vectors": {name: (_b64(blob), bank) for name, (blob, _e, bank) in vectors.items()},
+        "seconds": args.seconds / args.repeat,
+        "repeat": args.repeat,
+    }
+
+
+# ------------------------------------------------------------------ report
+
+
+def machine() -> str:
+    """CPU model, cores, Python and the date, for the README's numbers."""
+    model = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    today = datetime.date.today().isoformat()
+    return f"{today}, {model}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def report_rows(rates: dict[str, dict[str, float]]) -> list[list[str]]:
+    """Table rows: engine x AK kind, with the ratios to Keylime and to the floor."""
+    rows = []
+    for engine in ("guardfab", "keylime", "floor"):
+        for kind, label in KINDS.items():
+            rate = rates.get(engine, {}).get(kind)
+            if rate is None:
+                rows.append([f"{engine} {label}", "n/a", "n/a", "n/a", "n/a"])
+                continue
+            keylime = rates.get("keylime", {}).get(kind)
+            vs_keylime = f"{rate / keylime:.1f}x" if keylime else "n/a"
+            vs_floor = f"{rates['floor'][kind] / rate:.2f}x slower"
+            name, per_check = f"{engine} {label}", f"{1e6 / rate:,.1f}"
+            rows.append([name, f"{rate:,.0f}", per_check, vs_keylime, vs_floor])
+    return rows
+
+
+def print_vectors(vectors: dict[str, Any], keylime: dict[str, Any] | None, reason: str) -> bool:
+    """The per-vector table; True if guardfab handled every vector."""
+    rows, all_ok = [], True
+    for name, (blob, expected, bank) in vectors.items():
+        ours = guardfab_vector(blob, expected)
+        all_ok &= ours.startswith("ok")
+        theirs = keylime_vector(keylime[name], bank, expected) if keylime else f"n/a ({reason})"
+        rows.append([name, ours, theirs])
+    headers = ["vector log", "guardfab: parse + replay vs its .yaml", "Keylime: bootlog_parse"]
+    print(c.table(headers, rows, numeric=False))
+    return all_ok
+
+
+def main() -> None:
+    """Build the inputs, time the three engines, print the tables and the goal line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="timing per engine and AK")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per timing (best shown)")
+    args = parser.parse_args()
+    notes: list[str] = []
+    boot = c.BenchBoot()
+    log = boot.log_bytes()
+    tampered = c.BenchBoot(boot_order=b"\x02\x00\x01\x00").log_bytes()
+    cases = [make_case(kind, boot, log) for kind in KINDS]
+    digests = log_digests(log)
+    vectors = vector_inputs()
+    rates: dict[str, dict[str, float]] = {"guardfab": {}, "floor": {}}
+    for case in cases:
+        for engine, check in (
+            ("guardfab", guardfab_check(case)),
+            ("floor", floor_check(case, digests)),
+        ):
+            rates[engine][case.kind] = c.best_rate(check, args.seconds, args.repeat)
+    keylime, reason = None, ""
+    try:
+        python = keylime_python(notes)
+        inputs = keylime_inputs(cases, log, tampered, vectors, args)
+        keylime = run_keylime(python, inputs, timeout=120 + 4 * args.seconds)
+        rates["keylime"] = {k: v["rate"] for k, v in keylime["kinds"].items()}
+    except KeylimeUnavailableError as exc:
+        reason = str(exc)
+    print_report(args, rates, cases, tampered, keylime, reason, notes, vectors, len(digests))
+
+
+def print_report(
+    args: Any,
+    rates: dict[str, dict[str, float]],
+    cases: list[Case],
+    tampered: bytes,
+    keylime: dict[str, Any] | None,
+    reason: str,
+    notes: list[str],
+    vectors: dict[str, Any],
+    events: int,
+) -> None:
+    """Everything the bench prints."""
+    print(f"verify_core: full TPM evidence check, {events}-event boot log (SHA-1 + SHA-256), "
+          f"quote over PCRs {','.join(map(str, c.QUOTED_PCRS))}; one core; "
+          f"best of {args.repeat} runs, {args.seconds:g} s per row")  # fmt: skip
+    print(f"machine: {machine()}")
+    if keylime:
+        print(f"Keylime {keylime['keylime']} (cryptography {keylime['cryptography']}, PyYAML "
+              f"{keylime['pyyaml']}) in {CACHE / 'keylime-venv'}, tpm2_eventlog from Debian "
+              "tpm2-tools; refstate by Keylime's create_mb_refstate, policy 'example', "
+              "evaluated on every check")  # fmt: skip
+    else:
+        print(f"Keylime: NOT MEASURED: {reason}")
+    for note in notes:
+        print(f"note: {note}")
+    print()
+    headers = ["engine", "checks/s", "µs/check", "vs Keylime", "vs floor"]
+    print(c.table(headers, report_rows(rates)))
+    print()
+    for case in cases:
+        line = f"{KINDS[case.kind]}: a log that does not replay to the quote: guardfab fails "
+        line += guardfab_refuses_tampered(case, tampered)
+        if keylime:
+            answer = keylime["kinds"][case.kind]
+            line += f"; Keylime fails {', '.join(answer['tampered_log']) or 'NOTHING'}"
+            line += f" (honest: {', '.join(answer['honest']) or 'passes'}; "
+            line += f"{answer['cpu_per_check'] * 1e3:.1f} ms CPU/check incl. tpm2_eventlog)"
+        print(line)
+    print()
+    vectors_ok = print_vectors(vectors, keylime["vectors"] if keylime else None, reason)
+    print()
+    print_goal(rates, vectors_ok, len(vectors))
+
+
+def print_goal(rates: dict[str, dict[str, float]], vectors_ok: bool, count: int) -> None:
+    """The issue's goal line with PASS/FAIL for each part."""
+    ours, floor = rates["guardfab"], rates["floor"]
+    slowdown = max(floor[k] / ours[k] for k in KINDS)
+    vs_keylime = "NOT MEASURED"
+    if "keylime" in rates:
+        speedup = min(ours[k] / rates["keylime"][k] for k in KINDS)
+        vs_keylime = f"{c.verdict(speedup >= 50)} (worst {speedup:.0f}x)"
+    print(
+        f"goal (issue 3): >= 50x Keylime: {vs_keylime}; within 3x of the floor: "
+        f"{c.verdict(slowdown <= 3)} (worst {slowdown:.2f}x); every vector log handled: "
+        f"{c.verdict(vectors_ok)} ({count} logs)"
+    )
+
+
+if __name__ == "__main__":
+    main()
