@@ -1,0 +1,210 @@
+"""The KPS's own guardians: key files under the HGS state directory.
+
+Each KPS key is a ``kps``-kind guardian (a signing key pair, whose thumbprint is
+the guardian id, and an encryption key pair) that tenants name in their key
+protectors. Layout::
+
+    D/keys/kps/<guardian id>/signing-key.pem      private (0600)
+    D/keys/kps/<guardian id>/encryption-key.pem   private (0600)
+    D/keys/kps/<guardian id>/guardian.jws         the self-signed public document
+    D/keys/kps/<guardian id>/key.json             name and creation time (public)
+
+A key directory is created complete or not at all (staged, then renamed).
+
+Rotation keeps every key: an old key still unwraps the KPs that name it, so
+VMs keep starting while their owners move to the new guardian. Which key is
+*primary* -- published first in the metadata, preferred when a KP names several
+of ours -- is recorded in the store (``kps/keys/primary``, :mod:`guardfab.hgs.kps`),
+so every node of a cluster switches at once; until the administrator picks one,
+the oldest key is primary.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import stat
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from guardfab.errors import FormatError, UsageError
+from guardfab.files import PRIVATE, PUBLIC, atomic_write, read_bounded
+from guardfab.formats import jose, keyfiles
+from guardfab.formats.guardian import (
+    MAX_GUARDIAN_BYTES,
+    GuardianKind,
+    KeyAlgorithm,
+    load_guardian_document,
+    sign_guardian_document,
+    validate_name,
+)
+from guardfab.tenant.guardians import GuardianKeys, new_guardian_keys
+
+#: Where the KPS keys live, relative to the HGS state directory.
+KPS_KEYS_DIR = ("keys", "kps")
+#: The KPS guardian's key family: ES256 + ECDH-ES+A256KW are the cheapest per release.
+DEFAULT_ALGORITHM = KeyAlgorithm.EC_P256
+_SIGNING = "signing-key.pem"
+_ENCRYPTION = "encryption-key.pem"
+_DOCUMENT = "guardian.jws"
+_META = "key.json"
+_MAX_KEY_BYTES = 16 * 1024
+_ID_RE = re.compile(r"[A-Za-z0-9_-]{43}")
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def kps_guardian_name(service_name: str, suffix: str = "kps") -> str:
+    """A guardian name derived from the HGS service name (what tenants see on import)."""
+    base = _NAME_UNSAFE.sub("-", service_name).strip("-.") or "hgs"
+    return validate_name(f"{base[:100]}-{suffix}")
+
+
+@dataclass(frozen=True)
+class KpsKey:
+    """One KPS guardian with its private keys, as loaded from its directory."""
+
+    keys: GuardianKeys = field(repr=False)
+    document: bytes = field(repr=False)
+    created_at: int
+
+    @property
+    def id(self) -> str:
+        """The guardian id (thumbprint of the signing key)."""
+        return self.keys.guardian.id
+
+    @property
+    def name(self) -> str:
+        """The guardian's name."""
+        return self.keys.guardian.name
+
+    def summary(self, *, primary: bool) -> dict[str, object]:
+        """Public description for the admin API and CLI."""
+        return {**self.keys.guardian.summary(), "created_at": self.created_at, "primary": primary}
+
+
+class KpsKeyDirectory:
+    """The KPS key files of one HGS state directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    @classmethod
+    def of_state(cls, state_dir: Path) -> KpsKeyDirectory:
+        """The KPS keys of the HGS state directory ``state_dir``."""
+        return cls(Path(state_dir).joinpath(*KPS_KEYS_DIR))
+
+    def create(
+        self, name: str, *, now: float, algorithm: KeyAlgorithm = DEFAULT_ALGORITHM
+    ) -> KpsKey:
+        """Generate a new KPS guardian and write its directory atomically."""
+        keys = new_guardian_keys(name, algorithm, GuardianKind.KPS)
+        document = sign_guardian_document(keys.guardian, keys.signing_key)
+        meta = {"id": keys.guardian.id, "name": keys.guardian.name, "created_at": int(now)}
+        files = {
+            _SIGNING: (keyfiles.private_key_pem(keys.signing_key), PRIVATE),
+            _ENCRYPTION: (keyfiles.private_key_pem(keys.encryption_key), PRIVATE),
+            _DOCUMENT: (document + b"\n", PUBLIC),
+            _META: (json.dumps(meta, indent=2).encode() + b"\n", PUBLIC),
+        }
+        self._write_new(keys.guardian.id, files)
+        return KpsKey(keys, document, int(now))
+
+    def _write_new(self, key_id: str, files: dict[str, tuple[bytes, int]]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        target = self.root / key_id
+        if target.exists():
+            raise UsageError(f"KPS key {key_id} already exists")
+        staging = self.root / f".{key_id}.new"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(mode=0o700)
+        try:
+            for filename, (data, mode) in files.items():
+                atomic_write(staging / filename, data, mode=mode)
+            staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def ids(self) -> list[str]:
+        """Ids of the complete key directories, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.root.iterdir() if _ID_RE.fullmatch(p.name) and p.is_dir()
+        )
+
+    def load(self, key_id: str) -> KpsKey:
+        """Load one key and check that its files agree with each other.
+
+        Raises:
+            UsageError: no such key, or a private key file readable by others.
+            FormatError: a file is corrupt or does not match the guardian document.
+        """
+        if not _ID_RE.fullmatch(key_id) or not (self.root / key_id).is_dir():
+            raise UsageError(f"no KPS key {key_id[:64]!r}", hint="see 'guardfab hgs kps key list'")
+        directory = self.root / key_id
+        document = read_bounded(directory / _DOCUMENT, limit=MAX_GUARDIAN_BYTES, what="guardian")
+        guardian = load_guardian_document(document)
+        signing = _private_key(directory / _SIGNING)
+        encryption = _private_key(directory / _ENCRYPTION)
+        if guardian.id != key_id or jose.thumbprint(signing) != key_id:
+            raise FormatError(f"KPS key {key_id}: the signing key does not match its directory")
+        if jose.thumbprint(encryption) != guardian.encryption_kid:
+            raise FormatError(f"KPS key {key_id}: the encryption key does not match its document")
+        if guardian.kind is not GuardianKind.KPS:
+            raise FormatError(f"KPS key {key_id}: the guardian is not of kind 'kps'")
+        return KpsKey(
+            GuardianKeys(guardian, signing, encryption), document.strip(), _created(directory)
+        )
+
+    def load_all(self) -> list[KpsKey]:
+        """Every key, oldest first."""
+        return sorted((self.load(i) for i in self.ids()), key=lambda k: (k.created_at, k.id))
+
+
+def _private_key(path: Path) -> jose.AsymmetricKey:
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        raise UsageError(f"{path} is readable by group or others", hint=f"chmod 600 {path}")
+    data = read_bounded(path, limit=_MAX_KEY_BYTES, what="KPS private key")
+    return keyfiles.load_private_key(data, what=f"KPS key {path.parent.name}")
+
+
+def _created(directory: Path) -> int:
+    raw = read_bounded(directory / _META, limit=4096, what="KPS key metadata")
+    try:
+        return int(json.loads(raw)["created_at"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FormatError(f"KPS key {directory.name}: key.json is corrupt") from exc
+
+
+def key_ring(keys: Sequence[KpsKey], primary_id: str | None) -> list[KpsKey]:
+    """The keys in the order a release tries them: the primary, then newest to oldest.
+
+    Without a recorded primary the oldest key is primary (the one ``hgs init`` made).
+
+    Raises:
+        UsageError: the recorded primary is not among ``keys`` (its files are missing).
+    """
+    if not keys:
+        return []
+    ordered = sorted(keys, key=lambda k: (k.created_at, k.id))
+    chosen = ordered[0].id if primary_id is None else primary_id
+    primary = [k for k in ordered if k.id == chosen]
+    if not primary:
+        raise UsageError(
+            f"the primary KPS key {chosen} has no key files on this node",
+            hint="copy its directory under keys/kps/ from another node, or restore a backup",
+        )
+    return primary + [k for k in reversed(ordered) if k.id != chosen]
+
+
+def create_first_kps_key(
+    state_root: Path, service_name: str, *, now: float | None = None
+) -> KpsKey:
+    """The KPS guardian ``hgs init`` makes (the HGS guardian tenants import)."""
+    return KpsKeyDirectory(Path(state_root).joinpath(*KPS_KEYS_DIR)).create(
+        kps_guardian_name(service_name), now=time.time() if now is None else now
+    )
