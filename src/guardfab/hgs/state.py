@@ -5,6 +5,7 @@ Layout (``guardfab hgs init --dir D``)::
     D/hgs.json                         configuration (public)
     D/keys/attestation-signing.pem     signs health certificates (0600)
     D/keys/nonce.key                   MAC key for challenges (0600)
+    D/keys/kps/<guardian id>/          the KPS guardian's keys (see hgs.kps_keys)
     D/tls/ca.pem                       trust anchor hosts and admins use (public)
     D/tls/server.pem, server.key       the HTTPS service certificate (key 0600)
     D/tokens/admin.token               HGS administrator credential (0600)
@@ -33,6 +34,7 @@ from guardfab.errors import FormatError, NotAuthorizedError, UsageError
 from guardfab.files import PRIVATE, PUBLIC, atomic_write, read_bounded
 from guardfab.formats import jose, keyfiles
 from guardfab.formats.guardian import KeyAlgorithm
+from guardfab.hgs.kps_keys import create_first_kps_key
 from guardfab.hgs.tls import TlsMaterial, make_private_ca_and_server
 
 CONFIG_VERSION = 1
@@ -188,6 +190,7 @@ def _populate(root: Path, config: HgsConfig, tls: TlsMaterial) -> dict[str, str]
         root / "keys" / "attestation-signing.pem", keyfiles.private_key_pem(signing), mode=PRIVATE
     )
     atomic_write(root / "keys" / "nonce.key", secrets.token_bytes(32), mode=PRIVATE)
+    create_first_kps_key(root, config.service_name)
     atomic_write(root / "tls" / "ca.pem", tls.ca_pem, mode=PUBLIC)
     atomic_write(root / "tls" / "server.pem", tls.server_chain_pem, mode=PUBLIC)
     atomic_write(root / "tls" / "server.key", tls.server_key_pem, mode=PRIVATE)
