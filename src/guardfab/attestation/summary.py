@@ -12,6 +12,7 @@ one-line description of each event, and the facts the policies read.
 from __future__ import annotations
 
 import datetime
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -31,6 +32,18 @@ _SHA256 = int(TpmAlg.SHA256)
 MAX_SUMMARY_CHARS = 160
 #: Bounds for stored records (a real log has 50-300 events).
 MAX_STORED_EVENTS = 4096
+
+
+#: Event data up to this size has its description cached: hosts re-attest with
+#: the same boot, so the same events are described again and again when the
+#: service stores their summaries. Larger data (a dbx update) is not kept.
+_CACHED_DATA_BYTES = 4096
+
+
+@functools.lru_cache(maxsize=16384)
+def _describe(event_type: int, data: bytes, uintn_size: int) -> str:
+    text = decode(event_type, data, uintn_size).summary
+    return text if len(text) <= MAX_SUMMARY_CHARS else text[: MAX_SUMMARY_CHARS - 3] + "..."
 
 
 class EventRecord(NamedTuple):
@@ -58,8 +71,9 @@ class EventRecord(NamedTuple):
         """A one-line description of the event data, for diffs and explanations."""
         if self.text is not None:
             return self.text
-        text = decode(self.event_type, self.data, uintn_size).summary
-        return text if len(text) <= MAX_SUMMARY_CHARS else text[: MAX_SUMMARY_CHARS - 3] + "..."
+        if len(self.data) <= _CACHED_DATA_BYTES:
+            return _describe(self.event_type, self.data, uintn_size)
+        return _describe.__wrapped__(self.event_type, self.data, uintn_size)
 
     def to_dict(self, uintn_size: int = 8) -> dict[str, Any]:
         """The stored form: no raw data, only its description."""
