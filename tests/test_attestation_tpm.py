@@ -219,6 +219,14 @@ ATTACKS: list[Attack] = [
         "event-log-format",
     ),
     (
+        "host key not a usable public key (evidence built without the loader)",
+        lambda: Case(
+            replace(HOST.evidence(), host_key={"kty": "oct", "k": "AAAA"}), trust_for(HOST)
+        ),
+        S.INVALID_EVIDENCE,
+        "host-encryption-key",
+    ),
+    (
         "TPM mode not active",
         lambda: honest(modes=frozenset({AttestationMode.HOST_KEY})),
         S.MODE_NOT_ACTIVE,
@@ -423,6 +431,13 @@ def test_first_contact_activation_then_pass() -> None:
     bound = replace(trust, ak_bindings=(binding_for(request),))
     second = verify_tpm_evidence(HOST.evidence(b"next nonce"), bound, nonce=b"next nonce", now=NOW)
     assert second.status is S.PASSED, second.explain()
+
+
+def test_the_time_must_carry_a_zone() -> None:
+    with pytest.raises(ValueError, match="timezone"):
+        verify_tpm_evidence(
+            HOST.evidence(), trust_for(HOST), nonce=NONCE, now=NOW.replace(tzinfo=None)
+        )
 
 
 def test_a_wrong_activation_answer_is_refused() -> None:

@@ -116,7 +116,7 @@ def verify_admin_group_evidence(
     host_id: str | None = None
     warnings = (DEPRECATION_WARNING,)
     try:
-        require_mode(trust, AttestationMode.ADMIN_GROUP)
+        require_mode(trust, AttestationMode.ADMIN_GROUP, evidence.host_key, now)
         chain = _chain(evidence)
         host_id = _identify(chain, trust, now)
         payload = binding_payload(nonce, evidence.host_key, admin_group_claims())

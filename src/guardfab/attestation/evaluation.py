@@ -10,6 +10,7 @@ import datetime
 from collections.abc import Mapping
 from typing import Any
 
+from guardfab.attestation.evidence import load_host_key
 from guardfab.attestation.policies import DEFAULT_POLICY_SET, PolicyContext, PolicySet
 from guardfab.attestation.result import (
     ActivationRequest,
@@ -21,6 +22,7 @@ from guardfab.attestation.result import (
 )
 from guardfab.attestation.summary import HostSummary
 from guardfab.attestation.trust import AttestationMode, TrustState
+from guardfab.errors import FormatError
 
 
 def revoked_failure(host_id: str) -> CheckFailure:
@@ -34,8 +36,24 @@ def revoked_failure(host_id: str) -> CheckFailure:
     )
 
 
-def require_mode(trust: TrustState, mode: AttestationMode) -> None:
-    """Refuse evidence in a mode the HGS does not accept now."""
+def require_mode(
+    trust: TrustState,
+    mode: AttestationMode,
+    host_key: Mapping[str, Any],
+    now: datetime.datetime,
+) -> None:
+    """Refuse evidence in a mode the HGS does not accept now, or with an unusable host key.
+
+    The host key is checked again here (it was checked when the evidence was
+    loaded) because a passed result hands it to the KPS, whatever built the
+    evidence object. A naive ``now`` is a programming error.
+
+    Raises:
+        ValueError: ``now`` has no time zone.
+        Refusal: the mode is not active, or the host key is not a usable public JWK.
+    """
+    if now.tzinfo is None:
+        raise ValueError("now must be a timezone-aware datetime")
     if mode not in trust.modes:
         active = ", ".join(sorted(m.value for m in trust.modes)) or "none"
         raise Refusal.of(
@@ -44,6 +62,10 @@ def require_mode(trust: TrustState, mode: AttestationMode) -> None:
             f"the HGS does not accept {mode.value} attestation (active: {active})",
             hint="configure the host for the HGS's attestation mode",
         )
+    try:
+        load_host_key(dict(host_key))
+    except FormatError as exc:
+        raise Refusal.of("host-encryption-key", AttestationStatus.INVALID_EVIDENCE, exc) from exc
 
 
 def assess_summary(

@@ -61,7 +61,7 @@ def verify_host_key_evidence(
     """Verify host-key evidence; Passed if the registered key signed this binding."""
     host_id: str | None = None
     try:
-        require_mode(trust, AttestationMode.HOST_KEY)
+        require_mode(trust, AttestationMode.HOST_KEY, evidence.host_key, now)
         registered = _identify(evidence, trust)
         host_id = registered.host_id
         payload = binding_payload(nonce, evidence.host_key, evidence.claims_bytes())

@@ -330,7 +330,7 @@ def verify_tpm_evidence(
     """
     host_id: str | None = None
     try:
-        require_mode(trust, AttestationMode.TPM)
+        require_mode(trust, AttestationMode.TPM, evidence.host_key, now)
         host_id, digest = _identify(evidence, trust, now)
         ak = _check_ak(evidence, host_id, digest, trust)
         quote = _verify_quote(evidence, ak, trust, nonce)
