@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+import guardfab.cli.hgs_admin  # noqa: F401 - attaches the admin commands to 'hgs'
 from guardfab import __version__
 from guardfab.cli import eventlog, hgs, template, tenant
 
