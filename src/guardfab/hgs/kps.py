@@ -1,0 +1,404 @@
+"""The Key Protection Service inside the HGS: the pure release wired to the store and audit log.
+
+:func:`guardfab.keyprotection.release` decides; this module feeds it the trusted
+state and records the outcome. Store layout (canonical JSON values)::
+
+    kps/version                 bumped by every configuration change (cache key)
+    kps/signers/<kid>           {"jwk", "source", "added_at"}  trusted attestation signers
+    kps/own-signer-distrusted   present once the administrator removed the HGS's own signer
+    kps/deny-before             {"time"}  refuse certificates issued earlier
+    kps/keys/primary            {"id"}    the primary KPS guardian (else the oldest key)
+    kps/generations/<kp_id>     {"generation", "at"}  newest generation issued per KP
+    kps/seen/<kp_id>            {"kps_key", "owner", "generation", "host_id", "at"}
+
+Each release is ONE store transaction: it compares ``kps/generations/<kp_id>``
+with the revision the check read, writes the new generation and the ``seen``
+record, and appends the audit record. Two concurrent releases of the same
+generation cannot both mint an egress KP: the second loses the compare and is
+refused as a replay. A refused release appends its audit record and writes
+nothing else.
+
+The HGS's own attestation signer is trusted by default without a record (a
+fresh HGS releases to the hosts it attests, and starting a service writes
+nothing); removing it like any other signer records that it is distrusted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from guardfab.errors import GuardfabError, TransportError, UsageError
+from guardfab.formats import jose
+from guardfab.formats.encoding import b64url_decode
+from guardfab.formats.guardian import KeyAlgorithm
+from guardfab.formats.key_protector import MAX_KP_BYTES
+from guardfab.hgs.kps_keys import KpsKey, KpsKeyDirectory, key_ring, kps_guardian_name
+from guardfab.hgs.registry import Registry, decode, encode
+from guardfab.hgs.service import HgsService
+from guardfab.keyprotection import (
+    KeyProtectorRejectedError,
+    KeyReleaseError,
+    ReleaseResult,
+    RollbackError,
+    load_signer_keys,
+    public_signer_jwk,
+    release,
+)
+from guardfab.store.audit import AuditLog
+from guardfab.store.base import ABSENT, Entry, Store, Txn
+from guardfab.store.errors import ConflictError
+
+VERSION_KEY = "kps/version"
+SIGNERS = "kps/signers/"
+OWN_DISTRUSTED_KEY = "kps/own-signer-distrusted"
+DENY_BEFORE_KEY = "kps/deny-before"
+PRIMARY_KEY = "kps/keys/primary"
+GENERATIONS = "kps/generations/"
+SEEN = "kps/seen/"
+#: A deny-before date this far in the future is refused: it would deny every certificate.
+MAX_DENY_BEFORE_SKEW = 60
+#: The base64url text of the largest KP file.
+_MAX_KP_TEXT = (MAX_KP_BYTES * 4) // 3 + 4
+_AUDIT_MESSAGE_CHARS = 500
+
+
+class KpsUnavailableError(TransportError):
+    """The KPS cannot serve releases: its keys or configuration failed to load."""
+
+    hint = "the HGS administrator runs 'guardfab hgs diagnose' and 'guardfab hgs kps key list'"
+
+
+class KpsNotFoundError(UsageError):
+    """An admin request named a signer or KPS key that does not exist."""
+
+
+@dataclass(frozen=True)
+class KpsConfig:
+    """What a release checks against, assembled from the store and the key files."""
+
+    signers: dict[str, jose.AsymmetricKey]
+    deny_before: float | None
+    ring: tuple[KpsKey, ...]
+
+
+@dataclass(frozen=True)
+class _Change:
+    """One audited configuration change: what the audit record says and what is written."""
+
+    kind: str
+    subject: str
+    outcome: str
+    details: dict[str, Any] = field(default_factory=dict)
+    puts: Sequence[tuple[str, Any]] = ()
+    deletes: Sequence[str] = ()
+
+
+def _config_txn(puts: Sequence[tuple[str, Any]] = (), deletes: Sequence[str] = ()) -> Txn:
+    """A configuration change; it bumps ``kps/version`` so every worker reloads."""
+    txn = Txn()
+    for key, value in puts:
+        txn.put(key, encode(value))
+    for key in deletes:
+        txn.delete(key)
+    return txn.put(VERSION_KEY, b"")
+
+
+def _printable(text: str, limit: int = 256) -> str:
+    cleaned = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return cleaned or "?"
+
+
+class KpsService:
+    """Key releases and KPS administration for one HGS (shared by request handlers)."""
+
+    def __init__(self, service: HgsService, *, keys: KpsKeyDirectory | None = None) -> None:
+        self.store: Store = service.store
+        self.audit: AuditLog = service.audit
+        self.registry: Registry = service.registry
+        self.clock: Callable[[], float] = service.clock
+        self.keys = keys or KpsKeyDirectory.of_state(service.state.dir)
+        self.service_name = service.state.config.service_name
+        self._lock = threading.Lock()
+        self._cached: tuple[int, KpsConfig] | None = None
+        self._own_signer: dict[str, Any] = service.signers()["keys"][0]
+
+    # ----------------------------------------------------------------- configuration
+
+    def config(self) -> KpsConfig:
+        """The current configuration, reloaded only when ``kps/version`` moved."""
+        entry = self.store.get(VERSION_KEY)
+        version = 0 if entry is None else entry.revision
+        cached = self._cached
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        with self._lock:
+            config = self._load_config()
+            self._cached = (version, config)
+        return config
+
+    def _load_config(self) -> KpsConfig:
+        signers: dict[str, jose.AsymmetricKey] = {}
+        for record in self.signers():
+            signers.update(load_signer_keys(record["jwk"]))
+        deny = self._get(DENY_BEFORE_KEY)
+        primary = self._get(PRIMARY_KEY)
+        ring = key_ring(self.keys.load_all(), None if primary is None else str(primary["id"]))
+        return KpsConfig(
+            signers=signers,
+            deny_before=None if deny is None else float(deny["time"]),
+            ring=tuple(ring),
+        )
+
+    def _get(self, key: str) -> Any | None:
+        entry = self.store.get(key)
+        return None if entry is None else decode(entry.value, what=key)
+
+    def _release_config(self) -> KpsConfig:
+        try:
+            config = self.config()
+        except GuardfabError as exc:
+            raise KpsUnavailableError(f"the KPS configuration does not load: {exc}") from exc
+        if not config.ring:
+            raise KpsUnavailableError("this HGS has no KPS key")
+        return config
+
+    # ----------------------------------------------------------------- releases
+
+    def release(self, health_certificate: str, key_protector: str) -> ReleaseResult:
+        """Decide one release and record it (see the module docstring).
+
+        Raises:
+            KeyReleaseError: refused (audited; nothing else changed).
+            KpsUnavailableError: the KPS keys or configuration do not load (audited).
+        """
+        reads: dict[str, Entry | None] = {}
+
+        def highest(kp_id: str) -> int | None:
+            entry = self.store.get(GENERATIONS + kp_id)
+            reads[kp_id] = entry
+            return None if entry is None else int(decode(entry.value, what=kp_id)["generation"])
+
+        try:
+            config = self._release_config()
+            result = release(
+                health_certificate,
+                _decode_kp(key_protector),
+                kps_keys=[k.keys for k in config.ring],
+                trusted_signers=config.signers,
+                now=self.clock(),
+                deny_before=config.deny_before,
+                revoked_hosts=self.registry.trust().revoked_hosts,
+                highest_generation_seen=highest,
+            )
+        except GuardfabError as exc:
+            self._audit_refusal(exc)
+            raise
+        return self._commit(result, reads[result.kp_id])
+
+    def _commit(self, result: ReleaseResult, read: Entry | None) -> ReleaseResult:
+        now = int(self.clock())
+        key = GENERATIONS + result.kp_id
+        txn = Txn().compare(key, ABSENT if read is None else read.revision)
+        txn.put(key, encode({"generation": result.egress_generation, "at": now}))
+        seen = {
+            "kps_key": result.kps_guardian,
+            "owner": result.owner,
+            "generation": result.egress_generation,
+            "host_id": result.host_id,
+            "at": now,
+        }
+        txn.put(SEEN + result.kp_id, encode(seen))
+        try:
+            self.audit.append(
+                kind="key-release",
+                actor=_printable(result.host_id),
+                subject=result.kp_id,
+                outcome="granted",
+                details=result.audit_details(),
+                txn=txn,
+            )
+        except ConflictError as exc:
+            refusal = RollbackError(
+                f"key protector {result.kp_id} generation {result.generation} was released"
+                " by a concurrent request: this one is refused as a replay"
+            )
+            refusal.annotate(
+                host_id=result.host_id, kp_id=result.kp_id, generation=result.generation
+            )
+            self._audit_refusal(refusal)
+            raise refusal from exc
+        return result
+
+    def _audit_refusal(self, exc: GuardfabError) -> None:
+        """Audit a refused release: the reason, and the host and KP if already verified."""
+        actor, subject = "unidentified-host", "unidentified-kp"
+        details: dict[str, Any] = {"reason": "kps-unavailable"}
+        if isinstance(exc, KeyReleaseError):
+            details["reason"] = exc.reason
+            if exc.generation is not None:
+                details["generation"] = exc.generation
+            actor = _printable(exc.host_id) if exc.host_id else actor
+            subject = exc.kp_id or subject
+        details["message"] = str(exc)[:_AUDIT_MESSAGE_CHARS]
+        self.audit.append(
+            kind="key-release", actor=actor, subject=subject, outcome="refused", details=details
+        )
+
+    # ----------------------------------------------------------------- signers
+
+    def signers(self) -> list[dict[str, Any]]:
+        """The trusted attestation signers: the records, and this HGS's own unless removed."""
+        rows = [
+            {"kid": e.key.removeprefix(SIGNERS), **decode(e.value, what=e.key)}
+            for e in self.store.list(SIGNERS)
+        ]
+        own = self._own_signer["kid"]
+        if self.store.get(OWN_DISTRUSTED_KEY) is None and all(r["kid"] != own for r in rows):
+            rows.insert(0, {"kid": own, "jwk": self._own_signer, "source": "own (default)"})
+        return rows
+
+    def add_signers(self, document: Any, *, actor: str) -> list[str]:
+        """Trust the signer(s) of a JWK or JWK Set; return their ids."""
+        keys = load_signer_keys(document)
+        now = int(self.clock())
+        puts = [
+            (SIGNERS + kid, {"jwk": public_signer_jwk(key), "source": "admin", "added_at": now})
+            for kid, key in keys.items()
+        ]
+        kids = sorted(keys)
+        deletes = [OWN_DISTRUSTED_KEY] if self._own_signer["kid"] in keys else []
+        change = _Change("kps-signer", ",".join(kids), "added", {"signers": kids}, puts, deletes)
+        self._change(change, actor=actor)
+        return kids
+
+    def remove_signer(self, kid: str, *, actor: str) -> None:
+        """Stop trusting a signer: its certificates are refused from the next release on."""
+        if kid not in {r["kid"] for r in self.signers()}:
+            raise KpsNotFoundError(f"no trusted attestation signer {kid[:64]!r}")
+        puts = [(OWN_DISTRUSTED_KEY, {"kid": kid})] if kid == self._own_signer["kid"] else []
+        change = _Change("kps-signer", kid, "removed", {}, puts, [SIGNERS + kid])
+        self._change(change, actor=actor)
+
+    # ----------------------------------------------------------------- deny-before
+
+    def deny_before(self) -> int | None:
+        """The deny-before date (Unix seconds), if set."""
+        record = self._get(DENY_BEFORE_KEY)
+        return None if record is None else int(record["time"])
+
+    def set_deny_before(self, when: int | None, *, actor: str) -> None:
+        """Refuse certificates issued before ``when`` (None clears the date).
+
+        Raises:
+            UsageError: ``when`` is in the future (it would refuse every certificate).
+        """
+        if when is None:
+            change = _Change("kps-deny-before", "deny-before", "cleared", deletes=[DENY_BEFORE_KEY])
+            self._change(change, actor=actor)
+            return
+        if when > self.clock() + MAX_DENY_BEFORE_SKEW:
+            raise UsageError(
+                "the deny-before date is in the future: every certificate would be refused",
+                hint="give a past date or 'now'",
+            )
+        record = {"time": int(when), "set_at": int(self.clock())}
+        change = _Change(
+            "kps-deny-before", "deny-before", "set", record, [(DENY_BEFORE_KEY, record)]
+        )
+        self._change(change, actor=actor)
+
+    # ----------------------------------------------------------------- KPS keys
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        """Every KPS key, primary first."""
+        ring = self.config().ring
+        return [k.summary(primary=i == 0) for i, k in enumerate(ring)]
+
+    def add_key(
+        self,
+        *,
+        actor: str,
+        name: str | None = None,
+        algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256,
+        make_primary: bool = False,
+    ) -> dict[str, Any]:
+        """Create a new KPS guardian (and make it primary if asked)."""
+        now = self.clock()
+        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
+        key = self.keys.create(
+            name or kps_guardian_name(self.service_name, f"kps-{stamp}"),
+            now=now,
+            algorithm=algorithm,
+        )
+        puts = [(PRIMARY_KEY, {"id": key.id})] if make_primary else []
+        details = {"name": key.name, "primary": make_primary}
+        self._change(_Change("kps-key", key.id, "added", details, puts), actor=actor)
+        return key.summary(primary=make_primary)
+
+    def make_primary(self, key_id: str, *, actor: str) -> None:
+        """Make ``key_id`` the primary: egress KPs that name it are signed by it, it is
+        published first, and KPs last seen on other keys show in the report."""
+        if key_id not in self.keys.ids():
+            raise KpsNotFoundError(f"no KPS key {key_id[:64]!r}")
+        self.keys.load(key_id)  # its files must load before it becomes primary
+        puts = [(PRIMARY_KEY, {"id": key_id})]
+        self._change(_Change("kps-key", key_id, "made-primary", puts=puts), actor=actor)
+
+    def _change(self, change: _Change, *, actor: str) -> None:
+        """Apply a configuration change and its audit record in one transaction."""
+        self.audit.append(
+            kind=change.kind,
+            actor=actor,
+            subject=_printable(change.subject),
+            outcome=change.outcome,
+            details=change.details,
+            txn=_config_txn(change.puts, change.deletes),
+        )
+
+    # ----------------------------------------------------------------- publication
+
+    def metadata(self) -> dict[str, Any]:
+        """The KPS guardian documents, primary first (what tenants import)."""
+        ring = self._release_config().ring
+        return {
+            "service": self.service_name,
+            "primary": ring[0].id,
+            "guardians": [
+                {
+                    "id": k.id,
+                    "name": k.name,
+                    "primary": i == 0,
+                    "document": k.document.decode("ascii"),
+                }
+                for i, k in enumerate(ring)
+            ],
+        }
+
+    def primary_document(self) -> bytes:
+        """The primary KPS guardian's self-signed document, as a file to import."""
+        return self._release_config().ring[0].document + b"\n"
+
+    def report(self) -> dict[str, Any]:
+        """KPs last released under a key that is not the primary (to move to the new one)."""
+        primary = self._release_config().ring[0].id
+        rows = []
+        counts: dict[str, int] = {}
+        for entry in self.store.list(SEEN):
+            record = decode(entry.value, what=entry.key)
+            counts[record["kps_key"]] = counts.get(record["kps_key"], 0) + 1
+            if record["kps_key"] != primary:
+                rows.append({"kp_id": entry.key.removeprefix(SEEN), **record})
+        return {"primary": primary, "kps_by_key": counts, "on_old_keys": rows}
+
+
+def _decode_kp(text: str) -> bytes:
+    if not isinstance(text, str) or len(text) > _MAX_KP_TEXT:
+        raise KeyProtectorRejectedError("key protector: not base64url text of acceptable size")
+    try:
+        return b64url_decode(text, what="key protector")
+    except GuardfabError as exc:
+        raise KeyProtectorRejectedError(f"key protector refused: {exc}") from exc

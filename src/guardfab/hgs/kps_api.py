@@ -1,0 +1,209 @@
+"""The Key Protection Service's HTTPS routes: release, published metadata, administration.
+
+Host-facing (no credential: the health certificate is the credential):
+
+* ``POST /keyprotection/v1/release`` {health_certificate, key_protector (base64url)}
+  -> 200 {release, egress_key_protector, kp_id, generation, egress_generation,
+  kps_guardian}; refusals are 401 (certificate not genuine, untrusted, expired or
+  denied), 403 (host revoked), 404 (KP for another fabric), 409 (rollback or
+  replay), 422 (tampered KP); 503 when the KPS keys do not load. Error bodies
+  carry the typed error's message, hint and reason: never key material.
+* ``GET /keyprotection/v1/metadata``: the KPS guardian documents, primary first.
+* ``GET /keyprotection/v1/metadata/guardian.jws``: the primary document alone, the
+  file ``guardfab tenant guardian import`` reads.
+
+Admin (``ADMIN`` changes, ``READER`` reads), under ``/admin/v1/kps/``: trusted
+attestation signers, the deny-before date, KPS keys and the rotation report.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import Field
+
+from guardfab.errors import FormatError
+from guardfab.formats.guardian import KeyAlgorithm
+from guardfab.formats.health_certificate import MAX_TOKEN_BYTES
+from guardfab.hgs.app import ADMIN, READER, Strict, service_of_app
+from guardfab.hgs.kps import KpsNotFoundError, KpsService
+from guardfab.hgs.web import error_body
+from guardfab.keyprotection import (
+    CertificateRejectedError,
+    ForeignKeyProtectorError,
+    HostRevokedError,
+    KeyProtectorRejectedError,
+    KeyReleaseError,
+    RollbackError,
+)
+
+#: HTTP status of each refusal (first matching class wins).
+RELEASE_STATUS: tuple[tuple[type[KeyReleaseError], int], ...] = (
+    (CertificateRejectedError, 401),
+    (HostRevokedError, 403),
+    (ForeignKeyProtectorError, 404),
+    (RollbackError, 409),
+    (KeyProtectorRejectedError, 422),
+)
+_MAX_KP_TEXT = 400 * 1024
+
+
+class ReleaseRequest(Strict):
+    """A host's health certificate and the VM's key protector (its file, base64url)."""
+
+    health_certificate: str = Field(max_length=MAX_TOKEN_BYTES)
+    key_protector: str = Field(max_length=_MAX_KP_TEXT)
+
+
+class SignerRequest(Strict):
+    """A signer's public JWK, or a JWK Set such as another HGS's /attestation/v1/signers."""
+
+    jwk: dict[str, Any] | None = None
+    jwks: dict[str, Any] | None = None
+
+
+class DenyBeforeRequest(Strict):
+    """Refuse health certificates issued before this time (Unix seconds)."""
+
+    deny_before: int = Field(ge=0)
+
+
+class KeyAddRequest(Strict):
+    """A new KPS guardian: optional name, key family, and whether it becomes primary."""
+
+    name: str | None = Field(default=None, max_length=128)
+    algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256
+    make_primary: bool = False
+
+
+def kps_of(request: Request) -> KpsService:
+    """The KpsService bound to the running app."""
+    kps: KpsService = request.app.state.kps
+    return kps
+
+
+def release_status(exc: KeyReleaseError) -> int:
+    """The HTTP status of a refused release."""
+    for cls, status in RELEASE_STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 403
+
+
+async def _release_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, KeyReleaseError)
+    body = error_body(exc)
+    body["error"]["reason"] = exc.reason
+    status = release_status(exc)
+    headers = (
+        {"WWW-Authenticate": 'HealthCertificate realm="guardfab-kps"'} if status == 401 else None
+    )
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _not_found_handler(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, KpsNotFoundError)
+    return JSONResponse(error_body(exc), status_code=404)
+
+
+def add_kps_routes(app: FastAPI) -> None:
+    """Register the KPS routes and build the KpsService on ``app.state.kps``."""
+    app.state.kps = KpsService(service_of_app(app))
+    app.add_exception_handler(KeyReleaseError, _release_error_handler)
+    app.add_exception_handler(KpsNotFoundError, _not_found_handler)
+    _host_routes(app)
+    _signer_routes(app)
+    _key_routes(app)
+
+
+def _host_routes(app: FastAPI) -> None:
+    @app.post("/keyprotection/v1/release", tags=["key protection"])
+    def release(request: Request, body: ReleaseRequest) -> dict[str, Any]:
+        """Release a VM's keys to a host with a valid health certificate; re-key its KP."""
+        result = kps_of(request).release(body.health_certificate, body.key_protector)
+        return result.to_response()
+
+    @app.get("/keyprotection/v1/metadata", tags=["key protection"])
+    def metadata(request: Request) -> dict[str, Any]:
+        """The KPS guardians' self-signed documents, primary first."""
+        return kps_of(request).metadata()
+
+    @app.get("/keyprotection/v1/metadata/guardian.jws", tags=["key protection"])
+    def guardian_document(request: Request) -> Response:
+        """The primary KPS guardian document: the file tenants import."""
+        return Response(kps_of(request).primary_document(), media_type="application/jose")
+
+
+def _signer_routes(app: FastAPI) -> None:
+    @app.get("/admin/v1/kps/signers", tags=["key protection admin"])
+    def signers(request: Request, _role: Annotated[str, Depends(READER)]) -> dict[str, Any]:
+        """Trusted attestation signers."""
+        return {"signers": kps_of(request).signers()}
+
+    @app.post("/admin/v1/kps/signers", tags=["key protection admin"])
+    def add_signer(
+        request: Request, body: SignerRequest, role: Annotated[str, Depends(ADMIN)]
+    ) -> dict[str, Any]:
+        """Trust the attestation signer(s) of a JWK or JWK Set."""
+        if (body.jwk is None) == (body.jwks is None):
+            raise FormatError("give exactly one of 'jwk' and 'jwks'")
+        document = body.jwk if body.jwk is not None else body.jwks
+        return {"added": kps_of(request).add_signers(document, actor=role)}
+
+    @app.delete("/admin/v1/kps/signers/{kid}", tags=["key protection admin"])
+    def remove_signer(
+        request: Request, kid: str, role: Annotated[str, Depends(ADMIN)]
+    ) -> dict[str, Any]:
+        """Stop trusting an attestation signer."""
+        kps_of(request).remove_signer(kid, actor=role)
+        return {"removed": kid}
+
+    @app.get("/admin/v1/kps/deny-before", tags=["key protection admin"])
+    def deny_before(request: Request, _role: Annotated[str, Depends(READER)]) -> dict[str, Any]:
+        """The deny-before date (Unix seconds), or null."""
+        return {"deny_before": kps_of(request).deny_before()}
+
+    @app.put("/admin/v1/kps/deny-before", tags=["key protection admin"])
+    def set_deny_before(
+        request: Request, body: DenyBeforeRequest, role: Annotated[str, Depends(ADMIN)]
+    ) -> dict[str, Any]:
+        """Refuse health certificates issued before a date."""
+        kps_of(request).set_deny_before(body.deny_before, actor=role)
+        return {"deny_before": body.deny_before}
+
+    @app.delete("/admin/v1/kps/deny-before", tags=["key protection admin"])
+    def clear_deny_before(request: Request, role: Annotated[str, Depends(ADMIN)]) -> dict[str, Any]:
+        """Clear the deny-before date."""
+        kps_of(request).set_deny_before(None, actor=role)
+        return {"deny_before": None}
+
+
+def _key_routes(app: FastAPI) -> None:
+    @app.get("/admin/v1/kps/keys", tags=["key protection admin"])
+    def keys(request: Request, _role: Annotated[str, Depends(READER)]) -> dict[str, Any]:
+        """The KPS keys, primary first."""
+        return {"keys": kps_of(request).list_keys()}
+
+    @app.post("/admin/v1/kps/keys", tags=["key protection admin"])
+    def add_key(
+        request: Request, body: KeyAddRequest, role: Annotated[str, Depends(ADMIN)]
+    ) -> dict[str, Any]:
+        """Create a new KPS guardian (optionally primary at once)."""
+        return kps_of(request).add_key(
+            actor=role, name=body.name, algorithm=body.algorithm, make_primary=body.make_primary
+        )
+
+    @app.post("/admin/v1/kps/keys/{key_id}/make-primary", tags=["key protection admin"])
+    def make_primary(
+        request: Request, key_id: str, role: Annotated[str, Depends(ADMIN)]
+    ) -> dict[str, Any]:
+        """Make a KPS key the primary one."""
+        kps_of(request).make_primary(key_id, actor=role)
+        return {"primary": key_id}
+
+    @app.get("/admin/v1/kps/report", tags=["key protection admin"])
+    def report(request: Request, _role: Annotated[str, Depends(READER)]) -> dict[str, Any]:
+        """KPs last seen under a KPS key that is not the primary."""
+        return kps_of(request).report()
