@@ -129,6 +129,9 @@ def create_app(service: HgsService) -> FastAPI:
     from guardfab.hgs.admin_api import add_admin_routes  # noqa: PLC0415 - it imports this module
 
     add_admin_routes(app)
+    from guardfab.hgs.kps_api import add_kps_routes  # noqa: PLC0415 - it imports this module
+
+    add_kps_routes(app)
     return app
 
 
