@@ -6,7 +6,7 @@ import click
 
 import guardfab.cli.hgs_admin  # noqa: F401 - attaches the admin commands to 'hgs'
 from guardfab import __version__
-from guardfab.cli import eventlog, hgs, template, tenant
+from guardfab.cli import eventlog, hgs, host, template, tenant
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,6 +22,7 @@ def cli() -> None:
       tenant     guardians, key protectors and shielding data (on the tenant's machine)
       template   sign and verify template disks, volume signature catalogs
       hgs        run and administer the Host Guardian Service
+      host       make this KVM host a guarded host (attestation agent, status, diagnose)
       eventlog   read a TCG PC Client boot event log
     """
 
@@ -29,6 +30,7 @@ def cli() -> None:
 cli.add_command(tenant.tenant)
 cli.add_command(template.template)
 cli.add_command(hgs.hgs)
+cli.add_command(host.host)
 cli.add_command(eventlog.eventlog)
 
 
