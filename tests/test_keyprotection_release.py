@@ -400,3 +400,17 @@ def test_release_cost_is_reported(world: World) -> None:
     for _ in range(5):
         world.release(cert, kp)
     assert (time.perf_counter() - start) / 5 < 0.5
+
+
+def test_refusals_after_the_certificate_verified_name_the_host(world: World) -> None:
+    with pytest.raises(HostRevokedError) as revoked:
+        world.release(world.cert(), world.kp(), revoked_hosts=frozenset({"host-a"}))
+    with pytest.raises(CertificateDeniedError) as denied:
+        world.release(world.cert(), world.kp(), deny_before=NOW)
+    with pytest.raises(CertificateRejectedError) as forged:
+        world.release(_forged(world), world.kp())
+    assert (revoked.value.host_id, denied.value.host_id, forged.value.host_id) == (
+        "host-a",
+        "host-a",
+        None,
+    )

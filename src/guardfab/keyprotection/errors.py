@@ -33,10 +33,13 @@ class KeyReleaseError(InvalidInputError):
         self.generation: int | None = None
 
     def annotate(self, *, host_id: str | None, kp_id: str | None, generation: int | None) -> None:
-        """Record what was already verified when the request was refused (for the audit)."""
-        self.host_id = host_id
-        self.kp_id = kp_id
-        self.generation = generation
+        """Record what was already verified when the request was refused (for the audit).
+
+        Values an inner check already recorded are kept; ``None`` never erases one.
+        """
+        self.host_id = self.host_id if host_id is None else host_id
+        self.kp_id = self.kp_id if kp_id is None else kp_id
+        self.generation = self.generation if generation is None else generation
 
 
 class CertificateRejectedError(KeyReleaseError):

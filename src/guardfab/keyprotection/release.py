@@ -227,13 +227,17 @@ def check_certificate(
         raise CertificateExpiredError(str(exc)) from exc
     except InvalidInputError as exc:
         raise CertificateRejectedError(f"health certificate refused: {exc}") from exc
+    refusal: KeyReleaseError | None = None
     if deny_before is not None and cert.issued_at < deny_before:
-        raise CertificateDeniedError(
+        refusal = CertificateDeniedError(
             f"health certificate {cert.cert_id} of host {cert.host_id} was issued before"
             " the deny-before date set by the HGS administrator"
         )
-    if cert.host_id in revoked_hosts:
-        raise HostRevokedError(f"host {cert.host_id} is revoked: no keys are released to it")
+    elif cert.host_id in revoked_hosts:
+        refusal = HostRevokedError(f"host {cert.host_id} is revoked: no keys are released to it")
+    if refusal is not None:
+        refusal.annotate(host_id=cert.host_id, kp_id=None, generation=None)  # it is genuine
+        raise refusal
     return cert
 
 
