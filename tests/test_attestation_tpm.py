@@ -376,14 +376,12 @@ def test_the_engine_never_reads_facts_from_a_log_that_did_not_replay() -> None:
 
 
 def test_a_quoted_pcr_the_log_does_not_touch_is_allowed() -> None:
-    """PCR 10 (IMA) is quoted but not in the firmware log: not a replay failure."""
-    evidence = HOST.evidence(quoted=(*range(10), 10))
-    evidence = _pcr_changed(evidence, 10)  # not zero in real life; the quote says so
-    attest = make_quote(quote_qualifying_data(NONCE, host_key_jwk()), evidence.pcrs)
-    evidence = replace(evidence, quote_attest=attest, quote_signature=soft_sign(HOST.ak, attest))
-    evidence = replace(evidence, pcrs={**evidence.pcrs, 10: b"\x10" * 32})
-    attest = make_quote(quote_qualifying_data(NONCE, host_key_jwk()), evidence.pcrs)
-    evidence = replace(evidence, quote_attest=attest, quote_signature=soft_sign(HOST.ak, attest))
+    """PCR 10 (IMA) is quoted, non-zero, and not in the firmware log: not a replay failure."""
+    pcrs = {**HOST.boot.pcrs(), 10: b"\x10" * 32}
+    attest = make_quote(quote_qualifying_data(NONCE, host_key_jwk()), pcrs)
+    evidence = replace(
+        HOST.evidence(), pcrs=pcrs, quote_attest=attest, quote_signature=soft_sign(HOST.ak, attest)
+    )
     result = verify_tpm_evidence(evidence, trust_for(HOST), nonce=NONCE, now=NOW)
     assert result.status is S.PASSED, result.explain()
     assert result.summary is not None
