@@ -6,7 +6,14 @@ import click
 
 import guardfab.cli.hgs_admin  # noqa: F401 - attaches the admin commands to 'hgs'
 from guardfab import __version__
-from guardfab.cli import eventlog, hgs, host, template, tenant
+from guardfab.cli import (
+    eventlog,
+    hgs,
+    hgs_kps,  # noqa: F401 - attaches the key protection commands to 'hgs'
+    host,
+    template,
+    tenant,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
