@@ -84,7 +84,7 @@ def _settings_text(data: dict[str, Any]) -> str:
 @json_option
 @handle_errors
 def settings_show(conn: ConnectionOptions, as_json: bool) -> None:
-    """Show the trust settings."""
+    """Show the trust settings (Get-HgsServer shows the reference's)."""
     data = call(conn, lambda c: c.settings())
     emit(as_json, data, lambda: _settings_text(data))
 
@@ -111,7 +111,12 @@ def settings_set(
     conn: ConnectionOptions,
     as_json: bool,
 ) -> None:
-    """Change trust settings; options not given keep their value."""
+    """Change trust settings; options not given keep their value.
+
+    Admitting vendor-certified EKs has no reference counterpart: the reference
+    registers every TPM host (Add-HgsAttestationTpmHost) and its TrustedTpm
+    stores only vouch for EK certificates.
+    """
     data = call(
         conn,
         lambda c: c.update_settings(
@@ -287,7 +292,9 @@ def host_revoke(host_id: str, reason: str, conn: ConnectionOptions, as_json: boo
 @json_option
 @handle_errors
 def host_unrevoke(host_id: str, conn: ConnectionOptions, as_json: bool) -> None:
-    """Lift HOST_ID's revocation."""
+    """Lift HOST_ID's revocation (no reference counterpart: the reference re-registers the
+    host with Add-HgsAttestationTpmHost / -HostKey).
+    """
     data = call(conn, lambda c: c.unrevoke_host(host_id))
     emit(as_json, data, f"host {host_id} is no longer revoked")
 
@@ -297,7 +304,7 @@ def host_unrevoke(host_id: str, conn: ConnectionOptions, as_json: bool) -> None:
 @json_option
 @handle_errors
 def host_revocations(conn: ConnectionOptions, as_json: bool) -> None:
-    """Revoked hosts, with when and why."""
+    """Revoked hosts, with when and why (no reference counterpart; see 'revoke')."""
     rows = call(conn, lambda c: c.revocations())
     emit(
         as_json,
@@ -335,7 +342,8 @@ def ek_ca() -> None:
 def ek_ca_add(
     certificate: Path, intermediate: bool, conn: ConnectionOptions, as_json: bool
 ) -> None:
-    """Trust a TPM vendor CA certificate (PEM or DER) for EK certificates.
+    """Trust a TPM vendor CA certificate (PEM or DER) for EK certificates (the reference
+    installs it into its TrustedTpm_RootCA or TrustedTpm_IntermediateCA store).
 
     Registered TPM hosts do not need one. With 'hgs settings set
     --admit-certified-eks', any TPM whose EK certificate chains to one is admitted.
@@ -350,7 +358,7 @@ def ek_ca_add(
 @json_option
 @handle_errors
 def ek_ca_list(conn: ConnectionOptions, as_json: bool) -> None:
-    """Trusted TPM vendor CAs."""
+    """Trusted TPM vendor CAs (the reference's TrustedTpm_RootCA/_IntermediateCA stores)."""
     rows = call(conn, lambda c: c.cas("ek"))
     emit(as_json, rows, lambda: _ca_table(rows))
 
@@ -361,7 +369,9 @@ def ek_ca_list(conn: ConnectionOptions, as_json: bool) -> None:
 @json_option
 @handle_errors
 def ek_ca_remove(cert_id: str, conn: ConnectionOptions, as_json: bool) -> None:
-    """Stop trusting a TPM vendor CA (CERT_ID: the SHA-256 shown by 'list')."""
+    """Stop trusting a TPM vendor CA (CERT_ID: the SHA-256 shown by 'list'); the reference
+    removes it from its TrustedTpm_RootCA or _IntermediateCA store.
+    """
     data = call(conn, lambda c: c.remove_ca("ek", cert_id))
     emit(as_json, data, f"removed {data['kind']} CA {cert_id}")
 
@@ -412,7 +422,9 @@ def group_list(conn: ConnectionOptions, as_json: bool) -> None:
 @json_option
 @handle_errors
 def group_add_ca(certificate: Path, conn: ConnectionOptions, as_json: bool) -> None:
-    """Trust a host CA whose client certificates name a host's group (PEM or DER)."""
+    """Trust a host CA whose client certificates name a host's group (PEM or DER). The
+    reference trusts Active Directory instead (Add-HgsAttestationHostGroup with a group SID).
+    """
     data_in = read_input(certificate, limit=_MAX_KEY_FILE, what="CA certificate")
     data = call(conn, lambda c: c.add_ca("group", data_in))
     emit(as_json, data, lambda: with_notes(f"trusted host CA {data['id']}", data))
@@ -423,7 +435,7 @@ def group_add_ca(certificate: Path, conn: ConnectionOptions, as_json: bool) -> N
 @json_option
 @handle_errors
 def group_list_cas(conn: ConnectionOptions, as_json: bool) -> None:
-    """Trusted host CAs."""
+    """Trusted host CAs (the reference trusts Active Directory; see 'add-ca')."""
     rows = call(conn, lambda c: c.cas("group"))
     emit(as_json, rows, lambda: _ca_table(rows))
 
@@ -434,7 +446,9 @@ def group_list_cas(conn: ConnectionOptions, as_json: bool) -> None:
 @json_option
 @handle_errors
 def group_remove_ca(cert_id: str, conn: ConnectionOptions, as_json: bool) -> None:
-    """Stop trusting a host CA (CERT_ID: the SHA-256 shown by 'list-cas')."""
+    """Stop trusting a host CA (CERT_ID: the SHA-256 shown by 'list-cas'); no reference
+    counterpart (see 'add-ca').
+    """
     data = call(conn, lambda c: c.remove_ca("group", cert_id))
     emit(as_json, data, f"removed host CA {cert_id}")
 

@@ -171,7 +171,8 @@ def baseline_candidates(state: str | None, conn: ConnectionOptions, as_json: boo
 def baseline_file_candidate(
     host_id: str, name: str, reason: str, conn: ConnectionOptions, as_json: bool
 ) -> None:
-    """File HOST's last verified boot as a candidate baseline, to approve with one command.
+    """File HOST's last verified boot as a candidate baseline, to approve with one command
+    (no reference counterpart: there a new baseline is a new Add-HgsAttestationTpmPolicy).
 
     Only a TPM attestation whose quote and event log verified leaves a boot to
     file, so the candidate is bound by the host's TPM, unlike a log file.
@@ -194,7 +195,9 @@ def baseline_file_candidate(
 def baseline_approve(
     candidate_id: str, name: str | None, conn: ConnectionOptions, as_json: bool
 ) -> None:
-    """Register a candidate as a TPM baseline, in one step."""
+    """Register a candidate as a TPM baseline, in one step (no reference counterpart: it
+    does what Add-HgsAttestationTpmPolicy does, from a verified boot instead of a log file).
+    """
     data = call(conn, lambda c: c.approve_candidate(candidate_id, name))
     emit(as_json, data, lambda: with_notes(f"approved: baseline {data['name']} added", data))
 
@@ -206,7 +209,7 @@ def baseline_approve(
 @json_option
 @handle_errors
 def baseline_reject(candidate_id: str, reason: str, conn: ConnectionOptions, as_json: bool) -> None:
-    """Reject a candidate baseline."""
+    """Reject a candidate baseline, keeping the reason (no reference counterpart)."""
     data = call(conn, lambda c: c.reject_candidate(candidate_id, reason))
     emit(as_json, data, f"rejected candidate {candidate_id}")
 
@@ -253,7 +256,7 @@ def ci_policy_add(
 @json_option
 @handle_errors
 def ci_policy_list(conn: ConnectionOptions, as_json: bool) -> None:
-    """Registered CI policies."""
+    """Registered CI policies (Get-HgsAttestationPolicy lists them in the reference)."""
     rows = call(conn, lambda c: c.ci_policies())
     emit(
         as_json, rows, lambda: table(((r["name"], r["digest"]) for r in rows), ("NAME", "SHA-256"))
@@ -443,7 +446,9 @@ def audit() -> None:
 def audit_list(
     since: int, limit: int, kind: str | None, conn: ConnectionOptions, as_json: bool
 ) -> None:
-    """A page of audit records, oldest first; the last line says where the next page starts."""
+    """A page of audit records, oldest first; the last line says where the next page starts
+    (the reference's counterpart is the HGS event log in the Windows Event Viewer).
+    """
     data = call(conn, lambda c: c.audit(since=since, limit=limit, kind=kind))
 
     def human() -> str:
@@ -472,7 +477,9 @@ def audit_list(
 @json_option
 @handle_errors
 def audit_verify(conn: ConnectionOptions, as_json: bool) -> None:
-    """Verify the audit log's hash chain end to end; exit 1 naming the first broken record."""
+    """Verify the audit log's hash chain end to end; exit 1 naming the first broken record
+    (no reference counterpart: the Windows event log is not hash-chained).
+    """
     data = call(conn, lambda c: c.verify_audit())
     if data["ok"]:
         text = (

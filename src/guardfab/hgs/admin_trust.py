@@ -140,6 +140,8 @@ class CaKind(enum.StrEnum):
     GROUP_ROOT = "group-root"
 
 
+EK_CAS = (CaKind.EK_ROOT, CaKind.EK_INTERMEDIATE)
+GROUP_CAS = (CaKind.GROUP_ROOT,)
 _CA_PREFIX = {
     CaKind.EK_ROOT: reg.EK_ROOTS,
     CaKind.EK_INTERMEDIATE: reg.EK_INTERMEDIATES,
@@ -196,8 +198,10 @@ def add_ca(admin: Admin, kind: CaKind, text: str) -> dict[str, Any]:
     pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
     key = _CA_PREFIX[kind] + summary["id"]
     snap = admin.snapshot()
-    if admin.store.get(key) is not None:
-        raise AlreadyExistsError(f"this {kind.value} CA is already registered")
+    family = EK_CAS if kind in EK_CAS else GROUP_CAS
+    for registered in family:
+        if admin.store.get(_CA_PREFIX[registered] + summary["id"]) is not None:
+            raise AlreadyExistsError(f"this CA is already registered as {registered.value}")
     admin.commit(
         snap,
         Change(
@@ -205,10 +209,6 @@ def add_ca(admin: Admin, kind: CaKind, text: str) -> dict[str, Any]:
         ),
     )
     return {**summary, "warnings": warnings}
-
-
-EK_CAS = (CaKind.EK_ROOT, CaKind.EK_INTERMEDIATE)
-GROUP_CAS = (CaKind.GROUP_ROOT,)
 
 
 def remove_ca(admin: Admin, cert_id: str, kinds: Iterable[CaKind]) -> dict[str, Any]:

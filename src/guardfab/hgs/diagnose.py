@@ -439,6 +439,12 @@ def _audit(store: Store) -> Check:
         report = AuditLog(store).verify()
     except GuardfabError as exc:
         return _fail("audit-chain", str(exc), exc.hint)
+    except Exception as exc:  # noqa: BLE001 - a corrupt store must be reported, not crash diagnose
+        return _fail(
+            "audit-chain",
+            f"the audit log does not read ({type(exc).__name__})",
+            "the store file was edited outside guardfab: compare it with a backup",
+        )
     return _ok("audit-chain", f"{report.records} records verify (head {report.head.hash[:16]})")
 
 
