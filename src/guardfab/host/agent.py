@@ -45,6 +45,7 @@ from guardfab.host.attestation import (
 )
 from guardfab.host.attester import Attester
 from guardfab.host.config import HgsSite, HostConfig, RetrySettings
+from guardfab.host.keyrelease import KeyReleaseRefusedError
 from guardfab.host.keyrequest import KeyReleaser, ReleasedKeys
 from guardfab.host.status import (
     AgentStatus,
@@ -58,7 +59,9 @@ logger = logging.getLogger(__name__)
 
 #: The scheduler re-reads the clock at least this often (suspend, clock steps).
 MAX_SLEEP = 60.0
-#: KPS refusals after which a fresh certificate may succeed (the KPS's reasons).
+#: KPS refusals after which a fresh certificate may succeed: HTTP 401 (the
+#: certificate) and these reasons.
+_REATTEST_STATUS = 401
 _REATTEST_REASONS = frozenset({"certificate-expired", "issued-before-deny-date"})
 
 ClientFactory = Callable[[str, Path, float], HgsAttestationClient]
@@ -254,20 +257,24 @@ class GuardedHostAgent:
             UsageError: ``use_fallback`` and no fallback is configured.
         """
         with self._attest_lock:
-            now = self.clock.now()
-            sites = self._sites.order(now, use_fallback=use_fallback)
-            try:
-                site, outcome = self._attest_sites(sites, now)
-            except NoHgsAnsweredError as exc:
-                self._record_failure(HostStatus.TRANSIENT_ERROR, exc.failures, now)
-            except GuardfabError as exc:
-                self._record_failure(HostStatus.HOST_ERROR, [failure_entry(exc, "host")], now)
+            return self._attest_locked(use_fallback)
+
+    def _attest_locked(self, use_fallback: bool) -> AgentStatus:
+        """One attempt; the caller holds the attestation lock."""
+        now = self.clock.now()
+        sites = self._sites.order(now, use_fallback=use_fallback)
+        try:
+            site, outcome = self._attest_sites(sites, now)
+        except NoHgsAnsweredError as exc:
+            self._record_failure(HostStatus.TRANSIENT_ERROR, exc.failures, now)
+        except GuardfabError as exc:
+            self._record_failure(HostStatus.HOST_ERROR, [failure_entry(exc, "host")], now)
+        else:
+            if isinstance(outcome, AttestationRefusedError):
+                self._record_refusal(site, outcome, now)
             else:
-                if isinstance(outcome, AttestationRefusedError):
-                    self._record_refusal(site, outcome, now)
-                else:
-                    self._record_success(site, outcome, now)
-            return self.status()
+                self._record_success(site, outcome, now)
+        return self.status()
 
     def _attest_sites(
         self, sites: tuple[HgsSite, ...], now: float
@@ -377,19 +384,16 @@ class GuardedHostAgent:
             HostNotGuardedError: attesting did not give a certificate.
         """
         min_validity = self.config.renewal.min_validity
-        with self._state_lock:
-            cert = self._cert
-        if cert is not None and cert.usable(self.clock.now(), min_validity):
+        cert = self._usable(min_validity)
+        if cert is not None:
             return cert
-        with self._attest_lock:  # another thread may have attested meanwhile
-            with self._state_lock:
-                cert = self._cert
-            if cert is not None and cert.usable(self.clock.now(), min_validity):
+        with self._attest_lock:  # one attestation for a burst of requests
+            cert = self._usable(min_validity)
+            if cert is not None:
                 return cert
-        status = self.attest_now()
-        with self._state_lock:
-            cert = self._cert
-        if cert is None or not cert.usable(self.clock.now(), min_validity):
+            status = self._attest_locked(use_fallback=False)
+        cert = self._usable(min_validity)
+        if cert is None:
             reasons = ", ".join(status.sub_status) or "; ".join(
                 f["reason"] for f in status.failures
             )
@@ -399,6 +403,11 @@ class GuardedHostAgent:
             )
         self._wake.set()  # the scheduler re-reads its next attempt
         return cert
+
+    def _usable(self, min_validity: float) -> CachedCertificate | None:
+        with self._state_lock:
+            cert = self._cert
+        return cert if cert is not None and cert.usable(self.clock.now(), min_validity) else None
 
     def release(self, kp: bytes) -> ReleasedKeys:
         """Get a VM's keys from the KPS with a usable health certificate.
@@ -410,8 +419,8 @@ class GuardedHostAgent:
         """
         try:
             return self._release_once(kp)
-        except GuardfabError as exc:
-            if getattr(exc, "reason", None) not in _REATTEST_REASONS:
+        except KeyReleaseRefusedError as exc:
+            if exc.status != _REATTEST_STATUS and exc.reason not in _REATTEST_REASONS:
                 raise
             logger.info("the KPS refused the certificate (%s); attesting again", exc)
             with self._state_lock:

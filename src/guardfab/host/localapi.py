@@ -43,6 +43,7 @@ from guardfab.errors import (
     UsageError,
 )
 from guardfab.formats.encoding import b64url_decode, b64url_encode, require_dict
+from guardfab.formats.key_protector import TransportKey
 from guardfab.host.keyrequest import ReleasedKeys
 from guardfab.host.status import AgentStatus
 
@@ -197,15 +198,17 @@ class LocalApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
             keys = self.backend.release(b64url_decode(kp, what="key protector"))
             return {
                 "ok": True,
-                "old_transport_key": b64url_encode(keys.old_transport_key),
-                "new_transport_key": b64url_encode(keys.new_transport_key),
+                "old_transport_key": b64url_encode(keys.old_transport_key.reveal()),
+                "new_transport_key": b64url_encode(keys.new_transport_key.reveal()),
                 "egress_kp": b64url_encode(keys.egress_kp),
             }
         raise FormatError(f"unknown op {str(op)[:32]!r} (status, attest or release)")
 
     def start(self) -> LocalApiServer:
         """Serve in a background thread."""
-        self._thread = threading.Thread(target=self.serve_forever, name="local-api", daemon=True)
+        self._thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.1}, name="local-api", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -238,7 +241,8 @@ class AgentClient:
             conn.settimeout(self.timeout)
             try:
                 conn.connect(str(self.path))
-                conn.sendall(json.dumps(request).encode("utf-8") + b"\n")
+                with contextlib.suppress(BrokenPipeError):  # refused unread: the answer says why
+                    conn.sendall(json.dumps(request).encode("utf-8") + b"\n")
                 line = _read_line(conn)
             except OSError as exc:
                 raise AgentUnavailableError(
@@ -246,7 +250,7 @@ class AgentClient:
                 ) from exc
         try:
             answer = require_dict(json.loads(line.decode("utf-8")), what="agent answer")
-        except ValueError as exc:
+        except (ValueError, FormatError) as exc:
             raise AgentUnavailableError(f"the agent on {self.path} answered garbage") from exc
         if answer.get("ok") is not True:
             raise AgentRequestError(require_dict(answer.get("error"), what="agent error"))
@@ -265,7 +269,7 @@ class AgentClient:
         """Ask the agent for a VM's keys."""
         answer = self.call({"op": "release", "kp": b64url_encode(kp)})
         return ReleasedKeys(
-            b64url_decode(answer["old_transport_key"], what="old transport key"),
-            b64url_decode(answer["new_transport_key"], what="new transport key"),
+            TransportKey(b64url_decode(answer["old_transport_key"], what="old transport key")),
+            TransportKey(b64url_decode(answer["new_transport_key"], what="new transport key")),
             b64url_decode(answer["egress_kp"], what="egress key protector"),
         )
