@@ -10,8 +10,11 @@ and GRUB's kernel command line in PCR 8. 100 events, SHA-1 and SHA-256 banks.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
+import platform
+import resource
 import shutil
 import struct
 import subprocess
@@ -198,6 +201,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / _CLOCK_TICKS
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and its waited-for children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def descendants(pid: int) -> list[int]:
     """Every live descendant of ``pid`` (through /proc/<pid>/task/*/children)."""
     found: list[int] = []
@@ -262,6 +279,17 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, numeric: boo
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def machine() -> str:
+    """Date, CPU model, cores and Python: what the numbers were measured on."""
+    model = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    today = datetime.date.today().isoformat()
+    return f"{today}, {model}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def verdict(ok: bool) -> str:

@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import argparse
 import base64
-import datetime
 import hashlib
 import json
 import os
-import platform
 import re
 import struct
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -420,17 +419,6 @@ def keylime_inputs(
 # ------------------------------------------------------------------ report
 
 
-def machine() -> str:
-    """CPU model, cores, Python and the date, for the README's numbers."""
-    model = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    today = datetime.date.today().isoformat()
-    return f"{today}, {model}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
 def report_rows(rates: dict[str, dict[str, float]]) -> list[list[str]]:
     """Table rows: engine x AK kind, with the ratios to Keylime and to the floor."""
     rows = []
@@ -474,6 +462,7 @@ def main() -> None:
     cases = [make_case(kind, boot, log) for kind in KINDS]
     digests = log_digests(log)
     vectors = vector_inputs()
+    busy, own, began = c.machine_busy_seconds(), c.own_cpu_seconds(), time.monotonic()
     rates: dict[str, dict[str, float]] = {"guardfab": {}, "floor": {}}
     for case in cases:
         for engine, check in (
@@ -489,6 +478,11 @@ def main() -> None:
         rates["keylime"] = {k: v["rate"] for k, v in keylime["kinds"].items()}
     except KeylimeUnavailableError as exc:
         reason = str(exc)
+    others = c.machine_busy_seconds() - busy - (c.own_cpu_seconds() - own)
+    notes.append(
+        f"other processes used {max(0.0, others) / (time.monotonic() - began):.2f} cores on "
+        f"average while this ran (of {os.cpu_count()}); rows are best of {args.repeat} runs"
+    )
     print_report(args, rates, cases, tampered, keylime, reason, notes, vectors, len(digests))
 
 
@@ -507,7 +501,7 @@ def print_report(
     print(f"verify_core: full TPM evidence check, {events}-event boot log (SHA-1 + SHA-256), "
           f"quote over PCRs {','.join(map(str, c.QUOTED_PCRS))}; one core; "
           f"best of {args.repeat} runs, {args.seconds:g} s per row")  # fmt: skip
-    print(f"machine: {machine()}")
+    print(f"machine: {c.machine()}")
     if keylime:
         print(f"Keylime {keylime['keylime']} (cryptography {keylime['cryptography']}, PyYAML "
               f"{keylime['pyyaml']}) in {CACHE / 'keylime-venv'}, tpm2_eventlog from Debian "
