@@ -35,9 +35,12 @@ class HostIdentity:
     certificate_pem: bytes | None = None
 
     def to_pem(self) -> bytes:
-        """A PEM bundle: the public key, then the certificate if there is one."""
-        header = f"# guardfab host identity ({self.mode} mode)\n".encode()
-        return header + self.public_key_pem + (self.certificate_pem or b"")
+        """A PEM bundle: the public key, then the certificate if there is one.
+
+        No comment line before the first block: the HGS admin commands recognise
+        PEM by its first line.
+        """
+        return self.public_key_pem + (self.certificate_pem or b"")
 
     def to_json(self) -> bytes:
         """The JSON document (base64url and PEM side by side)."""
