@@ -13,7 +13,6 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-from guardfab.attestation.baseline import BaselineComparison
 from guardfab.attestation.evaluation import assess_summary
 from guardfab.attestation.policies import policy_named
 from guardfab.attestation.summary import HostSummary
@@ -109,9 +108,25 @@ def result_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _today(admin: Admin, summary: HostSummary, trust: TrustState) -> dict[str, Any]:
-    now = assess_summary(summary, trust, host_key=None, now=admin.now())
-    return {"status": now.status.value, "failed_policies": list(now.failed_policies)}
+def _boot_today(
+    admin: Admin, summary: HostSummary
+) -> tuple[dict[str, Any] | None, dict[str, Any], list[str]]:
+    """The boot against today's trust: closest baseline, the status it would get, lines."""
+    trust = admin.registry.trust()
+    comparison = trust.baseline_set.match(summary)
+    today = assess_summary(summary, trust, host_key=None, now=admin.now())
+    status = {"status": today.status.value, "failed_policies": list(today.failed_policies)}
+    lines = ["baseline (against the baselines registered now):"]
+    if comparison is None:
+        lines.append("  no TPM baseline is registered (hgs baseline add)")
+    else:
+        lines += ["  " + line for line in comparison.lines()]
+    failed = today.failed_policies
+    lines.append(
+        f"with the same boot, attesting now would give: {today.status.value}"
+        + (f" (failed policies: {', '.join(failed)})" if failed else "")
+    )
+    return (None if comparison is None else comparison.to_dict()), status, lines
 
 
 def explain_host(admin: Admin, host_id: str) -> dict[str, Any]:
@@ -125,33 +140,19 @@ def explain_host(admin: Admin, host_id: str) -> dict[str, Any]:
     record, _revision = admin.load(reg.LAST + host_id, f"an attestation of host {host_id!r}")
     result = record.get("result") or {}
     lines = result_lines(result)
-    comparison: BaselineComparison | None = None
-    today = None
+    baseline_now = status_now = None
     if record.get("summary") is not None:
-        summary = HostSummary.from_dict(record["summary"])
-        trust = admin.registry.trust()
-        comparison = trust.baseline_set.match(summary)
-        today = _today(admin, summary, trust)
-        lines.append("baseline (against the baselines registered now):")
-        if comparison is None:
-            lines.append("  no TPM baseline is registered (hgs baseline add)")
-        else:
-            lines += ["  " + line for line in comparison.lines()]
-        lines.append(
-            f"with the same boot, attesting now would give: {today['status']}"
-            + (
-                f" (failed policies: {', '.join(today['failed_policies'])})"
-                if today["failed_policies"]
-                else ""
-            )
+        baseline_now, status_now, more = _boot_today(
+            admin, HostSummary.from_dict(record["summary"])
         )
+        lines += more
     else:
         lines.append("baseline: no verified boot was recorded (not TPM mode, or it failed earlier)")
     return {
         "host_id": host_id,
         "recorded": result,
-        "baseline_now": None if comparison is None else comparison.to_dict(),
-        "status_now": today,
+        "baseline_now": baseline_now,
+        "status_now": status_now,
         "explanation": lines,
     }
 
