@@ -1,0 +1,146 @@
+"""Fuzz both ends of a key release: the KPS's decision and the host's unwrap of the answer.
+
+The first byte picks a mode, the rest is the input:
+
+* ``0``: the rest is ``certificate \\x00 KP file``, given to
+  :func:`guardfab.keyprotection.release` with a fixed KPS, trusted signer and time;
+* ``1``: the rest is a release answer (JSON), given to
+  :func:`guardfab.keyprotection.unwrap_release` with a fixed host key;
+* ``2``: the rest is a release *payload*, signed here by the fixed KPS guardian
+  and paired with a fixed egress KP, so the fuzzer reaches the checks behind
+  the signature.
+
+Either side may refuse (an InvalidInputError), never crash. Keys derive from
+constants so the seeds in ``fuzz/corpus/kps_release`` stay meaningful; regenerate
+them with::
+
+    .venv/bin/python fuzz/fuzz_kps_release.py --make-seeds fuzz/corpus/kps_release
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import atheris
+from cryptography.hazmat.primitives.asymmetric import ec
+from joserfc.jwk import ECKey
+
+with atheris.instrument_imports():
+    from guardfab.formats import jose
+    from guardfab.formats.encoding import b64url_decode, b64url_encode
+    from guardfab.formats.guardian import Guardian, GuardianKind, sign_guardian_document
+    from guardfab.formats.health_certificate import HealthCertificate, issue_health_certificate
+    from guardfab.formats.key_protector import create_key_protector, load_key_protector, rekey
+    from guardfab.keyprotection import release, unwrap_release
+    from guardfab.keyprotection.release import RELEASE_JWS_TYPE
+    from guardfab.tenant.guardians import GuardianKeys
+
+from fuzz_common import expect_only_invalid_input
+
+NOW = 1_800_000_000
+
+
+def _fixed_key(seed: int) -> ECKey:
+    return ECKey.import_key(ec.derive_private_key(seed, ec.SECP256R1()))
+
+
+def _fixed_guardian(name: str, kind: GuardianKind, seed: int) -> GuardianKeys:
+    signing, encryption = _fixed_key(seed), _fixed_key(seed + 1)
+    guardian = Guardian(
+        name=name,
+        kind=kind,
+        signing_key=jose.import_public_jwk(jose.public_jwk(signing), what="fuzz"),
+        encryption_key=jose.import_public_jwk(jose.public_jwk(encryption), what="fuzz"),
+    )
+    return GuardianKeys(guardian, signing, encryption)
+
+
+OWNER = _fixed_guardian("owner", GuardianKind.TENANT, 0x5EED_0101)
+KPS = _fixed_guardian("kps", GuardianKind.KPS, 0x5EED_0103)
+SIGNER = _fixed_key(0x5EED_0105)
+HOST = _fixed_key(0x5EED_0106)
+TRUSTED = {jose.thumbprint(SIGNER): SIGNER}
+#: The ingress KP of the fixed egress (made once; KPs are randomized, so not from constants).
+_INGRESS, _ = create_key_protector(OWNER, [sign_guardian_document(KPS.guardian, KPS.signing_key)])
+_EGRESS, _, _ = rekey(load_key_protector(_INGRESS), KPS)
+
+
+def _release(rest: bytes) -> object:
+    cert, _, kp = rest.partition(b"\x00")
+    return release(
+        cert.decode("latin-1"), kp, kps_keys=[KPS], trusted_signers=TRUSTED, now=NOW
+    ).to_response()
+
+
+def _unwrap(rest: bytes) -> object:
+    try:
+        answer = json.loads(rest)
+    except (ValueError, RecursionError):
+        return None
+    return unwrap_release(answer, HOST)
+
+
+def _unwrap_signed(rest: bytes) -> object:
+    """Sign the payload; point it at this process's fixed egress KP when it is an object."""
+    try:
+        payload = json.loads(rest)
+    except (ValueError, RecursionError):
+        payload = None
+    if isinstance(payload, dict):
+        egress = load_key_protector(_EGRESS)
+        payload["egress_kp_sha256"] = hashlib.sha256(_EGRESS).hexdigest()
+        payload["kp_id"] = egress.kp_id
+        rest = json.dumps(payload).encode()
+    token = jose.sign_compact(rest, KPS.signing_key, typ=RELEASE_JWS_TYPE)
+    return unwrap_release({"release": token, "egress_key_protector": b64url_encode(_EGRESS)}, HOST)
+
+
+MODES = (_release, _unwrap, _unwrap_signed)
+
+
+def test_one_input(data: bytes) -> None:
+    if not data:
+        return
+    expect_only_invalid_input(MODES[data[0] % len(MODES)], data[1:])
+
+
+def _certificate() -> str:
+    cert = HealthCertificate(
+        issuer="fuzz-hgs",
+        host_id="host-a",
+        mode="host-key",
+        host_key=jose.public_jwk(HOST),
+        issued_at=NOW - 60,
+        expires_at=NOW + 3600,
+    )
+    return issue_health_certificate(cert, SIGNER)
+
+
+def make_seeds(directory: Path) -> None:
+    """Write a granted request, its answer, and the answer's payload."""
+    directory.mkdir(parents=True, exist_ok=True)
+    request = _certificate().encode() + b"\x00" + _INGRESS
+    answer = json.dumps(_release(request)).encode()
+    token = json.loads(answer)["release"]
+    seeds = {
+        "request": b"\x00" + request,
+        "answer": b"\x01" + answer,
+        "payload": b"\x02" + b64url_decode(token.split(".")[1], what="seed"),
+    }
+    for name, seed in seeds.items():
+        (directory / name).write_bytes(seed)
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--make-seeds":
+        make_seeds(Path(sys.argv[2]))
+        return
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
