@@ -28,6 +28,7 @@ from guardfab.formats.key_protector import (
     KP_JWS_TYPE,
     TransportKey,
     create_key_protector,
+    grant,
     load_key_protector,
 )
 from guardfab.keyprotection import (
@@ -414,3 +415,18 @@ def test_refusals_after_the_certificate_verified_name_the_host(world: World) -> 
         "host-a",
         None,
     )
+
+
+def test_the_owner_recovers_a_kp_whose_egress_was_lost(world: World) -> None:
+    """The host lost the answer: the ingress is refused, the owner's next generation is not."""
+    ingress = world.kp()
+    first = world.release(world.cert(), ingress)
+    seen = {first.kp_id: first.egress_generation}
+    with pytest.raises(RollbackError):
+        world.release(world.cert(), ingress, highest_generation_seen=seen)
+    recovery = new_guardian_keys("recovery", KeyAlgorithm.EC_P256)
+    document = sign_guardian_document(recovery.guardian, recovery.signing_key)
+    regranted = grant(load_key_protector(ingress), world.owner, document)
+    result = world.release(world.cert(), regranted, highest_generation_seen=seen)
+    keys = unwrap_release(result.to_response(), world.host_a)
+    assert keys.current == _owner_key(world, ingress), "the vault key of the lost release"
