@@ -97,6 +97,22 @@ def _ensure_key(path: Path, algorithm: KeyAlgorithm) -> bool:
     return True
 
 
+def _site(attestation: str, key_protection: str, prefix: str = "") -> HgsSite:
+    """A checked pair of URLs (the options' names in the errors)."""
+    return HgsSite(
+        check_url(attestation, f"--{prefix}attestation-url"),
+        check_url(key_protection, f"--{prefix}key-protection-url"),
+    )
+
+
+def _fallback(attestation: str | None, key_protection: str | None) -> HgsSite | None:
+    if attestation is None and key_protection is None:
+        return None
+    if attestation is None or key_protection is None:
+        raise click.UsageError("give both fallback URLs, or neither")
+    return _site(attestation, key_protection, "fallback-")
+
+
 def _previous(path: Path) -> HostConfig | None:
     try:
         return load_config(path) if path.exists() else None
@@ -192,28 +208,18 @@ def configure(
     'guardfab host identity' to the HGS administrator.
     """
     path = config_path(config_file)
-    if (fallback_attestation_url is None) != (fallback_key_protection_url is None):
-        raise click.UsageError("give both fallback URLs, or neither")
-    fallback = None
-    if fallback_attestation_url and fallback_key_protection_url:
-        fallback = HgsSite(
-            check_url(fallback_attestation_url, "--fallback-attestation-url"),
-            check_url(fallback_key_protection_url, "--fallback-key-protection-url"),
-        )
     host_mode = HostMode(mode)
+    here = path.absolute().parent
     config = HostConfig(
         mode=host_mode,
-        primary=HgsSite(
-            check_url(attestation_url, "--attestation-url"),
-            check_url(key_protection_url, "--key-protection-url"),
-        ),
-        fallback=fallback,
+        primary=_site(attestation_url, key_protection_url),
+        fallback=_fallback(fallback_attestation_url, fallback_key_protection_url),
         ca_file=ca_file.expanduser().absolute(),
         tcti=tcti,
         event_log=event_log.expanduser().absolute(),
         ci_policy=_absolute(ci_policy),
-        encryption_key=_absolute(encryption_key) or path.absolute().parent / "host-encryption.pem",
-        signing_key=(_absolute(signing_key) or path.absolute().parent / "host-signing.pem")
+        encryption_key=_absolute(encryption_key) or here / "host-encryption.pem",
+        signing_key=(_absolute(signing_key) or here / "host-signing.pem")
         if host_mode is HostMode.HOST_KEY
         else None,
         state_dir=state_dir.expanduser().absolute(),
