@@ -342,6 +342,12 @@ def _makers(plan: Plan) -> list[Callable[[bytes, str], bytes]]:
     return makers[first:] + makers[:first]
 
 
+#: What a broken or server-closed connection raises (it is then replaced).
+_LOST = (OSError, asyncio.IncompleteReadError, ConnectionError, ValueError)
+#: uvicorn closes a keep-alive connection idle for 5 s; reuse only younger ones.
+_IDLE_LIMIT = 3.0
+
+
 async def closed_loop(plan: Plan, tally: Tally) -> None:
     """Every connection attests back to back until the end."""
     context = ssl.create_default_context(cafile=plan.ca)
@@ -350,13 +356,17 @@ async def closed_loop(plan: Plan, tally: Tally) -> None:
     async def run(n: int) -> None:
         # Staggered opens: a burst of connects would all be accepted by one worker.
         await asyncio.sleep(plan.stagger * (n * plan.clients + plan.index))
-        conn = await Connection.open(plan.port, context)
-        try:
-            while (now := time.time()) < plan.end:
+        conn = None
+        while (now := time.time()) < plan.end:
+            try:
+                conn = conn or await Connection.open(plan.port, context)
                 error = await attest_once(conn, makers[n % len(makers)])
-                if now >= plan.start:
-                    tally.add(time.time() - now, error, now)
-        finally:
+            except _LOST as exc:
+                error, conn = f"connection lost: {type(exc).__name__}: {exc}", None
+                await asyncio.sleep(0.05)  # no busy loop against a server that is gone
+            if now >= plan.start:
+                tally.add(time.time() - now, error, now)
+        if conn is not None:
             conn.close()
 
     await asyncio.gather(*(run(n) for n in range(plan.connections)))
@@ -367,17 +377,28 @@ async def open_loop(plan: Plan, tally: Tally) -> None:
     assert plan.rate is not None
     context = ssl.create_default_context(cafile=plan.ca)
     makers = _makers(plan)
-    idle: list[Connection] = []
+    idle: list[tuple[Connection, float]] = []
     tasks: set[asyncio.Task[None]] = set()
     # At most this many connections: a stall must queue attestations (their latency
     # still counts from the schedule), not set off a storm of new TLS handshakes.
     slots = asyncio.Semaphore(plan.max_open)
 
+    async def connection() -> Connection:
+        while idle:
+            conn, used = idle.pop()
+            if time.time() - used < _IDLE_LIMIT:
+                return conn
+            conn.close()
+        return await Connection.open(plan.port, context)
+
     async def one(n: int, scheduled: float) -> None:
         async with slots:
-            conn = idle.pop() if idle else await Connection.open(plan.port, context)
-            error = await attest_once(conn, makers[n % len(makers)])
-            idle.append(conn)
+            try:
+                conn = await connection()
+                error = await attest_once(conn, makers[n % len(makers)])
+                idle.append((conn, time.time()))
+            except _LOST as exc:
+                error = f"connection lost: {type(exc).__name__}: {exc}"
         if scheduled >= plan.start:
             tally.add(time.time() - scheduled, error, scheduled)
 
@@ -390,13 +411,14 @@ async def open_loop(plan: Plan, tally: Tally) -> None:
         n += 1
     if tasks:
         await asyncio.wait(tasks, timeout=30)
-    for conn in idle:
+    for conn, _used in idle:
         conn.close()
 
 
 def generator(plan: Plan) -> Tally:
     """Body of one generator process: run the plan, report its tally and its CPU."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate()
     tally = Tally()
     before = resource.getrusage(resource.RUSAGE_SELF)
     run = closed_loop if plan.rate is None else open_loop
@@ -627,13 +649,17 @@ def report(args: argparse.Namespace, results: list[Result], notes: list[str]) ->
     release_todo()
 
 
+def _interrupted(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Parse arguments, run the phases, print the report."""
     args = parse_args()
     if args.mode == "release":
         release_todo()
         raise SystemExit(2)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupted)  # stop everything as on Ctrl-C
     notes: list[str] = []
     if c.ensure_debian_tools({"wrk": "wrk"}, notes):
         notes.append("wrk unavailable: the healthz ceiling is not measured")

@@ -51,6 +51,7 @@ from guardfab.attestation.tpm_mode import verify_tpm_evidence
 from guardfab.attestation.trust import TrustState
 from guardfab.tpm.eventlog import parse_event_log
 from guardfab.tpm.events import EventType
+from guardfab.tpm.quote import verify_quote
 from test_attestation_fixtures import NONCE, NOW
 
 KEYLIME_VERSION = "7.14.3"
@@ -280,6 +281,27 @@ def floor_check(case: Case, digests: list[tuple[int, bytes]]) -> Callable[[], ob
         return pcrs
 
     return check
+
+
+def stage_costs(case: Case, seconds: float) -> list[tuple[str, float]]:
+    """µs of the main stages of guardfab's check, each timed alone (ECC or RSA as ``case``)."""
+    evidence, wire = case.evidence, case.evidence.to_dict()
+    log = parse_event_log(evidence.event_log)
+    expected = quote_qualifying_data(NONCE, dict(evidence.host_key))
+    stages: list[tuple[str, Callable[[], object]]] = [
+        ("load evidence JSON object", lambda: evidence_from_dict(wire)),
+        ("quote: signature, nonce, PCR digest", lambda: verify_quote(
+            evidence.quote_attest, evidence.quote_signature, evidence.ak_public,
+            expected_nonce=expected, pcr_values={_SHA256: dict(evidence.pcrs)})),
+        ("event log parse", lambda: parse_event_log(evidence.event_log)),
+        ("SHA-256 replay", lambda: log.replay([_SHA256])),
+        ("facts from the log", lambda: log.facts(_SHA256)),
+    ]  # fmt: skip
+    costs = [(name, 1e6 / c.best_rate(call, seconds, 3)) for name, call in stages]
+    total = 1e6 / c.best_rate(guardfab_check(case), seconds, 3)
+    costs.append(("the rest (identity, AK, summary, baseline, policies)", total - sum(
+        cost for _name, cost in costs)))  # fmt: skip
+    return costs
 
 
 # ------------------------------------------------------------------ vectors
@@ -524,6 +546,13 @@ def print_report(
             line += f" (honest: {', '.join(answer['honest']) or 'passes'}; "
             line += f"{answer['cpu_per_check'] * 1e3:.1f} ms CPU/check incl. tpm2_eventlog)"
         print(line)
+    print()
+    costs = stage_costs(cases[-1], 0.9)
+    total = sum(cost for _name, cost in costs)
+    print(
+        f"where guardfab's time goes ({KINDS[cases[-1].kind]}, each stage timed alone, µs): "
+        + "; ".join(f"{name} {cost:.0f} ({100 * cost / total:.0f}%)" for name, cost in costs)
+    )
     print()
     vectors_ok = print_vectors(vectors, keylime["vectors"] if keylime else None, reason)
     print()
