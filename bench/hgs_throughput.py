@@ -660,10 +660,15 @@ def main() -> None:
         release_todo()
         raise SystemExit(2)
     signal.signal(signal.SIGTERM, _interrupted)  # stop everything as on Ctrl-C
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
     notes: list[str] = []
     if c.ensure_debian_tools({"wrk": "wrk"}, notes):
         notes.append("wrk unavailable: the healthz ceiling is not measured")
-    results = run(args, notes)
+    try:
+        results = run(args, notes)
+    except KeyboardInterrupt:
+        print("interrupted: the HGS, wrk and the load generator were stopped", file=sys.stderr)
+        raise SystemExit(130) from None
     report(args, results, notes)
 
 
