@@ -17,7 +17,7 @@ import pytest
 from guardfab.errors import FormatError, VerificationError
 from guardfab.tpm import eventlog
 from guardfab.tpm.constants import TpmAlg
-from guardfab.tpm.eventlog import parse_event_log
+from guardfab.tpm.eventlog import LogFormat, parse_event_log
 from test_eventlog_builder import (
     EFI_GLOBAL,
     EV_EFI_HCRTM_EVENT,
@@ -137,10 +137,6 @@ MALFORMED = {
     ),
     "spec id not in pcr 0": (
         sha1_record(1, EV_NO_ACTION, bytes(20), spec_id([(SHA256, 32)])),
-        "EV_NO_ACTION in PCR 0",
-    ),
-    "spec id wrong type": (
-        sha1_record(0, EV_POST_CODE, bytes(20), spec_id([(SHA256, 32)])),
         "EV_NO_ACTION in PCR 0",
     ),
     "spec id nonzero digest": (
@@ -291,3 +287,11 @@ def test_variable_event_with_lengths_that_do_not_add_up_is_shown_as_hex() -> Non
     decoded = log.events[1].decode()
     assert decoded.fields["hex"] == bad.hex()
     assert "do not add up" in decoded.fields["note"]
+
+
+def test_spec_id_text_in_another_event_type_is_a_sha1_log() -> None:
+    """Only an EV_NO_ACTION first event makes a log crypto-agile (TCG PFP 10.4.5.1)."""
+    data = spec_id([(SHA256, 32)])
+    log = parse_event_log(sha1_record(0, EV_POST_CODE, bytes(20), data))
+    assert log.format is LogFormat.SHA1
+    assert [(e.event_type, e.data) for e in log.events] == [(EV_POST_CODE, data)]

@@ -439,11 +439,18 @@ def parse_event_log(data: bytes) -> EventLog:
     buf = bytes(data)
     if len(buf) < _SHA1_EVENT.size:
         raise _truncated(0, 0, "a 32-byte event header")
-    if buf.startswith(SPEC_ID_SIGNATURE, _SHA1_EVENT.size):
+    # Crypto-agile logs open with an EV_NO_ACTION event carrying "Spec ID Event03";
+    # a SHA-1 log may well begin with other data that happens to spell it.
+    if buf.startswith(SPEC_ID_SIGNATURE, _SHA1_EVENT.size) and _first_type(buf) == _NO_ACTION:
         return _agile_log(buf)
     events: list[Event] = []
     _sha1_events(buf, 0, 0, events)
     return EventLog(LogFormat.SHA1, None, tuple(events), _pcr0_locality(events))
+
+
+def _first_type(buf: bytes) -> int:
+    event_type: int = _SHA1_EVENT.unpack_from(buf)[1]
+    return event_type
 
 
 def _agile_log(buf: bytes) -> EventLog:
