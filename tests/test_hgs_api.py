@@ -68,3 +68,16 @@ def test_openapi_document_lists_the_routes(running_hgs: RunningHgs) -> None:
         spec = client.get("/openapi.json").json()
     assert "/attestation/v1/challenge" in spec["paths"]
     assert "/admin/v1/whoami" in spec["paths"]
+
+
+def test_malformed_body_is_named_without_echoing_it(running_hgs: RunningHgs) -> None:
+    secret_looking = "eyJhbGciOiJFUzI1NiJ9.c2VjcmV0LWxvb2tpbmc.c2ln"
+    with running_hgs.client() as client:
+        response = client.post(
+            "/attestation/v1/attest", json={"nonce": 5, "evidence": secret_looking}
+        )
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["type"] == "InvalidRequestError"
+    assert "evidence" in error["message"]
+    assert secret_looking not in response.text

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
@@ -24,6 +25,7 @@ from guardfab.hgs.web import (
     BodyLimitMiddleware,
     guardfab_error_handler,
     unexpected_error_handler,
+    validation_error_handler,
 )
 
 
@@ -122,6 +124,7 @@ def create_app(service: HgsService) -> FastAPI:
     )
     app.state.service = service
     app.add_exception_handler(GuardfabError, guardfab_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
     app.add_middleware(BodyLimitMiddleware)
     _host_routes(app)

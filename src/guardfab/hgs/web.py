@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -55,6 +56,28 @@ async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResp
     LOG.error("unexpected error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
     body = {"error": {"type": "InternalError", "message": "internal error", "hint": ""}}
     return JSONResponse(body, status_code=500)
+
+
+async def validation_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    """Name what is wrong in a request body without echoing any of it back.
+
+    FastAPI's default 422 body repeats the offending input, which may be a
+    health certificate or a key protector; here only field paths and messages go out.
+    """
+    assert isinstance(exc, RequestValidationError)
+    problems = [
+        f"{'.'.join(str(part) for part in error.get('loc', ()))}: {error.get('msg', 'invalid')}"
+        for error in exc.errors()[:10]
+    ]
+    body = {
+        "error": {
+            # A FormatError subclass on the wire (see guardfab.hgs.client).
+            "type": "InvalidRequestError",
+            "message": "invalid request: " + "; ".join(problems),
+            "hint": "see the OpenAPI document at /openapi.json",
+        }
+    }
+    return JSONResponse(body, status_code=422)
 
 
 class BodyLimitMiddleware:
