@@ -140,10 +140,20 @@ def _tpm(spec: VmSpec, paths: VmPaths) -> list[str]:
     ]
 
 
-def _network(spec: VmSpec) -> list[str]:
+def host_forward_rule(spec: VmSpec) -> str | None:
+    """The user network's port forward: the host's loopback only, never other interfaces."""
+    if spec.host_port is None:
+        return None
+    return f"tcp:127.0.0.1:{spec.host_port}-:{spec.guest_port}"
+
+
+def _network(spec: VmSpec, *, incoming: bool) -> list[str]:
     netdev = "user,id=net0"
-    if spec.host_port is not None:
-        netdev += f",hostfwd=tcp:127.0.0.1:{spec.host_port}-:{spec.guest_port}"
+    rule = host_forward_rule(spec)
+    # A migration destination takes over the port only once the source has let it
+    # go (QemuVm.forward_host_port): on one host both cannot hold it at once.
+    if rule is not None and not incoming:
+        netdev += f",hostfwd={rule}"
     return ["-netdev", netdev, "-device", f"virtio-net-pci,netdev=net0,mac={GUEST_MAC}"]
 
 
@@ -196,7 +206,7 @@ def qemu_argv(
         "chardev=qmp,mode=control",
     ]
     argv += _firmware(spec, paths) + _root_ports(spec) + _tpm(spec, paths)
-    argv += _network(spec) + _debug(spec, paths)
+    argv += _network(spec, incoming=incoming) + _debug(spec, paths)
     if incoming:
         argv += ["-incoming", "defer"]
     return argv

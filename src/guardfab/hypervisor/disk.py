@@ -25,7 +25,7 @@ import hmac
 import os
 import secrets
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +41,12 @@ KEY_SIZE = 32
 LUKS_ITER_TIME_MS = 10
 QEMU_IMG = "qemu-img"
 QEMU_IMG_TIMEOUT = 600.0
-#: QEMU benchmarks PBKDF2 when it creates a key slot; on a busy host the benchmark
-#: sometimes fails once with this message, and a retry succeeds.
+#: QEMU 7.2 benchmarks PBKDF2 when it creates a LUKS header and gives up when its
+#: first round measured 0 ms of the thread's user time (millisecond resolution,
+#: tick-based accounting). On a busy 2-core host that happened in 8 of 12 runs;
+#: a failed run costs about 40 ms, so the runtime simply tries again, many times.
 _FLAKY_BENCHMARK = "Unable to get accurate CPU usage"
-_ATTEMPTS = 3
+_ATTEMPTS = 40
 #: Sector size: raw images handed to qemu-img are padded to a multiple of it.
 _SECTOR = 512
 
@@ -179,24 +181,60 @@ def node_name(device_id: str) -> str:
     return f"node-{device_id}"
 
 
-def _add_secret(qmp: QmpClient, secret_id: str, data: bytes) -> None:
-    """Create secret object ``secret_id`` in QEMU from a pipe passed over QMP."""
+def secret_id(device_id: str) -> str:
+    """The QEMU secret object that holds a disk's passphrase while QEMU needs it."""
+    return f"sec-{device_id}"
+
+
+def _add_secret(qmp: QmpClient, object_id: str, data: bytes) -> None:
+    """Create secret object ``object_id`` in QEMU from a pipe passed over QMP."""
     with secret_pipe(data) as fd:
-        added = qmp.execute("add-fd", {"opaque": f"guardfab {secret_id}"}, fds=[fd])
+        added = qmp.execute("add-fd", {"opaque": f"guardfab {object_id}"}, fds=[fd])
     try:
-        secret = {"qom-type": "secret", "id": secret_id, "file": f"/proc/self/fd/{added['fd']}"}
+        secret = {"qom-type": "secret", "id": object_id, "file": f"/proc/self/fd/{added['fd']}"}
         qmp.execute("object-add", secret)
     finally:
         qmp.execute("remove-fd", {"fdset-id": added["fdset-id"]})
 
 
-def _open_encrypted(qmp: QmpClient, disk: DiskSpec, blockdev: dict[str, Any], key: DiskKey) -> None:
-    secret_id = f"sec-{disk.device_id}"
-    _add_secret(qmp, secret_id, key.passphrase())
+def remove_disk_secret(qmp: QmpClient, device_id: str) -> None:
+    """Delete a disk's secret object from QEMU (a missing one is fine)."""
+    with contextlib.suppress(QmpCommandError):
+        qmp.execute("object-del", {"id": secret_id(device_id)})
+
+
+@contextlib.contextmanager
+def disk_secrets(
+    qmp: QmpClient, disks: Sequence[DiskSpec], keys: Mapping[str, DiskKey]
+) -> Iterator[None]:
+    """Lend QEMU the encrypted disks' secrets for an operation that reopens the images.
+
+    QEMU reopens a qcow2 image (and so needs its LUKS secret again) when it
+    re-activates the disks: on a live-migration source whose migration failed
+    late, and on the destination when the guest takes over.
+    """
+    lent = []
     try:
-        qmp.execute(
-            "blockdev-add", {**blockdev, "encrypt": {"format": "luks", "key-secret": secret_id}}
-        )
+        for disk in disks:
+            if disk.encrypted:
+                _add_secret(qmp, secret_id(disk.device_id), keys[disk.device_id].passphrase())
+                lent.append(disk.device_id)
+        yield
+    finally:
+        for device_id in lent:
+            remove_disk_secret(qmp, device_id)
+
+
+def _open_encrypted(
+    qmp: QmpClient, disk: DiskSpec, blockdev: dict[str, Any], key: DiskKey, *, keep_secret: bool
+) -> None:
+    object_id = secret_id(disk.device_id)
+    _add_secret(qmp, object_id, key.passphrase())
+    opened = False
+    try:
+        encrypt = {"format": "luks", "key-secret": object_id}
+        qmp.execute("blockdev-add", {**blockdev, "encrypt": encrypt})
+        opened = True
     except QmpCommandError as exc:
         reason = exc.description.lower()
         if "password" in reason or "keyslot" in reason:
@@ -204,11 +242,18 @@ def _open_encrypted(qmp: QmpClient, disk: DiskSpec, blockdev: dict[str, Any], ke
             raise DiskKeyError(message) from None
         raise
     finally:
-        qmp.execute("object-del", {"id": secret_id})
+        if not (opened and keep_secret):
+            remove_disk_secret(qmp, disk.device_id)
 
 
-def attach_disk(qmp: QmpClient, disk: DiskSpec, key: DiskKey | None) -> None:
+def attach_disk(
+    qmp: QmpClient, disk: DiskSpec, key: DiskKey | None, *, keep_secret: bool = False
+) -> None:
     """Open ``disk`` in a QEMU (paused or running) and plug it into its root port.
+
+    The secret object is deleted as soon as the image is open, unless
+    ``keep_secret`` (a migration destination, which reopens the image when it
+    takes over: remove it afterwards with :func:`remove_disk_secret`).
 
     Raises:
         DiskKeyError: ``key`` does not open the LUKS image.
@@ -223,7 +268,7 @@ def attach_disk(qmp: QmpClient, disk: DiskSpec, key: DiskKey | None) -> None:
     if disk.encrypted:
         if key is None:
             raise UsageError(f"disk {disk.device_id} is encrypted and no key was given")
-        _open_encrypted(qmp, disk, blockdev, key)
+        _open_encrypted(qmp, disk, blockdev, key, keep_secret=keep_secret)
     else:
         qmp.execute("blockdev-add", blockdev)
     device = {

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from guardfab.hypervisor.accel import Accelerator, choose_accelerator
-from guardfab.hypervisor.argv import OVMF_VARS_TEMPLATE, VmPaths, qemu_argv
-from guardfab.hypervisor.disk import DiskKey, attach_disk
+from guardfab.hypervisor.argv import OVMF_VARS_TEMPLATE, VmPaths, host_forward_rule, qemu_argv
+from guardfab.hypervisor.disk import DiskKey, attach_disk, remove_disk_secret
 from guardfab.hypervisor.errors import HypervisorError
 from guardfab.hypervisor.qmp import QmpClient
 from guardfab.hypervisor.spec import Firmware, VmSpec
@@ -136,7 +136,9 @@ class QemuVm:
             self._start_processes(argv, keys)
             mark = time.monotonic()
             for disk in self.spec.disks:
-                attach_disk(self.qmp, disk, keys.disks.get(disk.device_id))
+                key = keys.disks.get(disk.device_id)
+                # A destination reopens its disks when it takes over: keep the secrets till then.
+                attach_disk(self.qmp, disk, key, keep_secret=incoming)
             self.timings["disks"] = time.monotonic() - mark
             if not incoming:
                 self.qmp.execute("cont")
@@ -215,6 +217,23 @@ class QemuVm:
     def resume(self) -> None:
         """Run the guest's vCPUs again (QMP ``cont``)."""
         self.qmp.execute("cont")
+
+    def forget_disk_secrets(self) -> None:
+        """Delete the disks' secret objects a migration destination kept (see :meth:`start`)."""
+        for disk in self.spec.disks:
+            if disk.encrypted:
+                remove_disk_secret(self.qmp, disk.device_id)
+
+    def forward_host_port(self) -> None:
+        """Add the spec's loopback port forward to a running VM (a migration destination)."""
+        rule = host_forward_rule(self.spec)
+        if rule is None:
+            return
+        answer = self.qmp.execute(
+            "human-monitor-command", {"command-line": f"hostfwd_add net0 {rule}"}
+        )
+        if answer:
+            raise HypervisorError(f"cannot forward {rule} to VM {self.spec.name}: {answer.strip()}")
 
     @property
     def running(self) -> bool:
