@@ -22,6 +22,9 @@ from guardfab.errors import FormatError
 MAX_DOCUMENT_BYTES = 2 * 1024 * 1024
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
+_B64URL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+#: By length mod 4: the low bits of the last character that carry no data.
+_UNUSED_BITS = {0: 0, 2: 0x0F, 3: 0x03}
 
 
 def canonical_json(value: Any) -> bytes:
@@ -46,7 +49,9 @@ def b64url_decode(text: str, *, what: str) -> bytes:
         data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as exc:
         raise FormatError(f"{what}: not valid base64url") from exc
-    if b64url_encode(data) != text:
+    # Canonical means the bits the last character carries beyond the data are zero.
+    unused_mask = _UNUSED_BITS[len(text) % 4]
+    if unused_mask and _B64URL_ALPHABET.index(text[-1]) & unused_mask:
         raise FormatError(f"{what}: not canonical base64url")
     return data
 

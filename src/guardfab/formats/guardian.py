@@ -13,6 +13,7 @@ recipient id is the thumbprint of its encryption key.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -75,12 +76,12 @@ class Guardian:
     signing_key: jose.AsymmetricKey
     encryption_key: jose.AsymmetricKey
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
-        """The guardian's id: the thumbprint of its signing key."""
+        """The guardian's id: the thumbprint of its signing key (computed once)."""
         return jose.thumbprint(self.signing_key)
 
-    @property
+    @functools.cached_property
     def encryption_kid(self) -> str:
         """The JWE recipient id of this guardian: the thumbprint of its encryption key."""
         return jose.thumbprint(self.encryption_key)
