@@ -14,9 +14,10 @@ from click.testing import CliRunner, Result
 
 from guardfab.cli.hgs import hgs as hgs_group
 from guardfab.cli.main import cli
+from guardfab.formats.encoding import b64url_encode
 from guardfab.tpm.structures import marshal_public2b
 from hgs_harness import RunningHgs
-from test_attestation_fixtures import CI_POLICY_FILE, GOLDEN, SoftHost, make_ca
+from test_attestation_fixtures import CI_POLICY, GOLDEN, SoftHost, make_ca
 from test_hgs_admin_fixtures import (
     UPDATED,
     Probe,
@@ -46,11 +47,28 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "host-key.pem": new_public_key_pem().encode(),
         "golden.log": GOLDEN.log_bytes(),
         "updated.log": UPDATED.log_bytes(),
-        "ima-policy": CI_POLICY_FILE,
+        "other-policy": b"appraise func=MODULE_CHECK\n",
     }
     for name, content in data.items():
         (root / name).write_bytes(content)
     return {name: root / name for name in data}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fleet(module_hgs: RunningHgs, probe: Probe) -> None:
+    """What every test here may rely on, whatever ran before it on this worker's HGS:
+    the golden baseline, the CI policy, a host group and key (audit records 1-4), and
+    cli-host's last attestation (booted after a db update: it fails the baseline).
+    """
+    with module_hgs.client("admin") as client:
+        for path, body in [
+            ("/baselines", {"name": "golden-2026", "event_log": b64url_encode(GOLDEN.log_bytes())}),
+            ("/ci-policies", {"name": CI_POLICY.name, "digest": CI_POLICY.digest.hex()}),
+            ("/host-groups", {"name": "fleet-g"}),
+            ("/host-keys", {"name": "fleet-k", "public_key": new_public_key_pem()}),
+        ]:
+            assert client.post("/admin/v1" + path, json=body).status_code == 201
+    probe.put_last(attested(HOST))
 
 
 def run(hgs: RunningHgs, *args: str, role: str = "admin", code: int = 0) -> Result:
@@ -95,23 +113,25 @@ def test_register_a_tpm_host_and_refuse_the_duplicate(
     assert run(module_hgs, "host", "add-tpm", "--name", "x", code=2).exit_code == 2
 
 
-def test_baselines_ci_policies_and_what_if(
-    module_hgs: RunningHgs, probe: Probe, files: dict[str, Path]
-) -> None:
-    run(module_hgs, "baseline", "add", "--name", "golden-2026", "--log", str(files["golden.log"]))
-    added = run_json(
-        module_hgs, "ci-policy", "add", "--name", "ima", "--file", str(files["ima-policy"])
+def test_baselines_ci_policies_and_what_if(module_hgs: RunningHgs, files: dict[str, Path]) -> None:
+    added = run(
+        module_hgs, "baseline", "add", "--name", "cli-golden", "--log", str(files["golden.log"])
     )
-    assert added["digest"] == hashlib.sha256(CI_POLICY_FILE).hexdigest()
+    assert "same PCR values" in added.output
+    policy = run_json(
+        module_hgs, "ci-policy", "add", "--name", "cli-ima", "--file", str(files["other-policy"])
+    )
+    assert policy["digest"] == hashlib.sha256(files["other-policy"].read_bytes()).hexdigest()
     run(module_hgs, "ci-policy", "add", "--name", "x", code=2)  # neither --file nor --digest
-    assert "golden-2026" in run(module_hgs, "baseline", "list").output
-    assert "PCR 7" in run(module_hgs, "baseline", "show", "golden-2026").output
-    probe.put_last(attested(HOST))
+    assert "cli-golden" in run(module_hgs, "baseline", "list").output
+    assert "PCR 7" in run(module_hgs, "baseline", "show", "cli-golden").output
+    run(module_hgs, "baseline", "remove", "cli-golden")
+    run(module_hgs, "ci-policy", "remove", "cli-ima")
     report = run_json(
         module_hgs, "what-if", "--add-baseline", "upd", "--log", str(files["updated.log"])
     )
     assert report["newly_passing"] == ["cli-host"]
-    text = run(module_hgs, "what-if", "--remove-ci-policy", "ima").output
+    text = run(module_hgs, "what-if", "--remove-ci-policy", CI_POLICY.name).output
     assert "cli-host: InsecureHostConfiguration -> InsecureHostConfiguration" in text
     run(module_hgs, "what-if", code=2)
     run(module_hgs, "what-if", "--revoke-host", "a", "--remove-baseline", "b", code=2)
@@ -134,11 +154,12 @@ def test_file_and_approve_a_candidate(module_hgs: RunningHgs) -> None:
 
 def test_policies_and_the_locked_refusal(module_hgs: RunningHgs) -> None:
     assert "Hgs_SecureBootEnabled    locked" in run(module_hgs, "policy", "list").output
-    assert "disabled -> enabled" in run(module_hgs, "policy", "enable", "Hgs_DumpsDisabled").output
+    assert "enabled -> disabled" in run(module_hgs, "policy", "disable", "Hgs_FullBoot").output
+    assert "disabled -> enabled" in run(module_hgs, "policy", "enable", "Hgs_FullBoot").output
     refused = run(module_hgs, "policy", "disable", "Hgs_SecureBootEnabled", code=1)
     assert "locked" in refused.stderr
-    run(module_hgs, "policy", "lock", "Hgs_DumpsDisabled")
-    run(module_hgs, "policy", "disable", "Hgs_DumpsDisabled", code=1)
+    run(module_hgs, "policy", "lock", "Hgs_UefiDebugDisabled")
+    run(module_hgs, "policy", "disable", "Hgs_UefiDebugDisabled", code=1)
 
 
 def test_modes_settings_cas_groups_keys_and_revocation(
@@ -217,5 +238,7 @@ def test_every_admin_command_help_names_its_reference_counterpart(path: tuple[st
 
 
 def test_no_output_ever_held_a_token(module_hgs: RunningHgs) -> None:
-    assert OUTPUTS
+    run(module_hgs, "audit", "list", "--json")
+    run(module_hgs, "group", "add", "bad name", code=1)
+    run(module_hgs, "policy", "enable", "Hgs_FullBoot", role="reviewer", code=1)
     assert all(token not in text for token in tokens_of(module_hgs) for text in OUTPUTS)

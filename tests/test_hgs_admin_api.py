@@ -411,6 +411,7 @@ def test_switching_to_admin_group_warns_and_says_certificates_stay_valid(
 
 
 def test_the_store_file_never_holds_a_token(module_hgs: RunningHgs, probe: Probe) -> None:
+    send(module_hgs, "admin", ("POST", "/host-groups", {"name": "token-check"}))
     data = (module_hgs.directory / "state.db").read_bytes()
     wal = module_hgs.directory / "state.db-wal"
     data += wal.read_bytes() if wal.exists() else b""
