@@ -106,6 +106,7 @@ def _run_qemu_img(args: list[str], key: DiskKey, *, extra_fds: tuple[int, ...] =
                 result = subprocess.run(  # noqa: S603 -- fixed argv, no shell
                     argv,
                     pass_fds=(fd, *extra_fds),
+                    umask=0o077,  # qemu-img recreates the image: keep it 0600
                     capture_output=True,
                     timeout=QEMU_IMG_TIMEOUT,
                     check=False,

@@ -1,0 +1,246 @@
+"""Test helper (not a test module): the real test guest, its disks, and VMs that always stop.
+
+The guest (a Debian kernel and a busybox initramfs) is built by
+``scripts/build-guest.sh`` once per session and cached under ``cache/guest``;
+if its packages cannot be fetched the fixture fails loudly -- a VM test never
+passes by skipping its VM. :class:`VmLab` provisions VMs the way the fabric
+will (a template, a LUKS copy of it, an encrypted specialization disk, random
+keys) and stops every QEMU and swtpm it started at teardown.
+
+Fixtures are imported explicitly by the test modules that use them::
+
+    import vm_harness
+
+    guest = vm_harness.guest
+    vm_lab = vm_harness.vm_lab
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from guardfab.hypervisor.accel import Accelerator, choose_accelerator
+from guardfab.hypervisor.disk import DiskKey, create_encrypted_copy, create_encrypted_from_bytes
+from guardfab.hypervisor.spec import (
+    DirectKernel,
+    DiskSpec,
+    Firmware,
+    SecurityLevel,
+    VmSpec,
+)
+from guardfab.hypervisor.specialize import AnswerFile
+from guardfab.hypervisor.template_image import build_marker_template
+from guardfab.hypervisor.vm import QemuVm, VmKeys
+
+REPO = Path(__file__).resolve().parent.parent
+#: Seconds a freshly started guest may take to serve its page (TCG + OVMF: 12-25 s).
+PAGE_TIMEOUT = 90.0
+
+
+@dataclass(frozen=True)
+class Guest:
+    """The built guest: kernel, initramfs and the build's manifest."""
+
+    kernel: Path
+    initrd: Path
+    manifest: str
+    build_seconds: float
+
+    def boot(self, cmdline: str = "quiet") -> DirectKernel:
+        """Direct-boot settings for a spec."""
+        return DirectKernel(self.kernel, self.initrd, cmdline)
+
+
+@pytest.fixture(scope="session")
+def guest() -> Guest:
+    """Build (or reuse) the test guest; fail -- never skip -- if that is impossible."""
+    started = time.monotonic()
+    result = subprocess.run(
+        [str(REPO / "scripts" / "build-guest.sh")], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        pytest.fail(
+            "scripts/build-guest.sh failed: the VM tests need the guest built from Debian "
+            f"packages.\n{result.stderr[-3000:]}",
+            pytrace=False,
+        )
+    out = Path(os.environ.get("GUARDFAB_GUEST_DIR", REPO / "cache" / "guest"))
+    return Guest(out / "vmlinuz", out / "initramfs.gz", result.stdout, time.monotonic() - started)
+
+
+@pytest.fixture(scope="session")
+def accelerator() -> Accelerator:
+    """KVM if it really boots a guest here, else TCG (probed once per test process)."""
+    accel = choose_accelerator()
+    print(f"\nVM accelerator: {accel.name} ({accel.reason})")
+    return accel
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def fetch(port: int, path: str = "/status.txt", *, timeout: float = PAGE_TIMEOUT) -> str:
+    """GET a guest page through its port forward, retrying until it answers or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+                body: bytes = reply.read()
+                return body.decode()
+        except (urllib.error.URLError, OSError) as exc:
+            last = exc
+            time.sleep(0.5)
+    raise AssertionError(f"the guest on port {port} did not serve {path} in {timeout} s: {last}")
+
+
+def parse_page(text: str) -> dict[str, str]:
+    """The guest's ``status.txt`` as a dict."""
+    return dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+
+
+def files_under(roots: Iterable[Path]) -> Iterator[Path]:
+    """Every regular file under ``roots`` (what the runtime wrote)."""
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                yield path
+
+
+def find_in_files(roots: Iterable[Path], needles: dict[str, bytes]) -> list[str]:
+    """``file: what`` for every file under ``roots`` that contains one of ``needles``."""
+    return [
+        f"{path}: {name}"
+        for path in files_under(roots)
+        for name, needle in needles.items()
+        if needle in path.read_bytes()
+    ]
+
+
+@dataclass
+class ProvisionedVm:
+    """A VM's spec, keys and secrets as the test knows them (the fabric will get them from KPS)."""
+
+    spec: VmSpec
+    keys: VmKeys
+    marker: str
+    answer: AnswerFile
+    host_dir: Path
+    vm: QemuVm | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def needles(self) -> dict[str, bytes]:
+        """Everything that must never be found in clear in the host's files."""
+        found = {
+            "template marker": self.marker.encode(),
+            "answer file": self.answer.to_bytes()[:40],
+            "served file": self.answer.file_content,
+            "vTPM state key": self.keys.vtpm_state,
+            "vTPM state key (hex)": self.keys.vtpm_state.hex().encode(),
+        }
+        if self.answer.admin_password_hash:
+            found["password hash"] = self.answer.admin_password_hash.encode()
+        for device_id, key in self.keys.disks.items():
+            found[f"{device_id} disk passphrase"] = key.passphrase()
+        return found
+
+
+class VmLab:
+    """Provision and run VMs under one directory; stop them all at teardown."""
+
+    def __init__(self, root: Path, guest: Guest, accel: Accelerator) -> None:
+        self.root = root
+        self.guest = guest
+        self.accel = accel
+        self._vms: list[QemuVm] = []
+
+    def template(self, marker: str) -> Path:
+        """A template disk holding ``marker`` (outside every host directory: it is the input)."""
+        path = self.root / f"template-{secrets.token_hex(4)}.img"
+        build_marker_template(path, marker)
+        return path
+
+    def provision(
+        self,
+        name: str,
+        *,
+        level: SecurityLevel = SecurityLevel.SHIELDED,
+        firmware: Firmware = Firmware.OVMF_SECURE_BOOT,
+    ) -> ProvisionedVm:
+        """Make the disks of a new VM: a LUKS copy of a fresh template, a LUKS answer disk."""
+        marker = f"guardfab-marker-{secrets.token_hex(8)}"
+        answer = AnswerFile(
+            hostname=f"{name}-{secrets.token_hex(3)}",
+            admin_password_hash=f"$y$j9T${secrets.token_hex(8)}${secrets.token_hex(16)}",
+            file_name="tenant.txt",
+            file_content=f"tenant-secret-{secrets.token_hex(12)}".encode(),
+        )
+        host_dir = self.root / name
+        (host_dir / "disks").mkdir(parents=True, mode=0o700)
+        keys = VmKeys(
+            disks={"os": DiskKey.generate(), "spec": DiskKey.generate()},
+            vtpm_state=secrets.token_bytes(32),
+            vtpm_migration=secrets.token_bytes(32),
+        )
+        timings: dict[str, float] = {}
+        mark = time.monotonic()
+        create_encrypted_copy(self.template(marker), host_dir / "disks/os.qcow2", keys.disks["os"])
+        timings["os disk"] = time.monotonic() - mark
+        mark = time.monotonic()
+        spec_disk = host_dir / "disks/spec.qcow2"
+        create_encrypted_from_bytes(answer.to_bytes(), spec_disk, keys.disks["spec"])
+        timings["specialization disk"] = time.monotonic() - mark
+        spec = VmSpec(
+            name=name,
+            level=level,
+            firmware=firmware,
+            kernel=self.guest.boot(),
+            disks=(DiskSpec("os", host_dir / "disks/os.qcow2"), DiskSpec("spec", spec_disk)),
+            host_port=free_port(),
+        )
+        return ProvisionedVm(spec, keys, marker, answer, host_dir, timings=timings)
+
+    def vm(self, spec: VmSpec, work_dir: Path) -> QemuVm:
+        """A VM object whose processes are stopped at teardown."""
+        vm = QemuVm(spec, work_dir, accel=self.accel)
+        self._vms.append(vm)
+        return vm
+
+    def stop_all(self) -> None:
+        """Stop every VM this lab created (idempotent)."""
+        for vm in self._vms:
+            vm.stop()
+
+
+@pytest.fixture(scope="module")
+def vm_lab(
+    tmp_path_factory: pytest.TempPathFactory, guest: Guest, accelerator: Accelerator
+) -> Iterator[VmLab]:
+    """A lab per test module; all its VMs stop when the module is done."""
+    lab = VmLab(tmp_path_factory.mktemp("vmlab"), guest, accelerator)
+    try:
+        yield lab
+    finally:
+        lab.stop_all()
+
+
+def process_cmdline(pid: int) -> list[str]:
+    """Another process's argv as the kernel shows it to every user (``ps``)."""
+    raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg]
