@@ -7,7 +7,7 @@ scripts/setup.sh
 workdir=$(mktemp -d /tmp/guardfab-demo.XXXXXX)
 echo "demo: working in $workdir"
 .venv/bin/python scripts/walkthrough.py README.md > "$workdir/walkthrough.sh"
-export PATH="$PWD/.venv/bin:$PATH" GUARDFAB_HOME="$workdir/home"
+export PATH="$PWD/.venv/bin:$PATH" GUARDFAB_HOME="$workdir/home" GUARDFAB_REPO="$PWD"
 cd "$workdir"
 bash -euo pipefail -x walkthrough.sh
 echo "demo: finished; files are in $workdir"

@@ -50,6 +50,8 @@ def _free_port_pair() -> int:
 
 def start(directory: Path, boot: str) -> None:
     """Manufacture and start the TPM, measure the boot, write the log and CI policy."""
+    # swtpm --daemon changes to /, so every path it is given must be absolute.
+    directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=False)
     setup, _ca = _write_configs(directory / "vendor")
     manufacture(directory / "tpm", setup, directory / "swtpm-setup.log")

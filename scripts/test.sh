@@ -12,7 +12,7 @@ echo "== mypy (strict)"
 .venv/bin/mypy
 echo "== pytest"
 set +e
-.venv/bin/python -m pytest -n 2 --dist loadgroup "$@"
+.venv/bin/python -m pytest -n 2 --dist loadfile "$@"
 status=$?
 set -e
 if [[ $status -eq 5 ]]; then

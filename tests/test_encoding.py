@@ -47,3 +47,8 @@ def test_load_json_document_rejects_with_format_error(data: bytes) -> None:
 def test_load_json_document_enforces_size() -> None:
     with pytest.raises(FormatError, match="larger than"):
         load_json_document(b"{}" + b" " * 100, what="doc", max_bytes=50)
+
+
+def test_load_json_document_refuses_text_instead_of_bytes() -> None:
+    with pytest.raises(FormatError, match="expected bytes"):
+        load_json_document("{}", what="doc")  # type: ignore[arg-type]

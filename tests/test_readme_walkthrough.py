@@ -17,6 +17,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from walkthrough import extract  # noqa: E402
 
+from hgs_harness import free_port  # noqa: E402
+
 
 @pytest.mark.slow
 def test_readme_walkthrough_runs(tmp_path: Path) -> None:
@@ -26,6 +28,8 @@ def test_readme_walkthrough_runs(tmp_path: Path) -> None:
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "GUARDFAB_HOME": str(tmp_path / "home"),
+        "GUARDFAB_REPO": str(ROOT),
+        "GUARDFAB_DEMO_PORT": str(free_port()),
     }
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "walkthrough.sh"],

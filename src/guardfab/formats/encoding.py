@@ -58,6 +58,9 @@ def b64url_decode(text: str, *, what: str) -> bytes:
 
 def load_json_document(data: bytes, *, what: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> Any:
     """Parse untrusted JSON bytes with a size bound, naming ``what`` in errors."""
+    if not isinstance(data, bytes | bytearray):
+        # E.g. a store row edited to hold text: report it, do not crash on it.
+        raise FormatError(f"{what}: expected bytes, found {type(data).__name__}")
     if len(data) > max_bytes:
         raise FormatError(f"{what}: {len(data)} bytes is larger than the limit of {max_bytes}")
     try:
