@@ -14,6 +14,7 @@ import shutil
 import socket
 import struct
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +28,8 @@ from guardfab.hypervisor.errors import DiskKeyError
 from guardfab.hypervisor.spec import DiskSpec
 from guardfab.hypervisor.vm import VmKeys
 from guardfab.hypervisor.vtpm import Swtpm
+from guardfab.tpm.eventlog import parse_event_log
+from guardfab.tpm.events import EventType
 from vm_harness import ProvisionedVm, VmLab, fetch, find_in_files, parse_page, process_cmdline
 
 guest = vm_harness.guest
@@ -65,6 +68,33 @@ def test_shielded_vm_boots_from_its_encrypted_template_copy(shielded: Provisione
     assert page["secure_boot"] == "enabled", page
     assert _page(shielded, "/files/tenant.txt").encode() == shielded.answer.file_content
     assert "marker: " + shielded.marker in _page(shielded, "/cgi-bin/disk")
+
+
+def _fetch_bytes(vm: ProvisionedVm, path: str) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{vm.spec.host_port}{path}", timeout=10) as reply:
+        body: bytes = reply.read()
+        return body
+
+
+def test_firmware_log_shows_secure_boot_and_what_direct_boot_leaves_unmeasured(
+    shielded: ProvisionedVm,
+) -> None:
+    """What ADR 0008 says about ``-kernel`` under OVMF, checked on the guest's own event log."""
+    log = parse_event_log(_fetch_bytes(shielded, "/cgi-bin/eventlog"))
+    secure_boot = [
+        e
+        for e in log.events
+        if e.pcr == 7
+        and e.event_type == EventType.EV_EFI_VARIABLE_DRIVER_CONFIG
+        and "SecureBoot".encode("utf-16-le") in e.data
+    ]
+    assert len(secure_boot) == 1
+    assert secure_boot[0].data.endswith(b"\x01")  # the variable's value: enabled
+    # The initrd is measured (by the kernel's EFI stub, into PCR 9) ...
+    assert any(e.pcr == 9 and b"Linux initrd" in e.data for e in log.events)
+    # ... but the directly loaded kernel image is neither verified nor measured.
+    started = [e for e in log.events if e.event_type == EventType.EV_EFI_BOOT_SERVICES_APPLICATION]
+    assert started == []
 
 
 def test_no_secret_on_any_command_line(shielded: ProvisionedVm) -> None:
