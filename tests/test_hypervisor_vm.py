@@ -66,6 +66,7 @@ def test_shielded_vm_boots_from_its_encrypted_template_copy(shielded: Provisione
     assert page["hostname"] == shielded.answer.hostname
     assert page["tpm"].startswith("present"), page
     assert page["secure_boot"] == "enabled", page
+    assert "[integrity]" in page["lockdown"], page  # Debian's kernel locks down under secure boot
     assert _page(shielded, "/files/tenant.txt").encode() == shielded.answer.file_content
     assert "marker: " + shielded.marker in _page(shielded, "/cgi-bin/disk")
 
