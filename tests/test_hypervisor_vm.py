@@ -171,6 +171,39 @@ def test_wrong_disk_key_is_refused_and_nothing_keeps_running(
     assert vm.swtpm_pid is None
 
 
+def test_pause_resume_and_status_over_qmp(shielded: ProvisionedVm) -> None:
+    vm = shielded.vm
+    assert vm is not None
+    boot_id = parse_page(_page(shielded))["boot_id"]
+    vm.pause()
+    assert vm.status() == "paused"
+    with pytest.raises(OSError):  # the port forward accepts, the stopped guest never answers
+        urllib.request.urlopen(f"http://127.0.0.1:{shielded.spec.host_port}/", timeout=2)
+    vm.resume()
+    assert vm.status() == "running"
+    assert parse_page(_page(shielded))["boot_id"] == boot_id
+
+
+def test_a_destination_with_another_vtpm_migration_key_cannot_take_the_vm(
+    shielded: ProvisionedVm, vm_lab: VmLab
+) -> None:
+    source = shielded.vm
+    assert source is not None
+    boot_id = parse_page(_page(shielded))["boot_id"]
+    wrong = replace(shielded.keys, vtpm_migration=secrets.token_bytes(32))
+    dest = vm_lab.vm(shielded.spec, vm_lab.root / "host-c" / "vm")
+    dest.start(wrong, incoming=True)
+    psk = migration.new_migration_psk()
+    incoming = migration.IncomingMigration(dest, psk, vm_harness.free_port())
+    incoming.listen()
+    with pytest.raises(migration.MigrationError, match="did not take over"):
+        migration.live_migrate(source, incoming, psk, shielded.keys.disks, timeout=60)
+    dest.stop()
+    assert source.status() == "running"
+    assert parse_page(_page(shielded))["boot_id"] == boot_id
+    assert "marker: " + shielded.marker in _page(shielded, "/cgi-bin/disk")
+
+
 def _send_plaintext_stream(uri: str) -> None:
     """Open the migration port and speak QEMU's plain migration header, as a non-TLS source."""
     host, port = uri.removeprefix("tcp:").rsplit(":", 1)

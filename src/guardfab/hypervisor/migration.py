@@ -252,7 +252,18 @@ def live_migrate(
     stats = send_migration(
         source, psk, incoming.uri, disk_keys, timeout=timeout, on_connected=incoming.forget_psk
     )
-    incoming.finish(timeout)
+    try:
+        incoming.finish(timeout)
+    except HypervisorError as exc:
+        # The source sent everything but the destination did not take over (it
+        # refused the vTPM state, say): the source, paused after the hand-over,
+        # takes its disks back -- which reopens them -- and runs on.
+        incoming.forget_psk()
+        with disk_secrets(source.qmp, source.spec.disks, disk_keys):
+            _keep_running(source)
+        raise MigrationError(
+            f"VM {source.spec.name} was sent but the destination did not take over: {exc}"
+        ) from exc
     source.stop()
     incoming.dest.forward_host_port()
     return stats
