@@ -218,7 +218,7 @@ class VmLab:
 
     def vm(self, spec: VmSpec, work_dir: Path) -> QemuVm:
         """A VM object whose processes are stopped at teardown."""
-        vm = QemuVm(spec, work_dir, accel=self.accel)
+        vm = QemuVm(spec, work_dir, accel=self.accel, die_with_parent=True)
         self._vms.append(vm)
         return vm
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -31,6 +30,7 @@ from guardfab.hypervisor.accel import Accelerator, choose_accelerator
 from guardfab.hypervisor.argv import OVMF_VARS_TEMPLATE, VmPaths, host_forward_rule, qemu_argv
 from guardfab.hypervisor.disk import DiskKey, attach_disk, remove_disk_secret
 from guardfab.hypervisor.errors import HypervisorError
+from guardfab.hypervisor.procs import child_setup, stop_group
 from guardfab.hypervisor.qmp import QmpClient
 from guardfab.hypervisor.spec import Firmware, VmSpec
 from guardfab.hypervisor.vtpm import Swtpm
@@ -71,6 +71,8 @@ class QemuVm:
         work_dir: the VM's files here: vTPM state, OVMF variables, logs.
         accel: KVM or TCG; probed once per process if not given.
         run_dir: where the sockets go; a fresh short temporary directory if not given.
+        die_with_parent: kill QEMU and swtpm if the thread that started them dies
+            (for tests; a host agent's VMs outlive the agent).
     """
 
     def __init__(
@@ -80,8 +82,10 @@ class QemuVm:
         *,
         accel: Accelerator | None = None,
         run_dir: Path | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.spec = spec
+        self.die_with_parent = die_with_parent
         self.work_dir = work_dir
         self.accel = accel if accel is not None else choose_accelerator()
         self._run_dir = run_dir
@@ -162,7 +166,10 @@ class QemuVm:
         mark = time.monotonic()
         if self.spec.vtpm:
             self._swtpm = Swtpm(
-                self.work_dir / "tpm", self.paths.tpm_socket, self.work_dir / "swtpm.log"
+                self.work_dir / "tpm",
+                self.paths.tpm_socket,
+                self.work_dir / "swtpm.log",
+                die_with_parent=self.die_with_parent,
             )
             self._swtpm.start(keys.vtpm_state, keys.vtpm_migration)
         self.timings["swtpm"] = time.monotonic() - mark
@@ -175,6 +182,7 @@ class QemuVm:
                 stdout=log_fd,
                 stderr=log_fd,
                 start_new_session=True,
+                preexec_fn=child_setup(self.die_with_parent),  # noqa: PLW1509 -- prctl only
             )
         finally:
             os.close(log_fd)
@@ -249,7 +257,7 @@ class QemuVm:
             self._qmp = None
         qemu, self._qemu = self._qemu, None
         if qemu is not None:
-            _stop_group(qemu)
+            stop_group(qemu, STOP_TIMEOUT / 2)
         if self._swtpm is not None:
             # swtpm exits by itself once its QEMU is gone (--terminate); give it a moment.
             self._swtpm.wait(STOP_TIMEOUT / 2)
@@ -263,16 +271,3 @@ class QemuVm:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    """Wait for ``process`` to exit; then SIGTERM and at last SIGKILL its process group."""
-    for sig in (None, signal.SIGTERM, signal.SIGKILL):
-        if sig is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, sig)
-        try:
-            process.wait(STOP_TIMEOUT / 2)
-        except subprocess.TimeoutExpired:
-            continue
-        return

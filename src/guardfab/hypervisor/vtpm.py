@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from guardfab.hypervisor.errors import HypervisorError
+from guardfab.hypervisor.procs import child_setup, stop_group
 from guardfab.hypervisor.secretfd import secret_pipe
 
 #: AES-256-CBC, the strongest mode swtpm 0.7 offers for its state and migration blobs.
@@ -39,10 +40,14 @@ class Swtpm:
         state_dir: the vTPM's persistent, encrypted state (created 0700 if missing).
         ctrl_socket: the control socket QEMU connects to.
         log_path: swtpm's own log (errors only: it holds no TPM content).
+        die_with_parent: kill swtpm if the thread that started it dies (tests).
     """
 
-    def __init__(self, state_dir: Path, ctrl_socket: Path, log_path: Path) -> None:
+    def __init__(
+        self, state_dir: Path, ctrl_socket: Path, log_path: Path, *, die_with_parent: bool = False
+    ) -> None:
         self.state_dir = state_dir
+        self.die_with_parent = die_with_parent
         self.ctrl_socket = ctrl_socket
         self.log_path = log_path
         self._process: subprocess.Popen[bytes] | None = None
@@ -99,6 +104,7 @@ class Swtpm:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=child_setup(self.die_with_parent),  # noqa: PLW1509 -- prctl only
             )
         self._wait_listening()
 
@@ -142,10 +148,5 @@ class Swtpm:
         if process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(STOP_TIMEOUT)
+        stop_group(process, STOP_TIMEOUT)
         self.ctrl_socket.unlink(missing_ok=True)

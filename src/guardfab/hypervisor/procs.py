@@ -1,0 +1,44 @@
+"""Child processes of the VM runtime: own process groups, optional death with the parent.
+
+QEMU and swtpm each run in a process group of their own, so stopping one
+signals everything it may have started and a Ctrl-C at the runtime's terminal
+does not reach the VMs. A caller that must not leave VMs behind when it dies
+(a test session) asks for ``die_with_parent``: the kernel then sends SIGKILL to
+the child when the thread that started it exits (PR_SET_PDEATHSIG). A host
+agent does not: its VMs should outlive an agent restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: die when the parent thread goes."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def child_setup(die_with_parent: bool) -> Callable[[], None] | None:
+    """The ``preexec_fn`` for a child (``None`` unless it must die with its parent)."""
+    return _die_with_parent if die_with_parent else None
+
+
+def stop_group(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait for ``process`` to exit; then SIGTERM and at last SIGKILL its process group."""
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            continue
+        return
