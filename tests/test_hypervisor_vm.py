@@ -257,5 +257,7 @@ def test_live_migration_over_tls_keeps_the_vm_and_its_boot(
     assert not source.running
     assert dest.status() == "running"
     assert dest.qmp.execute("query-migrate-parameters")["tls-creds"] == migration.TLS_OBJECT_ID
-    hosts = [shielded.host_dir, vm_lab.root / "host-b"]
+    # Every host directory of this lab (A, B, the refused C); the templates are input.
+    hosts = [path for path in vm_lab.root.iterdir() if path.is_dir()]
+    assert {shielded.host_dir, vm_lab.root / "host-b", vm_lab.root / "host-c"} <= set(hosts)
     assert find_in_files(hosts, shielded.needles()) == []

@@ -1,1 +1,9 @@
+"""The VM runtime: QEMU and swtpm processes, LUKS disks, VM security policy, live migration.
 
+The I/O edge of guardfab's shielded VMs (ADR 0008). Pure parts: :mod:`.spec`
+(what a VM is), :mod:`.policy` (what its security level allows), :mod:`.argv`
+(QEMU's command line), :mod:`.specialize` (the answer-file disk's content).
+Processes and devices: :mod:`.accel` (KVM probe, TCG fallback), :mod:`.qmp`,
+:mod:`.vtpm`, :mod:`.disk`, :mod:`.vm`, :mod:`.migration`, :mod:`.template_image`.
+Keys reach QEMU and swtpm only through file descriptors and the QMP socket.
+"""
