@@ -14,12 +14,14 @@ from typing import Any
 import pytest
 
 from guardfab.errors import FormatError, UsageError
-from guardfab.hypervisor import accel, migration
+from guardfab.hypervisor import accel, migration, vtpm
 from guardfab.hypervisor.disk import DiskKey
 from guardfab.hypervisor.errors import HypervisorError, QmpCommandError
 from guardfab.hypervisor.qmp import QmpClient
 from guardfab.hypervisor.secretfd import secret_pipe
+from guardfab.hypervisor.spec import DirectKernel, Firmware, SecurityLevel, VmSpec
 from guardfab.hypervisor.specialize import AnswerFile
+from guardfab.hypervisor.vm import QemuVm, VmKeys
 
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": []}}
 
@@ -215,3 +217,30 @@ def test_psk_directory_is_private_tmpfs_and_removed() -> None:
         assert key_file.stat().st_mode & 0o777 == 0o600
         assert key_file.read_text() == f"guardfab:{psk.hex()}\n"
     assert not directory.exists()
+
+
+def test_a_missing_program_is_a_clear_transport_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(vtpm, "SWTPM_BINARY", str(tmp_path / "no-swtpm"))
+    tpm = vtpm.Swtpm(tmp_path / "state", tmp_path / "ctrl.sock", tmp_path / "log")
+    with pytest.raises(HypervisorError, match="cannot run") as caught:
+        tpm.start(bytes(32))
+    assert "scripts/setup.sh" in caught.value.diagnostics()
+    assert tpm.pid is None
+
+
+@pytest.mark.slow
+def test_qemu_failing_at_start_up_reports_why_and_leaves_nothing(tmp_path: Path) -> None:
+    spec = VmSpec(
+        "broken",
+        SecurityLevel.NORMAL,
+        firmware=Firmware.BIOS,
+        kernel=DirectKernel(tmp_path / "no-kernel", tmp_path / "no-initrd"),
+    )
+    vm = QemuVm(spec, tmp_path / "vm", accel=accel.Accelerator("tcg", None, "test"))
+    with pytest.raises(HypervisorError, match="exited at start-up") as caught:
+        vm.start(VmKeys(vtpm_state=bytes(32)))
+    assert "no-kernel" in str(caught.value)
+    assert not vm.running
+    assert vm.swtpm_pid is None

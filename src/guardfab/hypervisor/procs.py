@@ -17,6 +17,8 @@ import signal
 import subprocess
 from collections.abc import Callable
 
+from guardfab.hypervisor.errors import HypervisorError
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -29,6 +31,35 @@ def _die_with_parent() -> None:
 def child_setup(die_with_parent: bool) -> Callable[[], None] | None:
     """The ``preexec_fn`` for a child (``None`` unless it must die with its parent)."""
     return _die_with_parent if die_with_parent else None
+
+
+def spawn(
+    argv: list[str],
+    *,
+    stdout: int,
+    die_with_parent: bool,
+    pass_fds: tuple[int, ...] = (),
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a new process group (stderr goes with stdout).
+
+    Raises:
+        HypervisorError: the program is missing or cannot run.
+    """
+    try:
+        return subprocess.Popen(  # noqa: S603 -- argv built by the runtime, no shell
+            argv,
+            pass_fds=pass_fds,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=child_setup(die_with_parent),  # noqa: PLW1509 -- one prctl, no locks
+        )
+    except OSError as exc:
+        raise HypervisorError(
+            f"cannot run {argv[0]}: {exc.strerror}",
+            hint="install the VM runtime's packages with scripts/setup.sh",
+        ) from exc
 
 
 def stop_group(process: subprocess.Popen[bytes], timeout: float) -> None:

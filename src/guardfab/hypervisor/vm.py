@@ -30,7 +30,7 @@ from guardfab.hypervisor.accel import Accelerator, choose_accelerator
 from guardfab.hypervisor.argv import OVMF_VARS_TEMPLATE, VmPaths, host_forward_rule, qemu_argv
 from guardfab.hypervisor.disk import DiskKey, attach_disk, remove_disk_secret
 from guardfab.hypervisor.errors import HypervisorError
-from guardfab.hypervisor.procs import child_setup, stop_group
+from guardfab.hypervisor.procs import spawn, stop_group
 from guardfab.hypervisor.qmp import QmpClient
 from guardfab.hypervisor.spec import Firmware, VmSpec
 from guardfab.hypervisor.vtpm import Swtpm
@@ -176,14 +176,7 @@ class QemuVm:
         mark = time.monotonic()
         log_fd = os.open(self.work_dir / "qemu.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            self._qemu = subprocess.Popen(  # noqa: S603 -- argv from qemu_argv, no shell
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=log_fd,
-                start_new_session=True,
-                preexec_fn=child_setup(self.die_with_parent),  # noqa: PLW1509 -- prctl only
-            )
+            self._qemu = spawn(argv, stdout=log_fd, die_with_parent=self.die_with_parent)
         finally:
             os.close(log_fd)
         self._qmp = self._connect_qmp()

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from guardfab.hypervisor.errors import HypervisorError
-from guardfab.hypervisor.procs import child_setup, stop_group
+from guardfab.hypervisor.procs import spawn, stop_group
 from guardfab.hypervisor.secretfd import secret_pipe
 
 #: AES-256-CBC, the strongest mode swtpm 0.7 offers for its state and migration blobs.
@@ -97,14 +97,11 @@ class Swtpm:
             if migration_key is not None:
                 migration_fd = stack.enter_context(secret_pipe(migration_key))
                 fds.append(migration_fd)
-            self._process = subprocess.Popen(  # noqa: S603 -- fixed argv, no shell
+            self._process = spawn(
                 self.argv(key_fd, migration_fd),
-                pass_fds=fds,
-                stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=child_setup(self.die_with_parent),  # noqa: PLW1509 -- prctl only
+                die_with_parent=self.die_with_parent,
+                pass_fds=tuple(fds),
             )
         self._wait_listening()
 
