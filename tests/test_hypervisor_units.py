@@ -21,7 +21,7 @@ from guardfab.hypervisor.qmp import QmpClient
 from guardfab.hypervisor.secretfd import secret_pipe
 from guardfab.hypervisor.spec import DirectKernel, Firmware, SecurityLevel, VmSpec
 from guardfab.hypervisor.specialize import AnswerFile
-from guardfab.hypervisor.vm import QemuVm, VmKeys
+from guardfab.hypervisor.vm import QemuVm, VmKeys, VmRuntime
 
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": []}}
 
@@ -244,3 +244,8 @@ def test_qemu_failing_at_start_up_reports_why_and_leaves_nothing(tmp_path: Path)
     assert "no-kernel" in str(caught.value)
     assert not vm.running
     assert vm.swtpm_pid is None
+
+
+def test_qemu_vm_is_a_vm_runtime(tmp_path: Path) -> None:
+    spec = VmSpec("x", SecurityLevel.NORMAL, firmware=Firmware.BIOS, vtpm=False)
+    assert isinstance(QemuVm(spec, tmp_path, accel=accel.Accelerator("tcg", None, "t")), VmRuntime)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from guardfab.hypervisor.accel import Accelerator, choose_accelerator
 from guardfab.hypervisor.argv import OVMF_VARS_TEMPLATE, VmPaths, host_forward_rule, qemu_argv
@@ -56,6 +56,42 @@ class VmKeys:
 
     def __repr__(self) -> str:
         return "VmKeys(<redacted>)"
+
+
+@runtime_checkable
+class VmRuntime(Protocol):
+    """What the fabric needs of one VM on a host; :class:`QemuVm` is the real one.
+
+    The host agent's VM management is written against this interface, so its
+    tests can swap in a simulator where no guest needs to boot.
+    """
+
+    spec: VmSpec
+
+    @property
+    def running(self) -> bool:
+        """Whether the VM's processes are alive."""
+        ...
+
+    def start(self, keys: VmKeys, *, incoming: bool = False) -> None:
+        """Start the VM (or wait for a live migration stream)."""
+        ...
+
+    def stop(self) -> None:
+        """Stop the VM and everything started for it."""
+        ...
+
+    def pause(self) -> None:
+        """Stop the vCPUs."""
+        ...
+
+    def resume(self) -> None:
+        """Run the vCPUs again."""
+        ...
+
+    def status(self) -> str:
+        """The run state as QEMU names it."""
+        ...
 
 
 def _prepare_dir(path: Path) -> None:
