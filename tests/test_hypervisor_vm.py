@@ -118,6 +118,8 @@ def test_nothing_in_clear_in_the_files_the_runtime_wrote(shielded: ProvisionedVm
     # The grep means something only if the disks, NVRAM and vTPM state are there.
     assert {"os.qcow2", "spec.qcow2", "OVMF_VARS.fd", "tpm2-00.permall"} <= written
     assert find_in_files([shielded.host_dir], shielded.needles()) == []
+    loose = [p for p in vm_harness.files_under([shielded.host_dir]) if p.stat().st_mode & 0o077]
+    assert loose == [], "readable by others"
 
 
 def _ptm_init(ctrl_socket: Path) -> int:

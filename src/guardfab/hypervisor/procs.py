@@ -53,6 +53,7 @@ def spawn(
             stdout=stdout,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            umask=0o077,  # sockets, logs and state files it creates: owner only
             preexec_fn=child_setup(die_with_parent),  # noqa: PLW1509 -- one prctl, no locks
         )
     except OSError as exc:
