@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from guardfab.errors import FormatError, UsageError
+from guardfab.errors import FormatError, PolicyError, UsageError
 from guardfab.hypervisor import accel, migration, vtpm
 from guardfab.hypervisor.disk import DiskKey
 from guardfab.hypervisor.errors import HypervisorError, QmpCommandError
@@ -249,3 +249,11 @@ def test_qemu_failing_at_start_up_reports_why_and_leaves_nothing(tmp_path: Path)
 def test_qemu_vm_is_a_vm_runtime(tmp_path: Path) -> None:
     spec = VmSpec("x", SecurityLevel.NORMAL, firmware=Firmware.BIOS, vtpm=False)
     assert isinstance(QemuVm(spec, tmp_path, accel=accel.Accelerator("tcg", None, "t")), VmRuntime)
+
+
+def test_a_refused_spec_leaves_nothing_on_the_host(tmp_path: Path) -> None:
+    spec = VmSpec("loose", SecurityLevel.SHIELDED, firmware=Firmware.BIOS)
+    vm = QemuVm(spec, tmp_path / "vm", accel=accel.Accelerator("tcg", None, "t"))
+    with pytest.raises(PolicyError, match="secure-boot"):
+        vm.start(VmKeys(vtpm_state=bytes(32)))
+    assert not (tmp_path / "vm").exists()

@@ -30,6 +30,7 @@ from guardfab.hypervisor.accel import Accelerator, choose_accelerator
 from guardfab.hypervisor.argv import OVMF_VARS_TEMPLATE, VmPaths, host_forward_rule, qemu_argv
 from guardfab.hypervisor.disk import DiskKey, attach_disk, remove_disk_secret
 from guardfab.hypervisor.errors import HypervisorError
+from guardfab.hypervisor.policy import check_vm_policy
 from guardfab.hypervisor.procs import spawn, stop_group
 from guardfab.hypervisor.qmp import QmpClient
 from guardfab.hypervisor.spec import Firmware, VmSpec
@@ -169,11 +170,11 @@ class QemuVm:
         """
         if self._qemu is not None:
             raise HypervisorError(f"VM {self.spec.name} is already running")
+        check_vm_policy(self.spec)  # before anything exists on the host
         began = time.monotonic()
-        self._make_dirs()
-        argv = self.argv(incoming=incoming)
         try:
-            self._start_processes(argv, keys)
+            self._make_dirs()
+            self._start_processes(self.argv(incoming=incoming), keys)
             mark = time.monotonic()
             for disk in self.spec.disks:
                 key = keys.disks.get(disk.device_id)
