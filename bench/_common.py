@@ -1,4 +1,4 @@
-"""Shared pieces of the benches: the bench boot log, software hosts, tables, process CPU.
+"""Shared pieces of the benches: boot log, software hosts, a served HGS, tables, process CPU.
 
 The boot log is the test fixture's golden boot (``tests/test_attestation_fixtures.Boot``)
 reshaped so that *both* guardfab and Keylime's verifier (tpm2_eventlog + its
@@ -10,20 +10,28 @@ and GRUB's kernel command line in PCR 8. 100 events, SHA-1 and SHA-256 banks.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import hashlib
 import os
 import platform
+import re
 import resource
 import shutil
+import signal
+import socket
+import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -33,6 +41,9 @@ if str(TESTS) not in sys.path:
 # ruff: noqa: E402 (the fixtures live in tests/, importable only after the path is set)
 from guardfab.attestation.baseline import baseline_from_log
 from guardfab.attestation.trust import CiPolicy, TrustState
+from guardfab.hgs import registry as reg
+from guardfab.hgs.state import HgsState
+from guardfab.store.sqlite import SqliteStore
 from test_attestation_fixtures import CI_POLICY_FILE, Boot, SoftHost
 from test_eventlog_builder import (
     EFI_GLOBAL,
@@ -229,6 +240,154 @@ def descendants(pid: int) -> list[int]:
             found += children
             todo += children
     return found
+
+
+# ------------------------------------------------------- a served HGS, a tiny HTTPS client
+
+
+class Hgs:
+    """A guardfab HGS in a temporary directory, served on a free loopback port."""
+
+    def __init__(self, workers: int) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="guardfab-hgs-bench-")) / "hgs"
+        self.workers = workers
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def init(self, puts: list[tuple[str, Any]]) -> None:
+        """``guardfab hgs init``, then the trusted state written to its store."""
+        cli = [sys.executable, "-m", "guardfab", "hgs", "init", "--dir", str(self.dir)]
+        subprocess.run([*cli, "--name", "bench-hgs"], check=True, capture_output=True)
+        store = SqliteStore(HgsState(self.dir).store_path())
+        try:
+            reg.Registry.trust_txn(puts).commit(store)
+        finally:
+            store.close()
+
+    def start(self) -> None:
+        """Serve, in a session of its own (stopped as one group), until /healthz answers."""
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        command = [sys.executable, "-m", "guardfab", "hgs", "serve", "--dir", str(self.dir)]
+        command += ["--listen", f"127.0.0.1:{self.port}", "--workers", str(self.workers)]
+        self.process = subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                err = self.process.stderr.read().decode() if self.process.stderr else ""
+                raise RuntimeError(f"the HGS exited at start: {err[-1500:]}")
+            if len(self.pids()) > self.workers and _answers(self.port, self.ca):
+                return
+            time.sleep(0.2)
+        raise RuntimeError("the HGS did not answer /healthz within 30 s")
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "tls" / "ca.pem"
+
+    def pids(self) -> list[int]:
+        """The serve process and its uvicorn workers."""
+        if self.process is None or self.process.poll() is not None:
+            return []
+        return [self.process.pid, *descendants(self.process.pid)]
+
+    def cpu(self) -> dict[int, float]:
+        """CPU seconds used so far by each process of the HGS (serve process, workers)."""
+        used = {}
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                used[pid] = cpu_seconds(pid)
+        return used
+
+    def workers_pids(self) -> list[int]:
+        """The uvicorn worker processes (multiprocessing spawn children)."""
+        found = []
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+        return found
+
+    def used_since(self, before: dict[int, float]) -> tuple[float, str]:
+        """CPU seconds since ``before``, and each worker's share of the workers' CPU."""
+        after = self.cpu()
+        used = {pid: after[pid] - before.get(pid, 0.0) for pid in after}
+        workers = [used.get(pid, 0.0) for pid in self.workers_pids()]
+        total = sum(workers) or 1.0
+        split = "/".join(f"{100 * w / total:.0f}" for w in sorted(workers, reverse=True))
+        return sum(used.values()), split + "%"
+
+    def stop(self) -> None:
+        """SIGINT to the whole session, SIGKILL if it lingers; remove the directory."""
+        if self.process is not None and self.process.poll() is None:
+            _signal_group(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        shutil.rmtree(self.dir.parent, ignore_errors=True)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)  # the session this bench started (start_new_session)
+
+
+def _answers(port: int, ca: Path) -> bool:
+    try:
+        status, _ = asyncio.run(_one_get(port, ca, "/healthz"))
+    except OSError:
+        return False
+    return status == 200
+
+
+async def _one_get(port: int, ca: Path, path: str) -> tuple[int, bytes]:
+    conn = await Connection.open(port, ssl.create_default_context(cafile=str(ca)))
+    try:
+        return await conn.request("GET", path)
+    finally:
+        conn.close()
+
+
+class Connection:
+    """One keep-alive HTTPS connection speaking just enough HTTP/1.1."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int, context: ssl.SSLContext) -> Connection:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=context, server_hostname="127.0.0.1"
+        )
+        return cls(reader, writer)
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        """Send one request, read one response (Content-Length framed)."""
+        head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        if method == "POST":
+            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        self.writer.write(head.encode() + b"\r\n" + body)
+        response = await self.reader.readuntil(b"\r\n\r\n")
+        match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", response)
+        if match is None:
+            raise ConnectionError("response without Content-Length")
+        return int(response[9:12]), await self.reader.readexactly(int(match.group(1)))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def filesystem(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (tmpfs makes commits cheaper than disk)."""
+    best, kind = "", "unknown filesystem"
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _dev, mount, fstype, *_ = line.split()
+        if str(path).startswith(mount) and len(mount) > len(best):
+            best, kind = mount, fstype
+    return kind
 
 
 # ------------------------------------------------------------------ tools and output

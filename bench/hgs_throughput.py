@@ -31,24 +31,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import multiprocessing
-import os
 import re
 import resource
 import shutil
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import _common as c
@@ -59,9 +54,7 @@ from guardfab.attestation.trust import AttestationMode, HostKey
 from guardfab.formats import jose
 from guardfab.formats.encoding import b64url_decode, b64url_encode
 from guardfab.hgs import registry as reg
-from guardfab.hgs.state import HgsState
 from guardfab.host.attestation import host_key_evidence
-from guardfab.store.sqlite import SqliteStore
 from test_attestation_fixtures import NONCE, host_key_jwk
 from test_tpm_quote import soft_sign
 
@@ -142,148 +135,10 @@ def make_material(ak_kind: str) -> Material:
 MATERIAL: Material | None = None
 
 
-# ------------------------------------------------------------------ the server
-
-
-class Hgs:
-    """A guardfab HGS in a temporary directory, served on a free loopback port."""
-
-    def __init__(self, workers: int) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="guardfab-hgs-bench-")) / "hgs"
-        self.workers = workers
-        self.port = 0
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def init(self, puts: list[tuple[str, Any]]) -> None:
-        """``guardfab hgs init``, then the trusted state written to its store."""
-        cli = [sys.executable, "-m", "guardfab", "hgs", "init", "--dir", str(self.dir)]
-        subprocess.run([*cli, "--name", "bench-hgs"], check=True, capture_output=True)
-        store = SqliteStore(HgsState(self.dir).store_path())
-        try:
-            reg.Registry.trust_txn(puts).commit(store)
-        finally:
-            store.close()
-
-    def start(self) -> None:
-        """Serve, in a session of its own (stopped as one group), until /healthz answers."""
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        command = [sys.executable, "-m", "guardfab", "hgs", "serve", "--dir", str(self.dir)]
-        command += ["--listen", f"127.0.0.1:{self.port}", "--workers", str(self.workers)]
-        self.process = subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                err = self.process.stderr.read().decode() if self.process.stderr else ""
-                raise RuntimeError(f"the HGS exited at start: {err[-1500:]}")
-            if len(self.pids()) > self.workers and _answers(self.port, self.ca):
-                return
-            time.sleep(0.2)
-        raise RuntimeError("the HGS did not answer /healthz within 30 s")
-
-    @property
-    def ca(self) -> Path:
-        return self.dir / "tls" / "ca.pem"
-
-    def pids(self) -> list[int]:
-        """The serve process and its uvicorn workers."""
-        if self.process is None or self.process.poll() is not None:
-            return []
-        return [self.process.pid, *c.descendants(self.process.pid)]
-
-    def cpu(self) -> dict[int, float]:
-        """CPU seconds used so far by each process of the HGS (serve process, workers)."""
-        used = {}
-        for pid in self.pids():
-            with contextlib.suppress(OSError):
-                used[pid] = c.cpu_seconds(pid)
-        return used
-
-    def workers_pids(self) -> list[int]:
-        """The uvicorn worker processes (multiprocessing spawn children)."""
-        found = []
-        for pid in self.pids():
-            with contextlib.suppress(OSError):
-                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    found.append(pid)
-        return found
-
-    def used_since(self, before: dict[int, float]) -> tuple[float, str]:
-        """CPU seconds since ``before``, and each worker's share of the workers' CPU."""
-        after = self.cpu()
-        used = {pid: after[pid] - before.get(pid, 0.0) for pid in after}
-        workers = [used.get(pid, 0.0) for pid in self.workers_pids()]
-        total = sum(workers) or 1.0
-        split = "/".join(f"{100 * w / total:.0f}" for w in sorted(workers, reverse=True))
-        return sum(used.values()), split + "%"
-
-    def stop(self) -> None:
-        """SIGINT to the whole session, SIGKILL if it lingers; remove the directory."""
-        if self.process is not None and self.process.poll() is None:
-            _signal_group(self.process.pid, signal.SIGINT)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                _signal_group(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        shutil.rmtree(self.dir.parent, ignore_errors=True)
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, sig)  # the session this bench started (start_new_session)
-
-
-def _answers(port: int, ca: Path) -> bool:
-    try:
-        status, _ = asyncio.run(_one_get(port, ca, "/healthz"))
-    except OSError:
-        return False
-    return status == 200
-
-
-async def _one_get(port: int, ca: Path, path: str) -> tuple[int, bytes]:
-    conn = await Connection.open(port, ssl.create_default_context(cafile=str(ca)))
-    try:
-        return await conn.request("GET", path)
-    finally:
-        conn.close()
-
-
 # ------------------------------------------------------------------ the load generator
 
 
-class Connection:
-    """One keep-alive HTTPS connection speaking just enough HTTP/1.1."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, port: int, context: ssl.SSLContext) -> Connection:
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=context, server_hostname="127.0.0.1"
-        )
-        return cls(reader, writer)
-
-    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
-        """Send one request, read one response (Content-Length framed)."""
-        head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        if method == "POST":
-            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        self.writer.write(head.encode() + b"\r\n" + body)
-        response = await self.reader.readuntil(b"\r\n\r\n")
-        match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", response)
-        if match is None:
-            raise ConnectionError("response without Content-Length")
-        return int(response[9:12]), await self.reader.readexactly(int(match.group(1)))
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-async def attest_once(conn: Connection, make_body: Callable[[bytes, str], bytes]) -> str | None:
+async def attest_once(conn: c.Connection, make_body: Callable[[bytes, str], bytes]) -> str | None:
     """Challenge + attest; None on a health certificate, else what went wrong."""
     status, body = await conn.request("POST", "/attestation/v1/challenge")
     if status != 200:
@@ -359,7 +214,7 @@ async def closed_loop(plan: Plan, tally: Tally) -> None:
         conn = None
         while (now := time.time()) < plan.end:
             try:
-                conn = conn or await Connection.open(plan.port, context)
+                conn = conn or await c.Connection.open(plan.port, context)
                 error = await attest_once(conn, makers[n % len(makers)])
             except _LOST as exc:
                 error, conn = f"connection lost: {type(exc).__name__}: {exc}", None
@@ -377,19 +232,19 @@ async def open_loop(plan: Plan, tally: Tally) -> None:
     assert plan.rate is not None
     context = ssl.create_default_context(cafile=plan.ca)
     makers = _makers(plan)
-    idle: list[tuple[Connection, float]] = []
+    idle: list[tuple[c.Connection, float]] = []
     tasks: set[asyncio.Task[None]] = set()
     # At most this many connections: a stall must queue attestations (their latency
     # still counts from the schedule), not set off a storm of new TLS handshakes.
     slots = asyncio.Semaphore(plan.max_open)
 
-    async def connection() -> Connection:
+    async def connection() -> c.Connection:
         while idle:
             conn, used = idle.pop()
             if time.time() - used < _IDLE_LIMIT:
                 return conn
             conn.close()
-        return await Connection.open(plan.port, context)
+        return await c.Connection.open(plan.port, context)
 
     async def one(n: int, scheduled: float) -> None:
         async with slots:
@@ -466,7 +321,7 @@ class Result:
 
 
 def attest_phase(
-    hgs: Hgs, args: argparse.Namespace, mode: str, rate: float | None, name: str
+    hgs: c.Hgs, args: argparse.Namespace, mode: str, rate: float | None, name: str
 ) -> Result:
     """Run the generator processes for one phase; merge their tallies."""
     start = time.time() + WARMUP
@@ -498,7 +353,7 @@ def attest_phase(
     )  # fmt: skip
 
 
-def healthz_phase(hgs: Hgs, args: argparse.Namespace) -> Result:
+def healthz_phase(hgs: c.Hgs, args: argparse.Namespace) -> Result:
     """wrk on GET /healthz: the server's trivial-request ceiling over TLS."""
     url = f"https://127.0.0.1:{hgs.port}/healthz"
     command = ["wrk", "-t2", "-c64", f"-d{args.duration:g}s", "--latency", url]
@@ -577,11 +432,11 @@ def run(args: argparse.Namespace, notes: list[str]) -> list[Result]:
     """Start the HGS, run every phase, stop the HGS (also on errors and Ctrl-C)."""
     global MATERIAL  # noqa: PLW0603 (read by the forked generator processes)
     MATERIAL = make_material(args.ak)
-    hgs = Hgs(args.workers)
+    hgs = c.Hgs(args.workers)
     try:
         hgs.init(MATERIAL.puts)
         hgs.start()
-        notes.append(f"HGS state (SQLite store) in {hgs.dir} ({_filesystem(hgs.dir)})")
+        notes.append(f"HGS state (SQLite store) in {hgs.dir} ({c.filesystem(hgs.dir)})")
         results = []
         if "healthz" in args.phases and shutil.which("wrk"):
             results.append(healthz_phase(hgs, args))
@@ -596,16 +451,6 @@ def run(args: argparse.Namespace, notes: list[str]) -> list[Result]:
         return results
     finally:
         hgs.stop()
-
-
-def _filesystem(path: Path) -> str:
-    """The type of the filesystem holding ``path`` (tmpfs makes commits cheaper than disk)."""
-    best, kind = "", "unknown filesystem"
-    for line in Path("/proc/mounts").read_text().splitlines():
-        _dev, mount, fstype, *_ = line.split()
-        if str(path).startswith(mount) and len(mount) > len(best):
-            best, kind = mount, fstype
-    return kind
 
 
 def report(args: argparse.Namespace, results: list[Result], notes: list[str]) -> None:
