@@ -474,7 +474,12 @@ ATTACKS = [
         VerificationError,
     ),
     # format checks, re-signed by the owner so the signature does not catch them
-    Attack("wrong version", lambda c: forge(c, set_field("version", 2)), FormatError),
+    Attack("unknown version", lambda c: forge(c, set_field("version", 3)), FormatError),
+    Attack(
+        "version 2 KP relabelled version 1",
+        lambda c: forge(c, set_field("version", 1)),
+        VerificationError,
+    ),
     Attack("wrong type", lambda c: forge(c, set_field("type", "guardfab.pdk")), FormatError),
     Attack("unknown field", lambda c: forge(c, with_extra_field), FormatError),
     Attack("non-canonical JSON", non_canonical, FormatError),

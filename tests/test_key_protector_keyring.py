@@ -150,15 +150,17 @@ def attacker_json(value: Any) -> bytes:
 def sign_set(
     keys: GuardianKeys, kp_id: str, generation: int, owner: str, guardians: list[Guardian]
 ) -> str:
-    """A guardian-set statement signed by ``keys`` (honest when ``keys`` are the owner's)."""
+    """A version-2 guardian-set statement signed by ``keys`` (honest when ``keys`` are the
+    owner's): a KPS guardian by id and kind, a tenant guardian with its encryption key id."""
     statement = {
         "type": "guardfab.kp-guardian-set",
-        "version": 1,
+        "version": 2,
         "kp_id": kp_id,
         "generation": generation,
         "owner": owner,
         "guardians": [
-            {"id": g.id, "kind": g.kind.value, "encryption_kid": g.encryption_kid}
+            {"id": g.id, "kind": g.kind.value}
+            | ({} if g.kind is GuardianKind.KPS else {"encryption_kid": g.encryption_kid})
             for g in sorted(guardians, key=lambda g: g.id)
         ],
     }

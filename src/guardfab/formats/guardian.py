@@ -8,6 +8,15 @@ signing key itself comes from the person importing it (compare the id shown).
 
 A guardian's id is the RFC 7638 thumbprint of its signing key; the JWE
 recipient id is the thumbprint of its encryption key.
+
+A ``kps`` guardian may rotate its encryption key without changing its identity:
+it publishes a new document for the same signing key with a higher
+``key_generation`` (absent means 0, so documents made before rotation existed
+keep their bytes). Only the signing key can make such a document, and a
+verifier that saw generation *n* refuses anything older (ADR 0002).
+
+Verified documents are cached by their exact bytes: a KP embeds the same few
+documents in every generation, and a KPS release loads them twice.
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +46,11 @@ GUARDIAN_VERSION = 1
 #: A guardian document is two public keys and a name; anything bigger is not one.
 MAX_GUARDIAN_BYTES = 16 * 1024
 _NAME_MAX = 128
-_FIELDS = {"type", "version", "name", "kind", "signing_key", "encryption_key"}
+_FIELDS = {"type", "version", "name", "kind", "signing_key", "encryption_key", "key_generation"}
+#: I-JSON integers: larger ones do not survive every JSON parser.
+MAX_KEY_GENERATION = 2**53 - 1
+#: Verified documents kept by their bytes; a fabric has few guardians, a KP at most 32.
+DOCUMENT_CACHE_SIZE = 256
 
 
 class GuardianKind(enum.StrEnum):
@@ -75,6 +90,14 @@ class Guardian:
     kind: GuardianKind
     signing_key: jose.AsymmetricKey
     encryption_key: jose.AsymmetricKey
+    #: Which encryption key of a ``kps`` guardian this is (0 for tenants and first keys).
+    key_generation: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.key_generation <= MAX_KEY_GENERATION:
+            raise FormatError("a guardian's key generation is out of range")
+        if self.key_generation and self.kind is not GuardianKind.KPS:
+            raise FormatError("only a 'kps' guardian rotates its encryption key by generation")
 
     @functools.cached_property
     def id(self) -> str:
@@ -87,8 +110,12 @@ class Guardian:
         return jose.thumbprint(self.encryption_key)
 
     def payload(self) -> dict[str, Any]:
-        """The signed content of the guardian document."""
-        return {
+        """The signed content of the guardian document.
+
+        ``key_generation`` appears only from 1 on: one byte form per document,
+        and generation-0 documents stay exactly as they were before rotation.
+        """
+        payload: dict[str, Any] = {
             "type": GUARDIAN_PAYLOAD_TYPE,
             "version": GUARDIAN_VERSION,
             "name": self.name,
@@ -96,6 +123,9 @@ class Guardian:
             "signing_key": jose.public_jwk(self.signing_key),
             "encryption_key": jose.public_jwk(self.encryption_key),
         }
+        if self.key_generation:
+            payload["key_generation"] = self.key_generation
+        return payload
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able description for people and scripts (public data only)."""
@@ -106,6 +136,7 @@ class Guardian:
             "signing_alg": jose.signing_alg_for(self.signing_key),
             "wrapping_alg": jose.wrapping_alg_for(self.encryption_key),
             "encryption_kid": self.encryption_kid,
+            "key_generation": self.key_generation,
         }
 
 
@@ -119,16 +150,62 @@ def sign_guardian_document(guardian: Guardian, private_signing_key: jose.Asymmet
     return token.encode("ascii")
 
 
+class _DocumentCache:
+    """A small LRU of verified documents, keyed by their exact bytes.
+
+    Keyed by the bytes, never by an id: a document that differs in one byte is
+    verified afresh. Only successes are kept (a failure raises every time), and
+    a :class:`Guardian` is immutable, so sharing one between callers is safe.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[bytes, Guardian] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, data: bytes) -> Guardian | None:
+        with self._lock:
+            guardian = self._items.get(data)
+            if guardian is not None:
+                self._items.move_to_end(data)
+            return guardian
+
+    def put(self, data: bytes, guardian: Guardian) -> None:
+        with self._lock:
+            self._items[data] = guardian
+            self._items.move_to_end(data)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_VERIFIED = _DocumentCache(DOCUMENT_CACHE_SIZE)
+
+
 def load_guardian_document(data: bytes) -> Guardian:
     """Load and verify a self-signed guardian document.
 
     The signature is checked with the signing key the document names before
     any other field is used; the header's ``kid`` must be that key's thumbprint.
+    A document already verified (the very same bytes) is served from a cache.
 
     Raises:
         FormatError: not a guardian document, wrong version, too big.
         VerificationError: the self-signature does not verify.
     """
+    data = bytes(data)
+    cached = _VERIFIED.get(data)
+    if cached is not None:
+        return cached
+    guardian = _verify_guardian_document(data)
+    _VERIFIED.put(data, guardian)
+    return guardian
+
+
+def _verify_guardian_document(data: bytes) -> Guardian:
     what = "guardian document"
     if len(data) > MAX_GUARDIAN_BYTES:
         raise FormatError(f"{what}: larger than {MAX_GUARDIAN_BYTES} bytes")
@@ -170,9 +247,15 @@ def _guardian_from_payload(payload: bytes, *, what: str) -> Guardian:
         kind = GuardianKind(kind_text)
     except ValueError as exc:
         raise FormatError(f"{what}: unknown guardian kind {kind_text!r}") from exc
+    key_generation = 0
+    if "key_generation" in body:
+        key_generation = require_int(body, "key_generation", what=what)
+        if key_generation < 1:
+            raise FormatError(f"{what}: key_generation is written only from 1 on")
     return Guardian(
         name=validate_name(require_str(body, "name", what=what)),
         kind=kind,
+        key_generation=key_generation,
         signing_key=jose.import_public_jwk(body["signing_key"], what=f"{what} signing_key"),
         encryption_key=jose.import_public_jwk(
             body.get("encryption_key"), what=f"{what} encryption_key"

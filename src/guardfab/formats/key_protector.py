@@ -5,14 +5,16 @@ VM's 32-byte transport key wrapped for every guardian -- the owner and one or
 more fabrics' Key Protection Services -- so each guardian's private key recovers
 the key and nobody else's does.
 
-The file (version 1) is a compact JWS (``typ`` ``guardfab-kp+jws``, ``kid`` = the
-signer's guardian id) over an RFC 8785 canonical JSON payload::
+The file (version 2; version 1 still loads) is a compact JWS (``typ``
+``guardfab-kp+jws``, ``kid`` = the signer's guardian id) over an RFC 8785
+canonical JSON payload::
 
     {"type": "guardfab.key-protector", "version": 1, "kp_id": "<128-bit b64url>",
      "generation": n, "owner": "<id>", "signer": "<id>",
      "guardians": ["<self-signed guardian document>", ...],       # sorted by id
      "guardian_set": "<owner-signed JWS over kp_id, generation, owner and
-                      every guardian's id, kind and encryption key id>",
+                      every guardian's id and kind, and for tenant guardians
+                      (every guardian in version 1) the encryption key id>",
      "wrapping": {JWE General JSON, A256GCM, one recipient per guardian}}
 
 The guardian set is bound three ways (docs/adr/0002-key-protector-format.md):
@@ -21,21 +23,26 @@ along but cannot re-make; the outer signature, by the owner or by a KPS guardian
 of the set; and the AEAD additional data of the wrapping, so a KP whose set was
 edited and re-signed by anybody still fails to unwrap for the real guardians.
 
+From version 2 a KPS guardian is bound by its identity (its signing key), not
+by one encryption key: on re-key the KPS embeds its newest self-signed document
+(a higher ``key_generation``) and wraps to it, so it rotates its keys without
+the owner. A version-1 KP keeps the encryption key its owner signed for, so its
+egress stays version 1 until the owner re-signs its set (any grant or revoke,
+or :func:`upgrade`).
+
 Everything here is pure: bytes and keys in, verified objects out.
 """
 
 from __future__ import annotations
 
-import hmac
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 from guardfab.errors import (
     FormatError,
-    InvalidInputError,
     NotAuthorizedError,
     UsageError,
     VerificationError,
@@ -52,30 +59,63 @@ from guardfab.formats.encoding import (
     require_str,
 )
 from guardfab.formats.guardian import (
-    MAX_GUARDIAN_BYTES,
     Guardian,
     GuardianKind,
     load_guardian_document,
     sign_guardian_document,
 )
+from guardfab.formats.kp_wrapping import (
+    GUARDIAN_SET_JWS_TYPE,
+    GUARDIAN_SET_TYPE,
+    KP_VERSION,
+    KP_VERSIONS,
+    MAX_GENERATION,
+    TRANSPORT_KEY_BYTES,
+    WRAPPING_AAD_TYPE,
+    GuardianKeyPair,
+    KpsKeys,
+    TransportKey,
+    check_generation,
+    check_wrapping,
+    guardian_set_payload,
+    load_embedded_guardians,
+    verify_guardian_set,
+    wrapping_aad,
+)
+
+__all__ = [
+    "GUARDIAN_SET_JWS_TYPE",
+    "GUARDIAN_SET_TYPE",
+    "KP_JWS_TYPE",
+    "KP_PAYLOAD_TYPE",
+    "KP_VERSION",
+    "KP_VERSIONS",
+    "MAX_GENERATION",
+    "MAX_GUARDIANS",
+    "MAX_KP_BYTES",
+    "TRANSPORT_KEY_BYTES",
+    "WRAPPING_AAD_TYPE",
+    "GuardianKeyPair",
+    "KeyProtector",
+    "KpsKeys",
+    "TransportKey",
+    "create_key_protector",
+    "egress_key_generation",
+    "grant",
+    "load_key_protector",
+    "rekey",
+    "revoke",
+    "upgrade",
+    "wrapping_aad",
+]
 
 #: JOSE ``typ`` of a KP, so no other guardfab JWS can stand in for one.
 KP_JWS_TYPE = "guardfab-kp+jws"
 #: ``type`` member of the KP payload.
 KP_PAYLOAD_TYPE = "guardfab.key-protector"
-#: JOSE ``typ`` of the owner's statement of the guardian set.
-GUARDIAN_SET_JWS_TYPE = "guardfab-kp-guardian-set+jws"
-#: ``type`` member of the owner's statement of the guardian set.
-GUARDIAN_SET_TYPE = "guardfab.kp-guardian-set"
-#: ``type`` member of the wrapping's additional authenticated data.
-WRAPPING_AAD_TYPE = "guardfab.kp-wrapping"
-KP_VERSION = 1
 #: 32 guardian documents of RSA-3072 keys and their wrappings fit well below this.
 MAX_KP_BYTES = 256 * 1024
 MAX_GUARDIANS = 32
-TRANSPORT_KEY_BYTES = 32
-#: I-JSON integers: larger ones do not survive every JSON parser.
-MAX_GENERATION = 2**53 - 1
 
 _WHAT = "key protector"
 _KP_ID_BYTES = 16
@@ -91,79 +131,6 @@ _PAYLOAD_FIELDS = {
     "guardian_set",
     "wrapping",
 }
-_WRAPPING_FIELDS = {"protected", "iv", "ciphertext", "tag", "aad", "recipients"}
-#: Decoded sizes of the A256GCM parts: 96-bit IV, 32-byte key, 128-bit tag.
-_WRAPPING_SIZES = (("iv", 12), ("ciphertext", TRANSPORT_KEY_BYTES), ("tag", 16))
-_ECDH = "ECDH-ES+A256KW"
-
-
-class TransportKey:
-    """The VM's 32-byte transport key; its bytes never show in a repr, log or error."""
-
-    __slots__ = ("_secret",)
-    #: Unhashable: a key should not become a dict key or set member by accident.
-    __hash__ = None  # type: ignore[assignment]
-
-    def __init__(self, secret: bytes) -> None:
-        if len(secret) != TRANSPORT_KEY_BYTES:
-            raise FormatError(f"a transport key is {TRANSPORT_KEY_BYTES} bytes")
-        self._secret = bytes(secret)
-
-    @classmethod
-    def generate(cls) -> TransportKey:
-        """A fresh key from the operating system's CSPRNG."""
-        return cls(secrets.token_bytes(TRANSPORT_KEY_BYTES))
-
-    def reveal(self) -> bytes:
-        """The key bytes, for deriving disk, vTPM and migration keys; never print them."""
-        return self._secret
-
-    def __eq__(self, other: object) -> bool:
-        """Compare in constant time, so timing does not leak how many bytes match."""
-        if not isinstance(other, TransportKey):
-            return NotImplemented
-        return hmac.compare_digest(self._secret, other._secret)
-
-    def __repr__(self) -> str:
-        return "TransportKey(<redacted>)"
-
-    __str__ = __repr__
-
-    def __reduce__(self) -> Any:
-        raise TypeError("a transport key is not picklable: it would leave memory in clear")
-
-
-class GuardianKeyPair(Protocol):
-    """A guardian with its private keys (``guardfab.tenant.guardians.GuardianKeys`` fits).
-
-    A protocol rather than the store's class, so this pure module does not import
-    the file-backed store and a KPS can hand in its own key holder.
-    """
-
-    @property
-    def guardian(self) -> Guardian: ...
-    @property
-    def signing_key(self) -> jose.AsymmetricKey: ...
-    @property
-    def encryption_key(self) -> jose.AsymmetricKey: ...
-
-
-def wrapping_aad(kp_id: str, generation: int, owner: str, guardian_ids: Iterable[str]) -> bytes:
-    """The AEAD additional data of a wrapping: what the AES-GCM tag binds.
-
-    Binding the set here, not only in a signature, means that a KP whose set was
-    edited and re-signed by anyone (even under another owner) fails to unwrap.
-    """
-    return canonical_json(
-        {
-            "type": WRAPPING_AAD_TYPE,
-            "version": KP_VERSION,
-            "kp_id": kp_id,
-            "generation": generation,
-            "owner": owner,
-            "guardians": sorted(guardian_ids),
-        }
-    )
 
 
 @dataclass(frozen=True)
@@ -173,6 +140,7 @@ class KeyProtector:
     Attributes:
         kp_id: random id shared by every generation of this KP.
         generation: 0 when made, +1 on every grant, revoke or KPS re-key.
+        version: the format version (1: every encryption key owner-bound; 2: KPS keys rotate).
         owner: guardian id of the owner (kind tenant).
         signer: guardian id of whoever signed this generation (the owner or a KPS).
         guardians: every guardian, owner included, sorted by id.
@@ -180,6 +148,7 @@ class KeyProtector:
 
     kp_id: str
     generation: int
+    version: int
     owner: str
     signer: str
     guardians: tuple[Guardian, ...]
@@ -206,7 +175,9 @@ class KeyProtector:
 
     def aad(self) -> bytes:
         """The additional data the wrapping must authenticate (see :func:`wrapping_aad`)."""
-        return wrapping_aad(self.kp_id, self.generation, self.owner, self.guardian_ids)
+        return wrapping_aad(
+            self.kp_id, self.generation, self.owner, self.guardian_ids, version=self.version
+        )
 
     def unwrap(self, keys: GuardianKeyPair) -> TransportKey:
         """Recover the transport key with a guardian's private encryption key.
@@ -215,18 +186,37 @@ class KeyProtector:
             NotAuthorizedError: ``keys`` are not those of a guardian of this KP.
             VerificationError: the wrapping, its tag or its AAD does not authenticate.
         """
-        mine = self.guardian(keys.guardian.id)
-        if jose.thumbprint(keys.encryption_key) != mine.encryption_kid:
+        held = (
+            keys.encryption_keys
+            if isinstance(keys, KpsKeys)
+            else {jose.thumbprint(keys.encryption_key): keys.encryption_key}
+        )
+        return self.unwrap_with(keys.guardian.id, held)
+
+    def unwrap_with(
+        self, guardian_id: str, encryption_keys: Mapping[str, jose.AsymmetricKey]
+    ) -> TransportKey:
+        """Recover the transport key with whichever held key guardian ``guardian_id`` has here.
+
+        Args:
+            guardian_id: the guardian unwrapping.
+            encryption_keys: its private encryption keys by key id (a KPS holds
+                one per key generation; a tenant one).
+
+        Raises:
+            NotAuthorizedError: not a guardian of this KP, or its key here is not held.
+            VerificationError: the wrapping, its tag or its AAD does not authenticate.
+        """
+        mine = self.guardian(guardian_id)
+        key = encryption_keys.get(mine.encryption_kid)
+        if key is None:
             raise NotAuthorizedError(
-                f"{_WHAT}: the encryption key given is not the one guardian {mine.id} has here",
+                f"{_WHAT}: the encryption key given is not the one guardian {mine.id} has here"
+                f" (key generation {mine.key_generation})",
                 hint="use the guardian's key pair as it was when the KP was made",
             )
         plaintext = jose.decrypt_for_recipient(
-            self.wrapping,
-            mine.encryption_kid,
-            keys.encryption_key,
-            aad=self.aad(),
-            what=f"{_WHAT} wrapping",
+            self.wrapping, mine.encryption_kid, key, aad=self.aad(), what=f"{_WHAT} wrapping"
         )
         if len(plaintext) != TRANSPORT_KEY_BYTES:
             raise VerificationError(f"{_WHAT}: the wrapped key has the wrong length")
@@ -237,6 +227,7 @@ class KeyProtector:
         return {
             "kp_id": self.kp_id,
             "generation": self.generation,
+            "version": self.version,
             "owner": self.owner,
             "signer": self.signer,
             "guardians": [
@@ -264,6 +255,7 @@ class _Draft:
     owner: str
     members: list[_Member]
     guardian_set: str = ""
+    version: int = KP_VERSION
 
 
 def create_key_protector(
@@ -337,6 +329,20 @@ def revoke(kp: KeyProtector, owner_keys: GuardianKeyPair, guardian_id: str) -> b
     return _mint_as_owner(_Draft(kp.kp_id, kp.generation + 1, kp.owner, members), owner_keys, key)
 
 
+def upgrade(kp: KeyProtector, owner_keys: GuardianKeyPair) -> bytes:
+    """Re-sign the set in the current format: the next generation, same key and guardians.
+
+    What moves a version-1 KP to version 2 (its KPS guardians can then rotate
+    their keys without the owner); any grant or revoke does it as well.
+
+    Raises:
+        NotAuthorizedError: ``owner_keys`` are not the KP owner's.
+    """
+    key = _unwrap_as_owner(kp, owner_keys)
+    draft = _Draft(kp.kp_id, kp.generation + 1, kp.owner, _members(kp))
+    return _mint_as_owner(draft, owner_keys, key)
+
+
 def rekey(
     kp: KeyProtector, signer_keys: GuardianKeyPair
 ) -> tuple[bytes, TransportKey, TransportKey]:
@@ -344,12 +350,16 @@ def rekey(
 
     Same kp_id and guardian set (the owner's ``guardian_set`` statement is carried
     over unchanged), generation + 1, a fresh transport key, signed by the KPS.
+    In a version-2 KP, when ``signer_keys`` is a :class:`KpsKeys` newer than the
+    KPS document the KP embeds, the egress embeds the current document and is
+    wrapped to its key: rotation needs no owner. Never to an older one.
 
     Returns:
         The egress KP bytes, the old transport key and the new one.
 
     Raises:
-        NotAuthorizedError: ``signer_keys`` are not a KPS guardian of this KP.
+        NotAuthorizedError: ``signer_keys`` are not a KPS guardian of this KP, or
+            do not hold the encryption key the KP is wrapped to.
     """
     signer = kp.guardian(signer_keys.guardian.id)
     if signer.kind is not GuardianKind.KPS:
@@ -357,8 +367,33 @@ def rekey(
     if jose.thumbprint(signer_keys.signing_key) != signer.id:
         raise NotAuthorizedError(f"{_WHAT}: the signing key is not guardian {signer.id}'s")
     old, new = kp.unwrap(signer_keys), TransportKey.generate()
-    draft = _Draft(kp.kp_id, kp.generation + 1, kp.owner, _members(kp), kp.guardian_set)
+    members = _members(kp)
+    moves = egress_key_generation(kp, signer_keys) != signer.key_generation
+    if moves and isinstance(signer_keys, KpsKeys):
+        members = _with_current_document(members, signer.id, signer_keys)
+    draft = _Draft(
+        kp.kp_id, kp.generation + 1, kp.owner, members, kp.guardian_set, version=kp.version
+    )
     return _mint(draft, signer_keys, new), old, new
+
+
+def egress_key_generation(kp: KeyProtector, signer_keys: GuardianKeyPair) -> int:
+    """The KPS key generation :func:`rekey` wraps the egress KP to.
+
+    The signer's current generation if the KP is version 2 and it embeds an
+    older one; else the generation the KP already names (a version-1 KP's owner
+    signed for that very key, and a KPS never moves a KP back).
+    """
+    embedded = kp.guardian(signer_keys.guardian.id).key_generation
+    if kp.version >= 2 and isinstance(signer_keys, KpsKeys):
+        return max(embedded, signer_keys.guardian.key_generation)
+    return embedded
+
+
+def _with_current_document(members: list[_Member], signer_id: str, keys: KpsKeys) -> list[_Member]:
+    """Swap in the KPS's current document (only called when it is newer)."""
+    current = _Member(keys.guardian, keys.document.decode("ascii").strip())
+    return [current if m.guardian.id == signer_id else m for m in members]
 
 
 def _unwrap_as_owner(kp: KeyProtector, owner_keys: GuardianKeyPair) -> TransportKey:
@@ -392,7 +427,9 @@ def _with_member(members: list[_Member], new: _Member) -> list[_Member]:
 def _mint_as_owner(draft: _Draft, owner_keys: GuardianKeyPair, key: TransportKey) -> bytes:
     """Sign a fresh guardian-set statement and the KP, both by the owner."""
     guardians = [m.guardian for m in draft.members]
-    statement = _guardian_set_payload(draft.kp_id, draft.generation, draft.owner, guardians)
+    statement = guardian_set_payload(
+        draft.kp_id, draft.generation, draft.owner, guardians, version=draft.version
+    )
     guardian_set = jose.sign_compact(
         canonical_json(statement), owner_keys.signing_key, typ=GUARDIAN_SET_JWS_TYPE
     )
@@ -403,11 +440,12 @@ def _mint(draft: _Draft, signer_keys: GuardianKeyPair, key: TransportKey) -> byt
     """Wrap the key to every member, sign, and check that the result loads."""
     ordered = sorted(draft.members, key=lambda m: m.guardian.id)
     guardians = [m.guardian for m in ordered]
-    aad = wrapping_aad(draft.kp_id, draft.generation, draft.owner, [g.id for g in guardians])
+    ids = [g.id for g in guardians]
+    aad = wrapping_aad(draft.kp_id, draft.generation, draft.owner, ids, version=draft.version)
     recipients = [(g.encryption_kid, g.encryption_key) for g in guardians]
     payload = {
         "type": KP_PAYLOAD_TYPE,
-        "version": KP_VERSION,
+        "version": draft.version,
         "kp_id": draft.kp_id,
         "generation": draft.generation,
         "owner": draft.owner,
@@ -420,23 +458,6 @@ def _mint(draft: _Draft, signer_keys: GuardianKeyPair, key: TransportKey) -> byt
     data = token.encode("ascii") + b"\n"
     load_key_protector(data, expected_owner=draft.owner)  # never hand out what would not load
     return data
-
-
-def _guardian_set_payload(
-    kp_id: str, generation: int, owner: str, guardians: Iterable[Guardian]
-) -> dict[str, Any]:
-    """What the owner signs: the exact set, with each guardian's kind and wrapping key."""
-    return {
-        "type": GUARDIAN_SET_TYPE,
-        "version": KP_VERSION,
-        "kp_id": kp_id,
-        "generation": generation,
-        "owner": owner,
-        "guardians": [
-            {"id": g.id, "kind": g.kind.value, "encryption_kid": g.encryption_kid}
-            for g in sorted(guardians, key=lambda g: g.id)
-        ],
-    }
 
 
 # --- loading KPs -----------------------------------------------------------------------
@@ -461,23 +482,27 @@ def load_key_protector(data: bytes, *, expected_owner: str | None = None) -> Key
         NotAuthorizedError: signed by a guardian who may not sign it, or another owner.
     """
     token, header, raw, body = _split(data)
-    guardians, documents = _load_guardians(body)
+    guardians, documents = load_embedded_guardians(body, max_guardians=MAX_GUARDIANS)
     owner = _owner(body, guardians, expected_owner)
     signer = _authorized_signer(header, owner, guardians)
     verified = jose.verify_compact(token, signer.signing_key, typ=KP_JWS_TYPE, what=_WHAT)
     if verified.payload != raw or verified.header.get("kid") != signer.id:
         raise VerificationError(f"{_WHAT}: the verified content differs from what was read")
-    kp_id, generation = _header_fields(body)
+    kp_id, generation, version = _header_fields(body)
     if body.get("signer") != signer.id:
         raise VerificationError(f"{_WHAT}: the signer field does not name the key that signed")
-    statement_generation = _verify_guardian_set(body.get("guardian_set"), kp_id, owner, guardians)
-    _check_generation(generation, statement_generation, signer_is_owner=signer.id == owner.id)
-    aad = wrapping_aad(kp_id, generation, owner.id, [g.id for g in guardians])
-    wrapping = _check_wrapping(body.get("wrapping"), guardians, aad)
+    statement_generation = verify_guardian_set(
+        body.get("guardian_set"), kp_id, owner, guardians, version
+    )
+    check_generation(generation, statement_generation, signer_is_owner=signer.id == owner.id)
+    ids = [g.id for g in guardians]
+    aad = wrapping_aad(kp_id, generation, owner.id, ids, version=version)
+    wrapping = check_wrapping(body.get("wrapping"), guardians, aad, what=_WHAT)
     _require_canonical(body, raw)
     return KeyProtector(
         kp_id=kp_id,
         generation=generation,
+        version=version,
         owner=owner.id,
         signer=signer.id,
         guardians=guardians,
@@ -518,36 +543,6 @@ def _split(data: bytes) -> tuple[str, dict[str, Any], bytes, dict[str, Any]]:
     return token, header, raw, body
 
 
-def _load_guardians(body: dict[str, Any]) -> tuple[tuple[Guardian, ...], tuple[str, ...]]:
-    """Load the embedded guardian documents, each verified by its own signature."""
-    documents = body.get("guardians")
-    if not isinstance(documents, list) or not 2 <= len(documents) <= MAX_GUARDIANS:
-        raise FormatError(f"{_WHAT}: 'guardians' must list 2 to {MAX_GUARDIANS} documents")
-    guardians = []
-    for index, document in enumerate(documents):
-        if not isinstance(document, str) or len(document) > MAX_GUARDIAN_BYTES:
-            raise FormatError(f"{_WHAT}: guardian #{index} is not a document string")
-        if document != document.strip():
-            raise FormatError(f"{_WHAT}: guardian #{index} has surrounding white space")
-        try:
-            guardians.append(load_guardian_document(_ascii(document, what=f"guardian #{index}")))
-        except InvalidInputError as exc:
-            raise type(exc)(f"{_WHAT}: guardian #{index}: {exc}") from exc
-    ids = [g.id for g in guardians]
-    if ids != sorted(set(ids)):
-        raise FormatError(f"{_WHAT}: guardians must be sorted by id, each listed once")
-    if len({g.encryption_kid for g in guardians}) != len(guardians):
-        raise FormatError(f"{_WHAT}: two guardians share an encryption key")
-    return tuple(guardians), tuple(documents)
-
-
-def _ascii(text: str, *, what: str) -> bytes:
-    try:
-        return text.encode("ascii")
-    except UnicodeEncodeError as exc:
-        raise FormatError(f"{what}: not ASCII") from exc
-
-
 def _owner(
     body: dict[str, Any], guardians: tuple[Guardian, ...], expected_owner: str | None
 ) -> Guardian:
@@ -584,109 +579,18 @@ def _authorized_signer(
     return signer
 
 
-def _header_fields(body: dict[str, Any]) -> tuple[str, int]:
-    """Check type, version and fields; return kp_id and generation."""
+def _header_fields(body: dict[str, Any]) -> tuple[str, int, int]:
+    """Check type, version and fields; return kp_id, generation and version."""
     reject_unknown_fields(body, _PAYLOAD_FIELDS, what=_WHAT)
     if body.get("type") != KP_PAYLOAD_TYPE:
         raise FormatError(f"{_WHAT}: type is not {KP_PAYLOAD_TYPE!r}")
     version = require_int(body, "version", what=_WHAT)
-    if version != KP_VERSION:
-        raise FormatError(f"{_WHAT}: version {version} is not supported (expected {KP_VERSION})")
+    if version not in KP_VERSIONS:
+        raise FormatError(f"{_WHAT}: version {version} is not supported (expected 1 or 2)")
     kp_id = require_str(body, "kp_id", what=_WHAT, max_len=64)
     if not _KP_ID_RE.fullmatch(kp_id) or b64url_encode(b64url_decode(kp_id, what="kp_id")) != kp_id:
         raise FormatError(f"{_WHAT}: kp_id is not 128 bits in base64url")
     generation = require_int(body, "generation", what=_WHAT)
     if generation > MAX_GENERATION:
         raise FormatError(f"{_WHAT}: generation is out of range")
-    return kp_id, generation
-
-
-def _verify_guardian_set(
-    token: Any, kp_id: str, owner: Guardian, guardians: tuple[Guardian, ...]
-) -> int:
-    """Check the owner signed exactly this set for this KP; return the statement's generation."""
-    what = f"{_WHAT} guardian set"
-    if not isinstance(token, str):
-        raise FormatError(f"{what}: missing")
-    verified = jose.verify_compact(token, owner.signing_key, typ=GUARDIAN_SET_JWS_TYPE, what=what)
-    body = require_dict(load_json_document(verified.payload, what=what), what=what)
-    generation = require_int(body, "generation", what=what)
-    if generation > MAX_GENERATION:
-        raise FormatError(f"{what}: generation is out of range")
-    expected = _guardian_set_payload(kp_id, generation, owner.id, guardians)
-    if verified.payload != canonical_json(expected):
-        raise VerificationError(
-            f"{what}: the owner did not sign this set of guardians for this key protector"
-        )
-    return generation
-
-
-def _check_generation(generation: int, statement_generation: int, *, signer_is_owner: bool) -> None:
-    """The owner signs its set statement with each KP; a KPS re-keys only later generations."""
-    if signer_is_owner and generation != statement_generation:
-        raise VerificationError(
-            f"{_WHAT}: signed by the owner at generation {generation},"
-            f" but the owner's guardian set is for generation {statement_generation}"
-        )
-    if not signer_is_owner and generation <= statement_generation:
-        raise VerificationError(
-            f"{_WHAT}: a KPS may sign only a re-keyed KP, newer than the owner's guardian set"
-        )
-
-
-def _check_wrapping(value: Any, guardians: tuple[Guardian, ...], aad: bytes) -> dict[str, Any]:
-    """Check the JWE's shape and that it is bound to this KP and wraps to exactly its set."""
-    what = f"{_WHAT} wrapping"
-    wrapping = require_dict(value, what=what)
-    reject_unknown_fields(wrapping, _WRAPPING_FIELDS, what=what)
-    protected_text = require_str(wrapping, "protected", what=what, max_len=256)
-    protected = load_json_document(
-        b64url_decode(protected_text, what=f"{what} protected header"), what=what
-    )
-    if protected != {"enc": jose.CONTENT_ENC}:
-        raise FormatError(f"{what}: the protected header must be exactly enc {jose.CONTENT_ENC}")
-    for name, size in _WRAPPING_SIZES:
-        part = b64url_decode(require_str(wrapping, name, what=what), what=f"{what} {name}")
-        if len(part) != size:
-            raise FormatError(f"{what}: {name} must be {size} bytes")
-    if require_str(wrapping, "aad", what=what) != b64url_encode(aad):
-        raise VerificationError(
-            f"{what}: not bound to this key protector's id, generation and guardian set"
-        )
-    _check_recipients(wrapping.get("recipients"), guardians, what=what)
-    return wrapping
-
-
-def _check_recipients(value: Any, guardians: tuple[Guardian, ...], *, what: str) -> None:
-    """Exactly one wrapping per guardian, each with the algorithm its key calls for."""
-    if not isinstance(value, list) or len(value) != len(guardians):
-        raise VerificationError(f"{what}: there must be exactly one wrapping per guardian")
-    by_kid = {g.encryption_kid: g for g in guardians}
-    seen: set[str] = set()
-    for recipient in value:
-        kid = _check_recipient(recipient, by_kid, what=what)
-        if kid in seen:
-            raise VerificationError(f"{what}: two wrappings for guardian key {kid}")
-        seen.add(kid)
-
-
-def _check_recipient(value: Any, by_kid: dict[str, Guardian], *, what: str) -> str:
-    recipient = require_dict(value, what=what)
-    reject_unknown_fields(recipient, {"header", "encrypted_key"}, what=what)
-    header = require_dict(recipient.get("header"), what=f"{what} recipient header")
-    reject_unknown_fields(header, {"alg", "kid", "epk"}, what=f"{what} recipient header")
-    kid = require_str(header, "kid", what=what, max_len=64)
-    guardian = by_kid.get(kid)
-    if guardian is None:
-        raise VerificationError(f"{what}: a wrapping for a key of no guardian of this KP")
-    alg = require_str(header, "alg", what=what)
-    if alg != jose.wrapping_alg_for(guardian.encryption_key):
-        raise FormatError(f"{what}: algorithm {alg[:32]!r} does not suit guardian {guardian.id}")
-    if ("epk" in header) != (alg == _ECDH):
-        raise FormatError(f"{what}: an ephemeral key is required for ECDH-ES and only there")
-    if alg == _ECDH:
-        epk = jose.import_public_jwk(header["epk"], what=f"{what} ephemeral key")
-        if jose.public_jwk(epk).get("crv") != jose.public_jwk(guardian.encryption_key).get("crv"):
-            raise FormatError(f"{what}: the ephemeral key is not on the guardian's curve")
-    b64url_decode(require_str(recipient, "encrypted_key", what=what), what=f"{what} encrypted_key")
-    return kid
+    return kp_id, generation, version

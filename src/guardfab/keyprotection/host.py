@@ -5,7 +5,9 @@ in, the two transport keys and the egress KP out. Verify, then parse:
 
 1. the egress KP loads, and -- when the host passes the KP it sent -- it is the
    successor of that KP: same owner (so no one else's KP can stand in), same
-   ``kp_id`` and guardian set, generation + 1;
+   ``kp_id``, format version and guardian set, generation + 1, every guardian
+   on the same key except the re-keying KPS, which may only move to a *newer*
+   key generation (its rotation; an older one is a rollback);
 2. the release JWS verifies under the signing key of the KPS guardian that
    signed the egress KP, a ``kps`` guardian of the owner's own set;
 3. its payload names that KP, those generations and the egress KP's SHA-256;
@@ -151,6 +153,33 @@ def _check_successor(ingress: KeyProtector, egress: KeyProtector) -> None:
         raise VerificationError(
             f"{_WHAT}: the egress KP is generation {egress.generation},"
             f" not {ingress.generation + 1}"
+        )
+    if egress.version != ingress.version:
+        raise VerificationError(f"{_WHAT}: a re-key changed the key protector's format version")
+    for before, after in zip(ingress.guardians, egress.guardians, strict=True):
+        _check_guardian_kept(before, after, rekeyed_by=egress.signer)
+
+
+def _check_guardian_kept(before: Guardian, after: Guardian, *, rekeyed_by: str) -> None:
+    """A re-key keeps every guardian's key, except that the re-keying KPS may move forward.
+
+    The loader proves the KPS's newer document is its own (self-signed by the
+    key that is its identity); only here, with the ingress at hand, can an
+    older one -- a rollback to a retired, perhaps compromised, key -- be seen.
+    """
+    if before.encryption_kid == after.encryption_kid:
+        if before.key_generation != after.key_generation:
+            raise VerificationError(f"{_WHAT}: guardian {after.id} changed its key generation")
+        return
+    if after.id != rekeyed_by:
+        raise VerificationError(
+            f"{_WHAT}: the egress KP wraps guardian {after.id} to another key:"
+            " only the re-keying KPS may move to its newer key"
+        )
+    if after.key_generation <= before.key_generation:
+        raise VerificationError(
+            f"{_WHAT}: the egress KP moves KPS guardian {after.id} from key generation"
+            f" {before.key_generation} to {after.key_generation}: a rollback of its key"
         )
 
 

@@ -20,7 +20,9 @@ Checks, in order, each with its own error (:mod:`guardfab.keyprotection.errors`)
 5. this KPS's wrapping unwraps (else the wrapping was tampered with);
 
 then the KP is re-keyed (:func:`guardfab.formats.key_protector.rekey`: same
-guardians, generation + 1, a fresh transport key, signed by the KPS guardian) and
+guardians, generation + 1, a fresh transport key, signed by the KPS guardian,
+wrapped to its current key generation when the KP is version 2 -- so a rotated
+KPS moves each KP to its new key on the KP's next release, owner or no owner) and
 both keys -- the *current* one, which opens the VM's key vault now, and the
 *new* one, which the host re-encrypts the vault under -- are encrypted to the
 host encryption key the certificate names in ``cnf`` (JWE, ECDH-ES+A256KW or
@@ -51,6 +53,7 @@ from guardfab.formats.key_protector import (
     GuardianKeyPair,
     KeyProtector,
     TransportKey,
+    egress_key_generation,
     load_key_protector,
     rekey,
 )
@@ -122,6 +125,9 @@ class ReleaseResult:
     egress_generation: int
     kps_guardian: str
     primary: bool
+    #: The KPS key generation the ingress was wrapped to, and the egress is.
+    ingress_key_generation: int = 0
+    key_generation: int = 0
 
     def to_response(self) -> dict[str, Any]:
         """The JSON body of ``POST /keyprotection/v1/release``."""
@@ -142,6 +148,8 @@ class ReleaseResult:
             "owner": self.owner,
             "kps_guardian": self.kps_guardian,
             "primary_key": self.primary,
+            "ingress_key_generation": self.ingress_key_generation,
+            "key_generation": self.key_generation,
             "certificate_id": self.certificate_id,
             "attestation_signer": self.attestation_signer,
         }
@@ -163,8 +171,9 @@ def release(
     Args:
         health_certificate: the host's health certificate (a compact JWT, untrusted).
         ingress_kp: the KP file bytes the host presents (untrusted).
-        kps_keys: this HGS's KPS guardians with their private keys, primary first;
-            older keys still unwrap the KPs that name them.
+        kps_keys: this HGS's KPS guardians with their private keys, primary first
+            (:class:`~guardfab.formats.key_protector.KpsKeys` carry every key
+            generation still held: older ones unwrap, the current one re-keys).
         trusted_signers: attestation signer id -> public key.
         now: the current time (Unix seconds).
         deny_before: refuse certificates issued before this time.
@@ -302,6 +311,8 @@ def _grant(
         egress_generation=egress_generation,
         kps_guardian=keys.guardian.id,
         primary=primary,
+        ingress_key_generation=kp.guardian(keys.guardian.id).key_generation,
+        key_generation=egress_key_generation(kp, keys),
     )
 
 
