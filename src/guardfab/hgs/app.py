@@ -151,7 +151,9 @@ def _host_routes(app: FastAPI) -> None:
         return ChallengeResponse(nonce=nonce.token, expires_at=nonce.expires_at)
 
     @app.post("/attestation/v1/attest", tags=["attestation"])
-    async def attest(request: Request, body: AttestRequest) -> JSONResponse:
+    # Plain ``def``: FastAPI runs these in its thread pool, so a worker waiting on
+    # the store's write lock keeps serving its other connections.
+    def attest(request: Request, body: AttestRequest) -> JSONResponse:
         """Verify evidence; answer a health certificate, an activation challenge or a refusal.
 
         200 with ``health_certificate`` when the host passed; 200 with ``activation``
@@ -162,7 +164,7 @@ def _host_routes(app: FastAPI) -> None:
         return JSONResponse(outcome.to_dict(), status_code=403 if refused else 200)
 
     @app.post("/attestation/v1/activate", tags=["attestation"])
-    async def activate(request: Request, body: ActivateRequest) -> dict[str, str]:
+    def activate(request: Request, body: ActivateRequest) -> dict[str, str]:
         """Bind the host's AK to its EK after a correct ActivateCredential answer."""
         binding = service_of(request).activate(body.activation_id, body.secret)
         return {"host_id": binding.host_id, "ak_name": binding.ak_name.hex()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import hmac
+import json
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,7 +97,7 @@ class Attestor:
         txn.put(reg.NONCES + nonce.nonce_id, b"", ttl=max(1.0, nonce.expires_at - now + 1))
         outcome = self._outcome(result, int(now), txn)
         if result.host_id is not None:
-            txn.put(reg.LAST + result.host_id, reg.encode(_last_record(result)))
+            txn.put(reg.LAST + result.host_id, _last_record(result))
         try:
             self.audit.append(
                 kind="attestation",
@@ -170,11 +171,17 @@ def _safe_id(value: str) -> str:
     return value
 
 
-def _last_record(result: AttestationResult) -> dict[str, Any]:
-    return {
+def _last_record(result: AttestationResult) -> bytes:
+    """The host's last result and verified summary, as stored for explain and what-if.
+
+    Plain JSON, not RFC 8785: the record is neither signed nor hashed, and the
+    canonical encoder (pure Python) cost more than verifying the evidence.
+    """
+    record = {
         "result": result.to_dict(),
         "summary": None if result.summary is None else result.summary.to_dict(),
     }
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def _audit_details(result: AttestationResult, outcome: AttestOutcome) -> dict[str, object]:
