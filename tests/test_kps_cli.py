@@ -14,7 +14,8 @@ from guardfab.attestation.trust import AttestationMode
 from guardfab.cli.hgs_kps import parse_date
 from guardfab.cli.main import cli
 from guardfab.errors import FormatError
-from guardfab.formats.encoding import b64url_encode
+from guardfab.formats.encoding import b64url_decode, b64url_encode
+from guardfab.formats.key_protector import load_key_protector
 from hgs_harness import RunningHgs, start_hgs
 from test_kps_fixtures import Tenant, attested_host, enable_modes, kps_document, post_release
 
@@ -95,18 +96,34 @@ def test_deny_before_set_show_clear(hgs: RunningHgs) -> None:
 
 def test_key_rotation_from_the_cli(hgs: RunningHgs) -> None:
     (first,) = as_json(hgs, "key", "list")["keys"]
-    added = as_json(hgs, "key", "add", "--name", "cli-kps-2", "--make-primary")
-    keys = as_json(hgs, "key", "list")["keys"]
-    assert [(k["id"], k["primary"]) for k in keys] == [(added["id"], True), (first["id"], False)]
     _host, cert = attested_host(hgs, "host-rotation")
-    assert post_release(hgs, cert, Tenant().kp(kps_document(hgs))).status_code == 200
+    kp = Tenant().kp(kps_document(hgs))
+    before = first["key_generation"]
+    added = as_json(hgs, "key", "add", "--make-primary")
+    assert (added["id"], added["key_generation"]) == (first["id"], before + 1)
+    (listed,) = as_json(hgs, "key", "list")["keys"]
+    assert (listed["id"], listed["key_generation"], listed["primary"]) == (
+        first["id"],
+        before + 1,
+        True,
+    )
+    response = post_release(hgs, cert, kp)
+    assert response.status_code == 200
+    egress = load_key_protector(b64url_decode(response.json()["egress_key_protector"], what="t"))
+    assert egress.guardian(first["id"]).key_generation == before + 1
+    kp_id = egress.kp_id
+    assert kp_id not in {r["kp_id"] for r in as_json(hgs, "report")["on_old_keys"]}
+    back = run(hgs, "key", "make-primary", first["id"], "--key-generation", str(before), code=2)
+    assert "going back" in back.output
+    second = as_json(hgs, "key", "add", "--new-guardian", "--name", "cli-kps-2", "--make-primary")
+    keys = as_json(hgs, "key", "list")["keys"]
+    assert [(k["id"], k["primary"]) for k in keys] == [(second["id"], True), (first["id"], False)]
     on_old = as_json(hgs, "report")["on_old_keys"]
-    assert on_old
-    assert {r["kps_key"] for r in on_old} == {first["id"]}
+    assert (kp_id, first["id"]) in {(r["kp_id"], r["kps_key"]) for r in on_old}
     assert first["id"] in run(hgs, "report").output
     run(hgs, "key", "make-primary", first["id"])
     assert as_json(hgs, "report")["primary"] == first["id"]
-    assert "on the primary key" not in run(hgs, "report").output, "the new key's KP is now old"
+    assert kp_id not in {r["kp_id"] for r in as_json(hgs, "report")["on_old_keys"]}
     missing = run(hgs, "key", "make-primary", "A" * 43, code=2)
     assert "no KPS key" in missing.output
 

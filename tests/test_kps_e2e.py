@@ -18,8 +18,8 @@ from click.testing import CliRunner
 import swtpm_harness
 from guardfab.attestation.trust import AttestationMode
 from guardfab.cli.main import cli
-from guardfab.formats.key_protector import grant, load_key_protector
-from guardfab.hgs.kps_keys import KpsKeyDirectory
+from guardfab.formats.guardian import load_guardian_document
+from guardfab.formats.key_protector import load_key_protector
 from guardfab.host.attestation import HgsAttestationClient, attest_with_tpm
 from guardfab.host.keyrelease import KeyReleaseRefusedError, request_release
 from guardfab.host.tpm import HostTpm
@@ -143,46 +143,91 @@ def test_concurrent_releases_of_one_generation_mint_one_egress(hgs: RunningHgs) 
     assert sorted(statuses) == [200, 409, 409, 409]
 
 
-def test_rotation_keeps_old_kps_working_and_the_report_lists_them(
-    tmp_path: Path,
-) -> None:
+def test_rotation_needs_no_owner_and_survives_a_restore(tmp_path: Path) -> None:
     hgs = start_hgs(tmp_path / "hgs")
     try:
-        _rotation(hgs)
+        host, owner, kp_b, egress_b1 = _rotation(hgs)
     finally:
         hgs.stop()
+    _restore_drill(hgs, tmp_path, host, owner, kp_b, egress_b1)
 
 
-def _rotation(hgs: RunningHgs) -> None:
+def _kps_generation(kp: bytes, kps_id: str) -> int:
+    return load_key_protector(kp).guardian(kps_id).key_generation
+
+
+def _release(hgs: RunningHgs, host: Host, cert: str, kp: bytes) -> bytes:
+    """A release through the product's host client: it checks the egress against ``kp``."""
+    return request_release(hgs.url, Path(hgs.ca), cert, kp, host.encryption)[2]
+
+
+def _on_old_keys(hgs: RunningHgs) -> list[tuple[str, int]]:
+    rows = admin(hgs, "GET", "/admin/v1/kps/report")["on_old_keys"]
+    return sorted((r["kp_id"], r["key_generation"]) for r in rows)
+
+
+def _rotation(hgs: RunningHgs) -> tuple[Host, Tenant, bytes, bytes]:
     enable_modes(hgs, AttestationMode.HOST_KEY)
     host, cert = attested_host(hgs)
     tenant = Tenant()
-    old_document = kps_document(hgs)
-    old_kp = tenant.kp(old_document)
-    old_id = admin(hgs, "GET", "/keyprotection/v1/metadata")["primary"]
+    first_document = kps_document(hgs)
+    kps_id = load_guardian_document(first_document).id
+    kp_a, kp_b = tenant.kp(first_document), tenant.kp(first_document)
+    egress_a1, egress_b1 = _release(hgs, host, cert, kp_a), _release(hgs, host, cert, kp_b)
+    assert _kps_generation(egress_a1, kps_id) == 0
 
-    added = admin(hgs, "POST", "/admin/v1/kps/keys", json={"make_primary": True, "name": "kps-2"})
-    metadata = admin(hgs, "GET", "/keyprotection/v1/metadata")
-    assert [g["id"] for g in metadata["guardians"]] == [added["id"], old_id]
-    assert KpsKeyDirectory.of_state(hgs.directory).ids() == sorted([old_id, added["id"]])
+    # Rotate: a new encryption key for the same guardian, staged, then made current.
+    staged = admin(hgs, "POST", "/admin/v1/kps/keys", json={})
+    assert (staged["id"], staged["key_generation"], staged["current"]) == (kps_id, 1, False)
+    assert load_guardian_document(kps_document(hgs)).key_generation == 0, "not published yet"
+    made = admin(hgs, "POST", f"/admin/v1/kps/keys/{kps_id}/make-primary", json={})
+    assert made == {"primary": kps_id, "key_generation": 1}
+    published = load_guardian_document(kps_document(hgs))
+    assert (published.id, published.key_generation) == (kps_id, 1)
+    ids = [load_key_protector(k).kp_id for k in (kp_a, kp_b)]
+    assert _on_old_keys(hgs) == sorted((i, 0) for i in ids)
 
-    # The old KP still unwraps under the old key; its egress stays on the guardian it names.
-    _, _, egress = request_release(hgs.url, Path(hgs.ca), cert, old_kp, host.encryption)
-    assert load_key_protector(egress).signer == old_id
-    report = admin(hgs, "GET", "/admin/v1/kps/report")
-    assert report["primary"] == added["id"]
-    assert [(r["kp_id"], r["kps_key"]) for r in report["on_old_keys"]] == [
-        (load_key_protector(old_kp).kp_id, old_id)
-    ]
+    # The next release moves the KP to key 2 with no tenant action; the host checked it.
+    egress_a2 = _release(hgs, host, cert, egress_a1)
+    moved = load_key_protector(egress_a2, expected_owner=tenant.owner.guardian.id)
+    assert (moved.version, moved.signer, _kps_generation(egress_a2, kps_id)) == (2, kps_id, 1)
+    assert moved.guardian(kps_id).encryption_kid == published.encryption_kid
+    assert moved.unwrap(tenant.owner), "the owner still unwraps the moved KP"
+    assert _on_old_keys(hgs) == [(ids[1], 0)], "listed on key 1 until its next release"
+    for old in (kp_a, egress_a1):
+        with pytest.raises(KeyReleaseRefusedError) as refused:
+            _release(hgs, host, cert, old)
+        assert (refused.value.status, refused.value.reason) == (409, "rollback")
+    assert _kps_generation(_release(hgs, host, cert, egress_a2), kps_id) == 1
+    return host, tenant, kp_b, egress_b1
 
-    # The owner grants the new guardian; from then on releases use the primary key.
-    moved = grant(load_key_protector(egress), tenant.owner, kps_document(hgs))
-    _, _, egress = request_release(hgs.url, Path(hgs.ca), cert, moved, host.encryption)
-    assert load_key_protector(egress).signer == added["id"]
-    assert admin(hgs, "GET", "/admin/v1/kps/report")["on_old_keys"] == []
-    # A KP made for the new primary alone is released too.
-    fresh = tenant.kp(kps_document(hgs))
-    assert request_release(hgs.url, Path(hgs.ca), cert, fresh, host.encryption)
+
+def _restore_drill(
+    hgs: RunningHgs, tmp_path: Path, host: Host, owner: Tenant, kp_b: bytes, egress_b1: bytes
+) -> None:
+    """Back up the rotated HGS, restore it fresh: key 1 still unwraps, key 2 is current."""
+    key_file, backup = tmp_path / "backup.key", tmp_path / "hgs.backup"
+    runner = CliRunner()
+    exported = runner.invoke(cli, ["hgs", "export-state", "--dir", str(hgs.directory),
+                                   "--out", str(backup), "--key-file", str(key_file),
+                                   "--new-key-file"])  # fmt: skip
+    assert exported.exit_code == 0, exported.output
+    imported = runner.invoke(cli, ["hgs", "import-state", "--dir", str(tmp_path / "restored"),
+                                   "--in", str(backup), "--key-file", str(key_file)])  # fmt: skip
+    assert imported.exit_code == 0, imported.output
+    restored = start_hgs(tmp_path / "restored", init=False)
+    try:
+        cert = host.attest(restored)
+        kps_id = load_key_protector(egress_b1).signer
+        egress_b2 = _release(restored, host, cert, egress_b1)
+        assert _kps_generation(egress_b2, kps_id) == 1
+        assert load_key_protector(egress_b2).unwrap(owner.owner)
+        assert _on_old_keys(restored) == []
+        with pytest.raises(KeyReleaseRefusedError) as refused:
+            _release(restored, host, cert, kp_b)
+        assert refused.value.reason == "rollback"
+    finally:
+        restored.stop()
 
 
 @pytest.fixture

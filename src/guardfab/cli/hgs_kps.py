@@ -201,52 +201,89 @@ def _keys_table(rows: list[dict[str, Any]]) -> str:
                 k["id"],
                 k["name"],
                 k["signing_alg"],
+                str(k["key_generation"]),
                 "primary" if k["primary"] else "",
                 _time_text(k["created_at"]),
             )
             for k in rows
         ],
-        ["id", "name", "alg", "", "created"],
+        ["id", "name", "alg", "key gen", "", "created"],
     )
 
 
 @key.command("add")
-@click.option("--name", default=None, help="Guardian name tenants see [default: SERVICE-kps-DATE].")
+@click.option(
+    "--new-guardian",
+    is_flag=True,
+    help="Make a second KPS guardian (a new signing key tenants must grant) instead.",
+)
+@click.option("--name", default=None, help="With --new-guardian: its name [SERVICE-kps-DATE].")
 @click.option(
     "--algorithm",
     type=click.Choice([a.value for a in KeyAlgorithm]),
     default=KeyAlgorithm.EC_P256.value,
     show_default=True,
-    help="Key family of the new guardian.",
+    help="With --new-guardian: its key family (a new generation keeps the guardian's).",
 )
-@click.option("--make-primary", is_flag=True, help="Make it the primary key at once.")
+@click.option("--make-primary", is_flag=True, help="Make it current (and primary) at once.")
 @connection_options
 @json_option
 @handle_errors
 def key_add(
-    name: str | None, algorithm: str, make_primary: bool, conn: ConnectionOptions, as_json: bool
+    new_guardian: bool,
+    name: str | None,
+    algorithm: str,
+    make_primary: bool,
+    conn: ConnectionOptions,
+    as_json: bool,
 ) -> None:
-    """Create a new KPS guardian; the old ones keep unwrapping the KPs that name them."""
-    body = {"name": name, "algorithm": algorithm, "make_primary": make_primary}
+    """Rotate: a new encryption key (key generation) for the primary KPS guardian.
+
+    Same guardian id, no tenant action: each KP moves to the current generation
+    on its next release, and older generations keep unwrapping until then.
+    Without --make-primary the generation is staged: copy keys/kps/ to every
+    node, then 'key make-primary'.
+    """
+    body = {
+        "name": name,
+        "algorithm": algorithm,
+        "make_primary": make_primary,
+        "new_guardian": new_guardian,
+    }
     data = call(conn, lambda c: c.request("POST", "/admin/v1/kps/keys", body=body))
     emit(
         as_json,
         data,
         lambda: (
-            f"added KPS key {data['id']} ({data['name']})" + (" as primary" if make_primary else "")
+            f"added KPS key {data['id']} ({data['name']}) key generation {data['key_generation']}"
+            + (" as current primary" if make_primary else "")
         ),
     )
 
 
 @key.command("make-primary")
 @click.argument("key_id")
+@click.option(
+    "--key-generation", type=click.IntRange(min=0), default=None, help="Default: the newest."
+)
 @connection_options
 @json_option
 @handle_errors
-def key_make_primary(key_id: str, conn: ConnectionOptions, as_json: bool) -> None:
-    """Make KEY_ID the primary KPS key (Set-HgsKeyProtectionCertificate -IsPrimary)."""
-    data = call(conn, lambda c: c.request("POST", f"/admin/v1/kps/keys/{key_id}/make-primary"))
-    emit(as_json, data, f"KPS key {key_id} is now primary; see 'guardfab hgs kps report'")
+def key_make_primary(
+    key_id: str, key_generation: int | None, conn: ConnectionOptions, as_json: bool
+) -> None:
+    """Make KEY_ID, at a key generation, primary (Set-HgsKeyProtectionCertificate -IsPrimary)."""
+    body = {"key_generation": key_generation}
+    path = f"/admin/v1/kps/keys/{key_id}/make-primary"
+    data = call(conn, lambda c: c.request("POST", path, body=body))
+    emit(
+        as_json,
+        data,
+        lambda: (
+            f"KPS key {key_id} key generation {data['key_generation']} is now primary;"
+            " see 'guardfab hgs kps report'"
+        ),
+    )
 
 
 @key.command("list")
@@ -264,21 +301,34 @@ def key_list(conn: ConnectionOptions, as_json: bool) -> None:
 @json_option
 @handle_errors
 def report(conn: ConnectionOptions, as_json: bool) -> None:
-    """Key protectors last released under a key that is not the primary.
+    """Key protectors whose last egress is wrapped to a key other than the current primary.
 
-    Their owners move them with 'guardfab tenant kp grant' of the new guardian;
-    a key is safe to retire once no KP shows here under it.
+    A version-2 KP moves to the current key generation on its next release, with
+    no owner involved; a version-1 KP (or one on another guardian) needs its
+    owner ('guardfab tenant kp upgrade', or 'grant'). A key generation is no
+    longer needed by the KPs seen once none shows here under it.
     """
     data = call(conn, lambda c: c.request("GET", "/admin/v1/kps/report"))
     rows = [
-        (r["kp_id"], r["kps_key"], r["owner"], r["generation"], _time_text(r["at"]))
+        (
+            r["kp_id"],
+            r["kps_key"],
+            str(r["key_generation"]),
+            r["owner"],
+            r["generation"],
+            _time_text(r["at"]),
+        )
         for r in data["on_old_keys"]
     ]
 
     def human() -> str:
         if not rows:
-            return f"every KP seen is on the primary key {data['primary']}"
-        return table(rows, ["kp_id", "kps key", "owner", "generation", "last release"])
+            return (
+                f"every KP seen is on the primary key {data['primary']}"
+                f" generation {data['key_generation']}"
+            )
+        headers = ["kp_id", "kps key", "key gen", "owner", "generation", "last release"]
+        return table(rows, headers)
 
     emit(as_json, data, human)
 

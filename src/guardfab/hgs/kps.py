@@ -7,9 +7,11 @@ state and records the outcome. Store layout (canonical JSON values)::
     kps/signers/<kid>           {"jwk", "source", "added_at"}  trusted attestation signers
     kps/own-signer-distrusted   present once the administrator removed the HGS's own signer
     kps/deny-before             {"time"}  refuse certificates issued earlier
-    kps/keys/primary            {"id"}    the primary KPS guardian (else the oldest key)
+    kps/keys/primary            {"id", "key_generation"}  the primary KPS guardian and
+                                its current key generation (else the oldest, newest)
     kps/generations/<kp_id>     {"generation", "at"}  newest generation issued per KP
-    kps/seen/<kp_id>            {"kps_key", "owner", "generation", "host_id", "at"}
+    kps/seen/<kp_id>            {"kps_key", "key_generation", "owner", "generation",
+                                 "host_id", "at"}  the KPS key the last egress is wrapped to
 
 Each release is ONE store transaction: it compares ``kps/generations/<kp_id>``
 with the revision the check read, writes the new generation and the ``seen``
@@ -35,7 +37,7 @@ from guardfab.errors import GuardfabError, TransportError, UsageError
 from guardfab.formats import jose
 from guardfab.formats.encoding import b64url_decode
 from guardfab.formats.guardian import KeyAlgorithm
-from guardfab.formats.key_protector import MAX_KP_BYTES
+from guardfab.formats.key_protector import MAX_KP_BYTES, KpsKeys
 from guardfab.hgs.kps_keys import KpsKey, KpsKeyDirectory, key_ring, kps_guardian_name
 from guardfab.hgs.registry import Registry, decode, encode
 from guardfab.hgs.service import HgsService
@@ -83,6 +85,19 @@ class KpsConfig:
     signers: dict[str, jose.AsymmetricKey]
     deny_before: float | None
     ring: tuple[KpsKey, ...]
+    #: The primary's current key generation: egress KPs are wrapped to it.
+    primary_generation: int = 0
+
+    def release_keys(self) -> list[KpsKeys]:
+        """The ring as a release uses it: the primary at its current generation first.
+
+        Other guardians re-key at their oldest generation, so ``rekey`` never
+        moves a KP there (it only moves forward): only the primary rotates KPs.
+        """
+        first, *others = self.ring
+        return [first.kps_keys(self.primary_generation)] + [
+            k.kps_keys(k.generations[0].guardian.key_generation) for k in others
+        ]
 
 
 @dataclass(frozen=True)
@@ -147,10 +162,12 @@ class KpsService:
         deny = self._get(DENY_BEFORE_KEY)
         primary = self._get(PRIMARY_KEY)
         ring = key_ring(self.keys.load_all(), None if primary is None else str(primary["id"]))
+        current = None if primary is None else primary.get("key_generation")
         return KpsConfig(
             signers=signers,
             deny_before=None if deny is None else float(deny["time"]),
             ring=tuple(ring),
+            primary_generation=int(current) if ring and current is not None else _newest(ring),
         )
 
     def _get(self, key: str) -> Any | None:
@@ -187,7 +204,7 @@ class KpsService:
             result = release(
                 health_certificate,
                 _decode_kp(key_protector),
-                kps_keys=[k.keys for k in config.ring],
+                kps_keys=config.release_keys(),
                 trusted_signers=config.signers,
                 now=self.clock(),
                 deny_before=config.deny_before,
@@ -206,6 +223,7 @@ class KpsService:
         txn.put(key, encode({"generation": result.egress_generation, "at": now}))
         seen = {
             "kps_key": result.kps_guardian,
+            "key_generation": result.key_generation,
             "owner": result.owner,
             "generation": result.egress_generation,
             "host_id": result.host_id,
@@ -314,9 +332,12 @@ class KpsService:
     # ----------------------------------------------------------------- KPS keys
 
     def list_keys(self) -> list[dict[str, Any]]:
-        """Every KPS key, primary first."""
-        ring = self.config().ring
-        return [k.summary(primary=i == 0) for i, k in enumerate(ring)]
+        """Every KPS key, primary first (the primary at its current key generation)."""
+        config = self.config()
+        return [
+            k.summary(primary=i == 0, current=config.primary_generation if i == 0 else None)
+            for i, k in enumerate(config.ring)
+        ]
 
     def add_key(
         self,
@@ -325,8 +346,29 @@ class KpsService:
         name: str | None = None,
         algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256,
         make_primary: bool = False,
+        new_guardian: bool = False,
     ) -> dict[str, Any]:
-        """Create a new KPS guardian (and make it primary if asked)."""
+        """Rotate: a new key generation of the primary guardian (current if ``make_primary``).
+
+        Without ``make_primary`` the new generation is only staged (copy its files
+        to every node, then make it primary); the current one is pinned in the
+        store first so that it stays current. ``new_guardian`` makes a second KPS
+        guardian (a new signing key, which tenants must grant) instead.
+        """
+        if new_guardian:
+            return self._add_guardian(actor, name, algorithm, make_primary=make_primary)
+        config = self._release_config()
+        primary = config.ring[0]
+        key = self.keys.add_generation(primary.id)
+        chosen = key.newest if make_primary else config.primary_generation
+        puts = [(PRIMARY_KEY, {"id": key.id, "key_generation": chosen})]
+        details = {"key_generation": key.newest, "primary": make_primary}
+        self._change(_Change("kps-key", key.id, "generation-added", details, puts), actor=actor)
+        return key.summary(primary=True, current=key.newest) | {"current": make_primary}
+
+    def _add_guardian(
+        self, actor: str, name: str | None, algorithm: KeyAlgorithm, *, make_primary: bool
+    ) -> dict[str, Any]:
         now = self.clock()
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
         key = self.keys.create(
@@ -334,19 +376,38 @@ class KpsService:
             now=now,
             algorithm=algorithm,
         )
-        puts = [(PRIMARY_KEY, {"id": key.id})] if make_primary else []
+        puts = [(PRIMARY_KEY, {"id": key.id, "key_generation": 0})] if make_primary else []
         details = {"name": key.name, "primary": make_primary}
         self._change(_Change("kps-key", key.id, "added", details, puts), actor=actor)
         return key.summary(primary=make_primary)
 
-    def make_primary(self, key_id: str, *, actor: str) -> None:
-        """Make ``key_id`` the primary: egress KPs that name it are signed by it, it is
-        published first, and KPs last seen on other keys show in the report."""
+    def make_primary(self, key_id: str, *, actor: str, key_generation: int | None = None) -> int:
+        """Make ``key_id`` at ``key_generation`` (default: its newest) primary and current.
+
+        Egress KPs are then wrapped to it, it is published, and KPs last seen on
+        other keys show in the report. Rotation only moves forward: an older
+        generation of the primary guardian is refused (a retired key may be why
+        the administrator rotated).
+
+        Returns:
+            The key generation made current.
+        """
         if key_id not in self.keys.ids():
             raise KpsNotFoundError(f"no KPS key {key_id[:64]!r}")
-        self.keys.load(key_id)  # its files must load before it becomes primary
-        puts = [(PRIMARY_KEY, {"id": key_id})]
-        self._change(_Change("kps-key", key_id, "made-primary", puts=puts), actor=actor)
+        key = self.keys.load(key_id)  # its files must load before it becomes primary
+        number = key.newest if key_generation is None else key_generation
+        key.generation(number)
+        config = self._release_config()
+        if key_id == config.ring[0].id and number < config.primary_generation:
+            raise UsageError(
+                f"KPS key {key_id} is at key generation {config.primary_generation}:"
+                f" going back to {number} is refused",
+                hint="rotate forward with 'guardfab hgs kps key add --make-primary'",
+            )
+        puts = [(PRIMARY_KEY, {"id": key_id, "key_generation": number})]
+        details = {"key_generation": number}
+        self._change(_Change("kps-key", key_id, "made-primary", details, puts), actor=actor)
+        return number
 
     def _change(self, change: _Change, *, actor: str) -> None:
         """Apply a configuration change and its audit record in one transaction."""
@@ -362,37 +423,53 @@ class KpsService:
     # ----------------------------------------------------------------- publication
 
     def metadata(self) -> dict[str, Any]:
-        """The KPS guardian documents, primary first (what tenants import)."""
-        ring = self._release_config().ring
+        """The KPS guardian documents, primary first, each at its newest published generation."""
+        config = self._release_config()
+        documents = [config.ring[0].generation(config.primary_generation).document]
+        documents += [k.document for k in config.ring[1:]]
         return {
             "service": self.service_name,
-            "primary": ring[0].id,
+            "primary": config.ring[0].id,
+            "key_generation": config.primary_generation,
             "guardians": [
                 {
                     "id": k.id,
                     "name": k.name,
                     "primary": i == 0,
-                    "document": k.document.decode("ascii"),
+                    "document": document.decode("ascii"),
                 }
-                for i, k in enumerate(ring)
+                for i, (k, document) in enumerate(zip(config.ring, documents, strict=True))
             ],
         }
 
     def primary_document(self) -> bytes:
-        """The primary KPS guardian's self-signed document, as a file to import."""
-        return self._release_config().ring[0].document + b"\n"
+        """The primary KPS guardian's current self-signed document, as a file to import."""
+        config = self._release_config()
+        return config.ring[0].generation(config.primary_generation).document + b"\n"
 
     def report(self) -> dict[str, Any]:
-        """KPs last released under a key that is not the primary (to move to the new one)."""
-        primary = self._release_config().ring[0].id
+        """KPs whose last egress is wrapped to a key other than the primary's current one.
+
+        They move to it on their next release; once none is left on a key
+        generation, that key is no longer needed for them.
+        """
+        config = self._release_config()
+        primary = (config.ring[0].id, config.primary_generation)
         rows = []
         counts: dict[str, int] = {}
         for entry in self.store.list(SEEN):
             record = decode(entry.value, what=entry.key)
-            counts[record["kps_key"]] = counts.get(record["kps_key"], 0) + 1
-            if record["kps_key"] != primary:
-                rows.append({"kp_id": entry.key.removeprefix(SEEN), **record})
-        return {"primary": primary, "kps_by_key": counts, "on_old_keys": rows}
+            where = (record["kps_key"], int(record.get("key_generation", 0)))
+            label = f"{where[0]}#{where[1]}"
+            counts[label] = counts.get(label, 0) + 1
+            if where != primary:
+                rows.append({"kp_id": entry.key.removeprefix(SEEN), "key_generation": 0, **record})
+        return {
+            "primary": primary[0],
+            "key_generation": primary[1],
+            "kps_by_key": counts,
+            "on_old_keys": rows,
+        }
 
 
 def _decode_kp(text: str) -> bytes:
@@ -402,3 +479,7 @@ def _decode_kp(text: str) -> bytes:
         return b64url_decode(text, what="key protector")
     except GuardfabError as exc:
         raise KeyProtectorRejectedError(f"key protector refused: {exc}") from exc
+
+
+def _newest(ring: Sequence[KpsKey]) -> int:
+    return ring[0].newest if ring else 0

@@ -71,11 +71,19 @@ class DenyBeforeRequest(Strict):
 
 
 class KeyAddRequest(Strict):
-    """A new KPS guardian: optional name, key family, and whether it becomes primary."""
+    """Rotate: a new key generation of the primary KPS guardian (current at once if
+    ``make_primary``); or, with ``new_guardian``, a second guardian (name, key family)."""
 
     name: str | None = Field(default=None, max_length=128)
     algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256
     make_primary: bool = False
+    new_guardian: bool = False
+
+
+class MakePrimaryRequest(Strict):
+    """Which key generation of the guardian becomes current (default: its newest)."""
+
+    key_generation: int | None = Field(default=None, ge=0, le=2**53 - 1)
 
 
 def kps_of(request: Request) -> KpsService:
@@ -190,18 +198,26 @@ def _key_routes(app: FastAPI) -> None:
     def add_key(
         request: Request, body: KeyAddRequest, role: Annotated[str, Depends(ADMIN)]
     ) -> dict[str, Any]:
-        """Create a new KPS guardian (optionally primary at once)."""
+        """Add a key generation to the primary KPS guardian (or a new guardian)."""
         return kps_of(request).add_key(
-            actor=role, name=body.name, algorithm=body.algorithm, make_primary=body.make_primary
+            actor=role,
+            name=body.name,
+            algorithm=body.algorithm,
+            make_primary=body.make_primary,
+            new_guardian=body.new_guardian,
         )
 
     @app.post("/admin/v1/kps/keys/{key_id}/make-primary", tags=["key protection admin"])
     def make_primary(
-        request: Request, key_id: str, role: Annotated[str, Depends(ADMIN)]
+        request: Request,
+        key_id: str,
+        role: Annotated[str, Depends(ADMIN)],
+        body: MakePrimaryRequest | None = None,
     ) -> dict[str, Any]:
-        """Make a KPS key the primary one."""
-        kps_of(request).make_primary(key_id, actor=role)
-        return {"primary": key_id}
+        """Make a KPS key (at a key generation, default its newest) primary and current."""
+        generation = None if body is None else body.key_generation
+        number = kps_of(request).make_primary(key_id, actor=role, key_generation=generation)
+        return {"primary": key_id, "key_generation": number}
 
     @app.get("/admin/v1/kps/report", tags=["key protection admin"])
     def report(request: Request, _role: Annotated[str, Depends(READER)]) -> dict[str, Any]:

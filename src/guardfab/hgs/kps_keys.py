@@ -8,15 +8,22 @@ protectors. Layout::
     D/keys/kps/<guardian id>/encryption-key.pem   private (0600)
     D/keys/kps/<guardian id>/guardian.jws         the self-signed public document
     D/keys/kps/<guardian id>/key.json             name and creation time (public)
+    D/keys/kps/<guardian id>/encryption-key.<n>.pem   key generation n >= 1 (0600)
+    D/keys/kps/<guardian id>/guardian.<n>.jws         its document (written last)
 
-A key directory is created complete or not at all (staged, then renamed).
+A key directory is created complete or not at all (staged, then renamed); a
+key generation is complete once its document is written, after its key.
 
-Rotation keeps every key: an old key still unwraps the KPs that name it, so
-VMs keep starting while their owners move to the new guardian. Which key is
-*primary* -- published first in the metadata, preferred when a KP names several
-of ours -- is recorded in the store (``kps/keys/primary``, :mod:`guardfab.hgs.kps`),
-so every node of a cluster switches at once; until the administrator picks one,
-the oldest key is primary.
+Rotation adds a *key generation*: a new encryption key under the same signing
+key (the guardian's identity), published in a new self-signed document with a
+higher ``key_generation``. Every generation is kept: an old one still unwraps
+the KPs wrapped to it, and each such KP moves to the current generation on its
+next release (KP format 2, ADR 0002), so neither owners nor downtime are
+involved. Which guardian is *primary* -- published in the metadata, preferred
+when a KP names several of ours -- and which of its generations is current are
+recorded in the store (``kps/keys/primary``, :mod:`guardfab.hgs.kps`), so every
+node of a cluster switches at once; until the administrator picks one, the
+oldest guardian is primary at its newest generation.
 """
 
 from __future__ import annotations
@@ -35,12 +42,14 @@ from guardfab.files import PRIVATE, PUBLIC, atomic_write, read_bounded
 from guardfab.formats import jose, keyfiles
 from guardfab.formats.guardian import (
     MAX_GUARDIAN_BYTES,
+    Guardian,
     GuardianKind,
     KeyAlgorithm,
     load_guardian_document,
     sign_guardian_document,
     validate_name,
 )
+from guardfab.formats.key_protector import KpsKeys
 from guardfab.tenant.guardians import GuardianKeys, new_guardian_keys
 
 #: Where the KPS keys live, relative to the HGS state directory.
@@ -53,6 +62,8 @@ _DOCUMENT = "guardian.jws"
 _META = "key.json"
 _MAX_KEY_BYTES = 16 * 1024
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{43}")
+_GENERATION_RE = re.compile(r"guardian\.([1-9][0-9]{0,8})\.jws")
+_CURVES = {"P-256": KeyAlgorithm.EC_P256, "P-384": KeyAlgorithm.EC_P384}
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -63,12 +74,25 @@ def kps_guardian_name(service_name: str, suffix: str = "kps") -> str:
 
 
 @dataclass(frozen=True)
+class KpsGeneration:
+    """One key generation of a KPS guardian: its document and private encryption key."""
+
+    guardian: Guardian
+    document: bytes = field(repr=False)
+    encryption_key: jose.AsymmetricKey = field(repr=False)
+
+
+@dataclass(frozen=True)
 class KpsKey:
-    """One KPS guardian with its private keys, as loaded from its directory."""
+    """One KPS guardian with its private keys, every key generation, from its directory.
+
+    ``keys`` and ``document`` are the newest generation's.
+    """
 
     keys: GuardianKeys = field(repr=False)
     document: bytes = field(repr=False)
     created_at: int
+    generations: tuple[KpsGeneration, ...] = field(default=(), repr=False)
 
     @property
     def id(self) -> str:
@@ -80,9 +104,43 @@ class KpsKey:
         """The guardian's name."""
         return self.keys.guardian.name
 
-    def summary(self, *, primary: bool) -> dict[str, object]:
+    @property
+    def newest(self) -> int:
+        """The newest key generation held."""
+        return self.keys.guardian.key_generation
+
+    def generation(self, number: int) -> KpsGeneration:
+        """Key generation ``number``.
+
+        Raises:
+            UsageError: this node holds no such generation.
+        """
+        for held in self.generations:
+            if held.guardian.key_generation == number:
+                return held
+        raise UsageError(
+            f"KPS key {self.id} has no key generation {number} on this node",
+            hint="copy its files under keys/kps/ from another node, or restore a backup",
+        )
+
+    def kps_keys(self, current: int) -> KpsKeys:
+        """What a release re-keys with: generation ``current``, and every key held to unwrap."""
+        chosen = self.generation(current)
+        return KpsKeys(
+            guardian=chosen.guardian,
+            document=chosen.document,
+            signing_key=self.keys.signing_key,
+            encryption_keys={g.guardian.encryption_kid: g.encryption_key for g in self.generations},
+        )
+
+    def summary(self, *, primary: bool, current: int | None = None) -> dict[str, object]:
         """Public description for the admin API and CLI."""
-        return {**self.keys.guardian.summary(), "created_at": self.created_at, "primary": primary}
+        return {
+            **self.generation(self.newest if current is None else current).guardian.summary(),
+            "created_at": self.created_at,
+            "primary": primary,
+            "key_generations": [g.guardian.key_generation for g in self.generations],
+        }
 
 
 class KpsKeyDirectory:
@@ -110,7 +168,39 @@ class KpsKeyDirectory:
             _META: (json.dumps(meta, indent=2).encode() + b"\n", PUBLIC),
         }
         self._write_new(keys.guardian.id, files)
-        return KpsKey(keys, document, int(now))
+        return KpsKey(
+            keys, document, int(now), (KpsGeneration(keys.guardian, document, keys.encryption_key),)
+        )
+
+    def add_generation(self, key_id: str) -> KpsKey:
+        """Rotate: a new encryption key for guardian ``key_id``, one key generation up.
+
+        Same signing key, so the same guardian id tenants pinned; the new
+        document is self-signed by it, which nobody else can do. The key file is
+        written before the document, and a generation without its document is
+        not one, so a crash leaves no half generation.
+        """
+        key = self.load(key_id)
+        number = key.newest + 1
+        encryption = keyfiles.generate_key(_algorithm_of(key.keys.encryption_key))
+        guardian = Guardian(
+            name=key.name,
+            kind=GuardianKind.KPS,
+            signing_key=key.keys.guardian.signing_key,
+            encryption_key=jose.import_public_jwk(
+                jose.public_jwk(encryption), what="encryption key"
+            ),
+            key_generation=number,
+        )
+        document = sign_guardian_document(guardian, key.keys.signing_key)
+        directory = self.root / key_id
+        atomic_write(
+            directory / f"encryption-key.{number}.pem",
+            keyfiles.private_key_pem(encryption),
+            mode=PRIVATE,
+        )
+        atomic_write(directory / f"guardian.{number}.jws", document + b"\n", mode=PUBLIC)
+        return self.load(key_id)
 
     def _write_new(self, key_id: str, files: dict[str, tuple[bytes, int]]) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -154,15 +244,56 @@ class KpsKeyDirectory:
             raise FormatError(f"KPS key {key_id}: the signing key does not match its directory")
         if jose.thumbprint(encryption) != guardian.encryption_kid:
             raise FormatError(f"KPS key {key_id}: the encryption key does not match its document")
-        if guardian.kind is not GuardianKind.KPS:
-            raise FormatError(f"KPS key {key_id}: the guardian is not of kind 'kps'")
+        if guardian.kind is not GuardianKind.KPS or guardian.key_generation:
+            raise FormatError(f"KPS key {key_id}: guardian.jws is not a 'kps' generation 0")
+        generations = [KpsGeneration(guardian, document.strip(), encryption)]
+        generations += [
+            _load_generation(directory, n, guardian) for n in _generation_numbers(directory)
+        ]
+        newest = generations[-1]
         return KpsKey(
-            GuardianKeys(guardian, signing, encryption), document.strip(), _created(directory)
+            GuardianKeys(newest.guardian, signing, newest.encryption_key),
+            newest.document,
+            _created(directory),
+            tuple(generations),
         )
 
     def load_all(self) -> list[KpsKey]:
         """Every key, oldest first."""
         return sorted((self.load(i) for i in self.ids()), key=lambda k: (k.created_at, k.id))
+
+
+def _generation_numbers(directory: Path) -> list[int]:
+    """The key generations >= 1 whose documents are written; they must run 1, 2, ... n."""
+    numbers = sorted(
+        int(m.group(1)) for p in directory.iterdir() if (m := _GENERATION_RE.fullmatch(p.name))
+    )
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise FormatError(f"KPS key {directory.name}: its key generations are not 1 to n")
+    return numbers
+
+
+def _load_generation(directory: Path, number: int, first: Guardian) -> KpsGeneration:
+    """Key generation ``number``: its document must be the same guardian's, at that generation."""
+    what = f"KPS key {directory.name} generation {number}"
+    document = read_bounded(
+        directory / f"guardian.{number}.jws", limit=MAX_GUARDIAN_BYTES, what=what
+    )
+    guardian = load_guardian_document(document)
+    if guardian.id != first.id or guardian.kind is not GuardianKind.KPS:
+        raise FormatError(f"{what}: the document is not this guardian's")
+    if guardian.key_generation != number:
+        raise FormatError(f"{what}: the document says key generation {guardian.key_generation}")
+    encryption = _private_key(directory / f"encryption-key.{number}.pem")
+    if jose.thumbprint(encryption) != guardian.encryption_kid:
+        raise FormatError(f"{what}: the encryption key does not match its document")
+    return KpsGeneration(guardian, document.strip(), encryption)
+
+
+def _algorithm_of(key: jose.AsymmetricKey) -> KeyAlgorithm:
+    """The key family of an existing key, so a new generation keeps the guardian's family."""
+    curve = jose.public_jwk(key).get("crv")
+    return _CURVES.get(str(curve), KeyAlgorithm.RSA_3072) if curve else KeyAlgorithm.RSA_3072
 
 
 def _private_key(path: Path) -> jose.AsymmetricKey:
