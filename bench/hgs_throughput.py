@@ -20,8 +20,11 @@ per nonce. The CPU seconds of the generator and of the HGS (supervisor + uvicorn
 workers, from /proc) are printed beside each result, so a reader can see who was
 the bottleneck: on this 2-core machine both share the same cores.
 
-Key releases (issue 4, ``POST /keyprotection/v1/release``) are not measured yet:
-``--mode release`` says so and exits; there is no route to drive.
+``--mode release`` measures key releases instead (issue 4, ``POST
+/keyprotection/v1/release``): host-key hosts attest once for a health
+certificate, each connection drives one VM's KP chain (every release re-keys, so
+the next request sends the previous answer's egress KP), and a sample of the
+answers is unwrapped with the host key and checked (see ``_release.py``).
 
 Usage: ``.venv/bin/python bench/hgs_throughput.py [--duration 10] [--clients 2]``.
 All traffic goes to 127.0.0.1; every process started here is stopped at the end.
@@ -47,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import _common as c
+import _release
 from joserfc.jwk import ECKey
 
 from guardfab.attestation.binding import quote_qualifying_data
@@ -60,7 +64,7 @@ from test_tpm_quote import soft_sign
 
 HOSTS = 8
 WORKERS = 2
-GOALS = {"tpm": 1000.0, "host-key": 2000.0}
+GOALS = {"tpm": 1000.0, "host-key": 2000.0, "release": 1000.0}
 P99_GOAL_MS = 50.0
 WARMUP = 1.5
 BOOT = c.BenchBoot()
@@ -76,6 +80,7 @@ class Material:
     tpm: list[Callable[[bytes, str], bytes]] = field(default_factory=list)
     host_key: list[Callable[[bytes, str], bytes]] = field(default_factory=list)
     puts: list[tuple[str, Any]] = field(default_factory=list)
+    release: list[_release.ReleaseHost] = field(default_factory=list)
 
 
 def _tpm_body_maker(host: c.BenchHost) -> Callable[[bytes, str], bytes]:
@@ -128,11 +133,15 @@ def make_material(ak_kind: str) -> Material:
         key = HostKey(jose.thumbprint(signing), f"hk-{n}", jose.public_jwk(signing))
         material.host_key.append(_host_key_body_maker(signing, host_key_jwk(100 + n)))
         material.puts.append((reg.HOST_KEYS + key.key_id, key.to_dict()))
+    material.release = _release.make_hosts(HOSTS)
+    material.puts += [host.registration() for host in material.release]
     return material
 
 
 #: Built before the generator processes fork, so they share the hosts' keys.
 MATERIAL: Material | None = None
+#: Release mode: attested hosts, tenant and KPS guardian (also built before the fork).
+FABRIC: _release.Fabric | None = None
 
 
 # ------------------------------------------------------------------ the load generator
@@ -179,6 +188,7 @@ class Tally:
     latencies: list[float] = field(default_factory=list)
     cpu: float = 0.0
     worst: tuple[float, float] = (0.0, 0.0)  # the slowest attestation: latency, start time
+    checked: int = 0  # release mode: answers unwrapped and checked with the host key
 
     def add(self, latency: float, error: str | None, started: float) -> None:
         self.worst = max(self.worst, (latency, started))
@@ -197,6 +207,38 @@ def _makers(plan: Plan) -> list[Callable[[bytes, str], bytes]]:
     return makers[first:] + makers[:first]
 
 
+@dataclass
+class Session:
+    """One keep-alive connection and, in release mode, the VM whose KP chain it drives."""
+
+    conn: c.Connection
+    vm: _release.Vm | None = None
+
+
+async def open_session(plan: Plan, context: ssl.SSLContext, n: int) -> Session:
+    """A new connection (and a new VM with a fresh KP in release mode)."""
+    conn = await c.Connection.open(plan.port, context)
+    if plan.mode != "release":
+        return Session(conn)
+    assert FABRIC is not None
+    host = FABRIC.hosts[(n * plan.clients + plan.index) % len(FABRIC.hosts)]
+    return Session(conn, _release.Vm(FABRIC, host))
+
+
+async def run_once(
+    session: Session, makers: list[Callable[[bytes, str], bytes]], n: int
+) -> tuple[str | None, float]:
+    """One attestation or release; (what went wrong or None, when the answer arrived)."""
+    if session.vm is None:
+        error = await attest_once(session.conn, makers[n % len(makers)])
+        return error, time.time()
+    error, arrived = await _release.release_once(session.conn, session.vm)
+    if error is not None:  # the chain may be broken (a refused KP): start a new VM
+        assert FABRIC is not None
+        session.vm = _release.Vm(FABRIC, session.vm.host)
+    return error, arrived
+
+
 #: What a broken or server-closed connection raises (it is then replaced).
 _LOST = (OSError, asyncio.IncompleteReadError, ConnectionError, ValueError)
 #: uvicorn closes a keep-alive connection idle for 5 s; reuse only younger ones.
@@ -211,18 +253,19 @@ async def closed_loop(plan: Plan, tally: Tally) -> None:
     async def run(n: int) -> None:
         # Staggered opens: a burst of connects would all be accepted by one worker.
         await asyncio.sleep(plan.stagger * (n * plan.clients + plan.index))
-        conn = None
+        session = None
         while (now := time.time()) < plan.end:
             try:
-                conn = conn or await c.Connection.open(plan.port, context)
-                error = await attest_once(conn, makers[n % len(makers)])
+                session = session or await open_session(plan, context, n)
+                error, done = await run_once(session, makers, n)
             except _LOST as exc:
-                error, conn = f"connection lost: {type(exc).__name__}: {exc}", None
+                error, session = f"connection lost: {type(exc).__name__}: {exc}", None
+                done = time.time()
                 await asyncio.sleep(0.05)  # no busy loop against a server that is gone
             if now >= plan.start:
-                tally.add(time.time() - now, error, now)
-        if conn is not None:
-            conn.close()
+                tally.add(done - now, error, now)
+        if session is not None:
+            session.conn.close()
 
     await asyncio.gather(*(run(n) for n in range(plan.connections)))
 
@@ -232,30 +275,30 @@ async def open_loop(plan: Plan, tally: Tally) -> None:
     assert plan.rate is not None
     context = ssl.create_default_context(cafile=plan.ca)
     makers = _makers(plan)
-    idle: list[tuple[c.Connection, float]] = []
+    idle: list[tuple[Session, float]] = []
     tasks: set[asyncio.Task[None]] = set()
     # At most this many connections: a stall must queue attestations (their latency
     # still counts from the schedule), not set off a storm of new TLS handshakes.
     slots = asyncio.Semaphore(plan.max_open)
 
-    async def connection() -> c.Connection:
+    async def connection(n: int) -> Session:
         while idle:
-            conn, used = idle.pop()
+            session, used = idle.pop()
             if time.time() - used < _IDLE_LIMIT:
-                return conn
-            conn.close()
-        return await c.Connection.open(plan.port, context)
+                return session
+            session.conn.close()
+        return await open_session(plan, context, n)
 
     async def one(n: int, scheduled: float) -> None:
         async with slots:
             try:
-                conn = await connection()
-                error = await attest_once(conn, makers[n % len(makers)])
-                idle.append((conn, time.time()))
+                session = await connection(n)
+                error, done = await run_once(session, makers, n)
+                idle.append((session, time.time()))
             except _LOST as exc:
-                error = f"connection lost: {type(exc).__name__}: {exc}"
+                error, done = f"connection lost: {type(exc).__name__}: {exc}", time.time()
         if scheduled >= plan.start:
-            tally.add(time.time() - scheduled, error, scheduled)
+            tally.add(done - scheduled, error, scheduled)
 
     begin, n = time.time(), 0
     while (scheduled := begin + n / plan.rate) < plan.end:
@@ -266,8 +309,8 @@ async def open_loop(plan: Plan, tally: Tally) -> None:
         n += 1
     if tasks:
         await asyncio.wait(tasks, timeout=30)
-    for conn, _used in idle:
-        conn.close()
+    for session, _used in idle:
+        session.conn.close()
 
 
 def generator(plan: Plan) -> Tally:
@@ -277,11 +320,13 @@ def generator(plan: Plan) -> Tally:
     tally = Tally()
     before = resource.getrusage(resource.RUSAGE_SELF)
     run = closed_loop if plan.rate is None else open_loop
+    checked = _release.CHECKED[0]
     try:
         asyncio.run(asyncio.wait_for(run(plan, tally), timeout=plan.end - time.time() + 40))
     except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
         tally.errors += 1
         tally.first_error = tally.first_error or f"{type(exc).__name__}: {exc}"
+    tally.checked = _release.CHECKED[0] - checked
     after = resource.getrusage(resource.RUSAGE_SELF)
     tally.cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     return tally
@@ -306,6 +351,7 @@ class Result:
     other_cpu: float = 0.0
     note: str = ""
     first_error: str = ""
+    checked: int = 0
 
     def row(self) -> list[str]:
         def ms(value: float | None) -> str:
@@ -350,6 +396,7 @@ def attest_phase(
         note=f"{worst * 1e3:,.0f} ms at +{when - start:.1f} s" if worst else "",
         other_cpu=max(0.0, c.machine_busy_seconds() - busy - server_cpu - load_cpu),
         first_error=next((t.first_error for t in tallies if t.first_error), ""),
+        checked=sum(t.checked for t in tallies),
     )  # fmt: skip
 
 
@@ -409,38 +456,34 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ak", choices=["ecc", "rsa"], default="ecc", help="the TPM hosts' AK")
     parser.add_argument("--workers", type=int, default=WORKERS, help="uvicorn worker processes")
     parser.add_argument(
-        "--phases", default="healthz,tpm,host-key", help="comma-separated subset to run"
+        "--phases",
+        help="comma-separated subset to run (default: healthz,tpm,host-key; release mode: release)",
     )
     args = parser.parse_args()
-    args.phases = set(args.phases.split(","))
+    default = "release" if args.mode == "release" else "healthz,tpm,host-key"
+    args.phases = set((args.phases or default).split(","))
     return args
 
 
-def release_todo() -> None:
-    """Issue 4's key releases: nothing to drive yet, and nothing is faked."""
-    print(
-        "key releases/s (issue 4): NOT MEASURED. POST /keyprotection/v1/release does not exist "
-        "yet. TODO when it lands: attest each host once for a health certificate, make one "
-        "ingress KP per host with the tenant tools for this HGS's guardian, then drive "
-        "release requests through the same generator (closed loop, then half load, open "
-        "loop) and check each answer unwraps to the transport key. Goal: 1,000 releases/s, "
-        "p99 < 50 ms at half load."
-    )
+#: Phases measured at max then half load: (mode, label).
+LOADED_PHASES = (("tpm", "TPM"), ("host-key", "host-key"), ("release", "release"))
 
 
 def run(args: argparse.Namespace, notes: list[str]) -> list[Result]:
     """Start the HGS, run every phase, stop the HGS (also on errors and Ctrl-C)."""
-    global MATERIAL  # noqa: PLW0603 (read by the forked generator processes)
+    global MATERIAL, FABRIC  # noqa: PLW0603 (read by the forked generator processes)
     MATERIAL = make_material(args.ak)
     hgs = c.Hgs(args.workers)
     try:
         hgs.init(MATERIAL.puts)
         hgs.start()
         notes.append(f"HGS state (SQLite store) in {hgs.dir} ({c.filesystem(hgs.dir)})")
+        if "release" in args.phases:
+            FABRIC = _release.prepare(f"https://127.0.0.1:{hgs.port}", hgs.ca, MATERIAL.release)
         results = []
         if "healthz" in args.phases and shutil.which("wrk"):
             results.append(healthz_phase(hgs, args))
-        for mode, label in (("tpm", "TPM"), ("host-key", "host-key")):
+        for mode, label in LOADED_PHASES:
             if mode not in args.phases:
                 continue
             top = attest_phase(hgs, args, mode, None, f"{label} max load (closed loop)")
@@ -465,20 +508,31 @@ def report(args: argparse.Namespace, results: list[Result], notes: list[str]) ->
     for note in notes:
         print(f"note: {note}")
     print()
-    headers = ["phase", "attest/s", "p50 ms", "p99 ms", "slowest", "errors",
+    rate_header = "releases/s" if args.mode == "release" else "attest/s"
+    headers = ["phase", rate_header, "p50 ms", "p99 ms", "slowest", "errors",
                "HGS CPU (cores) worker split", "load CPU (cores)", "others"]  # fmt: skip
     print(c.table(headers, [r.row() for r in results]))
     for r in results:
         if r.first_error:
             print(f"first error in '{r.name}': {r.first_error}")
+        if r.name.startswith("release"):
+            print(f"'{r.name}': {r.checked:,} answers unwrapped with the host key and checked")
     print(
-        "(each attestation = 2 HTTPS requests: challenge + attest; CPU columns: seconds and "
+        "(each attestation = 2 HTTPS requests: challenge + attest; each release = 1 request "
+        "carrying the previous answer's egress KP; CPU columns: seconds and "
         "(average cores); others = CPU used meanwhile by processes outside this bench)"
     )
     print()
-    by_name = {r.name.split(" (")[0]: r for r in results}
+    print(goal_line(args, {r.name.split(" (")[0]: r for r in results}))
+
+
+def goal_line(args: argparse.Namespace, by_name: dict[str, Result]) -> str:
+    """PASS/FAIL for issue 3 (attestations) or issue 4 (releases), NOT RUN where unmeasured."""
+    release = args.mode == "release"
     parts = []
-    for mode, label in (("tpm", "TPM"), ("host-key", "host-key")):
+    for mode, label in LOADED_PHASES:
+        if (mode == "release") != release:
+            continue
         top, half = by_name.get(f"{label} max load"), by_name.get(f"{label} half load")
         if top is None:
             parts.append(f"{label}: NOT RUN")
@@ -490,8 +544,7 @@ def report(args: argparse.Namespace, results: list[Result], notes: list[str]) ->
         p99 = half.p99_ms if half and half.p99_ms is not None else float("inf")
         ok = c.verdict(p99 < P99_GOAL_MS)
         parts.append(f"{label} p99 < {P99_GOAL_MS:g} ms at half load: {ok} ({p99:.1f} ms)")
-    print("goal (issue 3): " + "; ".join(parts))
-    release_todo()
+    return f"goal (issue {4 if release else 3}): " + "; ".join(parts)
 
 
 def _interrupted(_signum: int, _frame: object) -> None:
@@ -501,9 +554,6 @@ def _interrupted(_signum: int, _frame: object) -> None:
 def main() -> None:
     """Parse arguments, run the phases, print the report."""
     args = parse_args()
-    if args.mode == "release":
-        release_todo()
-        raise SystemExit(2)
     signal.signal(signal.SIGTERM, _interrupted)  # stop everything as on Ctrl-C
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
     notes: list[str] = []
