@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import stat
 from pathlib import Path
@@ -10,7 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guardfab.errors import FormatError, NotAuthorizedError, UsageError, VerificationError
+from guardfab.errors import (
+    FormatError,
+    InvalidInputError,
+    NotAuthorizedError,
+    UsageError,
+    VerificationError,
+)
+from guardfab.formats import guardian as module
 from guardfab.formats import jose
 from guardfab.formats.encoding import b64url_decode, b64url_encode, canonical_json
 from guardfab.formats.guardian import (
@@ -177,3 +185,43 @@ def test_failed_import_writes_nothing(home: Path) -> None:
     with pytest.raises((FormatError, VerificationError)):
         store.add_public(b"garbage")
     assert store.names() == []
+
+
+def test_kps_key_generations_are_self_signed_and_written_only_from_1() -> None:
+    kps = new_guardian_keys("kps", KeyAlgorithm.EC_P256, GuardianKind.KPS)
+    first = sign_guardian_document(kps.guardian, kps.signing_key)
+    assert b"key_generation" not in b64url_decode(first.split(b".")[1].decode(), what="t")
+    later = dataclasses.replace(kps.guardian, key_generation=3)
+    loaded = load_guardian_document(sign_guardian_document(later, kps.signing_key))
+    assert (loaded.id, loaded.key_generation) == (kps.guardian.id, 3)
+    zero = {**kps.guardian.payload(), "key_generation": 0}
+    token = jose.sign_compact(canonical_json(zero), kps.signing_key, typ=module.GUARDIAN_JWS_TYPE)
+    with pytest.raises(FormatError, match="only from 1 on"):
+        load_guardian_document(token.encode())
+    tenant = new_guardian_keys("tenant", KeyAlgorithm.EC_P256)
+    with pytest.raises(FormatError, match="only a 'kps' guardian"):
+        dataclasses.replace(tenant.guardian, key_generation=1)
+    claimed = {**tenant.guardian.payload(), "key_generation": 1}
+    token = jose.sign_compact(
+        canonical_json(claimed), tenant.signing_key, typ=module.GUARDIAN_JWS_TYPE
+    )
+    with pytest.raises(FormatError, match="only a 'kps' guardian"):
+        load_guardian_document(token.encode())
+
+
+def test_verified_documents_are_cached_by_their_exact_bytes() -> None:
+    keys = new_guardian_keys("cached", KeyAlgorithm.EC_P256)
+    document = sign_guardian_document(keys.guardian, keys.signing_key)
+    assert load_guardian_document(document) is load_guardian_document(bytearray(document))
+    header, body, signature = document.split(b".")
+    tampered = b".".join(
+        [header, body, signature[:-2] + (b"AA" if signature[-2:] != b"AA" else b"BA")]
+    )
+    with pytest.raises(InvalidInputError):
+        load_guardian_document(tampered)
+    with pytest.raises(InvalidInputError):  # failures are never cached
+        load_guardian_document(tampered)
+    for i in range(module.DOCUMENT_CACHE_SIZE + 1):
+        other = new_guardian_keys(f"g{i}", KeyAlgorithm.EC_P256) if i < 2 else keys
+        load_guardian_document(sign_guardian_document(other.guardian, other.signing_key))
+    assert len(module._VERIFIED._items) <= module.DOCUMENT_CACHE_SIZE

@@ -31,6 +31,7 @@ from guardfab.errors import (
 from guardfab.formats import jose
 from guardfab.formats.encoding import b64url_decode, b64url_encode, canonical_json
 from guardfab.formats.guardian import (
+    GUARDIAN_JWS_TYPE,
     Guardian,
     KeyAlgorithm,
     load_guardian_document,
@@ -246,6 +247,42 @@ def too_many_guardians(payload: Payload) -> None:
 def tampered_guardian_document(payload: Payload) -> None:
     header, body, signature = payload["guardians"][0].split(".")
     payload["guardians"][0] = f"{header}.{body}.{flip_b64(signature, 3)}"
+
+
+def kps_document_of_another_signing_key(c: Ctx) -> bytes:
+    """kps1's place taken by a ``kps`` document of mallory's signing key, same name, a newer
+    key generation: a KPS is its signing key, so the owner's statement (kps1's id) fails."""
+
+    def mutate(payload: Payload) -> None:
+        real, mallory = c.guardian("kps1"), c.ring["mallory"]
+        impostor = dataclasses.replace(
+            real, signing_key=mallory.guardian.signing_key, key_generation=1
+        )
+        documents = docs_by_id(payload)
+        documents.pop(real.id)
+        documents[impostor.id] = sign_guardian_document(impostor, mallory.signing_key).decode()
+        payload["guardians"] = [documents[i] for i in sorted(documents)]
+
+    return forge(c, mutate)
+
+
+def kps_generation_signed_by_another_key(c: Ctx) -> bytes:
+    """A key-generation-1 document naming kps1's signing key (so kps1's id) and mallory's
+    encryption key, signed by mallory: only kps1's key can make one, so it fails to verify."""
+
+    def mutate(payload: Payload) -> None:
+        real, mallory = c.guardian("kps1"), c.ring["mallory"]
+        claimed = dataclasses.replace(
+            real, encryption_key=mallory.guardian.encryption_key, key_generation=1
+        )
+        document = jose.sign_compact(
+            canonical_json(claimed.payload()), mallory.signing_key, typ=GUARDIAN_JWS_TYPE
+        )
+        payload["guardians"] = [
+            document if i == real.id else d for i, d in sorted(docs_by_id(payload).items())
+        ]
+
+    return forge(c, mutate)
 
 
 def recipient_removed(payload: Payload) -> None:
@@ -505,6 +542,17 @@ ATTACKS = [
         VerificationError,
     ),
     Attack("signer field names another guardian", signer_field_lies, VerificationError),
+    # KP format 2: a KPS guardian's documents are bound by its signing key, not by the owner
+    Attack(
+        "KPS document of another signing key, same name",
+        kps_document_of_another_signing_key,
+        VerificationError,
+    ),
+    Attack(
+        "KPS key generation signed by another key, same claimed id",
+        kps_generation_signed_by_another_key,
+        VerificationError,
+    ),
     Attack("owner's set statement of another KP", spliced_guardian_set, VerificationError),
     # the wrapping, re-signed by the owner: the AEAD must catch what the signature does not
     Attack(

@@ -83,3 +83,40 @@ def test_ring_puts_the_primary_first_then_newest(keys: KpsKeyDirectory) -> None:
 )
 def test_guardian_names_from_service_names(service: str, name: str) -> None:
     assert kps_guardian_name(service) == name
+
+
+def test_a_key_generation_is_a_new_encryption_key_under_the_same_identity(
+    keys: KpsKeyDirectory,
+) -> None:
+    (key_id,) = keys.ids()
+    first = keys.load(key_id)
+    rotated = keys.add_generation(key_id)
+    assert (rotated.id, rotated.newest, len(rotated.generations)) == (key_id, 1, 2)
+    newest = load_guardian_document(rotated.document)
+    assert (newest.id, newest.key_generation) == (key_id, 1)
+    assert newest.encryption_kid != first.keys.guardian.encryption_kid
+    both = rotated.kps_keys(1)
+    assert set(both.encryption_keys) == {g.guardian.encryption_kid for g in rotated.generations}
+    assert rotated.kps_keys(0).guardian.key_generation == 0
+    assert stat.S_IMODE((keys.root / key_id / "encryption-key.1.pem").stat().st_mode) == 0o600
+    with pytest.raises(UsageError, match="no key generation 5"):
+        rotated.kps_keys(5)
+
+
+def test_broken_key_generations_are_refused(keys: KpsKeyDirectory) -> None:
+    (key_id,) = keys.ids()
+    keys.add_generation(key_id)
+    keys.add_generation(key_id)
+    directory = keys.root / key_id
+    (directory / "guardian.1.jws").rename(directory / "guardian.7.jws")
+    with pytest.raises(FormatError, match="not 1 to n"):
+        keys.load(key_id)
+    (directory / "guardian.7.jws").rename(directory / "guardian.1.jws")
+    swapped = (directory / "encryption-key.2.pem").read_bytes()
+    (directory / "encryption-key.1.pem").write_bytes(swapped)
+    with pytest.raises(FormatError, match="does not match its document"):
+        keys.load(key_id)
+    other = keys.create("other", now=1)
+    (directory / "guardian.1.jws").write_bytes((keys.root / other.id / "guardian.jws").read_bytes())
+    with pytest.raises(FormatError, match="not this guardian's"):
+        keys.load(key_id)
