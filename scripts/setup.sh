@@ -15,7 +15,8 @@ dev=0
 # guarded hosts (swtpm stands in for a host TPM in tests); the demo and tests also use
 # openssl (certificates, benchmarks) and coreutils (sha256sum).
 apt_packages=(python3 python3-venv python3-dev build-essential pkg-config openssl coreutils
-  libtss2-dev swtpm swtpm-tools busybox-static cpio e2fsprogs qemu-system-x86 qemu-utils ovmf)
+  libtss2-dev swtpm swtpm-tools busybox-static cpio e2fsprogs qemu-system-x86 qemu-utils ovmf
+  softhsm2)
 
 missing=()
 for pkg in "${apt_packages[@]}"; do
