@@ -14,9 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc.jwk import ECKey
 
+from guardfab.cli.main import cli
 from guardfab.errors import NotAuthorizedError, VerificationError
 from guardfab.formats import jose
 from guardfab.formats.encoding import canonical_json
@@ -24,6 +26,7 @@ from guardfab.formats.guardian import (
     GUARDIAN_JWS_TYPE,
     Guardian,
     GuardianKind,
+    KeyAlgorithm,
     load_guardian_document,
     sign_guardian_document,
 )
@@ -36,7 +39,7 @@ from guardfab.formats.key_protector import (
     upgrade,
 )
 from guardfab.keyprotection import release, unwrap_release
-from guardfab.tenant.guardians import GuardianKeys
+from guardfab.tenant.guardians import GuardianKeys, GuardianStore, new_guardian_keys
 from test_keyprotection_release import NOW, World, world
 
 __all__ = ["world"]  # the fixture, imported for pytest
@@ -184,3 +187,20 @@ def test_the_owner_moves_a_version_1_kp_to_version_2() -> None:
 def _second_kps() -> tuple[Guardian, jose.AsymmetricKey]:
     keys = _fixed_guardian("kps-2", GuardianKind.KPS, 0x5EED_0009)
     return keys.guardian, keys.signing_key
+
+
+def test_tenant_kp_upgrade_re_signs_in_the_current_format(tmp_path: Path) -> None:
+    store = GuardianStore(tmp_path / "home")
+    store.create("owner", KeyAlgorithm.EC_P256)
+    kps = new_guardian_keys("fabric", KeyAlgorithm.EC_P256, GuardianKind.KPS)
+    store.add_public(sign_guardian_document(kps.guardian, kps.signing_key))
+    made, key = create_key_protector(store.keys("owner"), [store.document("fabric")])
+    (tmp_path / "vm.kp").write_bytes(made)
+    out = tmp_path / "vm-upgraded.kp"
+    args = ["tenant", "kp", "upgrade", str(tmp_path / "vm.kp"), "--out", str(out)]
+    result = CliRunner().invoke(cli, [*args, "--home", str(tmp_path / "home")])
+    assert result.exit_code == 0, result.output
+    assert "format version 2" in result.output
+    upgraded = load_key_protector(out.read_bytes())
+    assert (upgraded.version, upgraded.generation) == (2, 1)
+    assert upgraded.unwrap(kps) == key

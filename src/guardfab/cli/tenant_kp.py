@@ -79,7 +79,8 @@ def _describe(data: dict[str, Any]) -> str:
     names = {g["id"]: g["name"] for g in data["guardians"]}
     signer_role = "the owner" if data["signer"] == data["owner"] else "a KPS re-key"
     lines = [
-        f"key protector {data['kp_id']}  (generation {data['generation']})",
+        f"key protector {data['kp_id']}  (generation {data['generation']},"
+        f" format version {data['version']})",
         f"  owner:      {names[data['owner']]}  {data['owner']}",
         f"  signed by:  {names[data['signer']]}  {data['signer']}  ({signer_role})",
         f"  guardians ({len(data['guardians'])}):",
@@ -195,6 +196,35 @@ def revoke(
     guardian_id = tenant_kp.resolve_guardian_id(store, protector, guardian)
     owner_keys = _private_keys(store, tenant_kp.owner_name(store, protector), passphrase_file)
     data = key_protector.revoke(protector, owner_keys, guardian_id)
+    _finish(store, data, out, force, as_json)
+
+
+@kp.command("upgrade")
+@_kp_argument
+@_out_option
+@_force_option
+@passphrase_file_option
+@home_option
+@json_option
+@handle_errors
+def upgrade(
+    kp_path: Path,
+    out: Path,
+    force: bool,
+    passphrase_file: Path | None,
+    home: Path | None,
+    as_json: bool,
+) -> None:
+    """Re-sign KP's guardian set in the current format (a new generation, same key).
+
+    A version-1 KP names each KPS by one of its encryption keys, so its KPS cannot
+    move it to a rotated key; from version 2 on it can, with no action of yours.
+    """
+    store = guardian_store(home)
+    tenant_kp.check_output(out, force=force)
+    protector = tenant_kp.read_key_protector(kp_path)
+    owner_keys = _private_keys(store, tenant_kp.owner_name(store, protector), passphrase_file)
+    data = key_protector.upgrade(protector, owner_keys)
     _finish(store, data, out, force, as_json)
 
 
