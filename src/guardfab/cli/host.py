@@ -31,6 +31,8 @@ from guardfab.host.config import (
     HgsSite,
     HostConfig,
     HostMode,
+    check_pin_source,
+    check_signing_key,
     check_url,
     config_path,
     load_config,
@@ -39,6 +41,13 @@ from guardfab.host.config import (
 from guardfab.host.identity import capture_baseline, host_key_identity, tpm_identity
 from guardfab.host.keys import load_or_create_key
 from guardfab.host.localapi import AgentClient, AgentUnavailableError
+from guardfab.host.signer import (
+    TOKEN_KEY_TYPES,
+    Pkcs11Uri,
+    SignerRef,
+    generate_token_key,
+    open_signer,
+)
 from guardfab.host.status import AgentStatus, HostStatus, StateFiles
 
 _path = click.Path(dir_okay=False, path_type=Path)
@@ -62,6 +71,7 @@ def host() -> None:
       configure   name the HGS, the attestation mode, the TPM and files
       identity    write what the HGS administrator registers for this host
       baseline    capture this host's boot as a TPM baseline for the HGS
+      keygen      generate the host signing key on a PKCS#11 token (host-key mode)
     Operation:
       agent       the service (systemd unit guardfab-host-agent)
       status      is the host guarded, and if not, which policies failed
@@ -95,6 +105,24 @@ def _ensure_key(path: Path, algorithm: KeyAlgorithm) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     load_or_create_key(path, algorithm)
     return True
+
+
+def _signing_key_ref(value: str | None, here: Path) -> SignerRef:
+    """``--signing-key``: a token key URI, else a key file path (relative to the cwd)."""
+    if value is None:
+        return here / "host-signing.pem"
+    if value.startswith("pkcs11:"):
+        return check_signing_key(value, "--signing-key")
+    return Path(value.removeprefix("file:")).expanduser().absolute()
+
+
+def _ensure_signing_key(ref: SignerRef) -> bool:
+    """Create a signing key file if missing; a token key must exist and sign. Created?"""
+    if isinstance(ref, Pkcs11Uri):
+        check_pin_source(ref)
+        open_signer(ref)
+        return False
+    return _ensure_key(ref, KeyAlgorithm.EC_P256)
 
 
 def _site(attestation: str, key_protection: str, prefix: str = "") -> HgsSite:
@@ -155,8 +183,10 @@ def _previous(path: Path) -> HostConfig | None:
 )
 @click.option(
     "--signing-key",
-    type=_path,
-    help="host-key mode: the host signing key (created if missing) [default: next to the config].",
+    metavar="PATH|URI",
+    help="host-key mode: the host signing key, a PEM file (created if missing) or a "
+    "pkcs11: URI of a key on a token (must exist; PIN from its pin-source file) "
+    "[default: host-signing.pem next to the config].",
 )
 @click.option(
     "--state-dir",
@@ -194,7 +224,7 @@ def configure(
     event_log: Path,
     ci_policy: Path | None,
     encryption_key: Path | None,
-    signing_key: Path | None,
+    signing_key: str | None,
     state_dir: Path,
     socket_path: Path,
     allowed_uid: int,
@@ -219,9 +249,7 @@ def configure(
         event_log=event_log.expanduser().absolute(),
         ci_policy=_absolute(ci_policy),
         encryption_key=_absolute(encryption_key) or here / "host-encryption.pem",
-        signing_key=(_absolute(signing_key) or here / "host-signing.pem")
-        if host_mode is HostMode.HOST_KEY
-        else None,
+        signing_key=_signing_key_ref(signing_key, here) if host_mode is HostMode.HOST_KEY else None,
         state_dir=state_dir.expanduser().absolute(),
         socket=socket_path.expanduser().absolute(),
         allowed_uid=allowed_uid,
@@ -233,7 +261,7 @@ def configure(
     created = []
     if _ensure_key(config.encryption_key, KeyAlgorithm.EC_P384):
         created.append(str(config.encryption_key))
-    if config.signing_key is not None and _ensure_key(config.signing_key, KeyAlgorithm.EC_P256):
+    if config.signing_key is not None and _ensure_signing_key(config.signing_key):
         created.append(str(config.signing_key))
     save_config(path, config)
     StateFiles(config.state_dir).ensure()
@@ -401,7 +429,8 @@ def identity(config_file: Path | None, out: Path, fmt: str, force: bool, as_json
     TPM mode: the EK public key (PEM; TPM2B_PUBLIC in base64url in the JSON form)
       and the EK certificate. Register with:
       guardfab hgs host add-tpm --name HOST --ek-public FILE --ek-cert FILE
-    host-key mode: the host signing key's public key (PEM; JWK in the JSON form):
+    host-key mode: the host signing key's public key (PEM; JWK in the JSON form),
+      read from the key file or from the PKCS#11 token. Register with:
       guardfab hgs host add-key --name HOST --public-key FILE
     """
     config = load_config(config_path(config_file))
@@ -413,12 +442,45 @@ def identity(config_file: Path | None, out: Path, fmt: str, force: bool, as_json
             tpm.close()
     else:
         assert config.signing_key is not None  # HostConfig guarantees it
-        ident = host_key_identity(load_host_key(config.signing_key, "host signing key"))
+        ident = host_key_identity(open_signer(config.signing_key))
     atomic_write(
         out, ident.to_pem() if fmt == "pem" else ident.to_json(), mode=PUBLIC, overwrite=force
     )
     data = {"out": str(out), "mode": ident.mode, **ident.details}
     emit(as_json, data, f"wrote this host's {ident.mode} identity to {out}")
+
+
+@host.command("keygen")
+@click.option(
+    "--pkcs11",
+    "uri",
+    required=True,
+    metavar="URI",
+    help="pkcs11:token=T;object=LABEL?module-path=/PATH/MODULE.so&pin-source=file:/PATH/PIN",
+)
+@click.option(
+    "--type",
+    "key_type",
+    type=click.Choice(TOKEN_KEY_TYPES),
+    default="ec-p256",
+    show_default=True,
+    help="The key pair to generate.",
+)
+@json_option
+@handle_errors
+def keygen(uri: str, key_type: str, as_json: bool) -> None:
+    """Generate the host signing key on a PKCS#11 token (never leaves it).
+
+    \b
+    The private key is sensitive and not extractable; the user PIN is read from
+    the URI's pin-source file (never give it on the command line). Then:
+      guardfab host configure --mode host-key --signing-key 'URI' ...
+    """
+    parsed = Pkcs11Uri.parse(uri, what="--pkcs11")
+    check_pin_source(parsed)
+    signer = generate_token_key(parsed, key_type)
+    data = {"uri": str(parsed), "alg": signer.alg, "key_id": signer.key_id}
+    emit(as_json, data, f"generated {signer.description} ({signer.alg}, kid {signer.key_id})")
 
 
 @host.command("baseline")

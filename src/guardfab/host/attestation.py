@@ -14,13 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from joserfc.jwk import ECKey, RSAKey
 
 from guardfab.attestation.binding import quote_qualifying_data
 from guardfab.attestation.evidence import HostKeyEvidence, TpmEvidence, canonical_claims
-from guardfab.attestation.signing import HOST_KEY_TYP, binding_payload, sign_binding
+from guardfab.attestation.signing import HOST_KEY_TYP, binding_payload
 from guardfab.errors import FormatError, InvalidInputError, TransportError, VerificationError
 from guardfab.formats import jose
 from guardfab.formats.encoding import b64url_decode, b64url_encode
+from guardfab.host.keys import FileSigner
+from guardfab.host.signer import HostSigner, detached_jws
 from guardfab.host.tpm import TpmDevice
 from guardfab.tpm.constants import TpmAlg
 
@@ -127,15 +130,27 @@ def tpm_evidence(
     )
 
 
+def as_signer(signing_key: HostSigner | jose.AsymmetricKey) -> HostSigner:
+    """A :class:`HostSigner` for ``signing_key`` (an in-memory JOSE key is wrapped)."""
+    if isinstance(signing_key, ECKey | RSAKey):
+        return FileSigner(signing_key)
+    return signing_key
+
+
 def host_key_evidence(
-    signing_key: jose.AsymmetricKey, *, nonce: bytes, host_key: dict[str, Any]
+    signer: HostSigner | jose.AsymmetricKey, *, nonce: bytes, host_key: dict[str, Any]
 ) -> HostKeyEvidence:
-    """Evidence in host-key mode: the registered key signs the nonce + host key binding."""
+    """Evidence in host-key mode: the registered key signs the nonce + host key binding.
+
+    The signature is a compact JWS with a detached payload (RFC 7515 appendix F)
+    over :func:`~guardfab.attestation.signing.binding_payload`, made by the
+    signer wherever its key lives (a file or a PKCS#11 token).
+    """
+    signer = as_signer(signer)
     claims: dict[str, Any] = {}
     payload = binding_payload(nonce, host_key, canonical_claims(claims))
-    key_id = jose.thumbprint(signing_key)
-    signature = sign_binding(signing_key, payload, typ=HOST_KEY_TYP, kid=key_id)
-    return HostKeyEvidence(key_id, signature, claims, host_key)
+    signature = detached_jws(signer, payload, typ=HOST_KEY_TYP)
+    return HostKeyEvidence(signer.key_id, signature, claims, host_key)
 
 
 def _answer(status: int, body: dict[str, Any]) -> AttestationAnswer:
@@ -167,9 +182,12 @@ def attest_with_tpm(
 
 
 def attest_with_host_key(
-    client: HgsAttestationClient, signing_key: jose.AsymmetricKey, *, host_key: dict[str, Any]
+    client: HgsAttestationClient,
+    signer: HostSigner | jose.AsymmetricKey,
+    *,
+    host_key: dict[str, Any],
 ) -> AttestationAnswer:
     """Attest in host-key mode."""
     nonce = client.challenge()
-    evidence = host_key_evidence(signing_key, nonce=nonce, host_key=host_key)
+    evidence = host_key_evidence(signer, nonce=nonce, host_key=host_key)
     return _answer(*client.attest(nonce, evidence.to_dict()))

@@ -21,11 +21,13 @@ from guardfab.formats import jose
 from guardfab.host.attestation import (
     AttestationAnswer,
     HgsAttestationClient,
+    as_signer,
     attest_with_host_key,
     attest_with_tpm,
 )
 from guardfab.host.config import HostConfig, HostMode
 from guardfab.host.keys import load_or_create_key, public_jwk
+from guardfab.host.signer import HostSigner, open_signer
 from guardfab.host.tpm import HostTpm, TpmDevice
 
 TpmOpener = Callable[[], TpmDevice]
@@ -91,10 +93,10 @@ class TpmAttester:
 
 
 class HostKeyAttester:
-    """Host-key mode: the registered signing key signs the nonce and host key."""
+    """Host-key mode: the registered signing key (a file or a token key) signs the binding."""
 
-    def __init__(self, signing_key: jose.AsymmetricKey, host_key: dict[str, Any]) -> None:
-        self._signing_key = signing_key
+    def __init__(self, signer: HostSigner | jose.AsymmetricKey, host_key: dict[str, Any]) -> None:
+        self._signer = as_signer(signer)
         self._host_key = host_key
 
     @property
@@ -104,7 +106,7 @@ class HostKeyAttester:
 
     def attest(self, client: HgsAttestationClient) -> AttestationAnswer:
         """Attest with the host signing key."""
-        return attest_with_host_key(client, self._signing_key, host_key=self._host_key)
+        return attest_with_host_key(client, self._signer, host_key=self._host_key)
 
 
 def tpm_opener(config: HostConfig) -> TpmOpener:
@@ -134,11 +136,13 @@ def make_attester(config: HostConfig, encryption_key: jose.AsymmetricKey) -> Att
     """The attester for the configured mode.
 
     Raises:
-        UsageError, FormatError: the host signing key is missing or unreadable.
+        UsageError, FormatError: the host signing key is missing or unreadable (a
+            missing key file, a PKCS#11 token that refuses the PIN or lacks the key).
+        TransportError: the PKCS#11 token could not be used.
     """
     host_key = public_jwk(encryption_key)
     if config.mode is HostMode.TPM:
         return TpmAttester(tpm_opener(config), config.event_log, host_key)
     if config.signing_key is None:  # HostConfig refuses this already
         raise UsageError("host-key mode needs a signing key")
-    return HostKeyAttester(load_host_key(config.signing_key, "host signing key"), host_key)
+    return HostKeyAttester(open_signer(config.signing_key), host_key)

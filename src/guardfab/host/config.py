@@ -13,8 +13,12 @@ Paths must be absolute, since the agent runs from systemd with no meaningful
 working directory, and URLs must be ``https``: the health certificate and the
 key requests must never cross a network in clear.
 
-Key files only: a PKCS#11 URI (``pkcs11:...``) for the host keys is refused with
-a clear message; it is a planned extension (see docs/fabric-admin-guide.md).
+The host signing key (host-key mode) is named by a path (``/PATH`` or
+``file:/PATH``, a PEM file) or by an RFC 7512 ``pkcs11:`` URI (a key on a token;
+see :mod:`guardfab.host.signer`). The URI is checked strictly when the file is
+read, and :func:`load_config` also checks that its ``pin-source`` file exists
+and is not readable by others. The host encryption key stays a file: the KPS
+wraps VM keys to it with ECDH-ES, which this host computes in memory.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,7 @@ from urllib.parse import urlsplit
 from guardfab.errors import FormatError, UsageError
 from guardfab.files import PRIVATE, atomic_write, read_bounded
 from guardfab.formats.encoding import load_json_document, reject_unknown_fields, require_dict
+from guardfab.host.signer import Pkcs11Uri, SignerRef, parse_signer_ref
 from guardfab.host.tpm import DEFAULT_AK_HANDLE, EK_CERT_INDEX
 
 CONFIG_VERSION = 1
@@ -194,12 +200,38 @@ def check_url(url: str, what: str) -> str:
 
 
 def check_key_path(value: str, what: str) -> Path:
-    """An absolute key file path; a PKCS#11 URI is refused as not yet supported."""
+    """An absolute key file path (the encryption key: a PKCS#11 URI is refused)."""
     if value.startswith("pkcs11:"):
         raise FormatError(
-            f"{what}: PKCS#11 URIs are not supported yet; give the path of a PEM key file"
+            f"{what}: PKCS#11 URIs are not supported for this key (only for signing_key); "
+            "give the path of a PEM key file"
         )
     return check_path(value, what)
+
+
+def check_signing_key(value: Any, what: str = "signing_key") -> SignerRef:
+    """A key file path (``/PATH`` or ``file:/PATH``) or a strictly checked ``pkcs11:`` URI."""
+    return parse_signer_ref(value, what)
+
+
+def check_pin_source(uri: Pkcs11Uri) -> None:
+    """The URI's PIN file exists, is a regular file and is not readable by others.
+
+    Raises:
+        UsageError: it is missing, not a regular file, or world-readable.
+    """
+    path = uri.pin_source
+    try:
+        info = path.lstat()
+    except OSError as exc:
+        raise UsageError(
+            f"the PIN file {path} of the host signing key is not readable ({exc.strerror})",
+            hint=f"write the token's user PIN to {path} (one line) and chmod 600 it",
+        ) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"the PIN file {path} is not a regular file", hint="name a plain file")
+    if info.st_mode & 0o007:
+        raise UsageError(f"the PIN file {path} is readable by others", hint=f"chmod 600 {path}")
 
 
 def check_path(value: Any, what: str) -> Path:
@@ -224,7 +256,7 @@ class HostConfig:
     event_log: Path = DEFAULT_EVENT_LOG
     ci_policy: Path | None = None
     encryption_key: Path = DEFAULT_ENCRYPTION_KEY
-    signing_key: Path | None = None
+    signing_key: SignerRef | None = None
     state_dir: Path = DEFAULT_STATE_DIR
     socket: Path = DEFAULT_SOCKET
     allowed_uid: int = 0
@@ -336,7 +368,7 @@ def _fields_from(obj: dict[str, Any]) -> dict[str, Any]:
         "encryption_key": check_key_path(
             str(obj.get("encryption_key", DEFAULT_ENCRYPTION_KEY)), "encryption_key"
         ),
-        "signing_key": None if signing is None else check_key_path(str(signing), "signing_key"),
+        "signing_key": None if signing is None else check_signing_key(signing),
         "state_dir": check_path(obj.get("state_dir", str(DEFAULT_STATE_DIR)), "state_dir"),
         "socket": check_path(obj.get("socket", str(DEFAULT_SOCKET)), "socket"),
         "allowed_uid": _int(obj, "allowed_uid", 0),
@@ -361,6 +393,7 @@ def load_config(path: Path) -> HostConfig:
     Raises:
         UsageError: the file does not exist (the host is not configured).
         FormatError: the file is not a valid configuration (the message says why).
+        UsageError: also when the PKCS#11 PIN file is missing or readable by others.
     """
     path = Path(path)
     if not path.exists():
@@ -370,10 +403,13 @@ def load_config(path: Path) -> HostConfig:
         )
     data = read_bounded(path, limit=_MAX_CONFIG_BYTES, what="host configuration")
     try:
-        return HostConfig.from_dict(load_json_document(data, what=str(path)))
+        config = HostConfig.from_dict(load_json_document(data, what=str(path)))
     except FormatError as exc:
         hint = "fix the file, or write it again with 'guardfab host configure'"
         raise FormatError(f"{path}: {exc}", hint=hint) from exc
+    if isinstance(config.signing_key, Pkcs11Uri):
+        check_pin_source(config.signing_key)
+    return config
 
 
 def save_config(path: Path, config: HostConfig) -> None:

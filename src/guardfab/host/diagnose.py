@@ -5,7 +5,9 @@ found and, when it is not right, what to do. The checks follow the path of an
 attestation: configuration, CA and keys, the TPM (reachable, EK, AK, SHA-256
 bank), the event log (readable, parses, replays to the TPM's PCRs, shows the CI
 policy), the HGS (reachable over TLS with the configured CA, the fallback too),
-the clock (against the HGS's), and the agent. Nothing here attests, and nothing
+the clock (against the HGS's), and the agent. In host-key mode with the key on
+a PKCS#11 token, the token must open with the PIN file, hold the key, and sign
+something its public key verifies. Nothing here attests, and nothing
 is written, except that the AK is created if it does not exist yet (the agent
 would create the same one at its first attestation).
 """
@@ -24,11 +26,13 @@ from typing import Any
 import httpx
 from cryptography import x509
 
+from guardfab.attestation.signing import verify_binding
 from guardfab.errors import GuardfabError
 from guardfab.host.attester import load_host_key, read_event_log
 from guardfab.host.config import HostConfig, HostMode
 from guardfab.host.identity import tpm_identity
 from guardfab.host.localapi import AgentClient
+from guardfab.host.signer import Pkcs11Signer, Pkcs11Uri, detached_jws
 from guardfab.host.status import StateFiles
 from guardfab.host.tpm import HostTpm
 from guardfab.tpm.constants import TpmAlg
@@ -111,6 +115,27 @@ def check_key(path: Path, what: str) -> CheckResult:
         return _fail(name, str(exc), exc.hint or "run 'guardfab host configure' to create it")
     mode = path.stat().st_mode & 0o777
     return _ok(name, f"{path} (mode {mode:04o})")
+
+
+def check_token_key(uri: Pkcs11Uri) -> CheckResult:
+    """The token opens with the PIN file, the key is found, and it signs verifiably."""
+    name = "host-signing-key"
+    try:
+        signer = Pkcs11Signer(uri)
+        token = detached_jws(signer, b"guardfab diagnose", typ="guardfab-diagnose+jws")
+        verify_binding(token, signer.public_key, b"guardfab diagnose", typ="guardfab-diagnose+jws")
+    except GuardfabError as exc:
+        fix = exc.hint or "check the token, the module and the URI in 'signing_key'"
+        return _fail(name, str(exc), fix)
+    return _ok(name, f"{signer.description} opened, signs {signer.alg} (kid {signer.key_id})")
+
+
+def check_signing_key(config: HostConfig) -> CheckResult:
+    """The host signing key: a key file (0600, loads) or a key on a PKCS#11 token."""
+    if isinstance(config.signing_key, Pkcs11Uri):
+        return check_token_key(config.signing_key)
+    assert config.signing_key is not None  # HostConfig guarantees it in host-key mode
+    return check_key(config.signing_key, "host signing key")
 
 
 def check_state_dir(config: HostConfig) -> CheckResult:
@@ -345,8 +370,7 @@ def check_agent(config: HostConfig) -> CheckResult:
 
 def _host_checks(config: HostConfig, last_ak: str | None) -> Iterator[CheckResult]:
     if config.mode is HostMode.HOST_KEY:
-        assert config.signing_key is not None  # HostConfig guarantees it
-        yield check_key(config.signing_key, "host signing key")
+        yield check_signing_key(config)
         return
     tpm_results, tpm = check_tpm(config, last_ak)
     yield from tpm_results

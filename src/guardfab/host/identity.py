@@ -16,11 +16,13 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from joserfc.jwk import ECKey, RSAKey
 
 from guardfab.attestation.baseline import baseline_from_log
 from guardfab.attestation.trust import ek_digest
 from guardfab.formats import jose, keyfiles
 from guardfab.formats.encoding import b64url_encode
+from guardfab.host.signer import HostSigner
 from guardfab.host.tpm import EndorsementKey
 from guardfab.tpm.structures import public_key, unmarshal_public2b
 
@@ -80,10 +82,16 @@ def tpm_identity(ek: EndorsementKey) -> HostIdentity:
     return HostIdentity("tpm", pem, details, cert_pem)
 
 
-def host_key_identity(signing_key: jose.AsymmetricKey) -> HostIdentity:
-    """The host-key identity: the signing key's public PEM, JWK and RFC 7638 id."""
-    pem = keyfiles.public_key_pem(signing_key)
-    details = {"public_jwk": jose.public_jwk(signing_key), "key_id": jose.thumbprint(signing_key)}
+def host_key_identity(signing_key: HostSigner | jose.AsymmetricKey) -> HostIdentity:
+    """The host-key identity: the signing key's public PEM, JWK and RFC 7638 id.
+
+    ``signing_key`` is a signer (a key file or a PKCS#11 token key: only its
+    public half is read) or a JOSE key.
+    """
+    key = signing_key if isinstance(signing_key, ECKey | RSAKey) else signing_key.public_key
+    public = jose.import_public_jwk(jose.public_jwk(key), what="host signing key")
+    pem = keyfiles.public_key_pem(public)
+    details = {"public_jwk": jose.public_jwk(public), "key_id": jose.thumbprint(public)}
     return HostIdentity("host-key", pem, details)
 
 
