@@ -29,7 +29,7 @@ from guardfab.attestation.evidence import (
 from guardfab.attestation.hostkey_mode import verify_host_key_evidence
 from guardfab.attestation.result import ActivationRequest, AttestationResult, VerdictState
 from guardfab.attestation.tpm_mode import verify_tpm_evidence
-from guardfab.attestation.trust import AkBinding
+from guardfab.attestation.trust import AkBinding, TrustState
 from guardfab.errors import FormatError, VerificationError
 from guardfab.formats import jose
 from guardfab.formats.encoding import b64url_decode
@@ -38,10 +38,12 @@ from guardfab.hgs import registry as reg
 from guardfab.hgs.nonce import Nonce, NonceError
 from guardfab.store.audit import AuditLog
 from guardfab.store.base import ABSENT, Txn
-from guardfab.store.errors import ConflictError
+from guardfab.store.errors import ConflictError, StoreError
 
 #: How long a host has to answer a MakeCredential challenge.
 ACTIVATION_TTL = 300
+#: Attempts of one attestation when trusted state keeps changing under it.
+TRUST_RETRIES = 4
 
 _Verifier = Callable[..., AttestationResult]
 _VERIFIERS: dict[type, _Verifier] = {
@@ -49,6 +51,10 @@ _VERIFIERS: dict[type, _Verifier] = {
     HostKeyEvidence: verify_host_key_evidence,
     AdminGroupEvidence: verify_admin_group_evidence,
 }
+
+
+class _TrustMovedError(Exception):
+    """Trusted state changed between loading it and committing a decision made under it."""
 
 
 class ActivationFailedError(VerificationError):
@@ -88,12 +94,35 @@ class Attestor:
     clock: Callable[[], float]
 
     def attest(self, nonce: Nonce, evidence: Evidence) -> AttestOutcome:
-        """Verify ``evidence`` bound to the checked ``nonce``; record and answer."""
+        """Verify ``evidence`` bound to the checked ``nonce``; record and answer.
+
+        The evidence is judged under the cached trust (no store read), and the
+        commit requires ``trust/version`` unchanged since that trust was loaded:
+        if an admin changed trust meanwhile (a revocation, a new baseline), the
+        commit fails, nothing is written, and the evidence is judged again under
+        the trust just read. No answer rests on trust older than its commit.
+        """
+        version, trust = self.registry.cached_trust()
+        for _ in range(TRUST_RETRIES):
+            try:
+                return self._attest_under(nonce, evidence, version, trust)
+            except _TrustMovedError:
+                version, trust = self.registry.current_trust()
+        raise StoreError(
+            f"attestation: trusted state changed {TRUST_RETRIES} times during one attestation",
+            hint="retry; trust is being changed in a loop",
+        )
+
+    def _attest_under(
+        self, nonce: Nonce, evidence: Evidence, version: int, trust: TrustState
+    ) -> AttestOutcome:
+        """One attempt under ``trust`` at ``version``; raises _TrustMovedError if it moved."""
         now = self.clock()
         when = datetime.datetime.fromtimestamp(now, datetime.UTC)
         verify = _VERIFIERS[type(evidence)]
-        result = verify(evidence, self.registry.trust(), nonce=nonce.value, now=when)
+        result = verify(evidence, trust, nonce=nonce.value, now=when)
         txn = Txn().compare(reg.NONCES + nonce.nonce_id, ABSENT)
+        txn.compare(reg.VERSION_KEY, reg.version_condition(version))
         txn.put(reg.NONCES + nonce.nonce_id, b"", ttl=max(1.0, nonce.expires_at - now + 1))
         outcome = self._outcome(result, int(now), txn)
         if result.host_id is not None:
@@ -108,6 +137,8 @@ class Attestor:
                 txn=txn,
             )
         except ConflictError as exc:
+            if exc.key == reg.VERSION_KEY:
+                raise _TrustMovedError from exc
             raise NonceError("nonce: already used (replayed request)") from exc
         return outcome
 

@@ -50,7 +50,7 @@ from guardfab.attestation.trust import (
 )
 from guardfab.errors import FormatError
 from guardfab.formats.encoding import canonical_json
-from guardfab.store.base import Store, Txn
+from guardfab.store.base import ABSENT, Condition, Store, Txn
 
 TRUST = "trust/"
 VERSION_KEY = "trust/version"
@@ -86,6 +86,11 @@ def decode(data: bytes, *, what: str) -> Any:
         return json.loads(data)
     except ValueError as exc:
         raise FormatError(f"stored {what} is not JSON") from exc
+
+
+def version_condition(version: int) -> Condition:
+    """The compare that holds while ``trust/version`` is still at ``version`` (0: never set)."""
+    return ABSENT if version == 0 else version
 
 
 def certificate_key(cert: x509.Certificate) -> str:
@@ -142,15 +147,30 @@ class Registry:
 
     def trust(self) -> TrustState:
         """The current TrustState, rebuilt only when ``trust/version`` has moved."""
+        return self.current_trust()[1]
+
+    def current_trust(self) -> tuple[int, TrustState]:
+        """The current TrustState and its version (one store read; a rebuild if it moved)."""
         version_entry = self.store.get(VERSION_KEY)
         version = 0 if version_entry is None else version_entry.revision
         cached = self._cached
         if cached is not None and cached[0] == version:
-            return cached[1]
+            return cached
         with self._lock:
-            state = self._load_trust()
-            self._cached = (version, state)
-        return state
+            self._cached = (version, self._load_trust())
+            return self._cached
+
+    def cached_trust(self) -> tuple[int, TrustState]:
+        """The TrustState last loaded and its version, without a store read if there is one.
+
+        It may be stale. A caller acting on it must make its write conditional on
+        :func:`version_condition` (and on a conflict there, re-read with
+        :meth:`current_trust` and decide again): the attestation path does, and so
+        saves one store read per request while never committing a decision made
+        under trust that has since changed.
+        """
+        cached = self._cached
+        return cached if cached is not None else self.current_trust()
 
     def _load_trust(self) -> TrustState:
         settings = self.settings()
