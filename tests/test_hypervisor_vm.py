@@ -1,9 +1,15 @@
 """A real shielded VM under QEMU: LUKS disks, a vTPM, secure boot firmware, TLS migration.
 
-One guest boot serves the whole module (TCG with OVMF takes 12-25 s): the tests
-below read its page, look for secrets on the host's disks and command lines,
-check the vTPM state, and finally migrate it to a second QEMU over TLS-PSK.
-They run in file order on one xdist worker.
+One guest boot (TCG with OVMF takes 12-25 s) serves the whole module, through a
+session fixture (see ``vm_harness.vm_lab``): the tests below read its page, look
+for secrets on the host's disks and command lines, check the vTPM state, and
+finally migrate it to a second QEMU over TLS-PSK.
+
+Each xdist worker that runs some of these tests boots its own VM: tests run in
+file order within a worker, and nothing depends on another worker. (The
+``xdist_group`` mark below is meant to keep them on one worker and save a boot;
+pytest-xdist 3.8 does not apply it under pytest 9, whose node ids no longer come
+from ``_nodeid``.)
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ vm_lab = vm_harness.vm_lab
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("hypervisor-vm")]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shielded(vm_lab: VmLab) -> ProvisionedVm:
     """A shielded VM provisioned from a fresh template, booted until its page answers."""
     provisioned = vm_lab.provision("shielded")
@@ -251,6 +257,7 @@ def test_live_migration_over_tls_keeps_the_vm_and_its_boot(
 
     started = time.monotonic()
     stats = migration.live_migrate(source, incoming, psk, shielded.keys.disks)
+    shielded.vm = dest  # the VM lives on B now, for any test that runs after this one
     page = parse_page(_page(shielded))
     print(f"\nmigration: {stats}, page again after {time.monotonic() - started:.2f} s")
     assert page["boot_id"] == boot_id

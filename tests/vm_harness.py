@@ -228,11 +228,16 @@ class VmLab:
             vm.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def vm_lab(
     tmp_path_factory: pytest.TempPathFactory, guest: Guest, accelerator: Accelerator
 ) -> Iterator[VmLab]:
-    """A lab per test module; all its VMs stop when the module is done."""
+    """The session's lab (one per xdist worker); all its VMs stop at the end.
+
+    Session-scoped on purpose: a worker may run other modules' tests between
+    this module's, and pytest tears module fixtures down at every such switch --
+    a module-scoped booted VM would boot again.
+    """
     lab = VmLab(tmp_path_factory.mktemp("vmlab"), guest, accelerator)
     try:
         yield lab
