@@ -23,6 +23,7 @@ from guardfab.host.config import (
     load_config,
     save_config,
 )
+from guardfab.host.signer import Pkcs11Uri
 
 
 def minimal() -> dict[str, Any]:
@@ -70,6 +71,18 @@ def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
     assert config.fallback == HgsSite("https://hgs2.example", "https://hgs2.example/kps")
 
 
+_URI = "pkcs11:token=host;object=k;type=private?module-path=/m.so&pin-source=/etc/pin"
+
+
+def test_signing_key_is_a_path_or_a_pkcs11_uri() -> None:
+    as_file = HostConfig.from_dict(minimal() | {"mode": "host-key", "signing_key": "file:/k.pem"})
+    assert as_file.signing_key == Path("/k.pem")
+    on_token = HostConfig.from_dict(minimal() | {"mode": "host-key", "signing_key": _URI})
+    assert isinstance(on_token.signing_key, Pkcs11Uri)
+    assert on_token.signing_key.pin_source == Path("/etc/pin")
+    assert HostConfig.from_dict(on_token.to_dict()) == on_token
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -84,6 +97,10 @@ def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
         ({"mode": "host-key"}, "signing_key"),
         ({"ca_file": "relative/ca.pem"}, "absolute path"),
         ({"encryption_key": "pkcs11:token=host;object=enc"}, "PKCS#11 URIs are not supported"),
+        ({"mode": "host-key", "signing_key": "pkcs11:token=host;object=k"}, "'module-path'"),
+        ({"mode": "host-key", "signing_key": f"{_URI}&pin-value=1"}, "PIN in the URI is refused"),
+        ({"mode": "host-key", "signing_key": _URI.replace("private", "cert")}, "'private'"),
+        ({"mode": "host-key", "signing_key": "file:relative.pem"}, "absolute path"),
         ({"allowed_uid": "0"}, "must be an integer"),
         ({"allowed_uid": True}, "must be an integer"),
         ({"ak_handle": 0x01000000}, "not a persistent handle"),
