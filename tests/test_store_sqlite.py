@@ -12,6 +12,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,49 @@ def test_bad_constructor_arguments(tmp_path: Path) -> None:
         SqliteStore(tmp_path / "a.db", synchronous="OFF")  # type: ignore[arg-type]
     with pytest.raises(StoreUsageError):
         SqliteStore(tmp_path / "b.db", history=0)
+    with pytest.raises(StoreUsageError):
+        SqliteStore(tmp_path / "c.db", checkpoint_interval=0)
+
+
+def _autocheckpoint(store: SqliteStore) -> int:
+    return int(store._run("read", lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone()[0]))
+
+
+def test_checkpoints_are_sqlites_own_by_default(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "store.db")
+    try:
+        assert _autocheckpoint(store) == 1000
+        assert store._checkpointer is None
+    finally:
+        store.close()
+
+
+def test_background_checkpoints_copy_the_wal_back_and_keep_every_commit(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    store = SqliteStore(path, checkpoint_interval=0.02)
+    try:
+        assert _autocheckpoint(store) == 0, "no request may run a checkpoint itself"
+        size = path.stat().st_size
+        for n in range(50):
+            store.put(f"k/{n:03d}", bytes(5000))
+        # In WAL mode the database file grows only when a checkpoint copies pages back:
+        # here only the thread can (250 KB is also far below SQLite's 1,000-page trigger).
+        deadline = time.monotonic() + 10
+        while path.stat().st_size < size + 250_000 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert path.stat().st_size >= size + 250_000
+    finally:
+        store.close()
+    reopened = SqliteStore(path)
+    try:
+        assert len(reopened.list("k/")) == 50
+    finally:
+        reopened.close()
+
+
+def test_close_stops_the_checkpointer(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "store.db", checkpoint_interval=0.01)
+    thread = store._checkpointer._thread  # type: ignore[union-attr]
+    assert thread.is_alive()
+    store.close()
+    assert not thread.is_alive()

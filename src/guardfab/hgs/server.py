@@ -14,27 +14,33 @@ import uvicorn
 from fastapi import FastAPI
 
 from guardfab.errors import UsageError
-from guardfab.hgs.app import create_app
+from guardfab.hgs.app import create_app, service_of_app
 from guardfab.hgs.service import HgsService
 from guardfab.hgs.state import HgsState
 from guardfab.store.base import Store
 from guardfab.store.sqlite import SqliteStore
 
 STATE_DIR_ENV = "GUARDFAB_HGS_DIR"
+#: Seconds between the served store's background WAL checkpoints (see SqliteStore):
+#: a request never waits for a checkpoint's fsyncs; durability is unchanged.
+CHECKPOINT_INTERVAL = 0.25
 
 
-def open_store(state: HgsState) -> Store:
-    """The store named by the HGS configuration."""
+def open_store(state: HgsState, *, checkpoint_interval: float | None = None) -> Store:
+    """The store named by the HGS configuration (background checkpoints if an interval is given)."""
     backend = state.config.store.get("backend")
     if backend == "sqlite":
-        return SqliteStore(state.store_path())
+        return SqliteStore(state.store_path(), checkpoint_interval=checkpoint_interval)
     raise UsageError(f"hgs.json: unknown store backend {backend!r}")
 
 
-def build_app(directory: Path) -> FastAPI:
+def build_app(
+    directory: Path, *, checkpoint_interval: float | None = CHECKPOINT_INTERVAL
+) -> FastAPI:
     """The HGS application for the state in ``directory``."""
     state = HgsState(directory)
-    return create_app(HgsService(state, open_store(state)))
+    store = open_store(state, checkpoint_interval=checkpoint_interval)
+    return create_app(HgsService(state, store))
 
 
 def app_from_environment() -> FastAPI:
@@ -58,7 +64,8 @@ def serve(directory: Path, listen: str | None = None, workers: int = 1) -> None:
     state = HgsState(directory)
     host, port = parse_listen(listen or state.config.listen)
     os.environ[STATE_DIR_ENV] = str(Path(directory).resolve())
-    app_from_environment()  # fail here, with a clear error, rather than in a worker
+    # Fail here, with a clear error, rather than in a worker; the workers build their own.
+    service_of_app(build_app(Path(directory), checkpoint_interval=None)).store.close()
     uvicorn.run(
         "guardfab.hgs.server:app_from_environment",
         factory=True,

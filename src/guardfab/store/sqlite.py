@@ -17,6 +17,13 @@ share the file safely:
 * ``synchronous=NORMAL`` (default) makes a commit durable against a process
   crash but may lose the last commits on power loss; ``FULL`` adds an fsync per
   commit. See docs/adr/0004-state-store.md for the measured cost.
+* Checkpoints (copying the WAL back into the database file, with an fsync of
+  each under ``NORMAL``) are SQLite's automatic ones by default: run by whichever
+  commit crosses 1,000 WAL pages, inside that caller's request. A server passes
+  ``checkpoint_interval``: automatic checkpoints are then off on every connection
+  and a background thread runs a PASSIVE checkpoint (it blocks neither readers
+  nor writers) at that interval, so no request waits for checkpoint fsyncs.
+  Durability is the same either way: only when the WAL is copied back changes.
 
 The file (and SQLite's -wal/-shm files, which inherit its mode) is 0600; a
 store file readable by group or others is refused rather than silently fixed.
@@ -125,6 +132,8 @@ class SqliteStore:
         poll_interval: How often a blocked watcher looks for other processes' writes.
         synchronous: ``"NORMAL"`` or ``"FULL"`` (fsync on every commit).
         busy_timeout: Seconds a write waits for another writer before failing.
+        checkpoint_interval: Seconds between background WAL checkpoints; ``None``
+            (default) leaves checkpoints to SQLite, inside the committing call.
 
     Raises:
         StoreSchemaError: the file is not a guardfab store, is from a newer
@@ -141,9 +150,12 @@ class SqliteStore:
         poll_interval: float = 0.05,
         synchronous: Synchronous = "NORMAL",
         busy_timeout: float = 10.0,
+        checkpoint_interval: float | None = None,
     ) -> None:
         if history < 1:
             raise StoreUsageError("history must keep at least one revision")
+        if checkpoint_interval is not None and not checkpoint_interval > 0:
+            raise StoreUsageError("checkpoint_interval must be positive seconds")
         if synchronous not in ("NORMAL", "FULL"):
             raise StoreUsageError("synchronous must be NORMAL or FULL")
         self.path = Path(path)
@@ -152,10 +164,14 @@ class SqliteStore:
         self._poll_interval = poll_interval
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout
+        self._checkpoint_interval = checkpoint_interval
         self._signal = ChangeSignal()
         _prepare_file(self.path)
         self._pool = _ConnectionPool(self._connect)
         self._run("open", _init_schema)
+        self._checkpointer: _Checkpointer | None = None
+        if checkpoint_interval is not None:
+            self._checkpointer = _Checkpointer(self.checkpoint, checkpoint_interval)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -163,6 +179,8 @@ class SqliteStore:
         )
         try:
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            if self._checkpoint_interval is not None:
+                conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer's job
         except BaseException:
             conn.close()
             raise
@@ -306,8 +324,21 @@ class SqliteStore:
             self._advance(conn, new)
         return len(expired)
 
+    def checkpoint(self) -> tuple[int, int]:
+        """Run a PASSIVE WAL checkpoint; return (WAL frames, frames copied back).
+
+        PASSIVE copies what it can without waiting for, or blocking, any reader
+        or writer; what it could not copy is left for the next one.
+        """
+        row = self._run(
+            "checkpoint", lambda c: c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        )
+        return int(row[1]), int(row[2])
+
     def close(self) -> None:
-        """Close every pooled connection; later calls raise StoreUsageError."""
+        """Stop the checkpointer and close every connection; later calls raise StoreUsageError."""
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         self._pool.close()
         self._signal.bump()
 
@@ -405,6 +436,32 @@ def _prepare_file(path: Path) -> None:
         os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
+
+
+class _Checkpointer:
+    """A daemon thread calling ``checkpoint`` every ``interval`` seconds until stopped."""
+
+    def __init__(self, checkpoint: Callable[[], object], interval: float) -> None:
+        self._checkpoint = checkpoint
+        self._interval = interval
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stopped.wait(self._interval):
+            try:
+                self._checkpoint()
+            except StoreError:
+                # A failed checkpoint loses nothing (the WAL keeps every commit);
+                # the next round retries, and a closed store ends the loop.
+                continue
+
+    def stop(self) -> None:
+        """Stop the thread and wait for a checkpoint in progress to end."""
+        self._stopped.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
 
 
 class _ConnectionPool:
