@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Body, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
@@ -84,6 +84,10 @@ class MakePrimaryRequest(Strict):
     """Which key generation of the guardian becomes current (default: its newest)."""
 
     key_generation: int | None = Field(default=None, ge=0, le=2**53 - 1)
+
+
+#: No body, or an empty one: the guardian's newest key generation.
+_NEWEST = MakePrimaryRequest()
 
 
 def kps_of(request: Request) -> KpsService:
@@ -212,11 +216,12 @@ def _key_routes(app: FastAPI) -> None:
         request: Request,
         key_id: str,
         role: Annotated[str, Depends(ADMIN)],
-        body: MakePrimaryRequest | None = None,
+        body: Annotated[MakePrimaryRequest, Body()] = _NEWEST,
     ) -> dict[str, Any]:
         """Make a KPS key (at a key generation, default its newest) primary and current."""
-        generation = None if body is None else body.key_generation
-        number = kps_of(request).make_primary(key_id, actor=role, key_generation=generation)
+        number = kps_of(request).make_primary(
+            key_id, actor=role, key_generation=body.key_generation
+        )
         return {"primary": key_id, "key_generation": number}
 
     @app.get("/admin/v1/kps/report", tags=["key protection admin"])
