@@ -1,0 +1,186 @@
+"""Power a provisioned VM on through the KPS, and off again.
+
+Power-on, the reference's steps as this host does them:
+
+1. ask the key source for the committed KP's keys: the host agent brings a valid
+   health certificate (it attests first if it has none) and the KPS answers the
+   current and the new transport key and an egress KP. A host that cannot
+   attest, or is refused, gets no key: the VM does not start, and
+   :class:`PowerOnRefusedError` says why;
+2. if the KPS refuses the committed KP and a pending pair exists (a crash
+   between re-key and commit, see :mod:`guardfab.hypervisor.vault`), the pending
+   KP is asked next;
+3. open the vault with the current key, seal it again under the new key and
+   write it with the egress KP as the pending pair -- before QEMU starts, since
+   the KPS will refuse the KP just sent from now on;
+4. start swtpm and QEMU through the runtime (keys by pipe and QMP only);
+5. commit the pending pair once QEMU runs.
+
+:func:`power_off` stops a VM started by another process (the CLI exits while
+its VM runs) from the pid recorded in ``run.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from guardfab.errors import GuardfabError, NotAuthorizedError, TransportError
+from guardfab.formats import jose
+from guardfab.host.keyrelease import request_release
+from guardfab.host.keyrequest import ReleasedKeys
+from guardfab.hypervisor.provision import KeySource, load_record
+from guardfab.hypervisor.spec import VmSpec
+from guardfab.hypervisor.vault import KeyPair, VaultStore, open_vault, seal_vault
+from guardfab.hypervisor.vm import QemuVm, VmRuntime
+
+RUN_FILE = "run.json"
+STOP_TIMEOUT = 10.0
+
+#: Makes the runtime of a VM from its spec and its state directory.
+RuntimeFactory = Callable[[VmSpec, Path], VmRuntime]
+
+
+class PowerOnRefusedError(NotAuthorizedError):
+    """This host got no keys for the VM: it failed attestation or the KPS refused it."""
+
+
+@dataclass
+class DirectKeySource:
+    """Ask a KPS directly with a health certificate already held (no agent)."""
+
+    url: str
+    ca: Path
+    health_certificate: str
+    host_key: jose.AsymmetricKey
+
+    def release(self, kp: bytes) -> ReleasedKeys:
+        """Release ``kp`` from the KPS at :attr:`url`."""
+        old, new, egress = request_release(
+            self.url, self.ca, self.health_certificate, kp, self.host_key
+        )
+        return ReleasedKeys(old, new, egress)
+
+
+def _qemu_factory(spec: VmSpec, state_dir: Path) -> VmRuntime:
+    return QemuVm(spec, state_dir)
+
+
+def _release(store: VaultStore, key_source: KeySource, name: str) -> tuple[KeyPair, ReleasedKeys]:
+    """The keys of the committed pair, or of the pending one if the committed is refused."""
+    candidates = store.candidates()
+    refusals: list[GuardfabError] = []
+    for pair in candidates:
+        try:
+            return pair, key_source.release(pair.kp)
+        except TransportError:
+            raise
+        except GuardfabError as exc:
+            refusals.append(exc)
+    if not refusals:
+        raise PowerOnRefusedError(f"VM {name!r} has no key protector stored")
+    first = refusals[0]
+    raise PowerOnRefusedError(
+        f"VM {name!r} cannot start on this host: no keys were released ({first})",
+        hint=first.hint or "make this host attest (guardfab host attest) and check its health",
+    ) from first
+
+
+def power_on(
+    vm_dir: Path, key_source: KeySource, *, runtime_factory: RuntimeFactory = _qemu_factory
+) -> VmRuntime:
+    """Start the VM in ``vm_dir`` with keys released for this host (see the module docstring).
+
+    Raises:
+        PowerOnRefusedError: this host got no keys (nothing started).
+        TransportError: no KPS or agent answered (nothing started).
+        VerificationError: the released key does not open the vault.
+        HypervisorError: QEMU or swtpm failed (the pending pair stays for the next try).
+    """
+    vm_dir = Path(vm_dir)
+    record = load_record(vm_dir)
+    store = VaultStore(vm_dir / "keys")
+    pair, released = _release(store, key_source, record.name)
+    contents = open_vault(pair.vault, released.old_transport_key, vm_name=record.name)
+    pending = store.write_pending(
+        seal_vault(contents, released.new_transport_key, vm_name=record.name),
+        released.egress_kp,
+    )
+    vm = runtime_factory(record.spec(vm_dir), vm_dir / "state")
+    vm.start(contents.vm_keys())
+    store.commit(pending.number)
+    _record_run(vm_dir, vm)
+    return vm
+
+
+def _record_run(vm_dir: Path, vm: VmRuntime) -> None:
+    pid = getattr(vm, "pid", None)
+    paths = getattr(vm, "paths", None)
+    info = {"pid": pid, "run_dir": str(paths.run_dir) if paths is not None else None}
+    path = vm_dir / RUN_FILE
+    path.write_text(json.dumps(info) + "\n", encoding="utf-8")
+    path.chmod(0o600)
+
+
+def _run_info(vm_dir: Path) -> tuple[int | None, Path | None]:
+    try:
+        info = json.loads((vm_dir / RUN_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None, None
+    pid, run_dir = info.get("pid"), info.get("run_dir")
+    return (pid if isinstance(pid, int) else None), (Path(run_dir) if run_dir else None)
+
+
+def running_pid(vm_dir: Path) -> int | None:
+    """QEMU's pid if the VM in ``vm_dir`` runs (the pid is still that VM's QEMU)."""
+    pid, run_dir = _run_info(Path(vm_dir))
+    if pid is None or run_dir is None:
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return pid if str(run_dir).encode() in cmdline else None
+
+
+def power_off(vm_dir: Path) -> bool:
+    """Stop the VM in ``vm_dir`` (SIGTERM to QEMU's process group, then SIGKILL).
+
+    swtpm exits with its QEMU. Returns whether a running VM was stopped.
+    """
+    vm_dir = Path(vm_dir)
+    pid = running_pid(vm_dir)
+    _, run_dir = _run_info(vm_dir)
+    if pid is not None:
+        _signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while running_pid(vm_dir) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if running_pid(vm_dir) is not None:
+            _signal_group(pid, signal.SIGKILL)
+    (vm_dir / RUN_FILE).unlink(missing_ok=True)
+    if run_dir is not None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return pid is not None
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+
+
+__all__ = [
+    "DirectKeySource",
+    "PowerOnRefusedError",
+    "RuntimeFactory",
+    "power_off",
+    "power_on",
+    "running_pid",
+]

@@ -1,0 +1,297 @@
+"""Provision a shielded VM from a signed template disk, its shielding data (PDK) and its KP.
+
+Order matters, and every check comes before anything is written:
+
+1. the PDK's owner signature is verified (:func:`load_shielding_data`) and the
+   template disk is checked against the PDK's volume ID qualifiers: the
+   signature file must satisfy one qualifier (publisher, name, version) and the
+   disk must be byte for byte what that publisher signed. A mismatch fails with
+   every qualifier's reason and creates nothing;
+2. the KP must carry exactly the PDK's guardians (``kp_guardians``);
+3. the PDK's secrets are revealed by ``reveal_secrets`` -- a guardian's job, not
+   the host's: in the reference the KPS (a fabric guardian) opens the PDK during
+   provisioning. In this slice the caller passes that step in as a callback;
+   wiring the KPS-side unwrap into the HGS is left for later (ADR 0009). A PDK
+   for another fabric fails here, before anything exists;
+4. in a private temporary directory beside the VM: the OS disk (a LUKS copy of
+   the template) and the specialization disk (the answer file, built in memory
+   and written through a memfd, LUKS-encrypted) under fresh random keys;
+5. the KP is released (``key_source``: the host agent, which brings a valid
+   health certificate); the vault goes under the *new* transport key with the
+   egress KP, committed at once (no QEMU to wait for);
+6. the directory is renamed into place. Any failure removes it: nothing is left.
+
+The template is verified and then read again to be copied; a host that could
+swap the file in between is a host whose root is hostile, which the shielded
+guarantee does not cover anyway (the guest's disk is what it measures).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from guardfab.errors import FormatError, NotAuthorizedError, UsageError, VerificationError
+from guardfab.formats.encoding import require_dict, require_int, require_str
+from guardfab.formats.key_protector import load_key_protector
+from guardfab.formats.shielding_data import SecurityPolicy, ShieldingData, load_shielding_data
+from guardfab.formats.shielding_secrets import ShieldingSecrets
+from guardfab.formats.template import VerifiedDiskSignature, VolumeIdQualifier
+from guardfab.host.keyrequest import ReleasedKeys
+from guardfab.hypervisor.disk import create_encrypted_copy, create_encrypted_from_bytes
+from guardfab.hypervisor.spec import DirectKernel, DiskSpec, SecurityLevel, VmSpec
+from guardfab.hypervisor.specialize import AnswerFile
+from guardfab.hypervisor.vault import VaultContents, VaultStore, seal_vault
+from guardfab.tenant.template import verify_disk
+
+RECORD_FILE = "vm.json"
+RECORD_TYPE = "guardfab.vm"
+DISK_IDS = ("os", "spec")
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_HOSTNAME_LINE = re.compile(r"^(?:hostname|local-hostname):\s*([A-Za-z0-9-]{1,63})\s*$", re.M)
+_LEVELS = {
+    SecurityPolicy.SHIELDED: SecurityLevel.SHIELDED,
+    SecurityPolicy.ENCRYPTION_SUPPORTED: SecurityLevel.ENCRYPTION_SUPPORTED,
+}
+
+#: Opens a PDK's secrets: in the reference, the KPS as a guardian of the PDK.
+RevealSecrets = Callable[[ShieldingData], ShieldingSecrets]
+
+
+class KeySource(Protocol):
+    """Releases a VM's keys for its KP (the host agent's local API, or a KPS directly)."""
+
+    def release(self, kp: bytes) -> ReleasedKeys:
+        """Old and new transport keys and the egress KP; raises if the host is refused."""
+        ...
+
+
+@dataclass(frozen=True)
+class VmRecord:
+    """What the host keeps about a VM in ``vm.json``: public, no secret in it."""
+
+    name: str
+    policy: SecurityPolicy
+    pdk_id: str
+    template: str
+    host_port: int | None
+    memory_mib: int
+    created_at: int
+    boot: DirectKernel | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form."""
+        boot = self.boot
+        return {
+            "type": RECORD_TYPE,
+            "name": self.name,
+            "policy": self.policy.value,
+            "pdk_id": self.pdk_id,
+            "template": self.template,
+            "host_port": self.host_port,
+            "memory_mib": self.memory_mib,
+            "created_at": self.created_at,
+            "boot": None
+            if boot is None
+            else {"kernel": str(boot.kernel), "initrd": str(boot.initrd), "cmdline": boot.cmdline},
+        }
+
+    @classmethod
+    def from_dict(cls, value: Any) -> VmRecord:
+        """Load the JSON form."""
+        obj = require_dict(value, what="VM record")
+        boot = obj.get("boot")
+        port = obj.get("host_port")
+        return cls(
+            name=require_str(obj, "name", what="VM record"),
+            policy=SecurityPolicy(require_str(obj, "policy", what="VM record")),
+            pdk_id=require_str(obj, "pdk_id", what="VM record"),
+            template=require_str(obj, "template", what="VM record"),
+            host_port=port if isinstance(port, int) else None,
+            memory_mib=require_int(obj, "memory_mib", what="VM record"),
+            created_at=require_int(obj, "created_at", what="VM record"),
+            boot=None
+            if boot is None
+            else DirectKernel(Path(boot["kernel"]), Path(boot["initrd"]), str(boot["cmdline"])),
+        )
+
+    def spec(self, vm_dir: Path) -> VmSpec:
+        """The runtime's spec of this VM in ``vm_dir``."""
+        return VmSpec(
+            name=self.name,
+            level=_LEVELS[self.policy],
+            memory_mib=self.memory_mib,
+            kernel=self.boot,
+            disks=tuple(DiskSpec(d, vm_dir / "disks" / f"{d}.qcow2") for d in DISK_IDS),
+            host_port=self.host_port,
+        )
+
+
+def load_record(vm_dir: Path) -> VmRecord:
+    """Read ``vm.json`` of the VM in ``vm_dir``."""
+    try:
+        text = (Path(vm_dir) / RECORD_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise UsageError(f"{vm_dir} is not a VM directory (no {RECORD_FILE})") from exc
+    return VmRecord.from_dict(json.loads(text))
+
+
+def check_template(
+    disk: Path, signature: bytes, qualifiers: tuple[VolumeIdQualifier, ...]
+) -> VerifiedDiskSignature:
+    """The disk's signature satisfies one qualifier and the disk is what was signed.
+
+    Raises:
+        NotAuthorizedError: no qualifier admits the signature (every reason listed).
+        VerificationError: the disk's content is not what the publisher signed.
+    """
+    if not qualifiers:
+        raise NotAuthorizedError(
+            "the shielding data admits no template disk (no volume ID qualifier)"
+        )
+    reasons = []
+    for qualifier in qualifiers:
+        try:
+            qualifier.verify(signature)
+        except (FormatError, VerificationError, NotAuthorizedError) as exc:
+            reasons.append(f"{qualifier.name}: {exc}")
+            continue
+        return verify_disk(disk, signature, qualifier.publisher)
+    raise NotAuthorizedError(
+        "template disk refused by every volume ID qualifier of the shielding data: "
+        + "; ".join(reasons),
+        hint="provision from a template the VM's owner admits in its shielding data",
+    )
+
+
+def hash_password(password: str) -> str:
+    """A SHA-512 crypt(3) hash (``openssl passwd -6``); the password goes on stdin only."""
+    result = subprocess.run(
+        ["openssl", "passwd", "-6", "-stdin"],  # noqa: S607
+        input=password.encode() + b"\n",
+        capture_output=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise UsageError("openssl passwd failed to hash the administrator password")
+    return result.stdout.decode().strip()
+
+
+def guest_answer_file(secrets: ShieldingSecrets, *, default_hostname: str) -> AnswerFile:
+    """The test guest's answer file from a PDK's secrets.
+
+    The hostname comes from a cloud-init answer file's ``hostname:`` line; root's
+    password hash from the administrator credentials; the guest serves the first
+    of the PDK's other files.
+    """
+    hostname = default_hostname
+    if secrets.answer_file is not None:
+        found = _HOSTNAME_LINE.search(secrets.answer_file.content.decode("utf-8", "replace"))
+        hostname = found.group(1) if found else hostname
+    name, content = next(iter(secrets.files.items()), (None, b""))
+    return AnswerFile(
+        hostname=hostname,
+        admin_password_hash=hash_password(secrets.admin.password),
+        file_name=name,
+        file_content=content,
+    )
+
+
+@dataclass(frozen=True)
+class ProvisionRequest:
+    """What a fabric administrator hands in for a new VM (files already read)."""
+
+    name: str
+    template_disk: Path
+    template_sig: bytes
+    pdk: bytes
+    kp: bytes
+    boot: DirectKernel | None = None
+    host_port: int | None = None
+    memory_mib: int = 256
+
+
+def _check_request(request: ProvisionRequest, vm_dir: Path) -> ShieldingData:
+    if not _NAME_RE.fullmatch(request.name):
+        raise UsageError("a VM name is 1-63 lower-case letters, digits and '-'")
+    if vm_dir.exists():
+        raise UsageError(f"VM {request.name!r} exists already ({vm_dir})")
+    pdk = load_shielding_data(request.pdk)
+    check_template(request.template_disk, request.template_sig, pdk.header.qualifiers)
+    kp = load_key_protector(request.kp)
+    if tuple(sorted(kp.guardian_ids)) != pdk.header.kp_guardians:
+        raise NotAuthorizedError(
+            "the key protector's guardians are not the shielding data's",
+            hint="use the KP made for this VM with the PDK's owner and guardians",
+        )
+    return pdk
+
+
+def provision(
+    request: ProvisionRequest,
+    vms_dir: Path,
+    *,
+    reveal_secrets: RevealSecrets,
+    key_source: KeySource,
+) -> VmRecord:
+    """Create the VM ``request.name`` under ``vms_dir`` (see the module docstring).
+
+    Raises:
+        NotAuthorizedError, VerificationError: template, PDK or KP refused (nothing created).
+        InvalidInputError, TransportError: the KP's release failed (nothing created).
+    """
+    vm_dir = Path(vms_dir) / request.name
+    pdk = _check_request(request, vm_dir)
+    answer = guest_answer_file(reveal_secrets(pdk), default_hostname=request.name)
+    vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{request.name}.", dir=vms_dir))
+    try:
+        record = _build(request, pdk, answer, partial, key_source)
+        partial.rename(vm_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return record
+
+
+def _build(
+    request: ProvisionRequest,
+    pdk: ShieldingData,
+    answer: AnswerFile,
+    vm_dir: Path,
+    key_source: KeySource,
+) -> VmRecord:
+    contents = VaultContents.generate(DISK_IDS)
+    (vm_dir / "disks").mkdir(mode=0o700)
+    create_encrypted_copy(
+        request.template_disk, vm_dir / "disks" / "os.qcow2", contents.disks["os"]
+    )
+    create_encrypted_from_bytes(
+        answer.to_bytes(), vm_dir / "disks" / "spec.qcow2", contents.disks["spec"]
+    )
+    released = key_source.release(request.kp)
+    store = VaultStore(vm_dir / "keys")
+    sealed = seal_vault(contents, released.new_transport_key, vm_name=request.name)
+    store.commit(store.write_pending(sealed, released.egress_kp).number)
+    record = VmRecord(
+        name=request.name,
+        policy=pdk.header.policy,
+        pdk_id=pdk.header.pdk_id,
+        template=request.template_disk.name,
+        host_port=request.host_port,
+        memory_mib=request.memory_mib,
+        created_at=int(time.time()),
+        boot=request.boot,
+    )
+    path = vm_dir / RECORD_FILE
+    path.write_text(json.dumps(record.to_dict(), indent=2) + "\n", encoding="utf-8")
+    path.chmod(0o600)
+    return record

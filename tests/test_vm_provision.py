@@ -1,0 +1,200 @@
+"""Provisioning and power-on against a real HGS and KPS, with a stand-in for QEMU.
+
+The KPS, the host's attestation and the LUKS disks are real; the runtime is a
+recorder (:class:`FakeVm`), so re-keying, refusals and crash recovery are
+tested without booting a guest (test_vm_shielded_boot.py boots one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+import vm_fabric_harness
+from guardfab.errors import NotAuthorizedError, VerificationError
+from guardfab.formats.guardian import GuardianKind, KeyAlgorithm, sign_guardian_document
+from guardfab.formats.key_protector import load_key_protector
+from guardfab.host.keyrelease import KeyReleaseRefusedError
+from guardfab.hypervisor.power import PowerOnRefusedError, power_on
+from guardfab.hypervisor.provision import provision
+from guardfab.hypervisor.spec import VmSpec
+from guardfab.hypervisor.vault import VaultStore
+from guardfab.hypervisor.vm import VmKeys
+from guardfab.tenant.guardians import new_guardian_keys
+from test_kps_fixtures import minted_certificate
+from vm_fabric_harness import TenantVm, VmFabric
+
+vm_fabric = vm_fabric_harness.vm_fabric
+
+pytestmark = pytest.mark.slow
+
+
+class SimulatedCrashError(Exception):
+    """The host dies between the re-key and the commit."""
+
+
+@dataclass
+class FakeVm:
+    """Records the keys a start got; can crash instead of starting."""
+
+    spec: VmSpec
+    crash: bool = False
+    keys: VmKeys | None = None
+    started: list[str] = field(default_factory=list)
+
+    @property
+    def running(self) -> bool:
+        return self.keys is not None
+
+    def start(self, keys: VmKeys, *, incoming: bool = False) -> None:
+        if self.crash:
+            raise SimulatedCrashError
+        self.keys = keys
+
+    def stop(self) -> None:
+        self.keys = None
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def status(self) -> str:
+        return "running"
+
+
+def _fake(crash: bool = False) -> tuple[list[FakeVm], object]:
+    made: list[FakeVm] = []
+
+    def factory(spec: VmSpec, _state: Path) -> FakeVm:
+        made.append(FakeVm(spec, crash))
+        return made[-1]
+
+    return made, factory
+
+
+def _provision(fabric: VmFabric, tenant: TenantVm, vms: Path) -> Path:
+    provision(
+        tenant.request(),
+        vms,
+        reveal_secrets=fabric.reveal_secrets,
+        key_source=fabric.key_source(),
+    )
+    return vms / tenant.name
+
+
+def _kp_generation(vm_dir: Path) -> int:
+    return load_key_protector(VaultStore(vm_dir / "keys").committed().kp).generation
+
+
+@pytest.fixture(scope="module")
+def provisioned(vm_fabric: VmFabric, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tenant = vm_fabric.tenant_vm("vm-keys")
+    return _provision(vm_fabric, tenant, tmp_path_factory.mktemp("vms"))
+
+
+def test_every_start_rekeys_and_stores_the_egress_kp(
+    vm_fabric: VmFabric, provisioned: Path
+) -> None:
+    before = _kp_generation(provisioned)
+    made, factory = _fake()
+    power_on(provisioned, vm_fabric.key_source(), runtime_factory=factory)  # type: ignore[arg-type]
+    power_on(provisioned, vm_fabric.key_source(), runtime_factory=factory)  # type: ignore[arg-type]
+    assert _kp_generation(provisioned) == before + 2
+    first, second = (vm.keys for vm in made)
+    assert first is not None
+    assert second is not None
+    assert first.disks == second.disks  # same vault content under a new key each time
+    assert first.vtpm_state == second.vtpm_state
+    last = VaultStore(provisioned / "keys").last_known_good()
+    assert last is not None
+    assert load_key_protector(last.kp).generation == before + 1
+
+
+def test_a_crash_between_rekey_and_commit_recovers_with_the_pending_pair(
+    vm_fabric: VmFabric, provisioned: Path
+) -> None:
+    store = VaultStore(provisioned / "keys")
+    committed = store.committed()
+    _, crashing = _fake(crash=True)
+    with pytest.raises(SimulatedCrashError):
+        power_on(provisioned, vm_fabric.key_source(), runtime_factory=crashing)  # type: ignore[arg-type]
+    pending = store.pending()
+    assert pending is not None, "the re-keyed vault and egress KP were written before QEMU"
+    assert store.committed() == committed
+    made, factory = _fake()
+    power_on(provisioned, vm_fabric.key_source(), runtime_factory=factory)  # type: ignore[arg-type]
+    assert made[0].keys is not None
+    # The committed KP was refused (the KPS had issued a newer one); the pending pair opened.
+    assert _kp_generation(provisioned) == load_key_protector(pending.kp).generation + 1
+
+
+def test_a_host_without_a_valid_certificate_cannot_start_the_vm(
+    vm_fabric: VmFabric, provisioned: Path
+) -> None:
+    store = VaultStore(provisioned / "keys")
+    before = store.numbers()
+    expired = minted_certificate(vm_fabric.hgs, vm_fabric.host, issued=1_000_000, lifetime=3600)
+    made, factory = _fake()
+    with pytest.raises(PowerOnRefusedError) as refused:
+        power_on(provisioned, vm_fabric.key_source(expired), runtime_factory=factory)  # type: ignore[arg-type]
+    assert "cannot start on this host" in str(refused.value)
+    assert "certificate" in str(refused.value)
+    assert made == []
+    assert store.numbers() == before
+
+
+def _nothing_created(vms: Path) -> None:
+    assert not vms.exists() or list(vms.iterdir()) == []
+
+
+def test_a_template_with_one_changed_byte_is_refused_and_nothing_is_created(
+    vm_fabric: VmFabric, tmp_path: Path
+) -> None:
+    tenant = vm_fabric.tenant_vm("vm-tampered")
+    data = bytearray(tenant.template.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    tenant.template.write_bytes(bytes(data))
+    with pytest.raises(VerificationError, match="does not match the signed digest"):
+        _provision(vm_fabric, tenant, tmp_path / "vms")
+    _nothing_created(tmp_path / "vms")
+
+
+def test_a_template_the_pdk_does_not_admit_is_refused_with_the_reason(
+    vm_fabric: VmFabric, tmp_path: Path
+) -> None:
+    tenant = vm_fabric.tenant_vm("vm-other-template")
+    other = vm_fabric_harness.VmFabric(
+        vm_fabric.root, vm_fabric.hgs, vm_fabric.kps, vm_fabric.host, vm_fabric.certificate
+    )
+    tenant.template, tenant.template_sig = other.template("other publisher")
+    with pytest.raises(NotAuthorizedError, match="refused by every volume ID qualifier"):
+        _provision(vm_fabric, tenant, tmp_path / "vms")
+    _nothing_created(tmp_path / "vms")
+
+
+def test_a_pdk_for_another_fabric_is_refused_and_nothing_is_created(
+    vm_fabric: VmFabric, tmp_path: Path
+) -> None:
+    other_kps = new_guardian_keys("other-kps", KeyAlgorithm.EC_P256, GuardianKind.KPS)
+    document = sign_guardian_document(other_kps.guardian, other_kps.signing_key)
+    tenant = vm_fabric.tenant_vm("vm-elsewhere", fabric_document=document)
+    with pytest.raises(NotAuthorizedError, match="neither its owner nor one of its guardians"):
+        _provision(vm_fabric, tenant, tmp_path / "vms")
+    _nothing_created(tmp_path / "vms")
+
+
+def test_provisioning_on_a_host_without_keys_creates_nothing(
+    vm_fabric: VmFabric, tmp_path: Path
+) -> None:
+    tenant = vm_fabric.tenant_vm("vm-nocert")
+    expired = minted_certificate(vm_fabric.hgs, vm_fabric.host, issued=1_000_000, lifetime=3600)
+    with pytest.raises(KeyReleaseRefusedError, match="certificate"):
+        provision(
+            tenant.request(),
+            tmp_path / "vms",
+            reveal_secrets=vm_fabric.reveal_secrets,
+            key_source=vm_fabric.key_source(expired),
+        )
+    _nothing_created(tmp_path / "vms")
