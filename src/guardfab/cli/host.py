@@ -22,6 +22,7 @@ from guardfab.errors import FormatError, GuardfabError, UsageError
 from guardfab.files import PUBLIC, atomic_write
 from guardfab.formats.guardian import KeyAlgorithm
 from guardfab.host import diagnose as diag
+from guardfab.host import signer as key_backends
 from guardfab.host.attester import load_host_key, read_event_log, tpm_opener
 from guardfab.host.config import (
     DEFAULT_EVENT_LOG,
@@ -41,13 +42,6 @@ from guardfab.host.config import (
 from guardfab.host.identity import capture_baseline, host_key_identity, tpm_identity
 from guardfab.host.keys import load_or_create_key
 from guardfab.host.localapi import AgentClient, AgentUnavailableError
-from guardfab.host.signer import (
-    TOKEN_KEY_TYPES,
-    Pkcs11Uri,
-    SignerRef,
-    generate_token_key,
-    open_signer,
-)
 from guardfab.host.status import AgentStatus, HostStatus, StateFiles
 
 _path = click.Path(dir_okay=False, path_type=Path)
@@ -107,7 +101,7 @@ def _ensure_key(path: Path, algorithm: KeyAlgorithm) -> bool:
     return True
 
 
-def _signing_key_ref(value: str | None, here: Path) -> SignerRef:
+def _signing_key_ref(value: str | None, here: Path) -> key_backends.SignerRef:
     """``--signing-key``: a token key URI, else a key file path (relative to the cwd)."""
     if value is None:
         return here / "host-signing.pem"
@@ -116,11 +110,11 @@ def _signing_key_ref(value: str | None, here: Path) -> SignerRef:
     return Path(value.removeprefix("file:")).expanduser().absolute()
 
 
-def _ensure_signing_key(ref: SignerRef) -> bool:
+def _ensure_signing_key(ref: key_backends.SignerRef) -> bool:
     """Create a signing key file if missing; a token key must exist and sign. Created?"""
-    if isinstance(ref, Pkcs11Uri):
+    if isinstance(ref, key_backends.Pkcs11Uri):
         check_pin_source(ref)
-        open_signer(ref)
+        key_backends.open_signer(ref)
         return False
     return _ensure_key(ref, KeyAlgorithm.EC_P256)
 
@@ -442,7 +436,7 @@ def identity(config_file: Path | None, out: Path, fmt: str, force: bool, as_json
             tpm.close()
     else:
         assert config.signing_key is not None  # HostConfig guarantees it
-        ident = host_key_identity(open_signer(config.signing_key))
+        ident = host_key_identity(key_backends.open_signer(config.signing_key))
     atomic_write(
         out, ident.to_pem() if fmt == "pem" else ident.to_json(), mode=PUBLIC, overwrite=force
     )
@@ -461,7 +455,7 @@ def identity(config_file: Path | None, out: Path, fmt: str, force: bool, as_json
 @click.option(
     "--type",
     "key_type",
-    type=click.Choice(TOKEN_KEY_TYPES),
+    type=click.Choice(key_backends.TOKEN_KEY_TYPES),
     default="ec-p256",
     show_default=True,
     help="The key pair to generate.",
@@ -476,9 +470,9 @@ def keygen(uri: str, key_type: str, as_json: bool) -> None:
     the URI's pin-source file (never give it on the command line). Then:
       guardfab host configure --mode host-key --signing-key 'URI' ...
     """
-    parsed = Pkcs11Uri.parse(uri, what="--pkcs11")
+    parsed = key_backends.Pkcs11Uri.parse(uri, what="--pkcs11")
     check_pin_source(parsed)
-    signer = generate_token_key(parsed, key_type)
+    signer = key_backends.generate_token_key(parsed, key_type)
     data = {"uri": str(parsed), "alg": signer.alg, "key_id": signer.key_id}
     emit(as_json, data, f"generated {signer.description} ({signer.alg}, kid {signer.key_id})")
 
