@@ -13,6 +13,7 @@ from guardfab.cli import (
     host,
     template,
     tenant,
+    vm,
 )
 
 
@@ -31,6 +32,7 @@ def cli() -> None:
       hgs        run and administer the Host Guardian Service
       host       make this KVM host a guarded host (attestation agent, status, diagnose)
       eventlog   read a TCG PC Client boot event log
+      vm         shielded VMs on this guarded host (provision, start, stop)
     """
 
 
@@ -39,6 +41,7 @@ cli.add_command(template.template)
 cli.add_command(hgs.hgs)
 cli.add_command(host.host)
 cli.add_command(eventlog.eventlog)
+cli.add_command(vm.vm)
 
 
 def main() -> None:
