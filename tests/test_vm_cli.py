@@ -24,6 +24,8 @@ from guardfab.host.keys import load_or_create_key
 from guardfab.host.service import AgentService, build_agent
 from guardfab.hypervisor.accel import Accelerator
 from guardfab.hypervisor.power import power_off, running_pid
+from guardfab.hypervisor.provision import provision
+from guardfab.hypervisor.vault import VaultStore
 from guardfab.tenant import guardians
 from guardfab.tenant.guardians import GuardianStore
 from host_agent_harness import host_config, register_host_key
@@ -129,3 +131,30 @@ def test_a_template_with_a_changed_byte_is_refused_by_vm_new(
               "--config", str(config), code=1)  # fmt: skip
     assert "does not match the signed digest" in out
     assert not (tmp_path / "vms").exists() or list((tmp_path / "vms").iterdir()) == []
+
+
+def test_a_host_that_fails_attestation_cannot_start_the_vm(
+    vm_fabric: VmFabric, tmp_path: Path
+) -> None:
+    tenant = vm_fabric.tenant_vm("cli-rogue")
+    vms = tmp_path / "vms"
+    provision(
+        tenant.request(),
+        vms,
+        reveal_secrets=vm_fabric.reveal_secrets,
+        key_source=vm_fabric.key_source(),
+    )
+    before = VaultStore(vms / "cli-rogue" / "keys").numbers()
+    rogue = host_config(tmp_path / "rogue", vm_fabric.hgs, mode=HostMode.HOST_KEY)  # unregistered
+    save_config(tmp_path / "rogue.json", rogue)
+    service = AgentService(build_agent(rogue)).start()
+    try:
+        out = _vm("start", "cli-rogue", "--vms", str(vms), "--config", str(tmp_path / "rogue.json"),
+                  code=1)  # fmt: skip
+    finally:
+        service.stop()
+    assert "cannot start on this host" in out
+    assert "no valid health certificate" in out
+    assert "not registered" in out
+    assert running_pid(vms / "cli-rogue") is None
+    assert VaultStore(vms / "cli-rogue" / "keys").numbers() == before
