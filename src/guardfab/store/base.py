@@ -39,6 +39,7 @@ from __future__ import annotations
 import builtins
 import enum
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, Self
@@ -257,6 +258,10 @@ class Txn:
         return store.transaction(self.compares, self.puts, self.deletes)
 
 
+#: Store keys: printable ASCII without spaces (checked in C: this runs for every key written).
+_PRINTABLE_ASCII = re.compile(r"[!-~]*")
+
+
 def check_key(key: object, *, what: str = "key") -> str:
     """Return ``key`` if it is an acceptable store key, else raise StoreUsageError."""
     if not isinstance(key, str) or not key:
@@ -270,7 +275,7 @@ def check_prefix(prefix: object, *, what: str = "prefix") -> str:
         raise StoreUsageError(f"{what} must be a string")
     if len(prefix) > MAX_KEY_LENGTH:
         raise StoreUsageError(f"{what} is longer than {MAX_KEY_LENGTH} characters")
-    if not all("!" <= char <= "~" for char in prefix):
+    if not _PRINTABLE_ASCII.fullmatch(prefix):
         raise StoreUsageError(f"{what} must be printable ASCII without spaces")
     return prefix
 
