@@ -71,7 +71,10 @@ def fleet(module_hgs: RunningHgs, probe: Probe) -> None:
     probe.put_last(attested(HOST))
 
 
-def run(hgs: RunningHgs, *args: str, role: str = "admin", code: int = 0) -> Result:
+def run(
+    hgs: RunningHgs, *args: str, role: str = "admin", code: int = 0, last: str | None = None
+) -> Result:
+    """Run 'guardfab hgs ARGS' as ``role``; ``last`` goes after '--' (it may start with '-')."""
     conn = [
         "--url",
         hgs.url,
@@ -80,7 +83,8 @@ def run(hgs: RunningHgs, *args: str, role: str = "admin", code: int = 0) -> Resu
         "--token-file",
         str(hgs.directory / "tokens" / f"{role}.token"),
     ]
-    result = CliRunner().invoke(cli, ["hgs", *args, *conn])
+    tail = ["--", last] if last is not None else []
+    result = CliRunner().invoke(cli, ["hgs", *args, *conn, *tail])
     OUTPUTS.append(result.output)
     assert result.exit_code == code, result.output
     return result
@@ -182,7 +186,8 @@ def test_modes_settings_cas_groups_keys_and_revocation(
     key = run_json(
         module_hgs, "host", "add-key", "--name", "kh", "--public-key", str(files["host-key.pem"])
     )
-    run(module_hgs, "host", "revoke-key", key["key_id"])
+    # A key id is base64url and may start with '-': it goes after '--'.
+    run(module_hgs, "host", "revoke-key", last=key["key_id"])
     assert "yes" in run(module_hgs, "host", "keys").output
     run(module_hgs, "host", "revoke", "cli-host", "--reason", "lost")
     assert "lost" in run(module_hgs, "host", "revocations").output
