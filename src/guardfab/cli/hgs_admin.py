@@ -252,6 +252,9 @@ def host_keys(conn: ConnectionOptions, as_json: bool) -> None:
 def host_revoke_key(key_id: str, conn: ConnectionOptions, as_json: bool) -> None:
     """Refuse one host key from now on, keeping it on record (the reference removes it:
     Remove-HgsAttestationHostKey; see 'remove-key').
+
+    KEY_ID is the key's thumbprint ('hgs host keys'); one that starts with '-'
+    goes after '--', e.g. 'guardfab hgs host revoke-key --dir D -- -kXm...'.
     """
     data = call(conn, lambda c: c.revoke_host_key(key_id))
     emit(as_json, data, f"revoked host key {key_id} of host {data['host_id']}")
@@ -263,7 +266,10 @@ def host_revoke_key(key_id: str, conn: ConnectionOptions, as_json: bool) -> None
 @json_option
 @handle_errors
 def host_remove_key(key_id: str, conn: ConnectionOptions, as_json: bool) -> None:
-    """Forget a host key (Remove-HgsAttestationHostKey)."""
+    """Forget a host key (Remove-HgsAttestationHostKey).
+
+    KEY_ID is the key's thumbprint; one that starts with '-' goes after '--'.
+    """
     data = call(conn, lambda c: c.remove_host_key(key_id))
     emit(as_json, data, f"removed host key {key_id} of host {data['host_id']}")
 
