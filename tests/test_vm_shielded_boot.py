@@ -18,6 +18,7 @@ import pytest
 
 import vm_fabric_harness
 import vm_harness
+from guardfab.errors import UsageError
 from guardfab.formats.key_protector import load_key_protector
 from guardfab.hypervisor.accel import Accelerator
 from guardfab.hypervisor.power import power_on, running_pid
@@ -115,3 +116,13 @@ def test_the_egress_kp_is_committed_and_the_last_known_good_kept(booted: Booted)
     # The tenant's KP was generation 0: provisioning re-keyed once, power-on once more.
     assert (load_key_protector(last.kp).generation, committed.generation) == (1, 2)
     assert running_pid(booted.vm_dir) == booted.vm.pid
+
+
+def test_a_running_vm_is_not_started_twice_and_spends_no_kp(
+    vm_fabric: VmFabric, booted: Booted
+) -> None:
+    store = VaultStore(booted.vm_dir / "keys")
+    before = store.numbers()
+    with pytest.raises(UsageError, match="already running"):
+        power_on(booted.vm_dir, vm_fabric.key_source())
+    assert store.numbers() == before

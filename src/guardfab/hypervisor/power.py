@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from guardfab.errors import GuardfabError, NotAuthorizedError, TransportError
+from guardfab.errors import GuardfabError, NotAuthorizedError, TransportError, UsageError
 from guardfab.formats import jose
 from guardfab.host.keyrelease import request_release
 from guardfab.host.keyrequest import ReleasedKeys
@@ -99,6 +99,7 @@ def power_on(
     """Start the VM in ``vm_dir`` with keys released for this host (see the module docstring).
 
     Raises:
+        UsageError: the VM runs already (nothing released).
         PowerOnRefusedError: this host got no keys (nothing started).
         TransportError: no KPS or agent answered (nothing started).
         VerificationError: the released key does not open the vault.
@@ -106,6 +107,8 @@ def power_on(
     """
     vm_dir = Path(vm_dir)
     record = load_record(vm_dir)
+    if running_pid(vm_dir) is not None:  # before the release: it would spend a KP generation
+        raise UsageError(f"VM {record.name!r} is already running")
     store = VaultStore(vm_dir / "keys")
     pair, released = _release(store, key_source, record.name)
     contents = open_vault(pair.vault, released.old_transport_key, vm_name=record.name)
