@@ -141,9 +141,9 @@ _DUMPS = _gap(
 )
 _DUMP_ENCRYPTION = _gap("crash dump encryption is not measured into the TCG log on Linux")
 _CI_POLICY = _gap(
-    "the firmware log closes at ExitBootServices; a CI policy (IMA policy or allowlist) "
-    "measured by the running OS is in the log of whoever measured it (the IMA list for "
-    "PCR 10, or the host agent's own), which is checked against the quote separately"
+    "which file is the CI policy is not in the log itself: the boot loader (GRUB) measures "
+    "every file it loads into PCR 9 as EV_IPL with the file's SHA-256, and the HGS's "
+    "Hgs_CiPolicy compares those digests with its registered CI policies (docs/adr/0005)"
 )
 _DMA_UNKNOWN = (
     "no 'DMA Protection Disabled' measurement in PCR 7, but firmware measures only the "
