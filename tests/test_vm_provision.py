@@ -128,6 +128,8 @@ def test_a_crash_between_rekey_and_commit_recovers_with_the_pending_pair(
     assert made[0].keys is not None
     # The committed KP was refused (the KPS had issued a newer one); the pending pair opened.
     assert _kp_generation(provisioned) == load_key_protector(pending.kp).generation + 1
+    assert store.last_known_good() == pending, "the pair actually used is the one kept"
+    assert store.numbers() == [pending.number, store.committed().number]
 
 
 def test_a_host_without_a_valid_certificate_cannot_start_the_vm(

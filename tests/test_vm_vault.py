@@ -78,3 +78,14 @@ def test_a_half_written_pair_is_not_a_pair(tmp_path: Path) -> None:
     (store.root / "gen-00000002.tmp" / "vault.jwe").write_bytes(b"partial")
     assert store.pending() is None
     assert store.write_pending(b"v2", b"kp2").number == 2
+
+
+def test_a_stale_pending_pair_is_dropped_when_a_newer_pair_commits(tmp_path: Path) -> None:
+    store = VaultStore(tmp_path / "keys")
+    store.commit(store.write_pending(b"v1", b"kp1").number)
+    store.write_pending(b"v2", b"kp2")  # a crash left it; then the committed KP was accepted
+    store.commit(store.write_pending(b"v3", b"kp3").number)
+    last = store.last_known_good()
+    assert last is not None
+    assert last.kp == b"kp1"
+    assert [store.load(n).kp for n in store.numbers()] == [b"kp1", b"kp3"]

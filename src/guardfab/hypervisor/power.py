@@ -118,7 +118,7 @@ def power_on(
     )
     vm = runtime_factory(record.spec(vm_dir), vm_dir / "state")
     vm.start(contents.vm_keys())
-    store.commit(pending.number)
+    store.commit(pending.number, replaces=pair.number)
     _record_run(vm_dir, vm)
     return vm
 

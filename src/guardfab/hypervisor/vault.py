@@ -19,8 +19,9 @@ On disk (``KEYS/`` beside the VM, 0700, files 0600)::
     gen-00000001/vault.jwe  gen-00000001/kp.jws   a pair, written as a temp dir + rename
     committed                                     "1\\n": the pair in use (atomic rename)
 
-A pair newer than ``committed`` is pending; one older is the last known good
-pair kept for rollback (one is kept). Crash cases, by where the host stopped:
+A pair newer than ``committed`` is pending; the one committed before it is the
+last known good pair, kept for rollback; a commit removes every other pair.
+Crash cases, by where the host stopped:
 
 1. before the pending pair is renamed into place: a ``.tmp`` directory is left
    and ignored; but the KPS has already issued the egress KP, so the committed
@@ -294,20 +295,26 @@ class VaultStore:
         _fsync_dir(self.root)
         return KeyPair(number, vault, kp)
 
-    def commit(self, number: int) -> None:
-        """Make pair ``number`` the committed one; keep one older pair (last known good)."""
+    def commit(self, number: int, *, replaces: int | None = None) -> None:
+        """Make pair ``number`` the committed one; keep the one it replaces (last known good).
+
+        ``replaces`` is the pair whose KP was released for this start (the
+        committed one unless a crash left a pending one that was used instead).
+        Every other pair goes: older ones, and a stale pending one.
+        """
+        previous = self.committed_number() if replaces is None else replaces
         temp = self.root / "committed.tmp"
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
         _write_private(temp, f"{number}\n".encode("ascii"))
         temp.rename(self.root / "committed")
         _fsync_dir(self.root)
-        self._prune(number)
+        self._prune(keep={number, previous})
 
-    def _prune(self, committed: int) -> None:
-        older = [n for n in self.numbers() if n < committed]
-        for number in older[:-1]:
-            shutil.rmtree(self._dir(number))
+    def _prune(self, keep: set[int | None]) -> None:
+        for number in self.numbers():
+            if number not in keep:
+                shutil.rmtree(self._dir(number))
         for temp in self.root.glob("*.tmp"):
             shutil.rmtree(temp, ignore_errors=True)
 
@@ -315,7 +322,7 @@ class VaultStore:
         """The pair committed before the current one, kept for rollback."""
         committed = self.committed_number()
         older = [n for n in self.numbers() if committed is not None and n < committed]
-        return self.load(older[-1]) if older else None
+        return self.load(older[-1]) if older else None  # commit pruned all but that one
 
     def files(self) -> Iterator[Path]:
         """Every file of the store (for reports and tests)."""
