@@ -42,7 +42,7 @@ from guardfab.hgs import admin_baselines as base
 from guardfab.hgs import admin_reports as reports
 from guardfab.hgs import admin_trust as trust
 from guardfab.hgs.admin_trust import CaKind
-from guardfab.hgs.app import ADMIN, READER, Strict, service_of
+from guardfab.hgs.deps import ADMIN, READER, Strict, service_of
 from guardfab.hgs.web import error_body
 
 _B64URL = r"^[A-Za-z0-9_-]*$"

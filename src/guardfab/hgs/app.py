@@ -8,17 +8,20 @@ routes need a bearer token: the ``admin`` role may change state, the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from guardfab import __version__
-from guardfab.errors import GuardfabError, NotAuthorizedError
+from guardfab.errors import GuardfabError
+from guardfab.hgs.admin_api import add_admin_routes
+from guardfab.hgs.deps import READER, Strict, service_of, service_of_app
+from guardfab.hgs.kps_api import add_kps_routes
 from guardfab.hgs.service import HgsService
 from guardfab.hgs.web import (
     LOG,
@@ -27,12 +30,6 @@ from guardfab.hgs.web import (
     unexpected_error_handler,
     validation_error_handler,
 )
-
-
-class Strict(BaseModel):
-    """Request bodies reject unknown fields."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class ChallengeResponse(BaseModel):
@@ -54,35 +51,6 @@ class ActivateRequest(Strict):
 
     activation_id: str
     secret: str
-
-
-class MissingCredentialError(NotAuthorizedError):
-    """No bearer token on an admin request."""
-
-    hint = "send 'Authorization: Bearer <token>' with an HGS admin or reviewer token"
-
-
-def service_of(request: Request) -> HgsService:
-    """The HgsService bound to the running app."""
-    return service_of_app(request.app)
-
-
-def require_role(*roles: str) -> Callable[..., str]:
-    """A dependency that admits only bearer tokens of ``roles``; returns the role."""
-
-    def dependency(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
-        if not authorization or not authorization.startswith("Bearer "):
-            raise MissingCredentialError("an HGS access token is required")
-        role = service_of(request).access.role_of(authorization.removeprefix("Bearer ").strip())
-        if role not in roles:
-            raise NotAuthorizedError(f"the {role} role may not do this")
-        return role
-
-    return dependency
-
-
-ADMIN = require_role("admin")
-READER = require_role("admin", "reviewer")
 
 
 #: How often a worker removes expired nonces and activation challenges from the store.
@@ -108,12 +76,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         task.cancel()
 
 
-def service_of_app(app: FastAPI) -> HgsService:
-    """The HgsService bound to ``app``."""
-    service: HgsService = app.state.service
-    return service
-
-
 def create_app(service: HgsService) -> FastAPI:
     """Build the ASGI application around ``service``."""
     app = FastAPI(
@@ -129,11 +91,7 @@ def create_app(service: HgsService) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware)
     _host_routes(app)
     _admin_routes(app)
-    from guardfab.hgs.admin_api import add_admin_routes  # noqa: PLC0415 - it imports this module
-
     add_admin_routes(app)
-    from guardfab.hgs.kps_api import add_kps_routes  # noqa: PLC0415 - it imports this module
-
     add_kps_routes(app)
     return app
 

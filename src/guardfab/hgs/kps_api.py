@@ -27,7 +27,7 @@ from pydantic import Field
 from guardfab.errors import FormatError
 from guardfab.formats.guardian import KeyAlgorithm
 from guardfab.formats.health_certificate import MAX_TOKEN_BYTES
-from guardfab.hgs.app import ADMIN, READER, Strict, service_of_app
+from guardfab.hgs.deps import ADMIN, READER, Strict, service_of_app
 from guardfab.hgs.kps import KpsNotFoundError, KpsService
 from guardfab.hgs.web import error_body
 from guardfab.keyprotection import (

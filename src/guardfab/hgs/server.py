@@ -14,7 +14,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from guardfab.errors import UsageError
-from guardfab.hgs.app import create_app, service_of_app
+from guardfab.hgs.app import create_app
+from guardfab.hgs.deps import service_of_app
 from guardfab.hgs.service import HgsService
 from guardfab.hgs.state import HgsState
 from guardfab.store.base import Store
