@@ -204,7 +204,10 @@ def test_a_destination_with_another_vtpm_migration_key_cannot_take_the_vm(
     psk = migration.new_migration_psk()
     incoming = migration.IncomingMigration(dest, psk, vm_harness.free_port())
     incoming.listen()
-    with pytest.raises(migration.MigrationError, match="did not take over"):
+    # The destination refuses the vTPM state either while the stream runs (the
+    # source sees the migration fail) or after it (it does not take over): which
+    # one depends on timing; in both the VM must go on at the source.
+    with pytest.raises(migration.MigrationError, match=r"failed|did not take over"):
         migration.live_migrate(source, incoming, psk, shielded.keys.disks, timeout=60)
     dest.stop()
     assert source.status() == "running"
