@@ -36,7 +36,7 @@ from guardfab.hypervisor.template_image import build_marker_template
 from guardfab.tenant.guardians import GuardianKeys, new_guardian_keys
 from guardfab.tenant.template import protect_disk
 from hgs_harness import RunningHgs, start_hgs
-from test_kps_fixtures import Host, attested_host, enable_modes, kps_document
+from test_kps_fixtures import Host, attested_host, enable_modes, kps_document, minted_certificate
 
 TEMPLATE_NAME = "guardfab-guest"
 TEMPLATE_VERSION = DiskVersion(1, 0, 0, 0)
@@ -98,6 +98,18 @@ class VmFabric:
             self.certificate if certificate is None else certificate,
             self.host.encryption,
         )
+
+    def other_host(self, host_id: str) -> DirectKeySource:
+        """Another guarded host, registered and attested for real, with its own key."""
+        host, certificate = attested_host(self.hgs, host_id)
+        return DirectKeySource(self.hgs.url, Path(self.hgs.ca), certificate, host.encryption)
+
+    def unattested_host(self, host_id: str) -> DirectKeySource:
+        """A registered host whose only health certificate expired an hour ago."""
+        host = Host(host_id)
+        host.register(self.hgs)
+        expired = minted_certificate(self.hgs, host, issued=time.time() - 7200, lifetime=3600)
+        return DirectKeySource(self.hgs.url, Path(self.hgs.ca), expired, host.encryption)
 
     def reveal_secrets(self, pdk: ShieldingData) -> ShieldingSecrets:
         """Open a PDK as the KPS (a guardian of the PDK) would."""
