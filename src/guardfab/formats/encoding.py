@@ -27,9 +27,70 @@ _B64URL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234567
 _UNUSED_BITS = {0: 0, 2: 0x0F, 3: 0x03}
 
 
+#: RFC 8785's integer domain: what an IEEE 754 double holds exactly.
+_INT_MAX = 2**53 - 1
+#: Leaves both encoders write alike whatever their value.
+_LEAVES = frozenset({str, bool, type(None)})
+_C_ENCODER = json.JSONEncoder(
+    ensure_ascii=False, check_circular=False, sort_keys=True, separators=(",", ":")
+)
+
+
 def canonical_json(value: Any) -> bytes:
-    """Serialize ``value`` to RFC 8785 canonical JSON bytes."""
+    """Serialize ``value`` to RFC 8785 canonical JSON bytes.
+
+    ``rfc8785`` is pure Python and was a large share of the HGS's CPU per request
+    (audit records, certificates, KPs). For values that are only exact
+    dict/list/tuple/str/int/bool/None, with ASCII keys, no floats and integers in
+    RFC 8785's domain, the C JSON encoder with sorted keys writes the same bytes:
+    ASCII keys sort the same by UTF-16 unit and by code point, and both escape
+    exactly ``"``, ``\\`` and the C0 controls, with the same short forms. Anything
+    else (floats, non-ASCII keys, subclasses, big integers, lone surrogates) goes
+    to ``rfc8785``, which then serializes or refuses it exactly as it always did.
+    """
+    try:
+        simple = _is_simple(value)
+    except RecursionError:
+        simple = False
+    if simple:
+        try:
+            return _C_ENCODER.encode(value).encode("utf-8")
+        except UnicodeEncodeError:
+            pass  # a lone surrogate: rfc8785 refuses it with its own error
     return rfc8785.dumps(value)
+
+
+def _is_simple(value: Any) -> bool:
+    """Whether the C encoder is proven to write ``value`` as RFC 8785 does.
+
+    Exact types only (``type(x) is``), so subclasses with their own ``__str__``
+    or ordering never take the fast path. Strings, the bulk of every document,
+    are checked inline rather than by a call each: the check must stay much
+    cheaper than the encoding it saves.
+    """
+    kind = type(value)
+    if kind is dict:
+        for key in value:
+            if type(key) is not str or not key.isascii():
+                return False
+        items = value.values()
+    elif kind is list or kind is tuple:
+        items = value
+    else:
+        return _is_simple_scalar(value)
+    for item in items:
+        if type(item) not in _LEAVES and not _is_simple(item):
+            break
+    else:
+        return True
+    return False
+
+
+def _is_simple_scalar(value: Any) -> bool:
+    """Whether a non-container is a leaf both encoders write alike (ints in the domain)."""
+    if type(value) in _LEAVES:
+        return True
+    return type(value) is int and -_INT_MAX <= value <= _INT_MAX
 
 
 def b64url_encode(data: bytes) -> str:
