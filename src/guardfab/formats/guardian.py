@@ -27,7 +27,7 @@ import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from guardfab.errors import FormatError
 from guardfab.formats import jose
@@ -51,6 +51,9 @@ _FIELDS = {"type", "version", "name", "kind", "signing_key", "encryption_key", "
 MAX_KEY_GENERATION = 2**53 - 1
 #: Verified documents kept by their bytes; a fabric has few guardians, a KP at most 32.
 DOCUMENT_CACHE_SIZE = 256
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 
 class GuardianKind(enum.StrEnum):
@@ -150,30 +153,31 @@ def sign_guardian_document(guardian: Guardian, private_signing_key: jose.Asymmet
     return token.encode("ascii")
 
 
-class _DocumentCache:
-    """A small LRU of verified documents, keyed by their exact bytes.
+class VerifiedCache(Generic[_K, _V]):
+    """A small LRU of verification results, keyed by exactly what was verified.
 
-    Keyed by the bytes, never by an id: a document that differs in one byte is
+    Keyed by the bytes (and, where the key is not in them, the verifying key's
+    thumbprint), never by an id alone: input that differs in one byte is
     verified afresh. Only successes are kept (a failure raises every time), and
-    a :class:`Guardian` is immutable, so sharing one between callers is safe.
+    the values are immutable, so sharing one between callers is safe.
     """
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._items: OrderedDict[bytes, Guardian] = OrderedDict()
+        self._items: OrderedDict[_K, _V] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, data: bytes) -> Guardian | None:
+    def get(self, key: _K) -> _V | None:
         with self._lock:
-            guardian = self._items.get(data)
-            if guardian is not None:
-                self._items.move_to_end(data)
-            return guardian
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
 
-    def put(self, data: bytes, guardian: Guardian) -> None:
+    def put(self, key: _K, value: _V) -> None:
         with self._lock:
-            self._items[data] = guardian
-            self._items.move_to_end(data)
+            self._items[key] = value
+            self._items.move_to_end(key)
             while len(self._items) > self._size:
                 self._items.popitem(last=False)
 
@@ -182,7 +186,7 @@ class _DocumentCache:
             self._items.clear()
 
 
-_VERIFIED = _DocumentCache(DOCUMENT_CACHE_SIZE)
+_VERIFIED: VerifiedCache[bytes, Guardian] = VerifiedCache(DOCUMENT_CACHE_SIZE)
 
 
 def load_guardian_document(data: bytes) -> Guardian:

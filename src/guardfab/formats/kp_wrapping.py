@@ -40,6 +40,7 @@ from guardfab.formats.guardian import (
     MAX_GUARDIAN_BYTES,
     Guardian,
     GuardianKind,
+    VerifiedCache,
     load_guardian_document,
 )
 
@@ -60,6 +61,11 @@ _WRAPPING_FIELDS = {"protected", "iv", "ciphertext", "tag", "aad", "recipients"}
 #: Decoded sizes of the A256GCM parts: 96-bit IV, 32-byte key, 128-bit tag.
 _WRAPPING_SIZES = (("iv", 12), ("ciphertext", TRANSPORT_KEY_BYTES), ("tag", 16))
 _ECDH = "ECDH-ES+A256KW"
+#: Verified guardian-set statements kept (about one per KP a KPS serves).
+STATEMENT_CACHE_SIZE = 4096
+#: (statement token, owner id) -> the payload its signature covers. The owner id
+#: is the thumbprint of the key that verified it, so the key is in the cache key.
+_STATEMENTS: VerifiedCache[tuple[str, str], bytes] = VerifiedCache(STATEMENT_CACHE_SIZE)
 
 
 class TransportKey:
@@ -201,21 +207,41 @@ def guardian_set_payload(
 def verify_guardian_set(
     token: Any, kp_id: str, owner: Guardian, guardians: tuple[Guardian, ...], version: int
 ) -> int:
-    """Check the owner signed exactly this set for this KP; return the statement's generation."""
+    """Check the owner signed exactly this set for this KP; return the statement's generation.
+
+    The statement is carried unchanged from generation to generation, and a KPS
+    release loads it twice (the ingress KP, then the egress it minted): its
+    signature check is cached by the exact token and the owner's key (see
+    :class:`~guardfab.formats.guardian.VerifiedCache`). Every other check runs
+    on every call.
+    """
     what = "key protector guardian set"
     if not isinstance(token, str):
         raise FormatError(f"{what}: missing")
-    verified = jose.verify_compact(token, owner.signing_key, typ=GUARDIAN_SET_JWS_TYPE, what=what)
-    body = require_dict(load_json_document(verified.payload, what=what), what=what)
+    payload = _verified_statement(token, owner, what=what)
+    body = require_dict(load_json_document(payload, what=what), what=what)
     generation = require_int(body, "generation", what=what)
     if generation > MAX_GENERATION:
         raise FormatError(f"{what}: generation is out of range")
     expected = guardian_set_payload(kp_id, generation, owner.id, guardians, version=version)
-    if verified.payload != canonical_json(expected):
+    if payload != canonical_json(expected):
         raise VerificationError(
             f"{what}: the owner did not sign this set of guardians for this key protector"
         )
     return generation
+
+
+def _verified_statement(token: str, owner: Guardian, *, what: str) -> bytes:
+    """The payload of the owner's statement, its signature verified (or found verified)."""
+    key = (token, owner.id)
+    payload = _STATEMENTS.get(key)
+    if payload is None:
+        verified = jose.verify_compact(
+            token, owner.signing_key, typ=GUARDIAN_SET_JWS_TYPE, what=what
+        )
+        payload = verified.payload
+        _STATEMENTS.put(key, payload)
+    return payload
 
 
 def check_generation(generation: int, statement_generation: int, *, signer_is_owner: bool) -> None:
