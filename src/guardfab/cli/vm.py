@@ -23,6 +23,7 @@ from guardfab.files import read_bounded
 from guardfab.formats.shielding_data import MAX_SHIELDING_DATA_BYTES, SecurityPolicy
 from guardfab.host.config import config_path, load_config
 from guardfab.host.localapi import AgentClient
+from guardfab.hypervisor.migrate import attach, free_local_port, migrate_vm
 from guardfab.hypervisor.power import power_off, power_on, running_pid
 from guardfab.hypervisor.provision import ProvisionRequest, VmRecord, load_record, provision
 from guardfab.hypervisor.spec import DirectKernel
@@ -141,6 +142,52 @@ def stop(name: str, vms_dir: Path) -> None:
     load_record(vms_dir / name)
     stopped = power_off(vms_dir / name)
     click.echo(f"VM {name} stopped" if stopped else f"VM {name} was not running")
+
+
+@vm.command("migrate")
+@click.argument("name")
+@click.option(
+    "--to",
+    "to_config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The destination host's configuration (its agent brings its health certificate).",
+)
+@click.option(
+    "--to-vms",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The destination host's VM directory (shared storage with --vms).",
+)
+@click.option("--port", type=int, default=None, help="127.0.0.1 port for the stream.")
+@vms_option
+@json_option
+@handle_errors
+def migrate(
+    name: str, to_config: Path, to_vms: Path, port: int | None, vms_dir: Path, as_json: bool
+) -> None:
+    """Live-migrate running VM NAME to another guarded host (keys through its own release)."""
+    source = attach(vms_dir / name)
+    result = migrate_vm(
+        source,
+        vms_dir / name,
+        to_vms / name,
+        _agent(to_config),
+        port=port if port is not None else free_local_port(),
+    )
+    stats = result.stats
+    data = {
+        "name": name,
+        "pid": result.vm.pid,
+        "total_time_ms": stats.total_time_ms,
+        "downtime_ms": stats.downtime_ms,
+        "transferred_bytes": stats.transferred_bytes,
+    }
+    text = (
+        f"VM {name} migrated to {to_vms / name} (QEMU pid {result.vm.pid}, "
+        f"{stats.total_time_ms} ms, downtime {stats.downtime_ms} ms)"
+    )
+    emit(as_json, data, text)
 
 
 def _summary(record: VmRecord, vms_dir: Path) -> dict[str, Any]:

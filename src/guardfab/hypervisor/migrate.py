@@ -36,9 +36,13 @@ Both ends are driven from one process here (two hosts on one machine, ports on
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import secrets
 import shutil
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,10 +61,11 @@ from guardfab.hypervisor.migration import (
     MigrationStats,
     live_migrate,
 )
-from guardfab.hypervisor.power import RUN_FILE, _record_run
+from guardfab.hypervisor.power import RUN_FILE, _record_run, running_pid
 from guardfab.hypervisor.provision import RECORD_FILE, KeySource, VmRecord, load_record
+from guardfab.hypervisor.qmp import QmpClient
 from guardfab.hypervisor.vault import VaultContents, VaultStore, open_vault, seal_vault
-from guardfab.hypervisor.vm import QemuVm
+from guardfab.hypervisor.vm import STOP_TIMEOUT, QemuVm
 
 _PSK_INFO = b"guardfab migration psk v1 "
 SALT_SIZE = 32
@@ -132,6 +137,50 @@ def _prepare_destination(record: VmRecord, source_dir: Path, dest_dir: Path) -> 
         (dest_dir / "state" / nvram.name).chmod(0o600)
 
 
+class AttachedVm(QemuVm):
+    """A running VM that another process started (``vm start``), reached over its QMP socket.
+
+    Only what a migration source needs: QMP commands, and :meth:`stop` that also
+    waits until that QEMU has exited (so its forwarded port is free for the
+    destination).
+    """
+
+    def __init__(self, record: VmRecord, vm_dir: Path) -> None:
+        pid = running_pid(vm_dir)
+        if pid is None:
+            raise UsageError(f"VM {record.name!r} is not running on this host")
+        info = json.loads((vm_dir / RUN_FILE).read_text(encoding="utf-8"))
+        super().__init__(record.spec(vm_dir), vm_dir / "state", run_dir=Path(info["run_dir"]))
+        self._attached_pid = pid
+        self._qmp = QmpClient.connect(self.paths.qmp_socket, wait=1.0)
+
+    @property
+    def pid(self) -> int | None:
+        """The attached QEMU's pid."""
+        return self._attached_pid
+
+    def stop(self) -> None:
+        """Quit QEMU over QMP and wait for it to exit (swtpm exits with it)."""
+        super().stop()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while Path(f"/proc/{self._attached_pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        shutil.rmtree(self.paths.run_dir, ignore_errors=True)  # the sockets of `vm start`
+
+
+def attach(vm_dir: Path) -> AttachedVm:
+    """The running VM in ``vm_dir`` as a migration source."""
+    return AttachedVm(load_record(vm_dir), vm_dir)
+
+
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 free right now (for the destination to listen on)."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 def _qemu_destination(record: VmRecord, dest_dir: Path) -> QemuVm:
     return QemuVm(record.spec(dest_dir), dest_dir / "state")
 
@@ -201,9 +250,12 @@ def _hand_back(
 
 
 __all__ = [
+    "AttachedVm",
     "DestinationFactory",
     "MigrationRefusedError",
     "MigrationResult",
+    "attach",
+    "free_local_port",
     "migrate_vm",
     "migration_psk",
 ]
