@@ -171,7 +171,8 @@ def _vm(*args: str, code: int = 0) -> str:
 def test_vm_migrate_through_the_agents_of_both_hosts(
     vm_fabric: VmFabric, guest: Guest, tmp_path: Path
 ) -> None:
-    """`vm start` on A, `vm migrate --to C` refused (its agent cannot attest), `--to B` moves it."""
+    """`vm start` on A; `vm migrate --to C` refused (its agent cannot attest); `--to B` moves it;
+    `vm checkpoint` and `vm restore` on B keep the boot."""
     configs = {h: _agent_config(tmp_path, vm_fabric, h, register=h != "cli-c") for h in
                ("cli-a", "cli-b", "cli-c")}  # fmt: skip
     services = [AgentService(build_agent(load_config(c))).start() for c in configs.values()]
@@ -197,6 +198,11 @@ def test_vm_migrate_through_the_agents_of_both_hosts(
         assert parse_page(fetch(port))["boot_id"] == boot_id
         assert "cli-mig\tshielded\trunning" in _vm("list", "--vms", str(vms["cli-b"]))
         assert not (vms["cli-a"] / "cli-mig").exists()
+        on_b = ("--vms", str(vms["cli-b"]), "--config", str(configs["cli-b"]))
+        assert "checkpointed" in _vm("checkpoint", "cli-mig", *on_b)
+        assert "cli-mig\tshielded\toff" in _vm("list", "--vms", str(vms["cli-b"]))
+        assert "restored" in _vm("restore", "cli-mig", *on_b)
+        assert parse_page(fetch(port))["boot_id"] == boot_id
     finally:
         for directory in vms.values():
             power_off(directory / "cli-mig")

@@ -23,10 +23,12 @@ from guardfab.files import read_bounded
 from guardfab.formats.shielding_data import MAX_SHIELDING_DATA_BYTES, SecurityPolicy
 from guardfab.host.config import config_path, load_config
 from guardfab.host.localapi import AgentClient
+from guardfab.hypervisor.checkpoint import checkpoint_vm, restore_vm
 from guardfab.hypervisor.migrate import attach, free_local_port, migrate_vm
 from guardfab.hypervisor.power import power_off, power_on, running_pid
 from guardfab.hypervisor.provision import ProvisionRequest, VmRecord, load_record, provision
-from guardfab.hypervisor.spec import DirectKernel
+from guardfab.hypervisor.spec import DirectKernel, VmSpec
+from guardfab.hypervisor.vm import QemuVm, VmRuntime
 
 _file = click.Path(dir_okay=False, exists=True, path_type=Path)
 _MAX_SMALL = 1024 * 1024
@@ -188,6 +190,32 @@ def migrate(
         f"{stats.total_time_ms} ms, downtime {stats.downtime_ms} ms)"
     )
     emit(as_json, data, text)
+
+
+@vm.command("checkpoint")
+@click.argument("name")
+@vms_option
+@config_option
+@handle_errors
+def checkpoint(name: str, vms_dir: Path, config_file: Path | None) -> None:
+    """Save running VM NAME's state, encrypted, beside it, and stop it."""
+    path = checkpoint_vm(attach(vms_dir / name), vms_dir / name, _agent(config_file))
+    click.echo(f"VM {name} checkpointed to {path} ({path.stat().st_size} bytes) and stopped")
+
+
+def _qemu(spec: VmSpec, state_dir: Path) -> VmRuntime:
+    return QemuVm(spec, state_dir)
+
+
+@vm.command("restore")
+@click.argument("name")
+@vms_option
+@config_option
+@handle_errors
+def restore(name: str, vms_dir: Path, config_file: Path | None) -> None:
+    """Start VM NAME from its checkpoint with keys the KPS releases to this host."""
+    runtime = restore_vm(vms_dir / name, _agent(config_file), _qemu)
+    click.echo(f"VM {name} restored (QEMU pid {runtime.pid})")
 
 
 def _summary(record: VmRecord, vms_dir: Path) -> dict[str, Any]:
