@@ -21,7 +21,7 @@ from guardfab.hypervisor.checkpoint import (
     encrypt_stream,
     restore_vm,
 )
-from guardfab.hypervisor.power import power_on, running_pid
+from guardfab.hypervisor.power import PowerOnRefusedError, power_on, running_pid
 from guardfab.hypervisor.provision import DISK_IDS, provision
 from guardfab.hypervisor.spec import VmSpec
 from guardfab.hypervisor.vault import VaultContents
@@ -120,6 +120,10 @@ def test_checkpoint_stop_restore_keeps_the_boot(
         size = path.stat().st_size
         assert size > 1_000_000
         assert find_in_files([vm_dir], tenant.needles()) == []
+        with pytest.raises(PowerOnRefusedError, match="no keys were released"):
+            restore_vm(vm_dir, vm_fabric.unattested_host("ckpt-rogue"), factory)
+        assert len(made) == 1
+        assert (vm_dir / CHECKPOINT_FILE).exists()
         restored = restore_vm(vm_dir, vm_fabric.key_source(), factory)
         page = parse_page(fetch(port))
         print(f"\ncheckpoint {size / 1e6:.0f} MB, restored: {restored.status()}")

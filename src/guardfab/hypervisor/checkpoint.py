@@ -171,26 +171,34 @@ def _wait(vm: QemuVm, done: set[str], what: str) -> str:
 
 def save_state(vm: QemuVm, path: Path, contents: VaultContents) -> None:
     """Stream the running ``vm``'s state, encrypted, to ``path`` (temp file + rename)."""
-    read_fd, write_fd = os.pipe()
     temp = path.with_name(path.name + ".tmp")
-    with os.fdopen(read_fd, "rb") as reader, temp.open("wb") as out:
-        temp.chmod(0o600)
+    temp.unlink(missing_ok=True)
+    try:
+        _save_to(vm, temp, contents)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    temp.rename(path)
+
+
+def _save_to(vm: QemuVm, temp: Path, contents: VaultContents) -> None:
+    read_fd, write_fd = os.pipe()
+    out_fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(read_fd, "rb") as reader, os.fdopen(out_fd, "wb") as out:
         pump = _Pump(lambda: encrypt_stream(reader, out, contents, vm.spec.name))
         pump.start()
         try:
             vm.qmp.execute("migrate-set-parameters", {"tls-creds": ""})
             vm.qmp.execute("getfd", {"fdname": _FD_NAME}, fds=[write_fd])
         finally:
-            os.close(write_fd)  # QEMU holds its own copy now
+            os.close(write_fd)  # QEMU holds its own copy now (and closes it when done)
         vm.qmp.execute("migrate", {"uri": f"fd:{_FD_NAME}"})
         _wait(vm, {"completed"}, "checkpoint")
         pump.join(TIMEOUT)
         out.flush()
         os.fsync(out.fileno())
-    if pump.error is not None:
-        temp.unlink(missing_ok=True)
-        raise CheckpointError(f"checkpoint of VM {vm.spec.name}: {pump.error}")
-    temp.rename(path)
+    if pump.is_alive() or pump.error is not None:
+        raise CheckpointError(f"checkpoint of VM {vm.spec.name}: {pump.error or 'not written'}")
 
 
 def load_state(vm: QemuVm, path: Path, contents: VaultContents) -> None:
