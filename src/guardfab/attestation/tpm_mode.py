@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import hashlib
 import hmac
 from collections.abc import Mapping
 
@@ -48,6 +49,7 @@ from guardfab.attestation.result import (
 from guardfab.attestation.summary import FactRecord, HostSummary, fact_record, quoted_events
 from guardfab.attestation.trust import AttestationMode, TrustState, ek_digest
 from guardfab.errors import FormatError, GuardfabError, VerificationError
+from guardfab.formats.guardian import VerifiedCache
 from guardfab.tpm.constants import TpmAlg, TpmaObject
 from guardfab.tpm.eventlog import EventLog, parse_event_log
 from guardfab.tpm.quote import (
@@ -243,25 +245,68 @@ def _verify_quote(
         raise
 
 
+#: Parsed logs kept, keyed by the SHA-256 of their bytes (a host sends the same
+#: log on every attestation until it reboots); larger logs are parsed every time.
+LOG_CACHE_SIZE = 64
+LOG_CACHE_MAX_BYTES = 512 * 1024
+
+
+class _ParsedLog:
+    """What the log's bytes alone determine: parse, SHA-256 replay and facts.
+
+    Pure functions of the bytes, so they are computed once per distinct log
+    and shared; everything that depends on the quote or the trust (which PCRs
+    must match, what policies read) is still checked on every attestation.
+    """
+
+    __slots__ = ("_facts", "initial", "log", "replayed")
+
+    def __init__(self, log: EventLog) -> None:
+        self.log = log
+        self.replayed: Mapping[int, bytes] = log.replay([_SHA256])[_SHA256]
+        self.initial = log.initial_pcrs(_SHA256)
+        self._facts: dict[str, FactRecord] | None = None
+
+    def facts(self) -> dict[str, FactRecord]:
+        """The log's SHA-256 facts as records (a fresh dict: callers add their own)."""
+        if self._facts is None:
+            self._facts = {n: fact_record(f) for n, f in self.log.facts(_SHA256).items()}
+        return dict(self._facts)
+
+
+_PARSED: VerifiedCache[bytes, _ParsedLog] = VerifiedCache(LOG_CACHE_SIZE)
+
+
+def _parsed_log(data: bytes) -> _ParsedLog:
+    """Parse and replay ``data``, or find it already parsed (same SHA-256, same bytes)."""
+    cacheable = len(data) <= LOG_CACHE_MAX_BYTES
+    key = hashlib.sha256(data).digest() if cacheable else b""
+    parsed = _PARSED.get(key) if cacheable else None
+    if parsed is None:
+        try:
+            log = parse_event_log(data)
+        except FormatError as exc:
+            raise Refusal.of("event-log-format", _INVALID, exc) from exc
+        if _SHA256 not in log.replayable_banks:
+            raise Refusal.of("event-log-format", _INVALID, "the event log has no SHA-256 bank")
+        parsed = _ParsedLog(log)
+        if cacheable:
+            _PARSED.put(key, parsed)
+    return parsed
+
+
 def _replayed_log(
     evidence: TpmEvidence, quoted: Mapping[int, bytes], trust: TrustState
-) -> EventLog:
+) -> _ParsedLog:
     """Parse and replay the log; it must reproduce every quoted PCR it touches."""
-    try:
-        log = parse_event_log(evidence.event_log)
-    except FormatError as exc:
-        raise Refusal.of("event-log-format", _INVALID, exc) from exc
-    if _SHA256 not in log.replayable_banks:
-        raise Refusal.of("event-log-format", _INVALID, "the event log has no SHA-256 bank")
-    replayed = log.replay([_SHA256])[_SHA256]
-    initial = log.initial_pcrs(_SHA256)
+    parsed = _parsed_log(evidence.event_log)
     wrong = []
     for pcr, value in quoted.items():
-        expected = replayed.get(pcr)
+        expected = parsed.replayed.get(pcr)
         if expected is None:
             if pcr not in trust.quote_pcrs:
                 continue  # a PCR the firmware log does not cover (e.g. IMA's PCR 10)
-            expected = initial[pcr]
+            expected = parsed.initial[pcr]
         if not hmac.compare_digest(expected, value):
             wrong.append(f"PCR {pcr}: log {expected.hex()[:16]}..., quote {value.hex()[:16]}...")
     if wrong:
@@ -269,19 +314,24 @@ def _replayed_log(
             "the event log does not replay to the quoted PCRs (" + "; ".join(wrong) + ")"
         )
         raise Refusal.of("event-log-replay", _INVALID, error)
-    return log
+    return parsed
 
 
 # --------------------------------------------------------------------------- facts
 
 
 def _summarize(
-    host_id: str, log: EventLog, quote: VerifiedQuote, trust: TrustState, now: datetime.datetime
+    host_id: str,
+    parsed: _ParsedLog,
+    quote: VerifiedQuote,
+    trust: TrustState,
+    now: datetime.datetime,
 ) -> HostSummary:
     """The verified record: quoted PCRs, their events, and the facts policies read."""
+    log = parsed.log
     pcrs = quote.pcrs[_SHA256]
     events = quoted_events(log, pcrs)
-    facts = {name: fact_record(fact) for name, fact in log.facts(_SHA256).items()}
+    facts = parsed.facts()
     clock = quote.attest.clock_info
     facts["resumed"] = FactRecord(
         clock.restart_count != 0,
