@@ -159,6 +159,11 @@ class AttachedVm(QemuVm):
         """The attached QEMU's pid."""
         return self._attached_pid
 
+    @property
+    def running(self) -> bool:
+        """Whether the attached QEMU is still alive."""
+        return Path(f"/proc/{self._attached_pid}").exists() and self._qmp is not None
+
     def stop(self) -> None:
         """Quit QEMU over QMP and wait for it to exit (swtpm exits with it)."""
         super().stop()
