@@ -3,8 +3,9 @@
 One real boot (TCG, OVMF secure boot, the tiny guest) on host A. Host B is a
 second registered, attested host with its own key and certificate; host C's
 only certificate has expired. Both "hosts" run here: two VM directories, two
-QEMUs, ports on 127.0.0.1. Order matters: C is refused first (the VM must stay
-on A), then A moves to B.
+QEMUs, ports on 127.0.0.1. One ordered scenario on that boot (so it holds under
+xdist too): C is refused (the VM stays on A), A moves to B, then B to D with a
+failure after the hand-over (the VM stays at D). The CLI test boots its own VM.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from guardfab.host.keys import load_or_create_key
 from guardfab.host.localapi import AgentClient
 from guardfab.host.service import AgentService, build_agent
 from guardfab.hypervisor.accel import Accelerator
+from guardfab.hypervisor.errors import HypervisorError
 from guardfab.hypervisor.migrate import DestinationFactory, MigrationRefusedError, migrate_vm
+from guardfab.hypervisor.migration import MigrationError
 from guardfab.hypervisor.power import RuntimeFactory, power_off, power_on, running_pid
 from guardfab.hypervisor.provision import VmRecord, provision
 from guardfab.hypervisor.spec import VmSpec
@@ -102,7 +105,7 @@ def _destination(accelerator: Accelerator, made: list[QemuVm]) -> DestinationFac
     return make
 
 
-def test_an_unattested_destination_is_refused_and_the_vm_stays(
+def _unattested_destination_is_refused_and_the_vm_stays(
     vm_fabric: VmFabric, on_a: OnHostA, accelerator: Accelerator
 ) -> None:
     store = VaultStore(on_a.dir("a") / "keys")
@@ -124,7 +127,7 @@ def test_an_unattested_destination_is_refused_and_the_vm_stays(
     assert parse_page(fetch(on_a.port))["boot_id"] == on_a.boot_id
 
 
-def test_migrate_a_to_b_keeps_the_page_and_the_boot(
+def _migrate_a_to_b_keeps_the_page_and_the_boot(
     vm_fabric: VmFabric, on_a: OnHostA, accelerator: Accelerator
 ) -> None:
     source = on_a.made[0]
@@ -208,3 +211,40 @@ def test_vm_migrate_through_the_agents_of_both_hosts(
             power_off(directory / "cli-mig")
         for service in services:
             service.stop()
+
+
+class _NoForward(QemuVm):
+    def forward_host_port(self) -> None:
+        raise HypervisorError("port 1 is taken (simulated)")
+
+
+def _a_failure_after_the_hand_over_leaves_the_vm_at_the_destination(
+    vm_fabric: VmFabric, on_a: OnHostA, accelerator: Accelerator
+) -> None:
+    """B->D whose port forward fails once the guest runs at D."""
+    source = on_a.made[-1]
+
+    def make(record: VmRecord, vm_dir: Path) -> QemuVm:
+        on_a.made.append(_NoForward(record.spec(vm_dir), vm_dir / "state", accel=accelerator,
+                                    die_with_parent=True))  # fmt: skip
+        return on_a.made[-1]
+
+    with pytest.raises(MigrationError, match=r"moved to .* and runs there, but: port 1"):
+        migrate_vm(source, on_a.dir("b"), on_a.dir("d"), vm_fabric.other_host("host-d"),
+                   port=vm_harness.free_port(), factory=make)  # fmt: skip
+    assert not source.running
+    assert on_a.made[-1].status() == "running"
+    assert not on_a.dir("b").exists()
+    store = VaultStore(on_a.dir("d") / "keys")
+    assert store.pending() is None
+    assert load_key_protector(store.committed().kp).generation == 4
+    assert running_pid(on_a.dir("d")) == on_a.made[-1].pid
+
+
+def test_c_refused_then_a_to_b_then_a_failure_after_the_hand_over(
+    vm_fabric: VmFabric, on_a: OnHostA, accelerator: Accelerator
+) -> None:
+    """One scenario, in order (each step needs the VM where the one before left it)."""
+    _unattested_destination_is_refused_and_the_vm_stays(vm_fabric, on_a, accelerator)
+    _migrate_a_to_b_keeps_the_page_and_the_boot(vm_fabric, on_a, accelerator)
+    _a_failure_after_the_hand_over_leaves_the_vm_at_the_destination(vm_fabric, on_a, accelerator)

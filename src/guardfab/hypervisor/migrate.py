@@ -58,6 +58,7 @@ from guardfab.hypervisor.errors import HypervisorError
 from guardfab.hypervisor.migration import (
     PSK_SIZE,
     IncomingMigration,
+    MigrationError,
     MigrationStats,
     live_migrate,
 )
@@ -204,7 +205,9 @@ def migrate_vm(
     Raises:
         MigrationRefusedError: the destination got no keys (nothing sent or written).
         UsageError: the destination exists already, or cannot reach the disks.
-        MigrationError: the stream failed; the VM runs on at the source.
+        MigrationError: the stream failed and the VM runs on at the source; or, if the
+            message says so, the VM moved and runs at the destination but a last step
+            (its port forward) failed.
     """
     record = load_record(source_dir)
     if dest_dir.exists():
@@ -213,34 +216,73 @@ def migrate_vm(
     released = _destination_release(store, dest_keys, record.name)
     contents = open_vault(store.committed().vault, released.old_transport_key, vm_name=record.name)
     psk = migration_psk(released.old_transport_key, secrets.token_bytes(SALT_SIZE), record.name)
+    dest: QemuVm | None = None
     try:
         _prepare_destination(record, source_dir, dest_dir)
         dest = factory(record, dest_dir)
         stats = _stream(source, dest, psk, contents, port)
-    except BaseException:
-        shutil.rmtree(dest_dir, ignore_errors=True)
-        _hand_back(store, contents, released, record.name)
-        raise
+    except BaseException as exc:
+        if dest is None or not isinstance(exc, HypervisorError) or not _landed(source, dest):
+            if dest is not None:
+                dest.stop()
+            shutil.rmtree(dest_dir, ignore_errors=True)
+            _hand_back(store, contents, released, record.name)
+            raise
+        _take_over(
+            record.name,
+            dest,
+            source_dir=source_dir,
+            dest_dir=dest_dir,
+            contents=contents,
+            released=released,
+        )
+        raise MigrationError(
+            f"VM {record.name!r} moved to {dest_dir} and runs there, but: {exc}"
+        ) from exc
+    _take_over(
+        record.name,
+        dest,
+        source_dir=source_dir,
+        dest_dir=dest_dir,
+        contents=contents,
+        released=released,
+    )
+    return MigrationResult(record.name, dest_dir, stats, dest)
+
+
+def _landed(source: QemuVm, dest: QemuVm) -> bool:
+    """Whether the hand-over happened: the source is gone and the guest runs at ``dest``."""
+    try:
+        return not source.running and dest.running and dest.status() == "running"
+    except HypervisorError:
+        return False
+
+
+def _take_over(
+    name: str,
+    dest: QemuVm,
+    *,
+    source_dir: Path,
+    dest_dir: Path,
+    contents: VaultContents,
+    released: ReleasedKeys,
+) -> None:
+    """The destination owns the VM: its pair committed, the source's directory gone."""
     dest_store = VaultStore(dest_dir / "keys")
-    sealed = seal_vault(contents, released.new_transport_key, vm_name=record.name)
+    sealed = seal_vault(contents, released.new_transport_key, vm_name=name)
     dest_store.commit(dest_store.write_pending(sealed, released.egress_kp).number)
     _record_run(dest_dir, dest)
     (source_dir / RUN_FILE).unlink(missing_ok=True)
     shutil.rmtree(source_dir, ignore_errors=True)
-    return MigrationResult(record.name, dest_dir, stats, dest)
 
 
 def _stream(
     source: QemuVm, dest: QemuVm, psk: bytes, contents: VaultContents, port: int
 ) -> MigrationStats:
-    try:
-        dest.start(contents.vm_keys(), incoming=True)
-        incoming = IncomingMigration(dest, psk, port)
-        incoming.listen()
-        return live_migrate(source, incoming, psk, contents.disks)
-    except BaseException:
-        dest.stop()
-        raise
+    dest.start(contents.vm_keys(), incoming=True)
+    incoming = IncomingMigration(dest, psk, port)
+    incoming.listen()
+    return live_migrate(source, incoming, psk, contents.disks)
 
 
 def _hand_back(
