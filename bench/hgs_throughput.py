@@ -362,10 +362,12 @@ class Result:
         rate = f"{self.rate:,.0f}"
         # HGS CPU per operation: average cores over the phase / rate. Unlike the rate,
         # it barely moves with what the other processes on the machine are doing.
+        # Two decimals: one is 5-8 % of a value, coarser than the changes it judges.
         per_op = self.server_cpu / self.seconds * 1e3 / self.rate if self.rate else None
+        per_op_text = "-" if per_op is None else f"{per_op:.2f}"
         return [
             self.name, rate, ms(self.p50_ms), ms(self.p99_ms), self.note or "-",
-            str(self.errors), cores, ms(per_op), load, f"{self.other_cpu / self.seconds:.2f}",
+            str(self.errors), cores, per_op_text, load, f"{self.other_cpu / self.seconds:.2f}",
         ]  # fmt: skip
 
 
