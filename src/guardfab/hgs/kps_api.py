@@ -132,7 +132,9 @@ def add_kps_routes(app: FastAPI) -> None:
 
 def _host_routes(app: FastAPI) -> None:
     @app.post("/keyprotection/v1/release", tags=["key protection"])
-    def release(request: Request, body: ReleaseRequest) -> dict[str, Any]:
+    # On the event loop, like attest: the thread-pool hop cost ~0.27 ms of ~2 ms per
+    # release (measured in process); the store transaction is sub-millisecond.
+    async def release(request: Request, body: ReleaseRequest) -> dict[str, Any]:
         """Release a VM's keys to a host with a valid health certificate; re-key its KP."""
         result = kps_of(request).release(body.health_certificate, body.key_protector)
         return result.to_response()
