@@ -24,8 +24,6 @@ import sys
 from pathlib import Path
 
 import atheris
-from cryptography.hazmat.primitives.asymmetric import ec
-from joserfc.jwk import ECKey
 
 with atheris.instrument_imports():
     from guardfab.formats import jose
@@ -40,32 +38,16 @@ with atheris.instrument_imports():
     )
     from guardfab.tenant.guardians import GuardianKeys
 
-from fuzz_common import expect_only_invalid_input
+from fuzz_common import expect_only_invalid_input, fixed_guardian, fixed_key
 
-
-def _fixed_key(seed: int) -> ECKey:
-    return ECKey.import_key(ec.derive_private_key(seed, ec.SECP256R1()))
-
-
-def _fixed_guardian(name: str, kind: GuardianKind, seed: int) -> GuardianKeys:
-    signing, encryption = _fixed_key(seed), _fixed_key(seed + 1)
-    guardian = Guardian(
-        name=name,
-        kind=kind,
-        signing_key=jose.import_public_jwk(jose.public_jwk(signing), what="fuzz"),
-        encryption_key=jose.import_public_jwk(jose.public_jwk(encryption), what="fuzz"),
-    )
-    return GuardianKeys(guardian, signing, encryption)
-
-
-OWNER = _fixed_guardian("owner", GuardianKind.TENANT, 0x5EED_0001)
-KPS = _fixed_guardian("kps", GuardianKind.KPS, 0x5EED_0003)
-COTENANT = _fixed_guardian("cotenant", GuardianKind.TENANT, 0x5EED_0005)
+OWNER = fixed_guardian("owner", GuardianKind.TENANT, 0x5EED_0001)
+KPS = fixed_guardian("kps", GuardianKind.KPS, 0x5EED_0003)
+COTENANT = fixed_guardian("cotenant", GuardianKind.TENANT, 0x5EED_0005)
 
 
 def _rotated(keys: GuardianKeys, seed: int) -> KpsKeys:
     """The fixed KPS at key generation 1 (a fixed new encryption key), holding both."""
-    encryption = _fixed_key(seed)
+    encryption = fixed_key(seed)
     guardian = Guardian(
         name=keys.guardian.name,
         kind=GuardianKind.KPS,

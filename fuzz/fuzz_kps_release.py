@@ -25,43 +25,25 @@ import sys
 from pathlib import Path
 
 import atheris
-from cryptography.hazmat.primitives.asymmetric import ec
-from joserfc.jwk import ECKey
 
 with atheris.instrument_imports():
     from guardfab.formats import jose
     from guardfab.formats.encoding import b64url_decode, b64url_encode
-    from guardfab.formats.guardian import Guardian, GuardianKind, sign_guardian_document
+    from guardfab.formats.guardian import GuardianKind, sign_guardian_document
     from guardfab.formats.health_certificate import HealthCertificate, issue_health_certificate
     from guardfab.formats.key_protector import create_key_protector, load_key_protector, rekey
     from guardfab.keyprotection import release, unwrap_release
     from guardfab.keyprotection.release import RELEASE_JWS_TYPE
-    from guardfab.tenant.guardians import GuardianKeys
 
-from fuzz_common import expect_only_invalid_input
+from fuzz_common import expect_only_invalid_input, fixed_guardian, fixed_key
 
 NOW = 1_800_000_000
 
 
-def _fixed_key(seed: int) -> ECKey:
-    return ECKey.import_key(ec.derive_private_key(seed, ec.SECP256R1()))
-
-
-def _fixed_guardian(name: str, kind: GuardianKind, seed: int) -> GuardianKeys:
-    signing, encryption = _fixed_key(seed), _fixed_key(seed + 1)
-    guardian = Guardian(
-        name=name,
-        kind=kind,
-        signing_key=jose.import_public_jwk(jose.public_jwk(signing), what="fuzz"),
-        encryption_key=jose.import_public_jwk(jose.public_jwk(encryption), what="fuzz"),
-    )
-    return GuardianKeys(guardian, signing, encryption)
-
-
-OWNER = _fixed_guardian("owner", GuardianKind.TENANT, 0x5EED_0101)
-KPS = _fixed_guardian("kps", GuardianKind.KPS, 0x5EED_0103)
-SIGNER = _fixed_key(0x5EED_0105)
-HOST = _fixed_key(0x5EED_0106)
+OWNER = fixed_guardian("owner", GuardianKind.TENANT, 0x5EED_0101)
+KPS = fixed_guardian("kps", GuardianKind.KPS, 0x5EED_0103)
+SIGNER = fixed_key(0x5EED_0105)
+HOST = fixed_key(0x5EED_0106)
 TRUSTED = {jose.thumbprint(SIGNER): SIGNER}
 #: The ingress KP of the fixed egress (made once; KPs are randomized, so not from constants).
 _INGRESS, _ = create_key_protector(OWNER, [sign_guardian_document(KPS.guardian, KPS.signing_key)])

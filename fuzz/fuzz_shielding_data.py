@@ -24,13 +24,11 @@ import sys
 from pathlib import Path
 
 import atheris
-from cryptography.hazmat.primitives.asymmetric import ec
-from joserfc.jwk import ECKey
 
 with atheris.instrument_imports():
     from guardfab.formats import jose
     from guardfab.formats.encoding import b64url_decode
-    from guardfab.formats.guardian import Guardian, GuardianKind, sign_guardian_document
+    from guardfab.formats.guardian import GuardianKind, sign_guardian_document
     from guardfab.formats.shielding_data import (
         PDK_JWS_TYPE,
         SecurityPolicy,
@@ -47,29 +45,12 @@ with atheris.instrument_imports():
         ShieldingSecrets,
     )
     from guardfab.formats.template import DiskVersion, PublisherKey, VersionRule, VolumeIdQualifier
-    from guardfab.tenant.guardians import GuardianKeys
 
-from fuzz_common import expect_only_invalid_input
+from fuzz_common import expect_only_invalid_input, fixed_guardian, fixed_key
 
-
-def _fixed_key(seed: int) -> ECKey:
-    return ECKey.import_key(ec.derive_private_key(seed, ec.SECP256R1()))
-
-
-def _fixed_guardian(name: str, kind: GuardianKind, seed: int) -> GuardianKeys:
-    signing, encryption = _fixed_key(seed), _fixed_key(seed + 1)
-    guardian = Guardian(
-        name=name,
-        kind=kind,
-        signing_key=jose.import_public_jwk(jose.public_jwk(signing), what="fuzz"),
-        encryption_key=jose.import_public_jwk(jose.public_jwk(encryption), what="fuzz"),
-    )
-    return GuardianKeys(guardian, signing, encryption)
-
-
-OWNER = _fixed_guardian("owner", GuardianKind.TENANT, 0x9D0_0001)
-FABRIC = _fixed_guardian("fabric", GuardianKind.KPS, 0x9D0_0003)
-FABRIC2 = _fixed_guardian("fabric2", GuardianKind.KPS, 0x9D0_0005)
+OWNER = fixed_guardian("owner", GuardianKind.TENANT, 0x9D0_0001)
+FABRIC = fixed_guardian("fabric", GuardianKind.KPS, 0x9D0_0003)
+FABRIC2 = fixed_guardian("fabric2", GuardianKind.KPS, 0x9D0_0005)
 GUARDIANS = (OWNER, FABRIC, FABRIC2)
 
 
@@ -104,7 +85,7 @@ def test_one_input(data: bytes) -> None:
 
 def _seed_files() -> dict[str, bytes]:
     qualifier = VolumeIdQualifier(
-        PublisherKey.from_key(_fixed_key(0x9D0_0007)),
+        PublisherKey.from_key(fixed_key(0x9D0_0007)),
         "ws2022",
         DiskVersion(10, 0, 20348, 1),
         VersionRule.GREATER_THAN_OR_EQUAL,
