@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -63,3 +64,28 @@ def read_bounded(path: Path, *, limit: int, what: str) -> bytes:
     if len(data) > limit:
         raise FormatError(f"{what} {path} is larger than the limit of {limit} bytes")
     return data
+
+
+def create_directory_atomically(target: Path, files: dict[str, tuple[bytes, int]]) -> None:
+    """Create ``target`` holding ``files`` (name -> (data, mode)), completely or not at all.
+
+    The files are written into a 0700 staging directory beside ``target``, which is
+    renamed into place last; any failure removes the staging directory.
+
+    Raises:
+        UsageError: ``target`` already exists.
+    """
+    target = Path(target)
+    if target.exists():
+        raise UsageError(f"{target} already exists")
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    staging = target.parent / f".{target.name}.new"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(mode=0o700)
+    try:
+        for filename, (data, mode) in files.items():
+            atomic_write(staging / filename, data, mode=mode)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

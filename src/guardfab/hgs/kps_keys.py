@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import stat
 import time
 from collections.abc import Sequence
@@ -38,7 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from guardfab.errors import FormatError, UsageError
-from guardfab.files import PRIVATE, PUBLIC, atomic_write, read_bounded
+from guardfab.files import (
+    PRIVATE,
+    PUBLIC,
+    atomic_write,
+    create_directory_atomically,
+    read_bounded,
+)
 from guardfab.formats import jose, keyfiles
 from guardfab.formats.guardian import (
     MAX_GUARDIAN_BYTES,
@@ -203,20 +208,9 @@ class KpsKeyDirectory:
         return self.load(key_id)
 
     def _write_new(self, key_id: str, files: dict[str, tuple[bytes, int]]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        target = self.root / key_id
-        if target.exists():
+        if (self.root / key_id).exists():
             raise UsageError(f"KPS key {key_id} already exists")
-        staging = self.root / f".{key_id}.new"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(mode=0o700)
-        try:
-            for filename, (data, mode) in files.items():
-                atomic_write(staging / filename, data, mode=mode)
-            staging.rename(target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        create_directory_atomically(self.root / key_id, files)
 
     def ids(self) -> list[str]:
         """Ids of the complete key directories, sorted."""

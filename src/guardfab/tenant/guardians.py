@@ -12,12 +12,11 @@ Imported guardians (another fabric's HGS, a co-owner) have only the public docum
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from guardfab.errors import FormatError, UsageError
-from guardfab.files import PRIVATE, PUBLIC, atomic_write, read_bounded
+from guardfab.files import PRIVATE, PUBLIC, create_directory_atomically, read_bounded
 from guardfab.formats import jose, keyfiles
 from guardfab.formats.guardian import (
     MAX_GUARDIAN_BYTES,
@@ -104,17 +103,7 @@ class GuardianStore:
         target = self._dir(name)
         if target.exists():
             raise UsageError(f"a guardian named {name!r} already exists", hint="pick another name")
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        staging = self.root / f".{name}.new"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(mode=0o700)
-        try:
-            for filename, (data, mode) in files.items():
-                atomic_write(staging / filename, data, mode=mode)
-            staging.rename(target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        create_directory_atomically(target, files)
 
     def names(self) -> list[str]:
         """Names of all stored guardians, sorted."""
