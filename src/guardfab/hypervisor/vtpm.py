@@ -108,7 +108,7 @@ class Swtpm:
     def _wait_listening(self) -> None:
         assert self._process is not None
         deadline = time.monotonic() + START_TIMEOUT
-        while not self.ctrl_socket.exists():
+        while not _unix_socket_listening(self.ctrl_socket):
             status = self._process.poll()
             if status is not None:
                 self._process = None
@@ -147,3 +147,25 @@ class Swtpm:
                 os.killpg(process.pid, signal.SIGTERM)
         stop_group(process, STOP_TIMEOUT)
         self.ctrl_socket.unlink(missing_ok=True)
+
+
+#: ``__SO_ACCEPTCON`` in /proc/net/unix's Flags column: the socket is listening.
+_ACCEPTCON = 0x10000
+
+
+def _unix_socket_listening(path: Path) -> bool:
+    """Whether a Unix socket at ``path`` is listening, without connecting to it.
+
+    The socket file appears at bind(), before listen(): waiting for the file alone
+    raced with swtpm (a connect in between is refused). A probe connection is no
+    option either, since swtpm runs with --terminate and would exit when it closes.
+    """
+    if not path.exists():
+        return False
+    target = str(path)
+    with contextlib.suppress(OSError), Path("/proc/net/unix").open(encoding="utf-8") as table:
+        for line in table:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == target:
+                return bool(int(fields[3], 16) & _ACCEPTCON)
+    return False
