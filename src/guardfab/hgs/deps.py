@@ -1,5 +1,8 @@
 """What every HGS route module shares: the service lookup, access roles, strict bodies.
 
+Roles and strict bodies are the shared :mod:`guardfab.access.bearer`, bound here
+to the HGS's access table.
+
 Kept apart from :mod:`guardfab.hgs.app` so the route modules (admin, key
 protection) and the app factory can import it without importing each other.
 """
@@ -7,25 +10,15 @@ protection) and the app factory can import it without importing each other.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated
 
-from fastapi import FastAPI, Header, Request
-from pydantic import BaseModel, ConfigDict
+from fastapi import FastAPI, Request
 
-from guardfab.errors import NotAuthorizedError
+from guardfab.access import bearer
+from guardfab.access.bearer import MissingCredentialError, Strict
+from guardfab.access.tokens import AccessTable
 from guardfab.hgs.service import HgsService
 
-
-class Strict(BaseModel):
-    """Request bodies reject unknown fields."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class MissingCredentialError(NotAuthorizedError):
-    """No bearer token on an admin request."""
-
-    hint = "send 'Authorization: Bearer <token>' with an HGS admin or reviewer token"
+_MISSING_HINT = "send 'Authorization: Bearer <token>' with an HGS admin or reviewer token"
 
 
 def service_of_app(app: FastAPI) -> HgsService:
@@ -39,19 +32,24 @@ def service_of(request: Request) -> HgsService:
     return service_of_app(request.app)
 
 
+def _access_of(request: Request) -> AccessTable:
+    return service_of(request).access
+
+
 def require_role(*roles: str) -> Callable[..., str]:
     """A dependency that admits only bearer tokens of ``roles``; returns the role."""
-
-    def dependency(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
-        if not authorization or not authorization.startswith("Bearer "):
-            raise MissingCredentialError("an HGS access token is required")
-        role = service_of(request).access.role_of(authorization.removeprefix("Bearer ").strip())
-        if role not in roles:
-            raise NotAuthorizedError(f"the {role} role may not do this")
-        return role
-
-    return dependency
+    return bearer.require_role(_access_of, *roles, what="an HGS access token", hint=_MISSING_HINT)
 
 
 ADMIN = require_role("admin")
 READER = require_role("admin", "reviewer")
+
+__all__ = [
+    "ADMIN",
+    "READER",
+    "MissingCredentialError",
+    "Strict",
+    "require_role",
+    "service_of",
+    "service_of_app",
+]

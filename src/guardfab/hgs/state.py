@@ -14,14 +14,13 @@ Layout (``guardfab hgs init --dir D``)::
     D/state.db                         the embedded SQLite store
 
 The directory is created complete or not at all: it is built under a temporary
-name and renamed into place.
+name and renamed into place. Tokens and TLS material come from the shared
+:mod:`guardfab.access` (the guarded-host agent's management API uses the same).
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
-import hmac
 import json
 import secrets
 import shutil
@@ -30,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guardfab.errors import FormatError, NotAuthorizedError, UsageError
+from guardfab.access.tokens import AccessTable, issue_tokens, token_digest
+from guardfab.errors import FormatError, UsageError
 from guardfab.files import PRIVATE, PUBLIC, atomic_write, read_bounded
 from guardfab.formats import jose, keyfiles
 from guardfab.formats.guardian import KeyAlgorithm
@@ -87,26 +87,6 @@ class HgsConfig:
         return config
 
 
-def token_digest(token: str) -> str:
-    """The stored form of an access token (SHA-256 hex; tokens are 256-bit random)."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-@dataclass(frozen=True)
-class AccessTable:
-    """Which token digest has which role."""
-
-    entries: dict[str, str]
-
-    def role_of(self, token: str) -> str:
-        """The role of ``token``, compared in constant time; raises if unknown."""
-        digest = token_digest(token)
-        for known, role in self.entries.items():
-            if hmac.compare_digest(known, digest):
-                return role
-        raise NotAuthorizedError("unknown or revoked access token")
-
-
 class HgsState:
     """An initialized HGS directory."""
 
@@ -139,8 +119,7 @@ class HgsState:
 
     def access(self) -> AccessTable:
         """The access-token table."""
-        data = json.loads(read_bounded(self.path("access.json"), limit=65536, what="access table"))
-        return AccessTable({e["sha256"]: e["role"] for e in data["tokens"]})
+        return AccessTable.load(self.path("access.json"))
 
     def store_path(self) -> Path:
         """Where the embedded SQLite store lives."""
@@ -194,10 +173,21 @@ def _populate(root: Path, config: HgsConfig, tls: TlsMaterial) -> dict[str, str]
     atomic_write(root / "tls" / "ca.pem", tls.ca_pem, mode=PUBLIC)
     atomic_write(root / "tls" / "server.pem", tls.server_chain_pem, mode=PUBLIC)
     atomic_write(root / "tls" / "server.key", tls.server_key_pem, mode=PRIVATE)
-    tokens = {role: secrets.token_urlsafe(32) for role in ROLES}
+    tokens, table = issue_tokens(ROLES)
     for role, token in tokens.items():
         atomic_write(root / "tokens" / f"{role}.token", token.encode() + b"\n", mode=PRIVATE)
-    table = {"tokens": [{"role": r, "sha256": token_digest(t)} for r, t in tokens.items()]}
-    atomic_write(root / "access.json", json.dumps(table, indent=2).encode(), mode=PRIVATE)
+    atomic_write(root / "access.json", table.to_json(), mode=PRIVATE)
     atomic_write(root / "hgs.json", json.dumps(config.to_dict(), indent=2).encode(), mode=PUBLIC)
     return tokens
+
+
+__all__ = [
+    "CONFIG_VERSION",
+    "ROLES",
+    "AccessTable",
+    "HgsConfig",
+    "HgsState",
+    "default_server_names",
+    "init_state",
+    "token_digest",
+]
