@@ -13,6 +13,10 @@ state and records the outcome. Store layout (canonical JSON values)::
     kps/seen/<kp_id>            {"kps_key", "key_generation", "owner", "generation",
                                  "host_id", "at"}  the KPS key the last egress is wrapped to
 
+A shielding data opening (``POST /keyprotection/v1/shielding-data/open``)
+writes its audit record and nothing else, granted or refused: it consumes no
+generation and changes no state (ADR 0010).
+
 Each release is ONE store transaction: it compares ``kps/generations/<kp_id>``
 with the revision the check read, writes the new generation and the ``seen``
 record, and appends the audit record. Two concurrent releases of the same
@@ -38,15 +42,19 @@ from guardfab.formats import jose
 from guardfab.formats.encoding import b64url_decode
 from guardfab.formats.guardian import KeyAlgorithm
 from guardfab.formats.key_protector import MAX_KP_BYTES, KpsKeys
+from guardfab.formats.shielding_data import MAX_SHIELDING_DATA_BYTES
 from guardfab.hgs.kps_keys import KpsKey, KpsKeyDirectory, key_ring, kps_guardian_name
 from guardfab.hgs.registry import Registry, decode, encode
 from guardfab.hgs.service import HgsService
 from guardfab.keyprotection import (
     KeyProtectorRejectedError,
     KeyReleaseError,
+    OpeningResult,
     ReleaseResult,
     RollbackError,
+    ShieldingDataRejectedError,
     load_signer_keys,
+    open_shielding_data,
     public_signer_jwk,
     release,
 )
@@ -65,6 +73,11 @@ SEEN = "kps/seen/"
 MAX_DENY_BEFORE_SKEW = 60
 #: The base64url text of the largest KP file.
 _MAX_KP_TEXT = (MAX_KP_BYTES * 4) // 3 + 4
+#: The base64url text of the largest shielding data file.
+_MAX_PDK_TEXT = (MAX_SHIELDING_DATA_BYTES * 4) // 3 + 4
+#: Audit record kinds of the two host-facing requests.
+RELEASE_KIND = "key-release"
+OPENING_KIND = "shielding-data-open"
 _AUDIT_MESSAGE_CHARS = 500
 
 
@@ -232,7 +245,7 @@ class KpsService:
         txn.put(SEEN + result.kp_id, encode(seen))
         try:
             self.audit.append(
-                kind="key-release",
+                kind=RELEASE_KIND,
                 actor=_printable(result.host_id),
                 subject=result.kp_id,
                 outcome="granted",
@@ -251,20 +264,54 @@ class KpsService:
             raise refusal from exc
         return result
 
-    def _audit_refusal(self, exc: GuardfabError) -> None:
-        """Audit a refused release: the reason, and the host and KP if already verified."""
-        actor, subject = "unidentified-host", "unidentified-kp"
+    def _audit_refusal(self, exc: GuardfabError, *, kind: str = RELEASE_KIND) -> None:
+        """Audit a refused request: the reason, and the host and KP or PDK if already verified."""
+        opening = kind == OPENING_KIND
+        actor = "unidentified-host"
+        subject = "unidentified-pdk" if opening else "unidentified-kp"
         details: dict[str, Any] = {"reason": "kps-unavailable"}
         if isinstance(exc, KeyReleaseError):
             details["reason"] = exc.reason
             if exc.generation is not None:
                 details["generation"] = exc.generation
             actor = _printable(exc.host_id) if exc.host_id else actor
-            subject = exc.kp_id or subject
+            subject = (exc.pdk_id if opening else exc.kp_id) or subject
         details["message"] = str(exc)[:_AUDIT_MESSAGE_CHARS]
         self.audit.append(
-            kind="key-release", actor=actor, subject=subject, outcome="refused", details=details
+            kind=kind, actor=actor, subject=subject, outcome="refused", details=details
         )
+
+    # ----------------------------------------------------------------- shielding data
+
+    def open_shielding_data(self, health_certificate: str, shielding_data: str) -> OpeningResult:
+        """Open a VM's shielding data for an attested host; audit it, change nothing else.
+
+        Raises:
+            KeyReleaseError: refused (audited; nothing else changed).
+            KpsUnavailableError: the KPS keys or configuration do not load (audited).
+        """
+        try:
+            config = self._release_config()
+            result = open_shielding_data(
+                health_certificate,
+                _decode_pdk(shielding_data),
+                kps_keys=config.release_keys(),
+                trusted_signers=config.signers,
+                now=self.clock(),
+                deny_before=config.deny_before,
+                revoked_hosts=self.registry.trust().revoked_hosts,
+            )
+        except GuardfabError as exc:
+            self._audit_refusal(exc, kind=OPENING_KIND)
+            raise
+        self.audit.append(
+            kind=OPENING_KIND,
+            actor=_printable(result.host_id),
+            subject=result.pdk_id,
+            outcome="granted",
+            details=result.audit_details(),
+        )
+        return result
 
     # ----------------------------------------------------------------- signers
 
@@ -479,6 +526,15 @@ def _decode_kp(text: str) -> bytes:
         return b64url_decode(text, what="key protector")
     except GuardfabError as exc:
         raise KeyProtectorRejectedError(f"key protector refused: {exc}") from exc
+
+
+def _decode_pdk(text: str) -> bytes:
+    if not isinstance(text, str) or len(text) > _MAX_PDK_TEXT:
+        raise ShieldingDataRejectedError("shielding data: not base64url text of acceptable size")
+    try:
+        return b64url_decode(text, what="shielding data")
+    except GuardfabError as exc:
+        raise ShieldingDataRejectedError(f"shielding data refused: {exc}") from exc
 
 
 def _newest(ring: Sequence[KpsKey]) -> int:

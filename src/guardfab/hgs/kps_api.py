@@ -8,6 +8,12 @@ Host-facing (no credential: the health certificate is the credential):
   denied), 403 (host revoked), 404 (KP for another fabric), 409 (rollback or
   replay), 422 (tampered KP); 503 when the KPS keys do not load. Error bodies
   carry the typed error's message, hint and reason: never key material.
+* ``POST /keyprotection/v1/shielding-data/open`` {health_certificate,
+  shielding_data (base64url of the PDK file)} -> 200 {opening, pdk_id,
+  kps_guardian}: the PDK's secrets, encrypted to the certificate's ``cnf`` key
+  and signed by the PDK's KPS guardian; refusals as for a release (401, 403),
+  404 (PDK for another fabric) and 422 (PDK malformed, not signed by its owner,
+  or its secrets tampered with). Every request is audited (ADR 0010).
 * ``GET /keyprotection/v1/metadata``: the KPS guardian documents, primary first.
 * ``GET /keyprotection/v1/metadata/guardian.jws``: the primary document alone, the
   file ``guardfab tenant guardian import`` reads.
@@ -27,16 +33,19 @@ from pydantic import Field
 from guardfab.errors import FormatError
 from guardfab.formats.guardian import KeyAlgorithm
 from guardfab.formats.health_certificate import MAX_TOKEN_BYTES
+from guardfab.formats.shielding_data import MAX_SHIELDING_DATA_BYTES
 from guardfab.hgs.deps import ADMIN, READER, Strict, service_of_app
 from guardfab.hgs.kps import KpsNotFoundError, KpsService
 from guardfab.hgs.web import error_body
 from guardfab.keyprotection import (
     CertificateRejectedError,
     ForeignKeyProtectorError,
+    ForeignShieldingDataError,
     HostRevokedError,
     KeyProtectorRejectedError,
     KeyReleaseError,
     RollbackError,
+    ShieldingDataRejectedError,
 )
 
 #: HTTP status of each refusal (first matching class wins).
@@ -46,8 +55,12 @@ RELEASE_STATUS: tuple[tuple[type[KeyReleaseError], int], ...] = (
     (ForeignKeyProtectorError, 404),
     (RollbackError, 409),
     (KeyProtectorRejectedError, 422),
+    (ForeignShieldingDataError, 404),
+    (ShieldingDataRejectedError, 422),
 )
 _MAX_KP_TEXT = 400 * 1024
+#: base64url of the largest shielding data file.
+_MAX_PDK_TEXT = (MAX_SHIELDING_DATA_BYTES * 4) // 3 + 4
 
 
 class ReleaseRequest(Strict):
@@ -55,6 +68,13 @@ class ReleaseRequest(Strict):
 
     health_certificate: str = Field(max_length=MAX_TOKEN_BYTES)
     key_protector: str = Field(max_length=_MAX_KP_TEXT)
+
+
+class OpenShieldingDataRequest(Strict):
+    """A host's health certificate and a VM's shielding data (the PDK file, base64url)."""
+
+    health_certificate: str = Field(max_length=MAX_TOKEN_BYTES)
+    shielding_data: str = Field(max_length=_MAX_PDK_TEXT)
 
 
 class SignerRequest(Strict):
@@ -137,6 +157,14 @@ def _host_routes(app: FastAPI) -> None:
     async def release(request: Request, body: ReleaseRequest) -> dict[str, Any]:
         """Release a VM's keys to a host with a valid health certificate; re-key its KP."""
         result = kps_of(request).release(body.health_certificate, body.key_protector)
+        return result.to_response()
+
+    @app.post("/keyprotection/v1/shielding-data/open", tags=["key protection"])
+    # In the thread pool, unlike release: a PDK of up to 2 MiB takes milliseconds to
+    # verify and decrypt, which must not hold up the event loop's other requests.
+    def open_shielding_data(request: Request, body: OpenShieldingDataRequest) -> dict[str, Any]:
+        """Open a VM's shielding data (PDK) for a host with a valid health certificate."""
+        result = kps_of(request).open_shielding_data(body.health_certificate, body.shielding_data)
         return result.to_response()
 
     @app.get("/keyprotection/v1/metadata", tags=["key protection"])

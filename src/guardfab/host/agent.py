@@ -7,8 +7,10 @@ blocking, and there are only two kinds of work):
   after 75% of the certificate's life, and after a failure with exponential
   backoff and jitter, bounded by ``retry.max_delay``;
 * **request handlers** (the local socket's threads, :mod:`guardfab.host.localapi`)
-  call :meth:`GuardedHostAgent.release` and :meth:`GuardedHostAgent.attest_now`.
-  A key request that finds no usable certificate attests on demand first.
+  call :meth:`GuardedHostAgent.release`, :meth:`GuardedHostAgent.open_shielding_data`
+  and :meth:`GuardedHostAgent.attest_now`. A KPS request (a VM's keys, or its
+  shielding data during provisioning) that finds no usable certificate attests
+  on demand first; both kinds share :meth:`GuardedHostAgent._ask_kps`.
 
 One lock serializes attestations (the TPM is used by one thread at a time and a
 burst of key requests causes one attestation, not one each); another guards the
@@ -33,10 +35,11 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from guardfab.errors import GuardfabError, TransportError, UsageError
 from guardfab.formats import jose
+from guardfab.formats.shielding_secrets import ShieldingSecrets
 from guardfab.host.attestation import (
     AttestationAnswer,
     AttestationRefusedError,
@@ -65,6 +68,10 @@ _REATTEST_STATUS = 401
 _REATTEST_REASONS = frozenset({"certificate-expired", "issued-before-deny-date"})
 
 ClientFactory = Callable[[str, Path, float], HgsAttestationClient]
+#: What one KPS request returns (keys, or shielding secrets).
+Answer = TypeVar("Answer")
+#: One KPS request: (KPS URL, health certificate) -> its answer.
+KpsRequest = Callable[[str, str], Answer]
 
 
 class Clock(Protocol):
@@ -417,30 +424,57 @@ class GuardedHostAgent:
             TransportError: no KPS answered.
             InvalidInputError: the KPS refused (the KP, or the certificate).
         """
+
+        def release(url: str, certificate: str) -> ReleasedKeys:
+            return self._releaser.release(url, self.config.ca_file, certificate, kp, self._key)
+
+        return self._ask_kps(release, done="keys released")
+
+    def open_shielding_data(self, pdk: bytes) -> ShieldingSecrets:
+        """Have the KPS open a VM's shielding data (PDK) for this host, for provisioning.
+
+        The same certificate rules as :meth:`release`. The secrets stay in memory
+        (their repr is redacted): never logged, never written, never in an error.
+
+        Raises:
+            HostNotGuardedError: no certificate could be obtained.
+            TransportError: no KPS answered.
+            InvalidInputError: the PDK does not load (nothing is sent), the KPS
+                refused (the PDK, or the certificate), or its answer did not verify.
+        """
+
+        def open_pdk(url: str, certificate: str) -> ShieldingSecrets:
+            return self._releaser.open_shielding_data(
+                url, self.config.ca_file, certificate, pdk, self._key
+            )
+
+        return self._ask_kps(open_pdk, done="shielding data opened")
+
+    def _ask_kps(self, request: KpsRequest[Answer], *, done: str) -> Answer:
+        """Run ``request`` with a usable certificate; attest once more if the KPS refuses it."""
         try:
-            return self._release_once(kp)
+            return self._ask_once(request, done=done)
         except KeyReleaseRefusedError as exc:
             if exc.status != _REATTEST_STATUS and exc.reason not in _REATTEST_REASONS:
                 raise
             logger.info("the KPS refused the certificate (%s); attesting again", exc)
             with self._state_lock:
                 self._cert = None
-            return self._release_once(kp)
+            return self._ask_once(request, done=done)
 
-    def _release_once(self, kp: bytes) -> ReleasedKeys:
+    def _ask_once(self, request: KpsRequest[Answer], *, done: str) -> Answer:
+        """One try with the current (or a fresh) certificate: each KPS in failover order."""
         cert = self.usable_certificate()
         last: TransportError | None = None
         for site in self._sites.order(self.clock.now()):
             try:
-                keys = self._releaser.release(
-                    site.key_protection_url, self.config.ca_file, cert.token, kp, self._key
-                )
+                answer = request(site.key_protection_url, cert.token)
             except TransportError as exc:
                 logger.warning("KPS %s did not answer: %s", site.key_protection_url, exc)
                 last = exc
                 continue
-            logger.info("keys released by %s", site.key_protection_url)
-            return keys
+            logger.info("%s by %s", done, site.key_protection_url)
+            return answer
         raise last or TransportError("no KPS is configured")
 
     # ------------------------------------------------------------------ scheduler

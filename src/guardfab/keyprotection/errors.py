@@ -1,4 +1,4 @@
-"""Why a key release was refused: one typed error per check, each with a stable reason.
+"""Why a key release or a shielding data opening was refused: one typed error per check.
 
 Every error is an :class:`~guardfab.errors.InvalidInputError` (the request, not
 the service, is at fault) and carries:
@@ -6,9 +6,10 @@ the service, is at fault) and carries:
 * ``reason``: a short stable token for the audit log and for scripts
   (``untrusted-signer``, ``rollback``...), so an auditor can count refusals by
   cause without parsing messages;
-* ``host_id`` / ``kp_id`` / ``generation``: what the KPS had verified about the
-  request when it refused (``None`` when it never got that far), so the audit
-  record names the host and the KP only once they are proven.
+* ``host_id`` / ``kp_id`` / ``generation`` / ``pdk_id``: what the KPS had
+  verified about the request when it refused (``None`` when it never got that
+  far), so the audit record names the host, the KP or the shielding data (PDK)
+  only once they are proven.
 
 Messages name what failed and never hold key material: callers describe what
 was wrong, never echo the bytes that were wrong.
@@ -22,7 +23,7 @@ from guardfab.errors import InvalidInputError
 
 
 class KeyReleaseError(InvalidInputError):
-    """A release request the Key Protection Service refused."""
+    """A request the Key Protection Service refused: a key release or a PDK opening."""
 
     reason: ClassVar[str] = "refused"
 
@@ -31,8 +32,16 @@ class KeyReleaseError(InvalidInputError):
         self.host_id: str | None = None
         self.kp_id: str | None = None
         self.generation: int | None = None
+        self.pdk_id: str | None = None
 
-    def annotate(self, *, host_id: str | None, kp_id: str | None, generation: int | None) -> None:
+    def annotate(
+        self,
+        *,
+        host_id: str | None,
+        kp_id: str | None = None,
+        generation: int | None = None,
+        pdk_id: str | None = None,
+    ) -> None:
         """Record what was already verified when the request was refused (for the audit).
 
         Values an inner check already recorded are kept; ``None`` never erases one.
@@ -40,6 +49,7 @@ class KeyReleaseError(InvalidInputError):
         self.host_id = self.host_id if host_id is None else host_id
         self.kp_id = self.kp_id if kp_id is None else kp_id
         self.generation = self.generation if generation is None else generation
+        self.pdk_id = self.pdk_id if pdk_id is None else pdk_id
 
 
 class CertificateRejectedError(KeyReleaseError):
@@ -113,4 +123,27 @@ class RollbackError(KeyReleaseError):
     hint = (
         "use the newest key protector of the VM (the egress KP of its last release);"
         " if it was lost, the VM owner can issue a newer generation"
+    )
+
+
+class ShieldingDataRejectedError(KeyReleaseError):
+    """The shielding data (PDK) does not load or verify: malformed, or not its owner's signature."""
+
+    reason = "pdk-invalid"
+    hint = "send the shielding data file exactly as the VM owner made it (edited PDKs are refused)"
+
+
+class ShieldingDataTamperedError(ShieldingDataRejectedError):
+    """The PDK verified, but its secrets do not open with this KPS's key: tampered with."""
+
+    reason = "pdk-unseal-failed"
+
+
+class ForeignShieldingDataError(KeyReleaseError):
+    """The PDK names none of this HGS's KPS guardians (or a key of it this KPS does not hold)."""
+
+    reason = "pdk-for-another-fabric"
+    hint = (
+        "the VM owner must name this fabric's guardian (see 'guardfab hgs kps metadata')"
+        " when making the shielding data"
     )
