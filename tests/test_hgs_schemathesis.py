@@ -34,7 +34,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("hgs-schemathesis")]
 #: through schemathesis's pytest integration, whose items pytest-xdist does not run.
 EXAMPLES = 8
 #: Host-facing routes whose refusals are deliberately written to the audit log.
-AUDITED_REFUSALS = {("POST", "/keyprotection/v1/release"), ("POST", "/attestation/v1/attest")}
+AUDITED_REFUSALS = {
+    ("POST", "/keyprotection/v1/release"),
+    ("POST", "/keyprotection/v1/shielding-data/open"),
+    ("POST", "/attestation/v1/attest"),
+}
 
 
 def _openapi_document() -> dict[str, Any]:

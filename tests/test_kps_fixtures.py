@@ -31,6 +31,7 @@ from guardfab.tenant.guardians import GuardianKeys, new_guardian_keys
 from hgs_harness import RunningHgs
 
 RELEASE = "/keyprotection/v1/release"
+OPEN_SHIELDING_DATA = "/keyprotection/v1/shielding-data/open"
 #: The store keys a request may change and still count as "nothing else changed".
 AUDIT_PREFIX = "audit/"
 
@@ -131,6 +132,15 @@ def post_release(hgs: RunningHgs, cert: str, kp: bytes) -> httpx.Response:
         )
 
 
+def post_open(hgs: RunningHgs, cert: str, pdk: bytes) -> httpx.Response:
+    """Ask the KPS to open a shielding data file (PDK) for the certificate's host."""
+    with hgs.client() as client:
+        return client.post(
+            OPEN_SHIELDING_DATA,
+            json={"health_certificate": cert, "shielding_data": b64url_encode(pdk)},
+        )
+
+
 def snapshot(hgs: RunningHgs) -> dict[str, tuple[bytes, int]]:
     """Every store entry but the audit log, with its revision."""
     store = open_store(hgs)
@@ -154,6 +164,10 @@ def audit_records(hgs: RunningHgs) -> list[AuditRecord]:
 
 def releases(hgs: RunningHgs) -> list[AuditRecord]:
     return [r for r in audit_records(hgs) if r.kind == "key-release"]
+
+
+def openings(hgs: RunningHgs) -> list[AuditRecord]:
+    return [r for r in audit_records(hgs) if r.kind == "shielding-data-open"]
 
 
 def admin(hgs: RunningHgs, method: str, path: str, **kwargs: Any) -> Any:
