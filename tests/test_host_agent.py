@@ -7,6 +7,7 @@ HGS processes and swtpm TPMs.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -20,6 +21,7 @@ from joserfc.jwk import ECKey
 from guardfab.errors import TransportError, UsageError
 from guardfab.formats import jose
 from guardfab.formats.health_certificate import HealthCertificate, issue_health_certificate
+from guardfab.formats.shielding_secrets import ShieldingSecrets
 from guardfab.host.agent import (
     GuardedHostAgent,
     HostNotGuardedError,
@@ -38,6 +40,7 @@ from guardfab.host.keys import load_or_create_key
 from guardfab.host.status import StateFiles
 from guardfab.host.tpm import TpmDeviceError
 from host_agent_harness import FakeClock, FakeKeyReleaser
+from pdk_forgeries import SECRET_MARKERS, SECRETS
 
 PRIMARY = HgsSite("https://hgs1.example", "https://hgs1.example")
 FALLBACK = HgsSite("https://hgs2.example", "https://hgs2.example")
@@ -92,11 +95,28 @@ class FakeAttester:
 
 
 @dataclass
+class FakeKps(FakeKeyReleaser):
+    """The in-memory KPS, which also opens shielding data: it answers SECRETS for any PDK."""
+
+    pdks: list[bytes] = field(default_factory=list)
+
+    def open_shielding_data(
+        self, url: str, ca_file: Path, health_certificate: str, pdk: bytes, host_key: Any
+    ) -> ShieldingSecrets:
+        assert ca_file.exists()
+        if url in self.down:
+            raise TransportError(f"KPS at {url} unreachable (ConnectError)")
+        self.calls.append((url, health_certificate))
+        self.pdks.append(pdk)
+        return SECRETS
+
+
+@dataclass
 class Host:
     config: HostConfig
     clock: FakeClock
     attester: FakeAttester
-    releaser: FakeKeyReleaser
+    releaser: FakeKps
     agent: GuardedHostAgent
 
 
@@ -119,7 +139,7 @@ def make_host(tmp_path: Path, *, fallback: bool = True, **retry: float) -> Host:
     )
     clock = FakeClock(START)
     attester = FakeAttester(clock, jose.public_jwk(key))
-    releaser = FakeKeyReleaser()
+    releaser = FakeKps()
     agent = GuardedHostAgent(
         config,
         attester,
@@ -301,6 +321,62 @@ def test_a_burst_of_key_requests_causes_one_attestation(host: Host) -> None:
     assert errors == []
     assert len(host.attester.calls) == 1
     assert len(host.releaser.calls) == 8
+
+
+# --------------------------------------------------------------------------- shielding data
+
+
+def test_opening_a_pdk_attests_on_demand_and_reuses_the_certificate(host: Host) -> None:
+    assert host.agent.open_shielding_data(b"pdk-1") == SECRETS
+    assert len(host.attester.calls) == 1
+    host.agent.release(b"kp")
+    assert host.agent.open_shielding_data(b"pdk-2") == SECRETS
+    assert len(host.attester.calls) == 1, "one certificate serves keys and shielding data"
+    assert host.releaser.pdks == [b"pdk-1", b"pdk-2"]
+    assert [url for url, _ in host.releaser.calls] == [PRIMARY.key_protection_url] * 3
+    assert len({cert for _, cert in host.releaser.calls}) == 1
+
+
+def test_opening_a_pdk_goes_to_the_fallback_kps_when_the_primary_is_down(host: Host) -> None:
+    host.releaser.down.add(PRIMARY.key_protection_url)
+    assert host.agent.open_shielding_data(b"pdk") == SECRETS
+    assert [url for url, _ in host.releaser.calls] == [FALLBACK.key_protection_url]
+    host.releaser.down.add(FALLBACK.key_protection_url)
+    with pytest.raises(TransportError):
+        host.agent.open_shielding_data(b"pdk")
+
+
+def test_a_refused_certificate_is_renewed_once_a_refused_pdk_is_not(host: Host) -> None:
+    refusals = [KeyReleaseRefusedError(401, "certificate-expired", "expired", None)]
+    real = host.releaser.open_shielding_data
+
+    def open_pdk(*args: Any) -> ShieldingSecrets:
+        if refusals:
+            raise refusals.pop()
+        return real(*args)
+
+    host.releaser.open_shielding_data = open_pdk  # type: ignore[method-assign]
+    assert host.agent.open_shielding_data(b"pdk") == SECRETS
+    assert len(host.attester.calls) == 2
+    refusals.append(KeyReleaseRefusedError(404, "pdk-for-another-fabric", "foreign", None))
+    with pytest.raises(KeyReleaseRefusedError, match="pdk-for-another-fabric"):
+        host.agent.open_shielding_data(b"pdk")
+    assert len(host.attester.calls) == 2, "a refused PDK is not an attestation problem"
+
+
+def test_an_unhealthy_host_gets_no_shielding_data(host: Host) -> None:
+    host.attester.behaviour[PRIMARY.attestation_url] = "refuse"
+    with pytest.raises(HostNotGuardedError, match="InsecureHostConfiguration"):
+        host.agent.open_shielding_data(b"pdk")
+    assert host.releaser.calls == [], "nothing was asked of the KPS"
+
+
+def test_opened_secrets_never_reach_the_log(host: Host, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    secrets = host.agent.open_shielding_data(b"pdk")
+    logging.getLogger("test").info("opened %r", secrets)  # as a careless caller would
+    assert "shielding data opened by" in caplog.text
+    assert not any(marker.decode() in caplog.text for marker in SECRET_MARKERS)
 
 
 # --------------------------------------------------------------------------- recovery

@@ -23,6 +23,7 @@ from guardfab.formats.key_protector import load_key_protector
 from guardfab.hgs.state import HgsState
 from guardfab.host.agent import GuardedHostAgent
 from guardfab.host.config import HostConfig, HostMode
+from guardfab.host.keyrelease import KeyReleaseRefusedError
 from guardfab.host.keys import load_or_create_key
 from guardfab.host.localapi import AgentClient, AgentRequestError
 from guardfab.host.service import AgentService, build_agent
@@ -42,6 +43,7 @@ from host_agent_harness import (
     secret_spellings,
     serve_hgs,
 )
+from pdk_forgeries import SECRET_MARKERS, SECRETS, another_fabric, make_pdk
 from swtpm_harness import Swtpm, simulate_measured_boot
 from test_attestation_fixtures import Boot
 from test_kps_fixtures import Tenant, kps_document
@@ -202,6 +204,33 @@ def test_host_key_host_attests_and_gets_keys(
     kp = tenant.kp(kps_document(nodes[0]))
     keys = AgentClient(config.socket).release(kp)
     assert keys.old_transport_key == load_key_protector(kp).unwrap(tenant.owner)
+
+
+def test_the_agent_has_the_kps_open_a_pdk_for_provisioning(
+    tmp_path: Path,
+    hgs_dir: Path,
+    nodes: list[RunningHgs],
+    services: list[AgentService],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What provisioning calls: the KPS, a guardian of the PDK, opens it for this host."""
+    caplog.set_level(logging.DEBUG)
+    config = host_config(tmp_path / "host-p", nodes[0], mode=HostMode.HOST_KEY)
+    assert config.signing_key is not None
+    register_host_key(hgs_dir, "host-p", load_or_create_key(config.signing_key))
+    agent = run_agent(config, FakeClock(START), services)
+    owner = Tenant().owner
+    pdk = make_pdk(owner, kps_document(nodes[0]))
+
+    assert agent.open_shielding_data(pdk) == SECRETS  # attests on demand if it must
+
+    assert ("shielding-data-open", "granted") in audit_kinds(hgs_dir)
+    assert grep_tree(tmp_path / "host-p", list(SECRET_MARKERS)) == []
+    assert not any(marker in caplog.text.encode() for marker in SECRET_MARKERS)
+    with pytest.raises(KeyReleaseRefusedError) as refused:
+        agent.open_shielding_data(another_fabric(pdk, owner))
+    assert (refused.value.status, refused.value.reason) == (404, "pdk-for-another-fabric")
+    assert audit_kinds(hgs_dir)[-1] == ("shielding-data-open", "refused")
 
 
 # --------------------------------------------------------------------------- refusals
