@@ -107,7 +107,7 @@ def test_every_start_rekeys_and_stores_the_egress_kp(
     assert second is not None
     assert first.disks == second.disks  # same vault content under a new key each time
     assert first.vtpm_state == second.vtpm_state
-    last = VaultStore(provisioned / "keys").last_known_good()
+    last = VaultStore(provisioned / "keys").previous()
     assert last is not None
     assert load_key_protector(last.kp).generation == before + 1
 
@@ -128,7 +128,7 @@ def test_a_crash_between_rekey_and_commit_recovers_with_the_pending_pair(
     assert made[0].keys is not None
     # The committed KP was refused (the KPS had issued a newer one); the pending pair opened.
     assert _kp_generation(provisioned) == load_key_protector(pending.kp).generation + 1
-    assert store.last_known_good() == pending, "the pair actually used is the one kept"
+    assert store.previous() == pending, "the pair actually used is the one kept"
     assert store.numbers() == [pending.number, store.committed().number]
 
 

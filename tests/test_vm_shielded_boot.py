@@ -107,11 +107,11 @@ def test_no_secret_on_the_command_lines(booted: Booted) -> None:
         assert [n for n, s in booted.tenant.needles().items() if s in joined] == []
 
 
-def test_the_egress_kp_is_committed_and_the_last_known_good_kept(booted: Booted) -> None:
+def test_the_egress_kp_is_committed_and_the_previous_pair_kept(booted: Booted) -> None:
     store = VaultStore(booted.vm_dir / "keys")
     assert store.pending() is None
     committed = load_key_protector(store.committed().kp)
-    last = store.last_known_good()
+    last = store.previous()
     assert last is not None
     # The tenant's KP was generation 0: provisioning re-keyed once, power-on once more.
     assert (load_key_protector(last.kp).generation, committed.generation) == (1, 2)

@@ -49,7 +49,7 @@ def test_malformed_contents_are_refused() -> None:
         VaultContents.from_bytes(b'{"type": "other", "version": 1}')
 
 
-def test_pending_pair_then_commit_keeps_one_last_known_good(tmp_path: Path) -> None:
+def test_pending_pair_then_commit_keeps_the_previous_pair(tmp_path: Path) -> None:
     store = VaultStore(tmp_path / "keys")
     assert store.candidates() == []
     first = store.write_pending(b"v1", b"kp1")
@@ -64,7 +64,7 @@ def test_pending_pair_then_commit_keeps_one_last_known_good(tmp_path: Path) -> N
     third = store.write_pending(b"v3", b"kp3")
     store.commit(third.number)
     assert store.numbers() == [second.number, third.number]
-    last = store.last_known_good()
+    last = store.previous()
     assert last is not None
     assert last.kp == b"kp2"
     modes = {p.stat().st_mode & 0o777 for p in store.files()}
@@ -85,7 +85,7 @@ def test_a_stale_pending_pair_is_dropped_when_a_newer_pair_commits(tmp_path: Pat
     store.commit(store.write_pending(b"v1", b"kp1").number)
     store.write_pending(b"v2", b"kp2")  # a crash left it; then the committed KP was accepted
     store.commit(store.write_pending(b"v3", b"kp3").number)
-    last = store.last_known_good()
+    last = store.previous()
     assert last is not None
     assert last.kp == b"kp1"
     assert [store.load(n).kp for n in store.numbers()] == [b"kp1", b"kp3"]

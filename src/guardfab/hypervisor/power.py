@@ -36,6 +36,7 @@ from guardfab.errors import GuardfabError, NotAuthorizedError, TransportError, U
 from guardfab.formats import jose
 from guardfab.host.keyrelease import request_release
 from guardfab.host.keyrequest import ReleasedKeys
+from guardfab.hypervisor.policy import check_vm_policy
 from guardfab.hypervisor.provision import KeySource, load_record
 from guardfab.hypervisor.spec import VmSpec
 from guardfab.hypervisor.vault import KeyPair, VaultStore, open_vault, seal_vault
@@ -100,6 +101,8 @@ def power_on(
 
     Raises:
         UsageError: the VM runs already (nothing released).
+        PolicyError: its record asks for what its policy forbids, e.g. a console
+            on a shielded VM (nothing released).
         PowerOnRefusedError: this host got no keys (nothing started).
         TransportError: no KPS or agent answered (nothing started).
         VerificationError: the released key does not open the vault.
@@ -109,6 +112,8 @@ def power_on(
     record = load_record(vm_dir)
     if running_pid(vm_dir) is not None:  # before the release: it would spend a KP generation
         raise UsageError(f"VM {record.name!r} is already running")
+    spec = record.spec(vm_dir)
+    check_vm_policy(spec)  # before the release too: a refused spec must not spend a KP
     store = VaultStore(vm_dir / "keys")
     pair, released = _release(store, key_source, record.name)
     contents = open_vault(pair.vault, released.old_transport_key, vm_name=record.name)
@@ -116,7 +121,7 @@ def power_on(
         seal_vault(contents, released.new_transport_key, vm_name=record.name),
         released.egress_kp,
     )
-    vm = runtime_factory(record.spec(vm_dir), vm_dir / "state")
+    vm = runtime_factory(spec, vm_dir / "state")
     vm.start(contents.vm_keys())
     store.commit(pending.number, replaces=pair.number)
     _record_run(vm_dir, vm)
@@ -139,6 +144,13 @@ def _run_info(vm_dir: Path) -> tuple[int | None, Path | None]:
         return None, None
     pid, run_dir = info.get("pid"), info.get("run_dir")
     return (pid if isinstance(pid, int) else None), (Path(run_dir) if run_dir else None)
+
+
+def run_directory(vm_dir: Path) -> Path | None:
+    """The sockets' directory of the VM in ``vm_dir`` while it runs (else ``None``)."""
+    if running_pid(vm_dir) is None:
+        return None
+    return _run_info(Path(vm_dir))[1]
 
 
 def running_pid(vm_dir: Path) -> int | None:
@@ -185,5 +197,6 @@ __all__ = [
     "RuntimeFactory",
     "power_off",
     "power_on",
+    "run_directory",
     "running_pid",
 ]

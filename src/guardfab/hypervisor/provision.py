@@ -35,11 +35,12 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from guardfab.errors import FormatError, NotAuthorizedError, UsageError, VerificationError
+from guardfab.files import atomic_write
 from guardfab.formats.encoding import require_dict, require_int, require_str
 from guardfab.formats.key_protector import load_key_protector
 from guardfab.formats.shielding_data import SecurityPolicy, ShieldingData, load_shielding_data
@@ -47,7 +48,7 @@ from guardfab.formats.shielding_secrets import ShieldingSecrets
 from guardfab.formats.template import VerifiedDiskSignature, VolumeIdQualifier
 from guardfab.host.keyrequest import ReleasedKeys
 from guardfab.hypervisor.disk import create_encrypted_copy, create_encrypted_from_bytes
-from guardfab.hypervisor.spec import DirectKernel, DiskSpec, SecurityLevel, VmSpec
+from guardfab.hypervisor.spec import DebugDevices, DirectKernel, DiskSpec, SecurityLevel, VmSpec
 from guardfab.hypervisor.specialize import AnswerFile
 from guardfab.hypervisor.vault import VaultContents, VaultStore, seal_vault
 from guardfab.tenant.template import verify_disk
@@ -86,6 +87,9 @@ class VmRecord:
     memory_mib: int
     created_at: int
     boot: DirectKernel | None = None
+    #: A serial console on a Unix socket (encryption-supported VMs only; see
+    #: :mod:`guardfab.hypervisor.settings`). Off unless a fabric administrator turns it on.
+    console: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form."""
@@ -102,6 +106,7 @@ class VmRecord:
             "boot": None
             if boot is None
             else {"kernel": str(boot.kernel), "initrd": str(boot.initrd), "cmdline": boot.cmdline},
+            "console": self.console,
         }
 
     @classmethod
@@ -110,6 +115,9 @@ class VmRecord:
         obj = require_dict(value, what="VM record")
         boot = obj.get("boot")
         port = obj.get("host_port")
+        console = obj.get("console", False)  # records written before the setting existed
+        if not isinstance(console, bool):
+            raise FormatError("VM record: 'console' must be true or false")
         return cls(
             name=require_str(obj, "name", what="VM record"),
             policy=SecurityPolicy(require_str(obj, "policy", what="VM record")),
@@ -121,18 +129,42 @@ class VmRecord:
             boot=None
             if boot is None
             else DirectKernel(Path(boot["kernel"]), Path(boot["initrd"]), str(boot["cmdline"])),
+            console=console,
         )
 
     def spec(self, vm_dir: Path) -> VmSpec:
-        """The runtime's spec of this VM in ``vm_dir``."""
+        """The runtime's spec of this VM in ``vm_dir``.
+
+        The console setting passes through as recorded: for a shielded VM the
+        policy check refuses it (:mod:`guardfab.hypervisor.policy`), so a
+        ``vm.json`` edited by hand to ask for one makes the VM refuse to start
+        rather than start open.
+        """
         return VmSpec(
             name=self.name,
             level=_LEVELS[self.policy],
             memory_mib=self.memory_mib,
-            kernel=self.boot,
+            kernel=_with_serial_console(self.boot) if self.console else self.boot,
             disks=tuple(DiskSpec(d, vm_dir / "disks" / f"{d}.qcow2") for d in DISK_IDS),
             host_port=self.host_port,
+            debug=DebugDevices(console=self.console),
         )
+
+
+def _with_serial_console(boot: DirectKernel | None) -> DirectKernel | None:
+    """A directly booted kernel writes to the serial port only if told (``console=ttyS0``).
+
+    A firmware-booted guest chooses its console itself (its own boot loader's settings).
+    """
+    if boot is None or "console=" in boot.cmdline:
+        return boot
+    return replace(boot, cmdline=f"{boot.cmdline} console=ttyS0".strip())
+
+
+def write_record(vm_dir: Path, record: VmRecord) -> None:
+    """Write ``vm.json`` atomically (temp file, fsync, rename), 0600: never half written."""
+    data = (json.dumps(record.to_dict(), indent=2) + "\n").encode("utf-8")
+    atomic_write(Path(vm_dir) / RECORD_FILE, data, mode=0o600, overwrite=True)
 
 
 def load_record(vm_dir: Path) -> VmRecord:
@@ -291,7 +323,5 @@ def _build(
         created_at=int(time.time()),
         boot=request.boot,
     )
-    path = vm_dir / RECORD_FILE
-    path.write_text(json.dumps(record.to_dict(), indent=2) + "\n", encoding="utf-8")
-    path.chmod(0o600)
+    write_record(vm_dir, record)
     return record

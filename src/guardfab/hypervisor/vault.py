@@ -19,8 +19,10 @@ On disk (``KEYS/`` beside the VM, 0700, files 0600)::
     gen-00000001/vault.jwe  gen-00000001/kp.jws   a pair, written as a temp dir + rename
     committed                                     "1\\n": the pair in use (atomic rename)
 
-A pair newer than ``committed`` is pending; the one committed before it is the
-last known good pair, kept for rollback; a commit removes every other pair.
+A pair newer than ``committed`` is pending; the one committed before it is kept
+(the previous pair: its KP is spent, the KPS refuses its generation); a commit
+removes every other pair. Going to the newest intact pair when the committed one
+is lost or damaged is :mod:`guardfab.hypervisor.keyprotector`'s (ADR 0010).
 Crash cases, by where the host stopped:
 
 1. before the pending pair is renamed into place: a ``.tmp`` directory is left
@@ -199,6 +201,31 @@ def open_vault(sealed: bytes, transport_key: TransportKey, *, vm_name: str) -> V
     return VaultContents.from_bytes(bytes(result.plaintext or b""))
 
 
+def check_sealed_shape(sealed: bytes, *, vm_name: str) -> None:
+    """Check what can be checked of a sealed vault without its key.
+
+    A compact JWE whose protected header is the one :func:`seal_vault` writes
+    for ``vm_name``. Whether it opens only the released transport key can tell.
+
+    Raises:
+        VaultError: truncated, not a JWE, or sealed for another VM or purpose.
+    """
+    parts = sealed.split(b".")
+    if len(sealed) > MAX_VAULT_BYTES or len(parts) != 5:
+        raise VaultError(f"{_WHAT} of VM {vm_name!r}: not a compact JWE")
+    expected = {"alg": "dir", "enc": "A256GCM", "cty": VAULT_CTY, "kid": f"vm:{vm_name}"}
+    try:
+        header = load_json_document(
+            b64url_decode(parts[0].decode("ascii"), what=f"{_WHAT} header"),
+            what=f"{_WHAT} header",
+            max_bytes=4096,
+        )
+    except (InvalidInputError, UnicodeDecodeError) as exc:
+        raise VaultError(f"{_WHAT} of VM {vm_name!r}: unreadable header") from exc
+    if header != expected:
+        raise VaultError(f"{_WHAT}: sealed for another VM or purpose, not VM {vm_name!r}")
+
+
 @dataclass(frozen=True)
 class KeyPair:
     """One stored (vault, KP) pair and its generation number in the store."""
@@ -225,7 +252,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 class VaultStore:
-    """The (vault, KP) pairs of one VM in ``root``: committed, pending, last known good."""
+    """The (vault, KP) pairs of one VM in ``root``: committed, pending, previous."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -296,13 +323,16 @@ class VaultStore:
         return KeyPair(number, vault, kp)
 
     def commit(self, number: int, *, replaces: int | None = None) -> None:
-        """Make pair ``number`` the committed one; keep the one it replaces (last known good).
+        """Make pair ``number`` the committed one; keep the one it replaces (the previous pair).
 
         ``replaces`` is the pair whose KP was released for this start (the
         committed one unless a crash left a pending one that was used instead).
         Every other pair goes: older ones, and a stale pending one.
         """
-        previous = self.committed_number() if replaces is None else replaces
+        previous = replaces
+        if previous is None:
+            with contextlib.suppress(VaultError):  # a damaged pointer replaces nothing
+                previous = self.committed_number()
         temp = self.root / "committed.tmp"
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
@@ -318,8 +348,22 @@ class VaultStore:
         for temp in self.root.glob("*.tmp"):
             shutil.rmtree(temp, ignore_errors=True)
 
-    def last_known_good(self) -> KeyPair | None:
-        """The pair committed before the current one, kept for rollback."""
+    def set_aside(self, number: int) -> Path:
+        """Move pair ``number`` out of the store's view (kept on disk, never tried again).
+
+        For a damaged pair: it can no longer be taken for the pending pair, and
+        it stays for whoever investigates. One rename: atomic.
+        """
+        target = self.root / f"damaged-{self._dir(number).name}"
+        self._dir(number).rename(target)
+        _fsync_dir(self.root)
+        return target
+
+    def previous(self) -> KeyPair | None:
+        """The pair committed before the current one: its KP is spent (the KPS refuses it).
+
+        Kept as the record of the last start; not a pair to go back to (ADR 0010).
+        """
         committed = self.committed_number()
         older = [n for n in self.numbers() if committed is not None and n < committed]
         return self.load(older[-1]) if older else None  # commit pruned all but that one
