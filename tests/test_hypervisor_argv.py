@@ -107,7 +107,9 @@ def test_encryption_supported_may_have_a_console() -> None:
     spec = _spec(SecurityLevel.ENCRYPTION_SUPPORTED, debug=DebugDevices(console=True))
     argv = qemu_argv(spec, TCG, PATHS)
     assert _options(argv, "-serial") == ["chardev:console0"]
-    assert any(c.startswith("socket,id=console0,") for c in _options(argv, "-chardev"))
+    [console] = [c for c in _options(argv, "-chardev") if c.startswith("socket,id=console0,")]
+    assert f"path={PATHS.console_socket}," in console
+    assert "logfile" not in console, "the guest's console output is never written on the host"
 
 
 def test_a_normal_vm_may_have_every_debug_channel() -> None:

@@ -28,6 +28,7 @@ from guardfab.hypervisor.keyprotector import (
 from guardfab.hypervisor.provision import VmRecord, write_record
 from guardfab.hypervisor.vault import VaultContents, VaultError, VaultStore, seal_vault
 from test_key_protector_keyring import keyring
+from test_vm_settings import wait_for_cmdline
 
 NAME = "vm-lkg"
 
@@ -239,7 +240,8 @@ def running(tmp_path: Path) -> Iterator[Path]:
     vm_dir = _vm_dir(tmp_path)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    process = subprocess.Popen(["sh", "-c", "sleep 60", str(run_dir)])  # $0 = the run dir
+    process = subprocess.Popen(["sh", "-c", "sleep 60; :", str(run_dir)])  # $0 = the run dir
+    wait_for_cmdline(process.pid, run_dir)
     (vm_dir / "run.json").write_text(f'{{"pid": {process.pid}, "run_dir": "{run_dir}"}}\n')
     try:
         yield vm_dir

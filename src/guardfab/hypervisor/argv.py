@@ -71,11 +71,6 @@ class VmPaths:
         return self.run_dir / "qga.sock"
 
     @property
-    def console_log(self) -> Path:
-        """Everything the guest wrote to its console."""
-        return self.work_dir / "console.log"
-
-    @property
     def ovmf_vars(self) -> Path:
         """This VM's own copy of the OVMF variable store (its NVRAM)."""
         return self.work_dir / "OVMF_VARS.fd"
@@ -160,9 +155,10 @@ def _network(spec: VmSpec, *, incoming: bool) -> list[str]:
 def _debug(spec: VmSpec, paths: VmPaths) -> list[str]:
     argv: list[str] = []
     if spec.debug.console:
+        # No logfile: what the guest writes on its console reaches whoever is
+        # attached and nothing else, never the host's disk in clear.
         chardev = f"socket,id=console0,path={_opt(paths.console_socket)},server=on,wait=off"
-        argv += ["-chardev", f"{chardev},logfile={_opt(paths.console_log)}"]
-        argv += ["-serial", "chardev:console0"]
+        argv += ["-chardev", chardev, "-serial", "chardev:console0"]
     else:
         argv += ["-serial", "none"]
     if spec.debug.gdbstub:

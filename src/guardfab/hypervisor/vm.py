@@ -217,7 +217,19 @@ class QemuVm:
         finally:
             os.close(log_fd)
         self._qmp = self._connect_qmp()
+        self._restrict_sockets()
         self.timings["qemu"] = time.monotonic() - mark
+
+    def _restrict_sockets(self) -> None:
+        """Only the host's root (the agent) may connect to a console or debug socket.
+
+        QEMU creates them under the process umask; the run directory is 0700
+        already, the 0600 keeps them closed should it ever be opened up.
+        """
+        paths = self.paths
+        for path in (paths.console_socket, paths.gdb_socket, paths.agent_socket):
+            with contextlib.suppress(FileNotFoundError):
+                path.chmod(0o600)
 
     def _connect_qmp(self) -> QmpClient:
         assert self._qemu is not None
