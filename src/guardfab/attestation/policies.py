@@ -341,27 +341,67 @@ def _disabled_reason(trust: TrustState, policy: Policy) -> str:
     return f"disabled by default{gap}; not evaluated"
 
 
+#: One step of an evaluation: the policy, its effective state, and its verdict
+#: when that is known without evidence (a disabled policy), else None.
+_Step = tuple[Policy, PolicyState, PolicyVerdict | None]
+#: Distinct policy-state configurations whose plans are kept (a few per HGS).
+_PLANS_KEPT = 32
+
+
+def _disabled_verdict(trust: TrustState, policy: Policy) -> PolicyVerdict:
+    return PolicyVerdict(
+        policy.name,
+        VerdictState.DISABLED,
+        PolicyState.DISABLED,
+        False,
+        _disabled_reason(trust, policy),
+        policy.evidence,
+    )
+
+
 class PolicySet:
-    """All policies evaluated together (AllOf): a verdict for every one."""
+    """All policies evaluated together (AllOf): a verdict for every one.
+
+    What the policy states alone decide (each policy's effective state, and the
+    whole verdict of a disabled one) is worked out once per distinct set of
+    stored states, keyed by their content, and reused; every enforced policy
+    is verified against the evidence every time.
+    """
 
     def __init__(self, policies: Iterable[Policy] = POLICIES) -> None:
         self.policies = tuple(policies)
+        self._plans: dict[tuple[tuple[str, PolicyState], ...], tuple[_Step, ...]] = {}
 
     def __iter__(self) -> Iterator[Policy]:
         return iter(self.policies)
 
     def evaluate(self, ctx: PolicyContext) -> tuple[PolicyVerdict, ...]:
         """Evaluate every policy; enforced policies that fail or cannot be evaluated block."""
-        return tuple(self._verdict(policy, ctx) for policy in self.policies)
+        return tuple(
+            self._verdict(policy, state, ctx) if verdict is None else verdict
+            for policy, state, verdict in self._plan(ctx.trust)
+        )
+
+    def _plan(self, trust: TrustState) -> tuple[_Step, ...]:
+        """Each policy's state and, if disabled, its verdict (cached by the states' content)."""
+        key = tuple(sorted(trust.policy_states.items()))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = tuple(self._step(trust, policy) for policy in self.policies)
+            if len(self._plans) >= _PLANS_KEPT:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
 
     @staticmethod
-    def _verdict(policy: Policy, ctx: PolicyContext) -> PolicyVerdict:
-        state = effective_state(ctx.trust, policy)
+    def _step(trust: TrustState, policy: Policy) -> _Step:
+        state = effective_state(trust, policy)
         if state is PolicyState.DISABLED:
-            reason = _disabled_reason(ctx.trust, policy)
-            return PolicyVerdict(
-                policy.name, VerdictState.DISABLED, state, False, reason, policy.evidence
-            )
+            return policy, state, _disabled_verdict(trust, policy)
+        return policy, state, None
+
+    @staticmethod
+    def _verdict(policy: Policy, state: PolicyState, ctx: PolicyContext) -> PolicyVerdict:
         try:
             found = policy.verify(ctx)
         except PolicyViolation as exc:

@@ -105,7 +105,11 @@ class EventRecord(NamedTuple):
 
 def hex_digest(obj: Mapping[str, Any], key: str, *, what: str, size: int = 32) -> bytes:
     """Read a lower-case hex SHA-256 (by default) digest field, exactly ``size`` bytes."""
-    text = require_str(dict(obj), key, what=what, max_len=2 * size)
+    text = obj.get(key)
+    if not isinstance(text, str):
+        raise FormatError(f"{what}: field '{key}' must be a string")
+    if len(text) > 2 * size:
+        raise FormatError(f"{what}: field '{key}' is longer than {2 * size} characters")
     try:
         value = bytes.fromhex(text)
     except ValueError as exc:
@@ -115,6 +119,10 @@ def hex_digest(obj: Mapping[str, Any], key: str, *, what: str, size: int = 32) -
     return value
 
 
+#: The canonical spelling of every PCR index: what a PCR map's keys must be.
+_PCR_INDEXES = {str(index): index for index in range(PCR_COUNT)}
+
+
 def pcr_map_from_dict(obj: Any, *, what: str) -> dict[int, bytes]:
     """Read ``{"0": hex, ...}`` (decimal PCR indexes, canonical spelling) as SHA-256 values."""
     obj = require_dict(obj, what=what)
@@ -122,11 +130,12 @@ def pcr_map_from_dict(obj: Any, *, what: str) -> dict[int, bytes]:
         raise FormatError(f"{what}: more than {PCR_COUNT} PCRs")
     values: dict[int, bytes] = {}
     for key in obj:
-        if not isinstance(key, str) or not key.isdigit() or str(int(key)) != key:
+        index = _PCR_INDEXES.get(key)
+        if index is None:
+            if isinstance(key, str) and key.isascii() and key.isdigit() and str(int(key)) == key:
+                raise FormatError(f"{what}: PCR {key} is not below {PCR_COUNT}")
             raise FormatError(f"{what}: PCR index {key!r} is not a decimal number")
-        if int(key) >= PCR_COUNT:
-            raise FormatError(f"{what}: PCR {key} is not below {PCR_COUNT}")
-        values[int(key)] = hex_digest(obj, key, what=f"{what} PCR {key}")
+        values[index] = hex_digest(obj, key, what=f"{what} PCR {key}")
     return values
 
 
@@ -173,6 +182,9 @@ class HostSummary:
         facts: what the policies read, by name (:mod:`guardfab.tpm.logfacts`
             plus the quote's clock facts and the CI policy PCR digests).
         uintn_size: UEFI UINTN size from the log header, for decoding.
+        by_pcr: ``events`` grouped by PCR (:func:`events_by_pcr`); computed when
+            not given. A verifier passes the one it keeps with a cached log, so
+            it must be exactly ``events_by_pcr(events)``.
     """
 
     host_id: str
@@ -181,21 +193,19 @@ class HostSummary:
     events: tuple[EventRecord, ...]
     facts: Mapping[str, FactRecord]
     uintn_size: int = 8
-    _by_pcr: dict[int, tuple[EventRecord, ...]] = field(
-        init=False, repr=False, compare=False, default_factory=dict
+    by_pcr: Mapping[int, tuple[EventRecord, ...]] | None = field(
+        default=None, repr=False, compare=False
     )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pcrs", MappingProxyType(dict(self.pcrs)))
         object.__setattr__(self, "facts", MappingProxyType(dict(self.facts)))
+        if self.by_pcr is None:
+            object.__setattr__(self, "by_pcr", events_by_pcr(self.events))
 
     def events_in(self, pcr: int) -> tuple[EventRecord, ...]:
         """The events of one PCR, in log order (empty for a PCR the quote did not cover)."""
-        found = self._by_pcr.get(pcr)
-        if found is None:
-            found = tuple(event for event in self.events if event.pcr == pcr)
-            self._by_pcr[pcr] = found
-        return found
+        return (self.by_pcr or {}).get(pcr, ())
 
     def fact(self, name: str) -> FactRecord:
         """One fact by name; an unknown name is a fact nobody could show."""
@@ -274,6 +284,14 @@ def quoted_events(log: EventLog, quoted: Iterable[int]) -> tuple[EventRecord, ..
             if digest is not None:
                 out.append(new(EventRecord, (number, pcr, event_type, digest, data, None)))
     return tuple(out)
+
+
+def events_by_pcr(events: Iterable[EventRecord]) -> Mapping[int, tuple[EventRecord, ...]]:
+    """Events grouped by PCR, each group in log order (read-only)."""
+    groups: dict[int, list[EventRecord]] = {}
+    for event in events:
+        groups.setdefault(event.pcr, []).append(event)
+    return MappingProxyType({pcr: tuple(group) for pcr, group in groups.items()})
 
 
 def fact_record(fact: Fact) -> FactRecord:

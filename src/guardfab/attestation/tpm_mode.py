@@ -26,7 +26,8 @@ import datetime
 import functools
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 from cryptography import x509
 
@@ -46,22 +47,29 @@ from guardfab.attestation.result import (
     CheckFailure,
     Refusal,
 )
-from guardfab.attestation.summary import FactRecord, HostSummary, fact_record, quoted_events
+from guardfab.attestation.summary import (
+    EventRecord,
+    FactRecord,
+    HostSummary,
+    events_by_pcr,
+    fact_record,
+    quoted_events,
+)
 from guardfab.attestation.trust import AttestationMode, TrustState, ek_digest
 from guardfab.errors import FormatError, GuardfabError, VerificationError
 from guardfab.formats.guardian import VerifiedCache
 from guardfab.tpm.constants import TpmAlg, TpmaObject
 from guardfab.tpm.eventlog import EventLog, parse_event_log
 from guardfab.tpm.quote import (
+    AttestationKey,
     AttestationKeyError,
     NonceMismatchError,
     PcrDigestMismatchError,
     PcrSelectionError,
     VerifiedQuote,
-    check_attestation_key,
     verify_quote,
 )
-from guardfab.tpm.structures import TpmtPublic, object_name, unmarshal_public2b
+from guardfab.tpm.structures import object_name, unmarshal_public2b
 
 _SHA256 = int(TpmAlg.SHA256)
 _INVALID = AttestationStatus.INVALID_EVIDENCE
@@ -116,11 +124,10 @@ def _ek_digest_of(ek_public: bytes) -> bytes:
 
 
 @functools.lru_cache(maxsize=_IDENTITY_CACHE)
-def _attestation_key(ak_public: bytes) -> tuple[TpmtPublic, bytes]:
+def _attestation_key(ak_public: bytes) -> tuple[AttestationKey, bytes]:
     """Parse the AK, check it is fit for attestation, and return it with its Name."""
-    ak = unmarshal_public2b(ak_public)
-    check_attestation_key(ak)
-    return ak, object_name(ak)
+    ak = AttestationKey.of(unmarshal_public2b(ak_public))
+    return ak, object_name(ak.public)
 
 
 def _parse_ek(evidence: TpmEvidence) -> tuple[bytes, x509.Certificate | None]:
@@ -179,7 +186,9 @@ def _identify(
     return host_id, digest
 
 
-def _check_ak(evidence: TpmEvidence, host_id: str, digest: bytes, trust: TrustState) -> TpmtPublic:
+def _check_ak(
+    evidence: TpmEvidence, host_id: str, digest: bytes, trust: TrustState
+) -> AttestationKey:
     """A fit AK, bound to this EK; unknown AKs need activation first.
 
     The attributes are checked before the binding: an AK that could sign
@@ -221,7 +230,7 @@ _NONCE_HINT = (
 
 
 def _verify_quote(
-    evidence: TpmEvidence, ak: TpmtPublic, trust: TrustState, nonce: bytes
+    evidence: TpmEvidence, ak: AttestationKey, trust: TrustState, nonce: bytes
 ) -> VerifiedQuote:
     """Verify the quote over the exact bytes, bound to the nonce and the host key."""
     missing = sorted(trust.quote_pcrs - evidence.pcrs.keys())
@@ -251,27 +260,49 @@ LOG_CACHE_SIZE = 64
 LOG_CACHE_MAX_BYTES = 512 * 1024
 
 
-class _ParsedLog:
-    """What the log's bytes alone determine: parse, SHA-256 replay and facts.
+#: Quote selections remembered per cached log (a host quotes the same PCRs every time).
+_SELECTIONS_PER_LOG = 4
 
-    Pure functions of the bytes, so they are computed once per distinct log
-    and shared; everything that depends on the quote or the trust (which PCRs
-    must match, what policies read) is still checked on every attestation.
+
+class _ParsedLog:
+    """What the log's bytes alone determine: parse, SHA-256 replay, facts, quoted events.
+
+    Pure functions of the bytes (and, for the events, of the quote's PCR
+    selection), so they are computed once per distinct log and shared;
+    everything that depends on the quote's values or the trust (which PCRs must
+    match, what policies read) is still checked on every attestation.
     """
 
-    __slots__ = ("_facts", "initial", "log", "replayed")
+    __slots__ = ("_facts", "_quoted", "initial", "log", "replayed")
 
     def __init__(self, log: EventLog) -> None:
         self.log = log
         self.replayed: Mapping[int, bytes] = log.replay([_SHA256])[_SHA256]
         self.initial = log.initial_pcrs(_SHA256)
         self._facts: dict[str, FactRecord] | None = None
+        self._quoted: dict[frozenset[int], _QuotedEvents] = {}
 
     def facts(self) -> dict[str, FactRecord]:
         """The log's SHA-256 facts as records (a fresh dict: callers add their own)."""
         if self._facts is None:
             self._facts = {n: fact_record(f) for n, f in self.log.facts(_SHA256).items()}
         return dict(self._facts)
+
+    def quoted(self, pcrs: Iterable[int]) -> _QuotedEvents:
+        """The events of the quoted PCRs, and the same grouped by PCR (immutable, shared)."""
+        key = frozenset(pcrs)
+        found = self._quoted.get(key)
+        if found is None:
+            events = quoted_events(self.log, key)
+            found = _QuotedEvents(events, events_by_pcr(events))
+            if len(self._quoted) < _SELECTIONS_PER_LOG:
+                self._quoted[key] = found
+        return found
+
+
+class _QuotedEvents(NamedTuple):
+    events: tuple[EventRecord, ...]
+    by_pcr: Mapping[int, tuple[EventRecord, ...]]
 
 
 _PARSED: VerifiedCache[bytes, _ParsedLog] = VerifiedCache(LOG_CACHE_SIZE)
@@ -330,7 +361,7 @@ def _summarize(
     """The verified record: quoted PCRs, their events, and the facts policies read."""
     log = parsed.log
     pcrs = quote.pcrs[_SHA256]
-    events = quoted_events(log, pcrs)
+    events, by_pcr = parsed.quoted(pcrs)
     facts = parsed.facts()
     clock = quote.attest.clock_info
     facts["resumed"] = FactRecord(
@@ -343,7 +374,7 @@ def _summarize(
         clock.reset_count, (), "resetCount in the verified quote (TPM resets, not OS boots)"
     )
     ci_pcr = trust.ci_policy_pcr
-    ci_events = tuple(e for e in events if e.pcr == ci_pcr)
+    ci_events = by_pcr.get(ci_pcr, ())
     facts["ci_policy"] = (
         FactRecord(
             [e.digest.hex() for e in ci_events],
@@ -354,7 +385,7 @@ def _summarize(
         if ci_pcr in pcrs
         else FactRecord(None, (), f"the quote does not cover PCR {ci_pcr}")
     )
-    return HostSummary(host_id, now, pcrs, events, facts, log.uintn_size)
+    return HostSummary(host_id, now, pcrs, events, facts, log.uintn_size, by_pcr)
 
 
 def verify_tpm_evidence(

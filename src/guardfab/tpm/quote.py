@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
@@ -154,27 +155,56 @@ def check_attestation_key(public: TpmtPublic) -> None:
         raise AttestationKeyError("the AK is not an attestation key: " + "; ".join(problems))
 
 
-def _verify_signature(message: bytes, signature: TpmtSignature, ak: TpmtPublic) -> None:
+@dataclass(frozen=True, slots=True)
+class AttestationKey:
+    """An AK checked by :func:`check_attestation_key`, with its verifying key made once.
+
+    A host quotes with the same AK at every attestation: a verifier that keeps
+    this object (cached by the AK's exact bytes) skips re-checking the
+    attributes and rebuilding the ``cryptography`` key, never the signature.
+    Build it with :meth:`of`, which runs the check; the quote's signature
+    scheme must still equal the AK's on every quote.
+    """
+
+    public: TpmtPublic
+    key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey = field(repr=False, compare=False)
+    algorithm: hashes.HashAlgorithm = field(repr=False, compare=False)
+    padding: padding.AsymmetricPadding | None = field(repr=False, compare=False)
+
+    @classmethod
+    def of(cls, public: TpmtPublic | bytes) -> AttestationKey:
+        """Check the AK (raises AttestationKeyError, FormatError) and prepare its key."""
+        ak = as_public(public)
+        check_attestation_key(ak)
+        scheme = ak.parameters.scheme
+        algorithm = HASH_ALGS[scheme.hash_alg].algorithm()
+        pad: padding.AsymmetricPadding | None = None
+        if scheme.scheme == TpmAlg.RSASSA:
+            pad = padding.PKCS1v15()
+        elif scheme.scheme == TpmAlg.RSAPSS:
+            # TPMs salt with the digest size, older ones with the maximum: AUTO reads it.
+            pad = padding.PSS(mgf=padding.MGF1(algorithm), salt_length=padding.PSS.AUTO)
+        return cls(ak, public_key(ak), algorithm, pad)
+
+
+def _verify_signature(message: bytes, signature: TpmtSignature, ak: AttestationKey) -> None:
     """Verify ``signature`` over ``message`` with the AK, in the AK's own scheme."""
-    scheme = ak.parameters.scheme
-    if (signature.sig_alg, signature.hash_alg) != (scheme.scheme, scheme.hash_alg):
+    scheme = ak.public.parameters.scheme
+    if signature.sig_alg != scheme.scheme or signature.hash_alg != scheme.hash_alg:
         raise QuoteSchemeError(
             f"the quote is signed with {alg_name(signature.sig_alg)}/"
             f"{alg_name(signature.hash_alg)} but the AK's scheme is "
             f"{alg_name(scheme.scheme)}/{alg_name(scheme.hash_alg)}"
         )
-    algorithm = HASH_ALGS[signature.hash_alg].algorithm()
-    key = public_key(ak)
+    key = ak.key
     try:
         if isinstance(key, rsa.RSAPublicKey):
-            pad: padding.AsymmetricPadding = padding.PKCS1v15()
-            if signature.sig_alg == TpmAlg.RSAPSS:
-                # TPMs salt with the digest size, older ones with the maximum: AUTO reads it.
-                pad = padding.PSS(mgf=padding.MGF1(algorithm), salt_length=padding.PSS.AUTO)
-            key.verify(signature.sig, message, pad, algorithm)
+            if ak.padding is None:  # unreachable: AttestationKey.of sets it for RSA schemes
+                raise AttestationKeyError("the AK's RSA signing scheme has no padding")
+            key.verify(signature.sig, message, ak.padding, ak.algorithm)
         else:
             r, s = (int.from_bytes(v, "big") for v in (signature.r, signature.s))
-            key.verify(encode_dss_signature(r, s), message, ec.ECDSA(algorithm))
+            key.verify(encode_dss_signature(r, s), message, ec.ECDSA(ak.algorithm))
     except InvalidSignature as exc:
         raise QuoteSignatureError("the quote signature does not verify with the AK") from exc
 
@@ -191,6 +221,47 @@ def _parse_quote(message: bytes) -> TpmsAttest:
     return unmarshal_attest(message)
 
 
+#: A quote's selection as (bank, ascending PCR indices) pairs, in selection order.
+_Banks = list[tuple[int, tuple[int, ...]]]
+
+
+def _banks(selection: Sequence[TpmsPcrSelection]) -> _Banks:
+    return [(sel.hash_alg, sel.indices()) for sel in selection]
+
+
+def _selected_values(banks: _Banks, pcr_values: PcrValues) -> dict[int, dict[int, bytes]]:
+    """The expected value of every selected PCR, by bank, checked for presence and size."""
+    out: dict[int, dict[int, bytes]] = {}
+    for hash_alg, indices in banks:
+        bank = HASH_ALGS.get(hash_alg)
+        if bank is None:
+            raise FormatError(f"PCR selection: {alg_name(hash_alg)} is not a supported bank")
+        values = pcr_values.get(hash_alg, {})
+        chosen = out[hash_alg] = {}
+        for index in indices:
+            value = values.get(index)
+            if value is None:
+                raise PcrSelectionError(
+                    f"the quote selects PCR {alg_name(hash_alg)}:{index} "
+                    "but no expected value was given for it"
+                )
+            if len(value) != bank.digest_size:
+                raise FormatError(
+                    f"PCR {alg_name(hash_alg)}:{index}: {len(value)} bytes, "
+                    f"expected {bank.digest_size}"
+                )
+            chosen[index] = value
+    return out
+
+
+def _digest(selected: dict[int, dict[int, bytes]], hash_alg: int) -> bytes:
+    """H(the values bank by bank in selection order, ascending index within a bank)."""
+    digest_info = HASH_ALGS.get(hash_alg)
+    if digest_info is None:
+        raise FormatError(f"PCR digest: {alg_name(hash_alg)} is not a supported hash")
+    return digest_info.new(b"".join(b"".join(bank.values()) for bank in selected.values())).digest()
+
+
 def pcr_digest(
     selection: Sequence[TpmsPcrSelection], pcr_values: PcrValues, hash_alg: int
 ) -> bytes:
@@ -203,41 +274,22 @@ def pcr_digest(
         PcrSelectionError: a selected PCR has no value in ``pcr_values``.
         FormatError: an unknown hash, or a value of the wrong size for its bank.
     """
-    digest_info = HASH_ALGS.get(hash_alg)
-    if digest_info is None:
+    if hash_alg not in HASH_ALGS:
         raise FormatError(f"PCR digest: {alg_name(hash_alg)} is not a supported hash")
-    hasher = digest_info.new()
-    for sel in selection:
-        bank = HASH_ALGS.get(sel.hash_alg)
-        if bank is None:
-            raise FormatError(f"PCR selection: {alg_name(sel.hash_alg)} is not a supported bank")
-        values = pcr_values.get(sel.hash_alg, {})
-        for index in sel.indices():
-            value = values.get(index)
-            if value is None:
-                raise PcrSelectionError(
-                    f"the quote selects PCR {alg_name(sel.hash_alg)}:{index} "
-                    "but no expected value was given for it"
-                )
-            if len(value) != bank.digest_size:
-                raise FormatError(
-                    f"PCR {alg_name(sel.hash_alg)}:{index}: {len(value)} bytes, "
-                    f"expected {bank.digest_size}"
-                )
-            hasher.update(value)
-    return hasher.digest()
+    return _digest(_selected_values(_banks(selection), pcr_values), hash_alg)
 
 
-def _check_coverage(selection: Sequence[TpmsPcrSelection], required: PcrValues) -> None:
+def _check_coverage(banks: _Banks, required: PcrValues) -> None:
     """Every PCR the verifier has a value for must be in the quote's selection."""
-    quoted = {(sel.hash_alg, index) for sel in selection for index in sel.indices()}
-    if not quoted:
+    if not any(indices for _bank, indices in banks):
         raise PcrSelectionError("the quote covers no PCRs at all")
+    selected = dict(banks)
     missing = [
         f"{alg_name(bank)}:{index}"
         for bank, values in required.items()
+        if not values.keys() <= frozenset(selected.get(bank, ()))
         for index in sorted(values)
-        if (bank, index) not in quoted
+        if index not in selected.get(bank, ())
     ]
     if missing:
         raise PcrSelectionError(f"the quote does not cover required PCR(s) {', '.join(missing)}")
@@ -246,7 +298,7 @@ def _check_coverage(selection: Sequence[TpmsPcrSelection], required: PcrValues) 
 def verify_quote(
     attest_bytes: bytes,
     signature_bytes: bytes,
-    ak_public: TpmtPublic | bytes,
+    ak_public: AttestationKey | TpmtPublic | bytes,
     *,
     expected_nonce: bytes,
     pcr_values: PcrValues,
@@ -256,7 +308,8 @@ def verify_quote(
     Args:
         attest_bytes: the TPMS_ATTEST exactly as the TPM returned it.
         signature_bytes: the TPMT_SIGNATURE over ``attest_bytes``.
-        ak_public: the registered AK, parsed or as TPM2B_PUBLIC bytes.
+        ak_public: the registered AK, as TPM2B_PUBLIC bytes, parsed, or already
+            checked and prepared (:class:`AttestationKey`, which a verifier caches).
         expected_nonce: the qualifying data the verifier asked the host to quote.
         pcr_values: the PCR values the verifier expects, by bank then index. The
             quote must select every one of them and nothing else.
@@ -267,8 +320,7 @@ def verify_quote(
         NonceMismatchError, PcrSelectionError, PcrDigestMismatchError: the quote
             does not prove what the verifier requires; the error says which part.
     """
-    ak = as_public(ak_public)
-    check_attestation_key(ak)
+    ak = ak_public if isinstance(ak_public, AttestationKey) else AttestationKey.of(ak_public)
     if len(attest_bytes) > MAX_ATTEST_BYTES:
         raise FormatError(f"TPMS_ATTEST: {len(attest_bytes)} bytes is larger than any quote")
     signature = unmarshal_signature(signature_bytes)
@@ -276,15 +328,11 @@ def verify_quote(
     attest = _parse_quote(attest_bytes)
     if not hmac.compare_digest(attest.extra_data, expected_nonce):
         raise NonceMismatchError("the quote's qualifying data is not the expected nonce")
-    selection = attest.quote.pcr_select
-    _check_coverage(selection, pcr_values)
-    expected = pcr_digest(selection, pcr_values, signature.hash_alg)
-    if not hmac.compare_digest(expected, attest.quote.pcr_digest):
+    banks = _banks(attest.quote.pcr_select)
+    _check_coverage(banks, pcr_values)
+    pcrs = _selected_values(banks, pcr_values)
+    if not hmac.compare_digest(_digest(pcrs, signature.hash_alg), attest.quote.pcr_digest):
         raise PcrDigestMismatchError(
             "the quoted PCR digest does not match the digest of the expected PCR values"
         )
-    pcrs = {
-        sel.hash_alg: {index: pcr_values[sel.hash_alg][index] for index in sel.indices()}
-        for sel in selection
-    }
     return VerifiedQuote(attest, signature, signature.hash_alg, pcrs)

@@ -18,6 +18,7 @@ hypothesis round trips rely on ``marshal(unmarshal(b)) == b``), which also makes
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -142,12 +143,22 @@ class TpmsPcrSelection:
 
     def indices(self) -> tuple[int, ...]:
         """Return the selected PCR indices in ascending order, the order the TPM hashes."""
-        return tuple(
-            8 * byte_index + bit
-            for byte_index, byte in enumerate(self.select)
-            for bit in range(8)
-            if byte >> bit & 1
-        )
+        return _selected_indices(self.select)
+
+
+@functools.lru_cache(maxsize=256)
+def _selected_indices(select: bytes) -> tuple[int, ...]:
+    """The set bits of a pcrSelect bitmap (cached: hosts quote the same few selections).
+
+    The bitmap is at most MAX_PCR_SELECT_BYTES long once parsed; the cache is
+    bounded whatever callers pass.
+    """
+    return tuple(
+        8 * byte_index + bit
+        for byte_index, byte in enumerate(select)
+        for bit in range(8)
+        if byte >> bit & 1
+    )
 
 
 def pcr_selection(hash_alg: int, indices: list[int] | tuple[int, ...]) -> TpmsPcrSelection:
