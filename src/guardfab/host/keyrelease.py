@@ -52,8 +52,8 @@ class KeyReleaseRefusedError(InvalidInputError):
     """The KPS examined the request and refused it.
 
     Attributes:
-        status: the HTTP status (401 certificate, 403 revoked host, 404 KP for
-            another fabric, 409 rollback/replay, 422 tampered KP).
+        status: the HTTP status (401 certificate, 403 revoked host, 404 KP or
+            PDK for another fabric, 409 rollback/replay, 422 tampered KP or PDK).
         reason: the KPS's stable reason token, e.g. ``certificate-expired``.
     """
 
