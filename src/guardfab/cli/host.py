@@ -17,6 +17,9 @@ from typing import Any
 import click
 from cryptography import x509
 
+from guardfab.cli.host_manage import audit as audit_group
+from guardfab.cli.host_manage import ensure_management
+from guardfab.cli.host_manage import manage as manage_group
 from guardfab.cli.output import EXIT_INVALID, EXIT_TRANSPORT, emit, handle_errors, json_option
 from guardfab.errors import FormatError, GuardfabError, UsageError
 from guardfab.files import PUBLIC, atomic_write
@@ -26,9 +29,11 @@ from guardfab.host import signer as key_backends
 from guardfab.host.attester import load_host_key, read_event_log, tpm_opener
 from guardfab.host.config import (
     DEFAULT_EVENT_LOG,
+    DEFAULT_MANAGE_LISTEN,
     DEFAULT_SOCKET,
     DEFAULT_STATE_DIR,
     DEFAULT_TCTI,
+    DEFAULT_VMS_DIR,
     HgsSite,
     HostConfig,
     HostMode,
@@ -71,6 +76,9 @@ def host() -> None:
       status      is the host guarded, and if not, which policies failed
       attest      attest now (optionally through the fallback HGS)
       diagnose    every check from the TPM to the HGS's TLS, each with its fix
+    Management API (the agent serves 'guardfab vm' over HTTPS):
+      manage      its TLS material and role tokens (init, rotate)
+      audit       its hash-chained audit log (verify, list)
     """
 
 
@@ -204,6 +212,15 @@ def _previous(path: Path) -> HostConfig | None:
     show_default=True,
     help="The only user id the local API serves (root by default).",
 )
+@click.option(
+    "--vms-dir", type=_dir, default=DEFAULT_VMS_DIR, show_default=True, help="This host's VMs."
+)
+@click.option(
+    "--manage-listen",
+    default=DEFAULT_MANAGE_LISTEN,
+    show_default=True,
+    help="HOST:PORT of the agent's management API (HTTPS).",
+)
 @json_option
 @handle_errors
 def configure(
@@ -222,14 +239,17 @@ def configure(
     state_dir: Path,
     socket_path: Path,
     allowed_uid: int,
+    vms_dir: Path,
+    manage_listen: str,
     as_json: bool,
 ) -> None:
     """Write the host configuration (Set-HgsClientConfiguration) and create the host keys.
 
     The host encryption key (the KPS wraps VM keys to it) and, in host-key mode,
-    the host signing key are created 0600 if they do not exist. Renewal and
-    retry settings already in the file are kept. Then give the output of
-    'guardfab host identity' to the HGS administrator.
+    the host signing key are created 0600 if they do not exist; so is the
+    management API's directory (TLS material, admin and reviewer tokens; see
+    'host manage'). Renewal and retry settings already in the file are kept.
+    Then give the output of 'guardfab host identity' to the HGS administrator.
     """
     path = config_path(config_file)
     host_mode = HostMode(mode)
@@ -247,10 +267,14 @@ def configure(
         state_dir=state_dir.expanduser().absolute(),
         socket=socket_path.expanduser().absolute(),
         allowed_uid=allowed_uid,
+        vms_dir=vms_dir.expanduser().absolute(),
+        manage_listen=manage_listen,
     )
     previous = _previous(path)
     if previous is not None:
-        config = replace(config, renewal=previous.renewal, retry=previous.retry)
+        config = replace(
+            config, renewal=previous.renewal, retry=previous.retry, manage_dir=previous.manage_dir
+        )
     _check_ca_file(config.ca_file)
     created = []
     if _ensure_key(config.encryption_key, KeyAlgorithm.EC_P384):
@@ -259,13 +283,15 @@ def configure(
         created.append(str(config.signing_key))
     save_config(path, config)
     StateFiles(config.state_dir).ensure()
+    if (management := ensure_management(config)) is not None:
+        created.append(str(management))
     data = {"config": str(path), "created_keys": created, **config.to_dict()}
     emit(as_json, data, lambda: _configured_text(path, config, created))
 
 
 def _configured_text(path: Path, config: HostConfig, created: list[str]) -> str:
     lines = [f"host configuration written to {path} (mode {config.mode.value})"]
-    lines += [f"  created key: {key}" for key in created]
+    lines += [f"  created: {key}" for key in created]
     lines += [
         "next:",
         f"  guardfab host identity --config {path} --out host-identity.pem",
@@ -595,3 +621,7 @@ def agent(config_file: Path | None, log_level: str) -> None:
         stream=sys.stderr,
     )
     run_foreground(config)
+
+
+host.add_command(manage_group)
+host.add_command(audit_group)

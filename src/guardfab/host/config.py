@@ -4,7 +4,10 @@ Like the reference's ``Set-HgsClientConfiguration``, it names the HGS to attest
 to and to ask for keys (a primary and, optionally, a fallback pair of URLs), the
 CA that HGS's TLS certificate chains to, and how this host proves its health
 (TPM or host key). It also says where the agent keeps its state and its socket,
-and how it schedules renewal and retries.
+how it schedules renewal and retries, where this host's VMs live (``vms_dir``)
+and where the agent's management API listens (``manage_listen``; its TLS
+material, tokens and audit log are under ``manage_dir``, by default
+``state_dir/manage``).
 
 Loading is strict on purpose: an unknown field is a typo that would otherwise
 be silently ignored (a misspelt ``fallback_attestation_url`` would leave the host
@@ -48,6 +51,10 @@ DEFAULT_STATE_DIR = Path("/var/lib/guardfab/host")
 DEFAULT_SOCKET = Path("/run/guardfab/host-agent.sock")
 DEFAULT_ENCRYPTION_KEY = Path("/etc/guardfab/host-encryption.pem")
 DEFAULT_SIGNING_KEY = Path("/etc/guardfab/host-signing.pem")
+DEFAULT_VMS_DIR = Path("/var/lib/guardfab/vms")
+#: The management API's address: loopback, so reaching it from elsewhere is a
+#: deliberate change (a reverse proxy, or another address in the configuration).
+DEFAULT_MANAGE_LISTEN = "127.0.0.1:7445"
 _MAX_CONFIG_BYTES = 64 * 1024
 _MAX_URL_CHARS = 2048
 
@@ -71,6 +78,9 @@ _FIELDS = {
     "ek_profile",
     "renewal",
     "retry",
+    "vms_dir",
+    "manage_listen",
+    "manage_dir",
 }
 
 
@@ -234,6 +244,18 @@ def check_pin_source(uri: Pkcs11Uri) -> None:
         raise UsageError(f"the PIN file {path} is readable by others", hint=f"chmod 600 {path}")
 
 
+def check_listen(listen: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (IPv6 in brackets); port 0 lets the system choose (tests).
+
+    Raises:
+        FormatError: not ``HOST:PORT`` with a port from 0 to 65535.
+    """
+    host, sep, port_text = str(listen).rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise FormatError(f"manage_listen: {listen!r} is not HOST:PORT")
+    return host.strip("[]"), int(port_text)
+
+
 def check_path(value: Any, what: str) -> Path:
     """An absolute path (the agent runs with no meaningful working directory)."""
     if not isinstance(value, str) or not value or "\0" in value or len(value) > 4096:
@@ -264,8 +286,12 @@ class HostConfig:
     ek_profile: str = "EK-RSA2048"
     renewal: RenewalSettings = field(default_factory=RenewalSettings)
     retry: RetrySettings = field(default_factory=RetrySettings)
+    vms_dir: Path = DEFAULT_VMS_DIR
+    manage_listen: str = DEFAULT_MANAGE_LISTEN
+    manage_dir: Path | None = None
 
     def __post_init__(self) -> None:
+        check_listen(self.manage_listen)
         if self.mode is HostMode.HOST_KEY and self.signing_key is None:
             raise FormatError("host-key mode needs 'signing_key' (the registered host key)")
         if self.ek_profile not in EK_CERT_INDEX:
@@ -276,6 +302,11 @@ class HostConfig:
             raise FormatError("allowed_uid: not a user id")
         if not self.tcti or len(self.tcti) > 1024:
             raise FormatError("tcti: expected a TCTI string such as device:/dev/tpmrm0")
+
+    @property
+    def management_dir(self) -> Path:
+        """The management API's TLS material, tokens and audit log (``state_dir/manage``)."""
+        return self.manage_dir if self.manage_dir is not None else self.state_dir / "manage"
 
     @property
     def sites(self) -> tuple[HgsSite, ...]:
@@ -305,6 +336,9 @@ class HostConfig:
             "ek_profile": self.ek_profile,
             "renewal": self.renewal.to_dict(),
             "retry": self.retry.to_dict(),
+            "vms_dir": str(self.vms_dir),
+            "manage_listen": self.manage_listen,
+            "manage_dir": None if self.manage_dir is None else str(self.manage_dir),
         }
 
     @classmethod
@@ -354,6 +388,7 @@ def _fields_from(obj: dict[str, Any]) -> dict[str, Any]:
         raise FormatError("host configuration: attestation_url and key_protection_url are needed")
     signing = obj.get("signing_key")
     ci_policy = obj.get("ci_policy")
+    manage_dir = obj.get("manage_dir")
     tcti = obj.get("tcti", DEFAULT_TCTI)
     if not isinstance(tcti, str):
         raise FormatError("host configuration: 'tcti' must be a string")
@@ -376,7 +411,17 @@ def _fields_from(obj: dict[str, Any]) -> dict[str, Any]:
         "ek_profile": str(obj.get("ek_profile", "EK-RSA2048")),
         "renewal": RenewalSettings.from_dict(obj.get("renewal", {})),
         "retry": RetrySettings.from_dict(obj.get("retry", {})),
+        "vms_dir": check_path(obj.get("vms_dir", str(DEFAULT_VMS_DIR)), "vms_dir"),
+        "manage_listen": _string(obj, "manage_listen", DEFAULT_MANAGE_LISTEN),
+        "manage_dir": None if manage_dir is None else check_path(manage_dir, "manage_dir"),
     }
+
+
+def _string(obj: dict[str, Any], key: str, default: str) -> str:
+    value = obj.get(key, default)
+    if not isinstance(value, str):
+        raise FormatError(f"host configuration: '{key}' must be a string")
+    return value
 
 
 def config_path(explicit: Path | None = None) -> Path:

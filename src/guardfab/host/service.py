@@ -1,9 +1,14 @@
-"""Wiring of the guarded-host agent as a service: keys, attester, socket, signals, systemd.
+"""Wiring of the guarded-host agent as a service: keys, attester, socket, API, signals, systemd.
 
 ``guardfab host agent`` and the systemd unit run :func:`run_foreground`. Start-up
 order matters to the hypervisor layer: the previous state is recovered and the
 socket is listening before systemd hears ``READY=1``, so a key request right
 after start either uses the cached certificate or attests on demand.
+
+When the host's management directory is initialized (``guardfab host manage
+init``, or ``host configure`` the first time), the agent also serves the
+management API (:mod:`guardfab.host.manage`) over HTTPS in a thread, with
+itself as the VMs' key source; it stops with the agent.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from guardfab.host.attester import load_host_key, make_attester
 from guardfab.host.config import HostConfig
 from guardfab.host.keyrequest import KeyReleaser, KpsKeyReleaser
 from guardfab.host.localapi import LocalApiServer
+from guardfab.host.manage.operations import OpenShieldingData
+from guardfab.host.manage.running import Management
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +55,27 @@ def build_agent(
     )
 
 
-class AgentService:
-    """An agent with its scheduler thread and its local socket."""
+def _pdk_opener(agent: GuardedHostAgent) -> OpenShieldingData | None:
+    """The agent's PDK opening through the KPS, if this build has it."""
+    opener: OpenShieldingData | None = getattr(agent, "open_shielding_data", None)
+    return opener
 
-    def __init__(self, agent: GuardedHostAgent) -> None:
+
+class AgentService:
+    """An agent with its scheduler thread, its local socket and its management API.
+
+    Args:
+        agent: the agent.
+        open_pdk: opens a PDK's secrets for this host; by default the agent's
+            ``open_shielding_data`` (the KPS opens the PDK for this host).
+    """
+
+    def __init__(self, agent: GuardedHostAgent, *, open_pdk: OpenShieldingData | None = None):
         self.agent = agent
+        self._open_pdk = open_pdk
         self._server: LocalApiServer | None = None
         self._scheduler: threading.Thread | None = None
+        self.management: Management | None = None
 
     def start(self, *, scheduler_thread: bool = True) -> AgentService:
         """Recover the previous state, listen on the socket, start the scheduler.
@@ -66,17 +87,27 @@ class AgentService:
         self._server = LocalApiServer(
             config.socket, self.agent, allowed_uid=config.allowed_uid
         ).start()
+        try:
+            self.management = Management.start_if_ready(
+                self.agent, self._open_pdk or _pdk_opener(self.agent)
+            )
+        except BaseException:
+            self._server.close()
+            raise
         if scheduler_thread:
             self._scheduler = threading.Thread(target=self.agent.run, name="scheduler", daemon=True)
             self._scheduler.start()
         return self
 
     def stop(self) -> None:
-        """Stop the scheduler and the socket (the socket file is removed)."""
+        """Stop the scheduler, the management API and the socket (its file is removed)."""
         self.agent.stop()
         if self._scheduler is not None:
             self._scheduler.join()
             self._scheduler = None
+        if self.management is not None:
+            self.management.stop()
+            self.management = None
         if self._server is not None:
             self._server.close()
             self._server = None

@@ -1,0 +1,263 @@
+"""The VM operations the management API runs in the agent, on this host's VM directory.
+
+Each one calls the hypervisor layer with the agent itself as the key source,
+so a VM's keys are released into this process and go from here to QEMU and
+swtpm only (by pipe and QMP), never to the client. One operation at a time per
+VM (a lock per name): two requests on one VM would race on its key vault.
+
+Loosening a shielded VM (a console, a serial port) is refused here, at the
+administrator's boundary, before the VM is touched; the hypervisor layer
+enforces the same rule again when it changes settings and at every start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from guardfab.errors import NotAuthorizedError, UsageError
+from guardfab.formats.shielding_data import SecurityPolicy
+from guardfab.formats.shielding_secrets import ShieldingSecrets
+from guardfab.host.config import load_config
+from guardfab.host.localapi import AgentClient
+from guardfab.hypervisor.checkpoint import checkpoint_vm, restore_vm
+from guardfab.hypervisor.migrate import attach, free_local_port, migrate_vm
+from guardfab.hypervisor.power import power_off, power_on, running_pid
+from guardfab.hypervisor.provision import (
+    KeySource,
+    ProvisionRequest,
+    VmRecord,
+    load_record,
+    provision,
+)
+from guardfab.hypervisor.spec import VmSpec
+from guardfab.hypervisor.vm import QemuVm, VmRuntime
+
+#: A VM name: what provisioning accepts, and all a path parameter may be.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+_NAME = re.compile(NAME_PATTERN)
+
+#: Opens a PDK's secrets for this host (the agent's ``open_shielding_data``).
+OpenShieldingData = Callable[[bytes], ShieldingSecrets]
+
+
+class ShieldedVmLooseningError(NotAuthorizedError):
+    """A request to loosen a shielded VM (console, serial port): refused, nothing changed."""
+
+    hint = "a shielded VM has no console or serial port; reach it through its own network services"
+
+
+class NotAvailableError(UsageError):
+    """This build has no implementation of the operation yet."""
+
+
+def summary(record: VmRecord, vm_dir: Path) -> dict[str, Any]:
+    """The public facts of a VM (no secret, no key material)."""
+    return {
+        "name": record.name,
+        "policy": record.policy.value,
+        "pdk_id": record.pdk_id,
+        "template": record.template,
+        "host_port": record.host_port,
+        "running": running_pid(vm_dir) is not None,
+    }
+
+
+def _optional_module(name: str, what: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError:
+        raise NotAvailableError(
+            f"{what} is not available in this build ({name} is missing)"
+        ) from None
+
+
+def _qemu(spec: VmSpec, state_dir: Path) -> VmRuntime:
+    return QemuVm(spec, state_dir)
+
+
+class VmOperations:
+    """This host's VMs under ``vms_dir``, with ``keys`` (the agent) as the key source.
+
+    Args:
+        vms_dir: one directory per VM.
+        keys: releases a VM's keys for this host (the agent).
+        open_pdk: opens a PDK's secrets for this host; ``None`` if this agent cannot.
+    """
+
+    def __init__(self, vms_dir: Path, keys: KeySource, open_pdk: OpenShieldingData | None) -> None:
+        self.vms_dir = Path(vms_dir)
+        self._keys = keys
+        self._open_pdk = open_pdk
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    @contextmanager
+    def _vm(self, name: str) -> Iterator[Path]:
+        """The VM's directory, held for one operation at a time."""
+        if not _NAME.fullmatch(name):
+            raise UsageError("a VM name is 1-63 lower-case letters, digits and '-'")
+        with self._locks_guard:
+            lock = self._locks.setdefault(name, threading.Lock())
+        with lock:
+            yield self.vms_dir / name
+
+    def _record(self, vm_dir: Path) -> VmRecord:
+        if not (vm_dir / "vm.json").is_file():
+            raise UsageError(f"no VM {vm_dir.name!r} on this host")
+        return load_record(vm_dir)
+
+    # ------------------------------------------------------------------ reads
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every VM on this host, by name."""
+        if not self.vms_dir.is_dir():
+            return []
+        names = sorted(p.parent.name for p in self.vms_dir.glob("*/vm.json"))
+        return [summary(load_record(self.vms_dir / n), self.vms_dir / n) for n in names]
+
+    def show(self, name: str) -> dict[str, Any]:
+        """One VM's public facts."""
+        if not _NAME.fullmatch(name):
+            raise UsageError("a VM name is 1-63 lower-case letters, digits and '-'")
+        vm_dir = self.vms_dir / name
+        return summary(self._record(vm_dir), vm_dir)
+
+    def policy_of(self, name: str) -> SecurityPolicy | None:
+        """The VM's security policy, or ``None`` if there is no such VM (for the audit)."""
+        try:
+            return self._record(self.vms_dir / name).policy if _NAME.fullmatch(name) else None
+        except Exception:  # noqa: BLE001 - a best-effort fact for the audit record
+            return None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def provision(self, request: ProvisionRequest) -> dict[str, Any]:
+        """Provision a VM; the PDK is opened for this host by the KPS (through the agent)."""
+        opener = self._open_pdk
+        if opener is None:
+            raise NotAvailableError(
+                "this agent cannot open shielding data yet (the KPS's PDK opening is missing)"
+            )
+        with self._vm(request.name) as vm_dir:
+            record = provision(
+                request,
+                self.vms_dir,
+                reveal_secrets=lambda _header: opener(request.pdk),
+                key_source=self._keys,
+            )
+            return summary(record, vm_dir)
+
+    def start(self, name: str) -> dict[str, Any]:
+        """Power the VM on with keys the KPS releases to this host."""
+        with self._vm(name) as vm_dir:
+            self._record(vm_dir)
+            runtime = power_on(vm_dir, self._keys)
+            return {"name": name, "pid": getattr(runtime, "pid", None)}
+
+    def stop(self, name: str) -> dict[str, Any]:
+        """Power the VM off."""
+        with self._vm(name) as vm_dir:
+            self._record(vm_dir)
+            return {"name": name, "was_running": power_off(vm_dir)}
+
+    def checkpoint(self, name: str) -> dict[str, Any]:
+        """Save the running VM's state, encrypted, beside it, and stop it."""
+        with self._vm(name) as vm_dir:
+            self._record(vm_dir)
+            path = checkpoint_vm(attach(vm_dir), vm_dir, self._keys)
+            return {"name": name, "checkpoint": str(path), "bytes": path.stat().st_size}
+
+    def restore(self, name: str) -> dict[str, Any]:
+        """Start the VM from its checkpoint."""
+        with self._vm(name) as vm_dir:
+            self._record(vm_dir)
+            runtime = restore_vm(vm_dir, self._keys, _qemu)
+            return {"name": name, "pid": runtime.pid}
+
+    def migrate(
+        self, name: str, to_config: Path, to_vms: Path | None, port: int | None
+    ) -> dict[str, Any]:
+        """Live-migrate to the guarded host of ``to_config`` (on this machine, shared storage).
+
+        The destination's keys come from the destination's own agent (its socket);
+        between machines that half would run in the destination's agent.
+        """
+        destination = load_config(to_config)
+        dest_vms = to_vms if to_vms is not None else destination.vms_dir
+        with self._vm(name) as vm_dir:
+            self._record(vm_dir)
+            result = migrate_vm(
+                attach(vm_dir),
+                vm_dir,
+                dest_vms / name,
+                AgentClient(destination.socket),
+                port=port if port is not None else free_local_port(),
+            )
+        stats = result.stats
+        return {
+            "name": name,
+            "destination": str(result.destination_dir),
+            "pid": result.vm.pid,
+            "total_time_ms": stats.total_time_ms,
+            "downtime_ms": stats.downtime_ms,
+            "transferred_bytes": stats.transferred_bytes,
+        }
+
+    # ------------------------------------------------------------------ policy-bound
+
+    def _refuse_loosening(self, record: VmRecord, what: str) -> None:
+        if record.policy is SecurityPolicy.SHIELDED:
+            raise ShieldedVmLooseningError(
+                f"VM {record.name!r} is shielded: {what} refused (no console, serial port "
+                "or debugger for a shielded VM)"
+            )
+
+    def change_settings(self, name: str, *, console: bool) -> dict[str, Any]:
+        """Turn the VM's console (serial port) on or off, where its policy allows."""
+        with self._vm(name) as vm_dir:
+            record = self._record(vm_dir)
+            if console:
+                self._refuse_loosening(record, "enabling the console")
+            settings = _optional_module("guardfab.hypervisor.settings", "changing VM settings")
+            changed: VmRecord = settings.change_settings(vm_dir, console=console)
+            return {**summary(changed, vm_dir), "console": console}
+
+    def console(self, name: str) -> dict[str, Any]:
+        """The running VM's console socket, where its policy allows one."""
+        with self._vm(name) as vm_dir:
+            self._refuse_loosening(self._record(vm_dir), "attaching a console")
+            module = _optional_module("guardfab.hypervisor.console", "VM consoles")
+            path: Path = module.console_socket(vm_dir)
+            return {"name": name, "socket": str(path)}
+
+    def restore_last_known_good(self, name: str) -> dict[str, Any]:
+        """Go back to the VM's last known good key protector (after a failed re-key)."""
+        with self._vm(name) as vm_dir:
+            self._record(vm_dir)
+            module = _optional_module(
+                "guardfab.hypervisor.keyprotector", "restoring the last known good KP"
+            )
+            restored = module.restore_last_known_good(vm_dir)
+            return {"name": name, **_public_fields(restored)}
+
+
+def _public_fields(value: object) -> dict[str, Any]:
+    """The plain fields of a result dataclass (numbers, text, flags, paths; never bytes)."""
+    if not dataclasses.is_dataclass(value) or isinstance(value, type):
+        return {}
+    out: dict[str, Any] = {}
+    for item in dataclasses.fields(value):
+        field_value = getattr(value, item.name)
+        if isinstance(field_value, bool | int | float | str) or field_value is None:
+            out[item.name] = field_value
+        elif isinstance(field_value, Path):
+            out[item.name] = str(field_value)
+    return out
