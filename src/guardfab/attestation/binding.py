@@ -12,6 +12,7 @@ Host-key mode: the host key signs the same digest (see ``host_key_binding``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Any
 
@@ -23,8 +24,20 @@ HOST_KEY_DOMAIN = b"guardfab/attestation/host-key/v1\x00"
 
 
 def host_key_digest(host_key_jwk: dict[str, Any]) -> bytes:
-    """SHA-256 of the canonical public JWK of the host encryption key."""
+    """SHA-256 of the canonical public JWK of the host encryption key.
+
+    Computed once per exact JWK when every member is a string (a JWK always
+    is; the key is its sorted members, so no two JWKs share one); anything
+    else is canonicalized every time.
+    """
+    if all(type(k) is str and type(v) is str for k, v in host_key_jwk.items()):
+        return _digest_of_members(tuple(sorted(host_key_jwk.items())))
     return hashlib.sha256(canonical_json(host_key_jwk)).digest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest_of_members(members: tuple[tuple[str, str], ...]) -> bytes:
+    return hashlib.sha256(canonical_json(dict(members))).digest()
 
 
 def quote_qualifying_data(nonce: bytes, host_key_jwk: dict[str, Any]) -> bytes:

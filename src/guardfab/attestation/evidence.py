@@ -16,9 +16,10 @@ member would be a second spelling of the same key; refusing them keeps one.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -35,6 +36,7 @@ from guardfab.formats.encoding import (
     require_dict,
     require_str,
 )
+from guardfab.formats.guardian import VerifiedCache
 from guardfab.tpm.constants import MAX_ATTEST_BYTES
 
 #: A whole evidence document (the HGS should cap request bodies at this too).
@@ -68,14 +70,57 @@ def _b64(obj: Mapping[str, Any], key: str, *, what: str, max_bytes: int) -> byte
     return value
 
 
+#: Decoded event logs kept by the SHA-256 of their base64url text: a host sends
+#: the same log at every attestation until it reboots, and decoding it cost more
+#: than hashing the text. Only logs that decoded are kept; longer ones are
+#: decoded every time.
+LOG_TEXT_CACHE_SIZE = 64
+LOG_TEXT_CACHE_MAX_CHARS = 700 * 1024
+_DECODED_LOGS: VerifiedCache[bytes, tuple[bytes, bytes]] = VerifiedCache(LOG_TEXT_CACHE_SIZE)
+
+
+def _event_log(obj: Mapping[str, Any], what: str) -> tuple[bytes, bytes]:
+    """The decoded ``event_log`` field and the SHA-256 of the decoded bytes."""
+    text = obj.get("event_log")
+    key = b""
+    if isinstance(text, str) and text.isascii() and len(text) <= LOG_TEXT_CACHE_MAX_CHARS:
+        key = hashlib.sha256(text.encode("ascii")).digest()
+        found = _DECODED_LOGS.get(key)
+        if found is not None:
+            return found
+    log = _b64(obj, "event_log", what=what, max_bytes=MAX_EVENT_LOG_BYTES)
+    decoded = log, hashlib.sha256(log).digest()
+    if key:
+        _DECODED_LOGS.put(key, decoded)
+    return decoded
+
+
 def load_host_key(value: Any, *, what: str = "host_key") -> dict[str, Any]:
     """Check a public JWK of the host encryption key and return it as given.
+
+    A host presents the same key at every attestation, so a JWK whose members
+    are all strings is checked once per exact content (sorted members); any
+    other value is checked every time (and refused).
 
     Raises:
         FormatError: not an EC or RSA public JWK with exactly its RFC 7638 members,
             or a key too weak to wrap VM keys to.
     """
     jwk = require_dict(value, what=what)
+    if all(type(k) is str and type(v) is str for k, v in jwk.items()):
+        _checked_key(tuple(sorted(jwk.items())), what)
+    else:
+        _check_key(jwk, what)
+    return dict(jwk)
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked_key(items: tuple[tuple[str, str], ...], what: str) -> None:
+    """:func:`_check_key` once per exact JWK (a failure raises and is never cached)."""
+    _check_key(dict(items), what)
+
+
+def _check_key(jwk: dict[str, Any], what: str) -> None:
     members = _JWK_MEMBERS.get(jwk.get("kty"))  # type: ignore[arg-type]
     if members is None:
         raise FormatError(f"{what}: key type must be EC or RSA")
@@ -85,17 +130,7 @@ def load_host_key(value: Any, *, what: str = "host_key") -> dict[str, Any]:
         raise FormatError(f"{what}: missing member(s) {', '.join(missing)}")
     for name in members:
         require_str(jwk, name, what=what, max_len=1024)
-    _check_key(tuple(sorted(jwk.items())), what)
-    return dict(jwk)
-
-
-@functools.lru_cache(maxsize=4096)
-def _check_key(items: tuple[tuple[str, str], ...], what: str) -> None:
-    """Validate a public JWK once: a host presents the same key every 8 hours.
-
-    Cached on the exact members (a failure raises and is never cached).
-    """
-    jose.import_public_jwk(dict(items), what=what)
+    jose.import_public_jwk(jwk, what=what)
 
 
 def canonical_claims(value: Any, *, what: str = "claims") -> bytes:
@@ -144,10 +179,21 @@ class TpmEvidence:
     pcrs: Mapping[int, bytes]
     event_log: bytes
     host_key: Mapping[str, Any]
+    # SHA-256 of event_log once known; only from_dict (which decoded it) or
+    # event_log_sha256() set it, and any new instance (also by replace) starts unset.
+    _log_sha256: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pcrs", MappingProxyType(dict(self.pcrs)))
         object.__setattr__(self, "host_key", MappingProxyType(dict(self.host_key)))
+
+    def event_log_sha256(self) -> bytes:
+        """SHA-256 of ``event_log`` (what a verifier keys its parsed logs by)."""
+        digest = self._log_sha256
+        if digest is None:
+            digest = hashlib.sha256(self.event_log).digest()
+            object.__setattr__(self, "_log_sha256", digest)
+        return digest
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON body a host sends."""
@@ -181,7 +227,8 @@ class TpmEvidence:
         cert = None
         if obj.get("ek_certificate") is not None:
             cert = _b64(obj, "ek_certificate", what=what, max_bytes=MAX_EK_CERTIFICATE_BYTES)
-        return cls(
+        log, log_sha256 = _event_log(obj, what)
+        evidence = cls(
             ek_public=_b64(obj, "ek_public", what=what, max_bytes=MAX_TPM_PUBLIC_BYTES),
             ek_certificate=cert,
             ak_public=_b64(obj, "ak_public", what=what, max_bytes=MAX_TPM_PUBLIC_BYTES),
@@ -190,9 +237,11 @@ class TpmEvidence:
                 quote, "signature", what=f"{what} quote", max_bytes=MAX_TPM_SIGNATURE_BYTES
             ),
             pcrs=pcr_map_from_dict(pcrs.get("sha256"), what=f"{what} pcrs"),
-            event_log=_b64(obj, "event_log", what=what, max_bytes=MAX_EVENT_LOG_BYTES),
+            event_log=log,
             host_key=load_host_key(obj.get("host_key")),
         )
+        object.__setattr__(evidence, "_log_sha256", log_sha256)
+        return evidence
 
 
 @dataclass(frozen=True)

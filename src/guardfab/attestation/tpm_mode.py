@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import hashlib
 import hmac
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
@@ -308,10 +307,11 @@ class _QuotedEvents(NamedTuple):
 _PARSED: VerifiedCache[bytes, _ParsedLog] = VerifiedCache(LOG_CACHE_SIZE)
 
 
-def _parsed_log(data: bytes) -> _ParsedLog:
-    """Parse and replay ``data``, or find it already parsed (same SHA-256, same bytes)."""
+def _parsed_log(evidence: TpmEvidence) -> _ParsedLog:
+    """Parse and replay the evidence's log, or find it already parsed (same SHA-256, same bytes)."""
+    data = evidence.event_log
     cacheable = len(data) <= LOG_CACHE_MAX_BYTES
-    key = hashlib.sha256(data).digest() if cacheable else b""
+    key = evidence.event_log_sha256() if cacheable else b""
     parsed = _PARSED.get(key) if cacheable else None
     if parsed is None:
         try:
@@ -330,7 +330,7 @@ def _replayed_log(
     evidence: TpmEvidence, quoted: Mapping[int, bytes], trust: TrustState
 ) -> _ParsedLog:
     """Parse and replay the log; it must reproduce every quoted PCR it touches."""
-    parsed = _parsed_log(evidence.event_log)
+    parsed = _parsed_log(evidence)
     wrong = []
     for pcr, value in quoted.items():
         expected = parsed.replayed.get(pcr)
