@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import string
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from guardfab.attestation.binding import host_key_digest
 from guardfab.attestation.evidence import (
     MAX_CLAIMS_BYTES,
     MAX_EVENT_LOG_BYTES,
@@ -19,10 +21,11 @@ from guardfab.attestation.evidence import (
     TpmEvidence,
     evidence_from_dict,
     load_evidence,
+    load_host_key,
 )
 from guardfab.attestation.signing import host_key_evidence
 from guardfab.errors import FormatError, InvalidInputError
-from guardfab.formats.encoding import b64url_encode
+from guardfab.formats.encoding import b64url_encode, canonical_json
 from test_attestation_fixtures import NONCE, SoftHost, encryption_key, host_key_jwk
 from test_attestation_hostkey import member, signing_key
 
@@ -80,6 +83,9 @@ BAD_TPM: list[tuple[str, str, Any, str]] = [
     ("a sha1 bank", "pcrs.sha1", {"0": "00" * 20}, "only sha256"),
     ("PCR index with a leading zero", "pcrs.sha256.07", "00" * 32, "decimal"),
     ("PCR 24", "pcrs.sha256.24", "00" * 32, "not below 24"),
+    ("PCR index in superscript digits", "pcrs.sha256.\u00b2", "00" * 32, "decimal"),
+    ("PCR value with spaces", "pcrs.sha256.0", "00 " * 21, "lower-case hex"),
+    ("event log with a non-ASCII character", "event_log", "AAA\u00e9", "base64url"),
     ("upper-case hex", "pcrs.sha256.0", "AB" * 32, "lower-case hex"),
     ("short PCR value", "pcrs.sha256.0", "00" * 20, "32 bytes"),
     ("a number for a PCR value", "pcrs.sha256.0", 0, "string"),
@@ -265,3 +271,17 @@ def test_the_host_key_cache_still_refuses_a_bad_key() -> None:
         with pytest.raises(FormatError):
             evidence_from_dict(_set(tpm_body(), "host_key", bad))
     assert encryption_key(0).as_dict(private=False)["x"] == host_key_jwk()["x"]
+
+
+def test_the_host_key_checks_and_digests_are_cached_only_for_string_members() -> None:
+    """Caches keyed by a JWK's members hold only all-string JWKs: 1 and True are equal as
+    keys but not as JSON, so a JWK with another value type is never mistaken for another."""
+    one, true = {"kty": "EC", "crv": 1}, {"kty": "EC", "crv": True}
+    assert host_key_digest(one) != host_key_digest(true)
+    assert host_key_digest(one) == hashlib.sha256(b'{"crv":1,"kty":"EC"}').digest()
+    jwk = host_key_jwk()
+    assert host_key_digest(jwk) == hashlib.sha256(canonical_json(jwk)).digest()
+    assert host_key_digest({**jwk, "x": host_key_jwk(1)["x"]}) != host_key_digest(jwk)
+    for value in (1, True, None):
+        with pytest.raises(FormatError, match="must be a string"):
+            load_host_key({**jwk, "crv": value})

@@ -1,23 +1,30 @@
-"""The parsed-log cache saves work, never a check.
+"""The log caches save work, never a check.
 
-A host sends the same boot log on every attestation, so its parse, SHA-256
-replay and facts are kept by the log's SHA-256. These tests attack the cache:
-the quote must still match the cached replay, a log seen before with a quote
-that does not match it is still refused, the trust's required PCRs are still
-applied, and a refused log is never kept.
+A host sends the same boot log on every attestation, so its decoding is kept by
+the SHA-256 of its base64url text, and its parse, SHA-256 replay, facts and
+quoted events by the SHA-256 of its bytes. These tests attack the caches: the
+quote must still match the cached replay, a log seen before with a quote that
+does not match it is still refused, the trust's required PCRs are still
+applied, a copy of loaded evidence with another log is judged on that log, and
+a refused log or text is never kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import pytest
 
+from guardfab.attestation import evidence as evidence_module
 from guardfab.attestation import tpm_mode
 from guardfab.attestation.binding import quote_qualifying_data
+from guardfab.attestation.evidence import evidence_from_dict
 from guardfab.attestation.result import AttestationStatus
 from guardfab.attestation.tpm_mode import verify_tpm_evidence
+from guardfab.errors import FormatError
+from guardfab.formats.encoding import b64url_encode
 from test_attestation_fixtures import (
     NONCE,
     NOW,
@@ -117,3 +124,86 @@ def test_facts_handed_out_are_copies() -> None:
     assert first.summary.facts is not second.summary.facts
     assert first.summary.facts["resumed"].value is False
     assert second.summary.facts["resumed"].value is True
+
+
+# ------------------------------------------------------- the decoded-text cache
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Count the event-log texts decoded from now on (the text cache starts empty)."""
+    evidence_module._DECODED_LOGS.clear()
+    calls: list[str] = []
+    original = evidence_module.b64url_decode
+
+    def counting(text: str, *, what: str) -> bytes:
+        if "event_log" in what:
+            calls.append(text)
+        return original(text, what=what)
+
+    monkeypatch.setattr(evidence_module, "b64url_decode", counting)
+    yield calls
+    evidence_module._DECODED_LOGS.clear()
+
+
+def test_a_repeated_log_text_is_decoded_once_and_still_checked(decodes: list[str]) -> None:
+    body = HOST.evidence().to_dict()
+    trust = trust_for(HOST)
+    for _ in range(3):
+        evidence = evidence_from_dict(body)
+        assert evidence.event_log == HOST.boot.log_bytes()
+        assert evidence.event_log_sha256() == hashlib.sha256(evidence.event_log).digest()
+        assert verify_tpm_evidence(evidence, trust, nonce=NONCE, now=NOW).passed
+    assert len(decodes) == 1
+    # Another text (another boot) is decoded, and refused: it does not replay to the quote.
+    other = {**body, "event_log": b64url_encode(Boot(boot_order=b"\x02\x00").log_bytes())}
+    result = verify_tpm_evidence(evidence_from_dict(other), trust, nonce=NONCE, now=NOW)
+    assert len(decodes) == 2
+    assert [f.check for f in result.failures] == ["event-log-replay"]
+
+
+def test_a_replaced_log_never_keeps_the_loaded_digest(decodes: list[str]) -> None:
+    """The loader's digest names its own decoded bytes; a copy with another log recomputes it."""
+    trust = trust_for(HOST)
+    loaded = evidence_from_dict(HOST.evidence().to_dict())
+    assert verify_tpm_evidence(loaded, trust, nonce=NONCE, now=NOW).passed
+    edited = Boot(boot_order=b"\x02\x00").log_bytes()
+    swapped = replace(loaded, event_log=edited)
+    assert swapped.event_log_sha256() == hashlib.sha256(edited).digest()
+    result = verify_tpm_evidence(swapped, trust, nonce=NONCE, now=NOW)
+    assert [f.check for f in result.failures] == ["event-log-replay"]
+
+
+def _cut(text: str) -> str:
+    return text[: 4 * (len(text) // 4 - 1) + 1]
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [lambda t: t + "=", lambda t: "+" + t[1:], lambda t: t[:-4] + "é" + t[-3:], _cut],
+    ids=["padding", "standard alphabet", "non-ASCII", "cut to a length no base64 has"],
+)
+def test_a_bad_log_text_is_refused_every_time_and_never_kept(
+    decodes: list[str], spoil: Callable[[str], str]
+) -> None:
+    body = HOST.evidence().to_dict()
+    body["event_log"] = spoil(body["event_log"])
+    for _ in range(2):
+        with pytest.raises(FormatError, match="event_log"):
+            evidence_from_dict(body)
+    assert not evidence_module._DECODED_LOGS._items
+
+
+def test_quoted_events_follow_each_quotes_selection() -> None:
+    """The cached log keeps events per selection: a narrower quote gets only its PCRs."""
+    trust = trust_for(HOST)
+    wide = verify_tpm_evidence(HOST.evidence(), trust, nonce=NONCE, now=NOW)
+    narrow = verify_tpm_evidence(HOST.evidence(quoted=range(8)), trust, nonce=NONCE, now=NOW)
+    assert wide.summary is not None
+    assert narrow.summary is not None
+    assert {e.pcr for e in wide.summary.events} == {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}
+    assert {e.pcr for e in narrow.summary.events} == set(range(8))
+    assert narrow.summary.events_in(9) == ()
+    assert narrow.summary.facts["ci_policy"].value is None
+    assert "Hgs_CiPolicy" in narrow.failed_policies
+    assert wide.passed

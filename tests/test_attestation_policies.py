@@ -89,6 +89,24 @@ def test_the_same_host_fails_while_the_policy_is_enabled() -> None:
     assert result.failed_policies == ("Hgs_UefiDebugDisabled",)
 
 
+def test_the_planned_states_follow_every_change_of_the_stored_states() -> None:
+    """One PolicySet keeps plans by the states' content: switching back and forth (and an
+    administrator's explicit default) never reuses another configuration's verdicts."""
+    summary, enabled = verified(Boot(debug=True))
+    disabled = set_policy_state(enabled, "Hgs_UefiDebugDisabled", PolicyState.DISABLED)
+    explicit = set_policy_state(enabled, "Hgs_UefiDebugDisabled", PolicyState.ENABLED)
+    hibernation = set_policy_state(enabled, "Hgs_HibernationDisabled", PolicyState.ENABLED)
+    for _ in range(2):
+        assert verdicts(summary, enabled)["Hgs_UefiDebugDisabled"].blocking  # type: ignore[attr-defined]
+        debug = verdicts(summary, disabled)["Hgs_UefiDebugDisabled"]
+        assert debug.state is VerdictState.DISABLED  # type: ignore[attr-defined]
+        assert verdicts(summary, explicit)["Hgs_UefiDebugDisabled"].blocking  # type: ignore[attr-defined]
+        dumps = verdicts(summary, enabled)["Hgs_HibernationDisabled"]
+        assert "disabled by default" in dumps.reason  # type: ignore[attr-defined]
+        enforced = verdicts(summary, hibernation)["Hgs_HibernationDisabled"]
+        assert enforced.state is VerdictState.NOT_EVALUABLE  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("name", ["Hgs_SecureBootEnabled", "Hgs_PcrBaseline"])
 @pytest.mark.parametrize("state", [PolicyState.DISABLED, PolicyState.ENABLED])
 def test_a_locked_policy_cannot_be_disabled_or_unlocked(name: str, state: PolicyState) -> None:

@@ -33,6 +33,7 @@ from guardfab.tpm.constants import (
     TpmSt,
 )
 from guardfab.tpm.quote import (
+    AttestationKey,
     AttestationKeyError,
     NonceMismatchError,
     PcrDigestMismatchError,
@@ -374,6 +375,44 @@ def test_attack_is_refused(
     with pytest.raises(error, match=pattern) as info:
         verify_quote(**attack(vectors, kind))
     assert type(info.value) is error  # exactly this failure, not a sibling
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("attack", "error", "pattern"),
+    [case[1:] for case in ATTACKS],
+    ids=[case[0] for case in ATTACKS],
+)
+def test_a_prepared_ak_refuses_every_attack_alike(
+    vectors: dict[str, Vector],
+    kind: str,
+    attack: Attack,
+    error: type[InvalidInputError],
+    pattern: str,
+) -> None:
+    """A verifier that keeps AttestationKey objects skips no check: same error, same words.
+
+    An AK that cannot be prepared fails in AttestationKey.of with the error
+    verify_quote gives it; every other attack fails in verify_quote as before.
+    """
+    with pytest.raises(error, match=pattern) as info:
+        _verify_with_prepared_ak(attack(vectors, kind))
+    assert type(info.value) is error
+
+
+def _verify_with_prepared_ak(args: dict[str, Any]) -> object:
+    return verify_quote(**{**args, "ak_public": AttestationKey.of(args["ak_public"])})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_prepared_ak_gives_the_same_verified_quote(vectors: dict[str, Vector], kind: str) -> None:
+    vector = vectors[kind]
+    prepared = AttestationKey.of(vector.ak)
+    assert verify_quote(**vector.args(ak_public=prepared)) == verify_quote(**vector.args())
+    # The prepared key is the AK's own: another kind's prepared AK is refused.
+    other = AttestationKey.of(vectors[OTHER[kind]].ak)
+    with pytest.raises(QuoteSchemeError):
+        verify_quote(**vector.args(ak_public=other))
 
 
 @pytest.mark.parametrize("kind", KINDS)
