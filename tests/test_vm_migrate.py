@@ -4,8 +4,10 @@ One real boot (TCG, OVMF secure boot, the tiny guest) on host A. Host B is a
 second registered, attested host with its own key and certificate; host C's
 only certificate has expired. Both "hosts" run here: two VM directories, two
 QEMUs, ports on 127.0.0.1. One ordered scenario on that boot (so it holds under
-xdist too): C is refused (the VM stays on A), A moves to B, then B to D with a
-failure after the hand-over (the VM stays at D). The CLI test boots its own VM.
+xdist too): C is refused (the VM stays on A), a stream to E fails after E's
+release (the VM stays on A, the released pair pending there), A moves to B (the
+pending pair is used: A's committed KP is spent), then B to D with a failure
+after the hand-over (the VM stays at D). The CLI test boots its own VM.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from guardfab.hypervisor.power import RuntimeFactory, power_off, power_on, runni
 from guardfab.hypervisor.provision import VmRecord, provision
 from guardfab.hypervisor.spec import VmSpec
 from guardfab.hypervisor.vault import VaultStore
-from guardfab.hypervisor.vm import QemuVm, VmRuntime
+from guardfab.hypervisor.vm import QemuVm, VmKeys, VmRuntime
 from host_agent_harness import host_config, register_host_key
 from vm_fabric_harness import TenantVm, VmFabric
 from vm_harness import Guest, fetch, find_in_files, parse_page
@@ -127,6 +129,32 @@ def _unattested_destination_is_refused_and_the_vm_stays(
     assert parse_page(fetch(on_a.port))["boot_id"] == on_a.boot_id
 
 
+class _FailsAtStart(QemuVm):
+    def start(self, keys: VmKeys, *, incoming: bool = False) -> None:
+        raise HypervisorError("the destination's QEMU did not start (simulated)")
+
+
+def _a_failed_stream_hands_the_released_pair_back_to_the_source(
+    vm_fabric: VmFabric, on_a: OnHostA, accelerator: Accelerator
+) -> None:
+    """A->E fails after E's release: A runs on, the released pair pending in A's store."""
+    store = VaultStore(on_a.dir("a") / "keys")
+    committed = store.committed()
+
+    def make(record: VmRecord, vm_dir: Path) -> QemuVm:
+        return _FailsAtStart(record.spec(vm_dir), vm_dir / "state", accel=accelerator)
+
+    with pytest.raises(HypervisorError, match="simulated"):
+        migrate_vm(on_a.made[0], on_a.dir("a"), on_a.dir("e"), vm_fabric.other_host("host-e"),
+                   port=vm_harness.free_port(), factory=make)  # fmt: skip
+    assert not on_a.dir("e").exists()
+    assert on_a.made[0].status() == "running"
+    assert store.committed() == committed, "A still runs with the pair it started with"
+    pending = store.pending()
+    assert pending is not None
+    assert load_key_protector(pending.kp).generation == 3, "E's release spent generation 2"
+
+
 def _migrate_a_to_b_keeps_the_page_and_the_boot(
     vm_fabric: VmFabric, on_a: OnHostA, accelerator: Accelerator
 ) -> None:
@@ -151,8 +179,9 @@ def _migrate_a_to_b_keeps_the_page_and_the_boot(
     assert running_pid(on_a.dir("b")) == result.vm.pid
     store = VaultStore(on_a.dir("b") / "keys")
     assert store.pending() is None
-    # provisioning (1) and power-on at A (2), then B's release for the migration (3)
-    assert load_key_protector(store.committed().kp).generation == 3
+    # provisioning (1), power-on at A (2), E's release (3, pending at A), then B's
+    # release of that pending KP -- A's committed one was refused as spent (4)
+    assert load_key_protector(store.committed().kp).generation == 4
     assert find_in_files([on_a.hosts], on_a.tenant.needles()) == []
 
 
@@ -237,14 +266,15 @@ def _a_failure_after_the_hand_over_leaves_the_vm_at_the_destination(
     assert not on_a.dir("b").exists()
     store = VaultStore(on_a.dir("d") / "keys")
     assert store.pending() is None
-    assert load_key_protector(store.committed().kp).generation == 4
+    assert load_key_protector(store.committed().kp).generation == 5
     assert running_pid(on_a.dir("d")) == on_a.made[-1].pid
 
 
-def test_c_refused_then_a_to_b_then_a_failure_after_the_hand_over(
+def test_c_refused_a_failed_stream_then_a_to_b_then_a_failure_after_the_hand_over(
     vm_fabric: VmFabric, on_a: OnHostA, accelerator: Accelerator
 ) -> None:
     """One scenario, in order (each step needs the VM where the one before left it)."""
     _unattested_destination_is_refused_and_the_vm_stays(vm_fabric, on_a, accelerator)
+    _a_failed_stream_hands_the_released_pair_back_to_the_source(vm_fabric, on_a, accelerator)
     _migrate_a_to_b_keeps_the_page_and_the_boot(vm_fabric, on_a, accelerator)
     _a_failure_after_the_hand_over_leaves_the_vm_at_the_destination(vm_fabric, on_a, accelerator)

@@ -4,10 +4,11 @@ The order is what makes it safe (issue 6):
 
 1. the **destination** asks the KPS for the VM's keys with its *own* health
    certificate (its agent, or :class:`~guardfab.hypervisor.power.DirectKeySource`),
-   sending the source's committed KP. A destination that cannot attest, or is
-   refused, gets nothing: :class:`MigrationRefusedError` says why, before
-   anything is written under the destination's VM directory and before a byte
-   of memory leaves the source, which keeps running;
+   sending the source's committed KP (then a pending one, if the KPS refuses
+   the committed KP as spent: a failed migration before left it). A destination
+   that cannot attest, or is refused, gets nothing: :class:`MigrationRefusedError`
+   says why, before anything is written under the destination's VM directory
+   and before a byte of memory leaves the source, which keeps running;
 2. the destination opens the vault with the released current transport key
    (the same key the source sealed its vault under at its own power-on);
 3. the destination's VM directory is made: ``vm.json``, the disks (the same
@@ -27,7 +28,8 @@ The order is what makes it safe (issue 6):
 If the stream fails after the release, the source runs on; the released pair
 (vault under the new key, egress KP) is written to the *source's* store as a
 pending pair, so the source can still power on later (the committed KP is
-refused, the pending one is used: the crash path of ADR 0009). The
+refused, the pending one is used: the crash path of ADR 0009) and migrate
+again (step 1 falls back to the pending pair the same way). The
 destination's directory is removed.
 
 Both ends are driven from one process here (two hosts on one machine, ports on
@@ -65,7 +67,13 @@ from guardfab.hypervisor.migration import (
 from guardfab.hypervisor.power import RUN_FILE, _record_run, running_pid
 from guardfab.hypervisor.provision import RECORD_FILE, KeySource, VmRecord, load_record
 from guardfab.hypervisor.qmp import QmpClient
-from guardfab.hypervisor.vault import VaultContents, VaultStore, open_vault, seal_vault
+from guardfab.hypervisor.vault import (
+    KeyPair,
+    VaultContents,
+    VaultStore,
+    open_vault,
+    seal_vault,
+)
 from guardfab.hypervisor.vm import STOP_TIMEOUT, QemuVm
 
 _PSK_INFO = b"guardfab migration psk v1 "
@@ -102,17 +110,31 @@ def migration_psk(transport_key: TransportKey, salt: bytes, vm_name: str) -> byt
     return hkdf.derive(transport_key.reveal())
 
 
-def _destination_release(store: VaultStore, key_source: KeySource, name: str) -> ReleasedKeys:
-    try:
-        return key_source.release(store.committed().kp)
-    except TransportError:
-        raise
-    except GuardfabError as exc:
-        raise MigrationRefusedError(
-            f"VM {name!r} not migrated: the destination got no keys from the KPS ({exc}); "
-            "nothing was sent and the VM keeps running at the source",
-            hint=exc.hint or "make the destination attest (guardfab host attest) and retry",
-        ) from exc
+def _destination_release(
+    store: VaultStore, key_source: KeySource, name: str
+) -> tuple[KeyPair, ReleasedKeys]:
+    """The keys of the committed pair, or of the pending one a failed migration left.
+
+    After a failed stream the source runs on with the KP it was started with
+    committed, but the KPS has moved past it: the released pair was handed back
+    as pending. A retry presents the committed KP (refused: rollback), then it.
+    """
+    refusals: list[GuardfabError] = []
+    for pair in store.candidates():
+        try:
+            return pair, key_source.release(pair.kp)
+        except TransportError:
+            raise
+        except GuardfabError as exc:
+            refusals.append(exc)
+    if not refusals:
+        raise MigrationRefusedError(f"VM {name!r} has no key protector stored")
+    first = refusals[0]
+    raise MigrationRefusedError(
+        f"VM {name!r} not migrated: the destination got no keys from the KPS ({first}); "
+        "nothing was sent and the VM keeps running at the source",
+        hint=first.hint or "make the destination attest (guardfab host attest) and retry",
+    ) from first
 
 
 def _prepare_destination(record: VmRecord, source_dir: Path, dest_dir: Path) -> None:
@@ -213,8 +235,8 @@ def migrate_vm(
     if dest_dir.exists():
         raise UsageError(f"VM {record.name!r}: {dest_dir} exists already")
     store = VaultStore(source_dir / "keys")
-    released = _destination_release(store, dest_keys, record.name)
-    contents = open_vault(store.committed().vault, released.old_transport_key, vm_name=record.name)
+    pair, released = _destination_release(store, dest_keys, record.name)
+    contents = open_vault(pair.vault, released.old_transport_key, vm_name=record.name)
     psk = migration_psk(released.old_transport_key, secrets.token_bytes(SALT_SIZE), record.name)
     dest: QemuVm | None = None
     try:
