@@ -13,10 +13,12 @@ gave this VM, and that is the pair this host wrote last. Hence (ADR 0010):
 An intact pair has both files, a KP that loads and verifies and has the VM's
 ``kp_id``, and a vault that is a JWE sealed for this VM (whether it opens only
 the released key can tell). The restore helps when the committed pointer lags
-behind the newest KP the host holds and cannot follow on its own: the committed
-pair was lost or damaged (power-on stops at a damaged store rather than guess),
-or a start, a crash or a failed migration left a pending pair, which migration
-(it sends the committed KP only) would otherwise present as a refused rollback.
+behind the newest KP the host holds and the host cannot follow on its own: the
+committed pair or the pointer was lost or damaged (power-on stops at a damaged
+store rather than guess). A pending pair alone (a failed start, a crash before
+the commit, a failed migration) needs no restore: power-on, checkpoints and
+migration fall back to it when the KPS refuses the committed KP; the restore
+then only aligns the pointer.
 
 It refuses, writing nothing: while the VM runs; when the committed pair is
 already the newest intact one (older pairs are spent); when the newest intact

@@ -88,7 +88,7 @@ class DebugDevices:
     why a shielded VM may have none of them (:mod:`guardfab.hypervisor.policy`).
     """
 
-    #: A serial port on a Unix socket (the guest's console), logged to the work dir.
+    #: A serial port on a Unix socket (the guest's console); nothing of it is logged.
     console: bool = False
     #: QEMU's gdb stub on a Unix socket: full read/write access to guest memory.
     gdbstub: bool = False
