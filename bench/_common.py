@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,6 +200,24 @@ def best_rate(call: Callable[[], object], seconds: float, repeat: int) -> float:
     """The best of ``repeat`` timed runs (noise on a shared machine only slows a run down)."""
     call()  # warm caches and lazy imports
     return max(timed_rate(call, seconds / repeat) for _ in range(repeat))
+
+
+def interleaved_best_rates(
+    calls: Mapping[str, Callable[[], object]], seconds: float, rounds: int
+) -> dict[str, float]:
+    """The best rate of each call over ``rounds`` rounds in which the calls take turns.
+
+    Each call gets about ``seconds`` in all. Taking turns exposes every call to
+    the same spells of load from other processes, so the ratios of the rates
+    hold on a shared machine far better than timing one call after another.
+    """
+    for call in calls.values():
+        call()  # warm caches and lazy imports
+    best = dict.fromkeys(calls, 0.0)
+    for _ in range(rounds):
+        for name, call in calls.items():
+            best[name] = max(best[name], timed_rate(call, seconds / rounds))
+    return best
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

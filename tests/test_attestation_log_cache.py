@@ -207,3 +207,14 @@ def test_quoted_events_follow_each_quotes_selection() -> None:
     assert narrow.summary.facts["ci_policy"].value is None
     assert "Hgs_CiPolicy" in narrow.failed_policies
     assert wide.passed
+
+
+def test_forget_logs_makes_the_next_check_decode_and_parse_again(
+    decodes: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parses = _parses(monkeypatch)
+    body, trust = HOST.evidence().to_dict(), trust_for(HOST)
+    for _ in range(2):
+        assert verify_tpm_evidence(evidence_from_dict(body), trust, nonce=NONCE, now=NOW).passed
+        tpm_mode.forget_logs()
+    assert (len(decodes), len(parses)) == (2, 2)

@@ -95,6 +95,11 @@ def _event_log(obj: Mapping[str, Any], what: str) -> tuple[bytes, bytes]:
     return decoded
 
 
+def forget_decoded_logs() -> None:
+    """Drop every decoded log text (the next load of any log decodes it)."""
+    _DECODED_LOGS.clear()
+
+
 def load_host_key(value: Any, *, what: str = "host_key") -> dict[str, Any]:
     """Check a public JWK of the host encryption key and return it as given.
 

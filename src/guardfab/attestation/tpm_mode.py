@@ -37,7 +37,7 @@ from guardfab.attestation.certchain import (
     verify_ek_certificate,
 )
 from guardfab.attestation.evaluation import assess_summary, refused_result, require_mode
-from guardfab.attestation.evidence import TpmEvidence
+from guardfab.attestation.evidence import TpmEvidence, forget_decoded_logs
 from guardfab.attestation.policies import DEFAULT_POLICY_SET, PolicySet
 from guardfab.attestation.result import (
     ActivationRequest,
@@ -305,6 +305,16 @@ class _QuotedEvents(NamedTuple):
 
 
 _PARSED: VerifiedCache[bytes, _ParsedLog] = VerifiedCache(LOG_CACHE_SIZE)
+
+
+def forget_logs() -> None:
+    """Drop every cached log (decoded texts and parsed logs).
+
+    The next check of any log pays its full decode, parse, replay and facts:
+    what a benchmark of a host's first attestation after a reboot measures.
+    """
+    forget_decoded_logs()
+    _PARSED.clear()
 
 
 def _parsed_log(evidence: TpmEvidence) -> _ParsedLog:
