@@ -8,9 +8,10 @@ mode), the disks LUKS images, QEMU real (TCG). Two VMs, one guest boot:
   damaged store; the restore commits the pending pair and the VM powers on.
   Neither the restore nor a hand-edited pointer can take the VM back to a
   generation the KPS already moved past;
-* console: an encryption-supported VM with its console on boots; the kernel's
-  and the guest's output arrive on the console socket, and a command typed
-  into it runs in the guest. Nothing of it is written on the host.
+* console: an encryption-supported VM with its console on boots; the guest's
+  output arrives on the console socket, a wrong password is refused at its
+  login prompt, the answer file's password logs in and a command typed there
+  runs in the guest. Nothing of it is written on the host.
 """
 
 from __future__ import annotations
@@ -251,25 +252,40 @@ def _attach(path: Path) -> Iterator[Attached]:
 
 def test_an_encryption_supported_vm_with_its_console_on_speaks_on_the_socket(lab: Lab) -> None:
     tenant = encryption_supported_tenant(lab.fabric, "console-vm")
-    vm_dir = lab.provision(tenant, cmdline="guardfab.debug=1")
+    vm_dir = lab.provision(tenant)  # the default "quiet" kernel command line
     assert change_settings(vm_dir, console=True).console
     with pytest.raises(UsageError, match="not running"):
         console_socket(vm_dir)
     vm = lab.power_on(vm_dir)
-    assert "console=ttyS0" in " ".join(vm.argv())
+    assert "quiet console=ttyS0" in vm.argv()
     path = console_socket(vm_dir)
     assert stat.S_ISSOCK(path.lstat().st_mode)
     assert stat.S_IMODE(path.lstat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     with _attach(path) as console:
-        console.out.wait_for(b"Linux version", timeout=BOOT_TIMEOUT)
-        console.out.wait_for(b"guardfab-guest: serving", timeout=BOOT_TIMEOUT)
+        console.out.wait_for(b"console login (root", timeout=BOOT_TIMEOUT)  # the guest's init
+        console.out.wait_for(f"{tenant.hostname} login:".encode(), timeout=BOOT_TIMEOUT)
+        console.type(b"root\n")
+        console.out.wait_for(b"Password:")
+        console.type(b"not-the-password\n")
+        console.out.wait_for(b"Login incorrect", timeout=30)
+        _wait_count(console, b"login:", 2)
+        console.type(b"root\n")
+        _wait_count(console, b"Password:", 2)
+        console.type(tenant.password.encode() + b"\n")  # the answer file's credential
         _type_until(console, b"echo relay-$((6*7))\n", b"relay-42")
         vm.stop()
         console.thread.join(10)
         assert not console.thread.is_alive(), "the relay ends when QEMU closes the console"
-    seen = {"console output": b"relay-42", "kernel banner": b"Linux version"}
-    assert find_in_files([vm_dir], seen) == [], "the console's output is not kept on the host"
+    seen = {**tenant.needles(), "console output": b"relay-42", "login": b"Login incorrect"}
+    assert find_in_files([vm_dir], seen) == [], "the console's traffic is not kept on the host"
+
+
+def _wait_count(console: Attached, needle: bytes, count: int, timeout: float = 30) -> None:
+    with console.out.changed:
+        assert console.out.changed.wait_for(
+            lambda: console.out.data.count(needle) >= count, timeout
+        ), console.out.data[-2000:]
 
 
 def _type_until(console: Attached, command: bytes, answer: bytes, timeout: float = 60) -> None:
