@@ -2,8 +2,7 @@
 
 A real host-key host, registered at the session's HGS, with its agent running
 in this process (scheduler thread, Unix socket, and the management API over
-HTTPS on a free 127.0.0.1 port). ``open_pdk`` stands in for the KPS's opening of
-a PDK only while this build's agent has no ``open_shielding_data``.
+HTTPS on a free 127.0.0.1 port). The agent asks the KPS to open PDKs.
 """
 
 from __future__ import annotations
@@ -13,14 +12,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from guardfab.formats.shielding_data import load_shielding_data
-from guardfab.formats.shielding_secrets import ShieldingSecrets
-from guardfab.host.agent import GuardedHostAgent
 from guardfab.host.config import HostConfig, HostMode, save_config
 from guardfab.host.keys import load_or_create_key
 from guardfab.host.manage.client import ManagementClient, ManagementConnection
 from guardfab.host.manage.material import ManagementFiles, init_management
-from guardfab.host.manage.operations import OpenShieldingData
 from guardfab.host.service import AgentService, build_agent
 from hgs_harness import free_port
 from host_agent_harness import host_config, register_host_key
@@ -52,17 +47,6 @@ class ManagedHost:
         return self.files.token_file(role).read_text().strip()
 
 
-def kps_stand_in(fabric: VmFabric) -> OpenShieldingData | None:
-    """Open a PDK as the KPS would, only if the agent cannot ask the KPS itself yet."""
-    if hasattr(GuardedHostAgent, "open_shielding_data"):
-        return None
-
-    def open_pdk(pdk: bytes) -> ShieldingSecrets:
-        return load_shielding_data(pdk).reveal(fabric.kps)
-
-    return open_pdk
-
-
 @contextmanager
 def managed_host(
     root: Path, fabric: VmFabric, name: str, *, registered: bool = True
@@ -80,7 +64,7 @@ def managed_host(
         register_host_key(fabric.hgs.directory, name, load_or_create_key(config.signing_key))
     files = init_management(config.management_dir, ["127.0.0.1"])
     save_config(root / "host.json", config)
-    service = AgentService(build_agent(config), open_pdk=kps_stand_in(fabric)).start()
+    service = AgentService(build_agent(config)).start()
     try:
         yield ManagedHost(root / "host.json", config, service, files)
     finally:

@@ -185,7 +185,7 @@ def test_loosening_a_shielded_vm_is_refused_and_audited(
     vm_dir = host.config.vms_dir / "api-vm"
     before = _tree(vm_dir)
     with host.client("admin") as admin:
-        with pytest.raises(NotAuthorizedError, match="shielded: enabling the console refused"):
+        with pytest.raises(NotAuthorizedError, match="shielded: console=on refused"):
             admin.settings("api-vm", console=True)
         settings = _last(host)
         with pytest.raises(NotAuthorizedError, match="shielded: attaching a console refused"):
@@ -196,7 +196,7 @@ def test_loosening_a_shielded_vm_is_refused_and_audited(
         assert (record.actor, record.subject, record.outcome) == ("admin", "api-vm", "refused")
         assert record.details["operation"] == operation
         assert record.details["refusal"] == "loosening-shielded-vm"
-        assert record.details["error"] == "ShieldedVmLooseningError"
+        assert record.details["error"] == "LooseningRefusedError"
 
 
 # --------------------------------------------------------------------------- bad input

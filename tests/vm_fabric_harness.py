@@ -4,7 +4,7 @@ One HGS (``guardfab hgs serve`` over HTTPS) per session, with host-key mode on;
 a host-key host registered and attested for real; a publisher who signs
 template disks; tenants who make a PDK and a KP for the fabric's KPS guardian.
 ``reveal_secrets`` opens a PDK with the KPS guardian's private keys, as the KPS
-would during provisioning in the reference (the HGS does not serve that yet).
+does for an attested host (tests of the hypervisor layer without an agent).
 """
 
 from __future__ import annotations
@@ -133,7 +133,13 @@ class VmFabric:
             VersionRule.EQUALS,
         )
 
-    def tenant_vm(self, name: str, *, fabric_document: bytes | None = None) -> TenantVm:
+    def tenant_vm(
+        self,
+        name: str,
+        *,
+        fabric_document: bytes | None = None,
+        policy: SecurityPolicy = SecurityPolicy.SHIELDED,
+    ) -> TenantVm:
         """A new tenant with a template, a PDK and a KP for this fabric (or another's)."""
         owner = new_guardian_keys("owner", KeyAlgorithm.EC_P256)
         document = fabric_document if fabric_document is not None else kps_document(self.hgs)
@@ -150,7 +156,7 @@ class VmFabric:
         pdk = create_shielding_data(
             owner,
             [document],
-            policy=SecurityPolicy.SHIELDED,
+            policy=policy,
             secrets=pdk_secrets,
             qualifiers=[self.qualifier()],
             name=name,

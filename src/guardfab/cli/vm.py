@@ -1,149 +1,153 @@
-"""``guardfab vm``: provision, start, stop and list shielded VMs on this guarded host.
+"""``guardfab vm``: the fabric administrator's VM commands, as a client of the agent's API.
 
-Thin: parse, call :mod:`guardfab.hypervisor.provision` / :mod:`.power`, print.
-Keys come from the host agent (``--config``: its Unix socket), which brings a
-valid health certificate. VMs live under ``--vms`` (one directory each).
-
-First slice (issue 6): the PDK's secrets are opened with a guardian from the
-local guardian store (``--guardian``), standing in for the KPS, which opens
-them in the reference; ``vm console`` is refused for shielded VMs.
+Thin: parse, read the tenant's files, call the guarded-host agent's management
+API (:mod:`guardfab.host.manage`) over HTTPS, print. The agent runs every
+operation in its own process, with itself as the key source, so no VM key
+reaches this command. By default the API's URL, CA and the admin token file
+come from the host configuration (``--config``); each can be overridden. The
+token is read from a 0600 file, never from the command line.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from guardfab.cli.common import guardian_store, home_option, passphrase_file_option, read_passphrase
 from guardfab.cli.output import emit, handle_errors, json_option
-from guardfab.errors import NotAuthorizedError, UsageError
+from guardfab.errors import UsageError
 from guardfab.files import read_bounded
-from guardfab.formats.shielding_data import MAX_SHIELDING_DATA_BYTES, SecurityPolicy
+from guardfab.formats.encoding import b64url_encode
+from guardfab.formats.shielding_data import MAX_SHIELDING_DATA_BYTES
 from guardfab.host.config import config_path, load_config
-from guardfab.host.localapi import AgentClient
-from guardfab.hypervisor.checkpoint import checkpoint_vm, restore_vm
-from guardfab.hypervisor.migrate import attach, free_local_port, migrate_vm
-from guardfab.hypervisor.power import power_off, power_on, running_pid
-from guardfab.hypervisor.provision import ProvisionRequest, VmRecord, load_record, provision
-from guardfab.hypervisor.spec import DirectKernel, VmSpec
-from guardfab.hypervisor.vm import QemuVm, VmRuntime
+from guardfab.host.manage.client import ManagementClient, ManagementConnection
 
 _file = click.Path(dir_okay=False, exists=True, path_type=Path)
+_path = click.Path(dir_okay=False, path_type=Path)
 _MAX_SMALL = 1024 * 1024
-DEFAULT_VMS = Path("/var/lib/guardfab/vms")
 
-vms_option = click.option(
-    "--vms",
-    "vms_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_VMS,
-    show_default=True,
-    help="Directory holding this host's VMs.",
-)
-config_option = click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Host configuration (the agent's socket) [default: /etc/guardfab/host.json].",
-)
+
+def _connection_options(func: Any) -> Any:
+    options = [
+        click.option(
+            "--config",
+            "config_file",
+            type=_path,
+            default=None,
+            help="Host configuration (the API's address, CA and token files) "
+            "[default: $GUARDFAB_HOST_CONFIG or /etc/guardfab/host.json].",
+        ),
+        click.option("--url", default=None, help="The management API's URL (overrides --config)."),
+        click.option("--ca", "ca", type=_file, default=None, help="The API's CA certificate."),
+        click.option(
+            "--token-file",
+            type=_file,
+            default=None,
+            help="A 0600 file holding the access token [default: the admin token of --config].",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _client(kwargs: dict[str, Any]) -> ManagementClient:
+    """The API client from the connection options (popped from ``kwargs``)."""
+    config_file = kwargs.pop("config_file")
+    url, ca, token_file = kwargs.pop("url"), kwargs.pop("ca"), kwargs.pop("token_file")
+    if url is not None and ca is not None and token_file is not None:
+        return ManagementClient(ManagementConnection(url, ca, token_file))
+    config = load_config(config_path(config_file))
+    connection = ManagementConnection.of_host(config, url=url, ca=ca, token_file=token_file)
+    return ManagementClient(connection)
 
 
 @click.group()
 def vm() -> None:
-    """Shielded VMs on this guarded host (keys released through KPS)."""
+    """Shielded VMs on a guarded host, through its agent's management API.
+
+    \b
+    admin token:    new, start, stop, migrate, checkpoint, restore, settings,
+                    console (where the VM's policy allows), key-protector
+    reviewer token: list, show
+    """
 
 
-def _agent(config_file: Path | None) -> AgentClient:
-    return AgentClient(load_config(config_path(config_file)).socket)
-
-
-def _boot(kernel: Path | None, initrd: Path | None, cmdline: str) -> DirectKernel | None:
-    if (kernel is None) != (initrd is None):
-        raise UsageError("give both --kernel and --initrd, or neither")
-    if kernel is None or initrd is None:
-        return None
-    return DirectKernel(kernel.resolve(), initrd.resolve(), cmdline)
+def _absolute(path: Path | None) -> str | None:
+    return None if path is None else str(path.resolve())
 
 
 @vm.command("new")
 @click.argument("name")
-@click.option("--template", "template", type=_file, required=True, help="Template disk.")
+@click.option("--template", type=_file, required=True, help="Template disk (a path on the host).")
 @click.option("--template-sig", type=_file, required=True, help="The disk's signature file.")
 @click.option("--pdk", type=_file, required=True, help="The VM's shielding data file.")
 @click.option("--kp", type=_file, required=True, help="The VM's key protector.")
-@click.option("--guardian", required=True, help="Guardian that opens the PDK (stands in for KPS).")
-@click.option("--port", type=int, default=None, help="Host port (127.0.0.1) to the VM's page.")
+@click.option("--port", type=click.IntRange(1, 65535), help="Host port (127.0.0.1) to the VM.")
 @click.option("--kernel", type=_file, default=None, help="Direct boot kernel (test guest).")
 @click.option("--initrd", type=_file, default=None, help="Direct boot initramfs.")
 @click.option("--cmdline", default="quiet", show_default=True, help="Kernel command line.")
-@vms_option
-@config_option
-@home_option
-@passphrase_file_option
+@_connection_options
 @json_option
 @handle_errors
-def new(
-    name: str,
-    template: Path,
-    template_sig: Path,
-    pdk: Path,
-    kp: Path,
-    guardian: str,
-    port: int | None,
-    kernel: Path | None,
-    initrd: Path | None,
-    cmdline: str,
-    vms_dir: Path,
-    config_file: Path | None,
-    home: Path | None,
-    passphrase_file: Path | None,
-    as_json: bool,
-) -> None:
-    """Provision VM NAME: verify the template against the PDK, make its encrypted disks."""
-    request = ProvisionRequest(
-        name=name,
-        template_disk=template,
-        template_sig=read_bounded(template_sig, limit=_MAX_SMALL, what="template signature"),
-        pdk=read_bounded(pdk, limit=MAX_SHIELDING_DATA_BYTES, what="shielding data"),
-        kp=read_bounded(kp, limit=_MAX_SMALL, what="key protector"),
-        boot=_boot(kernel, initrd, cmdline),
-        host_port=port,
-    )
-    keys = guardian_store(home).keys(guardian, read_passphrase(passphrase_file, prompt=True))
-    record = provision(
-        request,
-        vms_dir,
-        reveal_secrets=lambda data: data.reveal(keys),
-        key_source=_agent(config_file),
-    )
-    emit(as_json, _summary(record, vms_dir), f"VM {name} provisioned ({record.policy.value})")
+def new(name: str, as_json: bool, **kwargs: Any) -> None:
+    """Provision VM NAME: the template checked against the PDK, encrypted disks made.
+
+    The agent asks the KPS to open the PDK for this host: the secrets in it are
+    never in this command's hands.
+    """
+    if (kwargs["kernel"] is None) != (kwargs["initrd"] is None):
+        raise UsageError("give both --kernel and --initrd, or neither")
+    body = {
+        "name": name,
+        "template": _absolute(kwargs.pop("template")),
+        "template_sig": _encoded(kwargs.pop("template_sig"), _MAX_SMALL, "template signature"),
+        "pdk": _encoded(kwargs.pop("pdk"), MAX_SHIELDING_DATA_BYTES, "shielding data"),
+        "kp": _encoded(kwargs.pop("kp"), _MAX_SMALL, "key protector"),
+        "port": kwargs.pop("port"),
+        "kernel": _absolute(kwargs.pop("kernel")),
+        "initrd": _absolute(kwargs.pop("initrd")),
+        "cmdline": kwargs.pop("cmdline"),
+    }
+    record = _client(kwargs).provision(body)
+    emit(as_json, record, f"VM {name} provisioned ({record['policy']})")
 
 
-@vm.command("start")
-@click.argument("name")
-@vms_option
-@config_option
-@json_option
-@handle_errors
-def start(name: str, vms_dir: Path, config_file: Path | None, as_json: bool) -> None:
-    """Start VM NAME with keys the KPS releases to this host."""
-    runtime = power_on(vms_dir / name, _agent(config_file))
-    pid = getattr(runtime, "pid", None)
-    emit(as_json, {"name": name, "pid": pid}, f"VM {name} started (QEMU pid {pid})")
+def _encoded(path: Path, limit: int, what: str) -> str:
+    return b64url_encode(read_bounded(path, limit=limit, what=what))
 
 
-@vm.command("stop")
-@click.argument("name")
-@vms_option
-@handle_errors
-def stop(name: str, vms_dir: Path) -> None:
-    """Stop VM NAME."""
-    load_record(vms_dir / name)
-    stopped = power_off(vms_dir / name)
-    click.echo(f"VM {name} stopped" if stopped else f"VM {name} was not running")
+def _simple(operation: str, help_text: str, done: str) -> None:
+    @click.argument("name")
+    @_connection_options
+    @json_option
+    @handle_errors
+    def command(name: str, as_json: bool, **kwargs: Any) -> None:
+        answer = _client(kwargs).action(name, operation)
+        emit(as_json, answer, done.format_map({**answer, "name": name}))
+
+    command.__doc__ = help_text
+    vm.command(operation)(command)
+
+
+_simple(
+    "start",
+    "Start VM NAME with keys the KPS releases to the host.",
+    "VM {name} started (QEMU pid {pid})",
+)
+_simple("stop", "Stop VM NAME.", "VM {name} stopped (was running: {was_running})")
+_simple(
+    "checkpoint",
+    "Save running VM NAME's state, encrypted, beside it, and stop it.",
+    "VM {name} checkpointed to {checkpoint} ({bytes} bytes) and stopped",
+)
+_simple(
+    "restore",
+    "Start VM NAME from its checkpoint with keys the KPS releases to the host.",
+    "VM {name} restored (QEMU pid {pid})",
+)
 
 
 @vm.command("migrate")
@@ -151,117 +155,97 @@ def stop(name: str, vms_dir: Path) -> None:
 @click.option(
     "--to",
     "to_config",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=_file,
     required=True,
-    help="The destination host's configuration (its agent brings its health certificate).",
+    help="The destination host's configuration on this machine (its agent gets its own keys).",
 )
 @click.option(
     "--to-vms",
     type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="The destination host's VM directory (shared storage with --vms).",
+    default=None,
+    help="The destination's VM directory [default: its configuration's vms_dir].",
 )
-@click.option("--port", type=int, default=None, help="127.0.0.1 port for the stream.")
-@vms_option
+@click.option("--port", type=click.IntRange(1, 65535), help="127.0.0.1 port for the stream.")
+@_connection_options
 @json_option
 @handle_errors
 def migrate(
-    name: str, to_config: Path, to_vms: Path, port: int | None, vms_dir: Path, as_json: bool
+    name: str, to_config: Path, to_vms: Path | None, port: int | None, as_json: bool, **kwargs: Any
 ) -> None:
     """Live-migrate running VM NAME to another guarded host (keys through its own release)."""
-    source = attach(vms_dir / name)
-    result = migrate_vm(
-        source,
-        vms_dir / name,
-        to_vms / name,
-        _agent(to_config),
-        port=port if port is not None else free_local_port(),
-    )
-    stats = result.stats
-    data = {
-        "name": name,
-        "pid": result.vm.pid,
-        "total_time_ms": stats.total_time_ms,
-        "downtime_ms": stats.downtime_ms,
-        "transferred_bytes": stats.transferred_bytes,
-    }
+    body = {"to_config": str(to_config.resolve()), "to_vms": _absolute(to_vms), "port": port}
+    result = _client(kwargs).action(name, "migrate", body)
     text = (
-        f"VM {name} migrated to {to_vms / name} (QEMU pid {result.vm.pid}, "
-        f"{stats.total_time_ms} ms, downtime {stats.downtime_ms} ms)"
+        f"VM {name} migrated to {result['destination']} (QEMU pid {result['pid']}, "
+        f"{result['total_time_ms']} ms, downtime {result['downtime_ms']} ms)"
     )
-    emit(as_json, data, text)
-
-
-@vm.command("checkpoint")
-@click.argument("name")
-@vms_option
-@config_option
-@handle_errors
-def checkpoint(name: str, vms_dir: Path, config_file: Path | None) -> None:
-    """Save running VM NAME's state, encrypted, beside it, and stop it."""
-    path = checkpoint_vm(attach(vms_dir / name), vms_dir / name, _agent(config_file))
-    click.echo(f"VM {name} checkpointed to {path} ({path.stat().st_size} bytes) and stopped")
-
-
-def _qemu(spec: VmSpec, state_dir: Path) -> VmRuntime:
-    return QemuVm(spec, state_dir)
-
-
-@vm.command("restore")
-@click.argument("name")
-@vms_option
-@config_option
-@handle_errors
-def restore(name: str, vms_dir: Path, config_file: Path | None) -> None:
-    """Start VM NAME from its checkpoint with keys the KPS releases to this host."""
-    runtime = restore_vm(vms_dir / name, _agent(config_file), _qemu)
-    click.echo(f"VM {name} restored (QEMU pid {runtime.pid})")
-
-
-def _summary(record: VmRecord, vms_dir: Path) -> dict[str, Any]:
-    return {
-        "name": record.name,
-        "policy": record.policy.value,
-        "pdk_id": record.pdk_id,
-        "template": record.template,
-        "host_port": record.host_port,
-        "running": running_pid(vms_dir / record.name) is not None,
-    }
+    emit(as_json, result, text)
 
 
 @vm.command("list")
-@vms_option
+@_connection_options
 @json_option
 @handle_errors
-def list_vms(vms_dir: Path, as_json: bool) -> None:
-    """List the VMs on this host."""
-    names = sorted(p.parent.name for p in vms_dir.glob("*/vm.json")) if vms_dir.is_dir() else []
-    rows = [_summary(load_record(vms_dir / n), vms_dir) for n in names]
+def list_vms(as_json: bool, **kwargs: Any) -> None:
+    """List the VMs on the host (reviewer token is enough)."""
+    rows = _client(kwargs).list()
     lines = [f"{r['name']}\t{r['policy']}\t{'running' if r['running'] else 'off'}" for r in rows]
     emit(as_json, rows, "\n".join(lines) or "no VMs")
 
 
 @vm.command("show")
 @click.argument("name")
-@vms_option
+@_connection_options
 @json_option
 @handle_errors
-def show(name: str, vms_dir: Path, as_json: bool) -> None:
-    """Show VM NAME (public facts only)."""
-    data = _summary(load_record(vms_dir / name), vms_dir)
+def show(name: str, as_json: bool, **kwargs: Any) -> None:
+    """Show VM NAME (public facts only; reviewer token is enough)."""
+    data = _client(kwargs).show(name)
     emit(as_json, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
+
+
+@vm.command("settings")
+@click.argument("name")
+@click.option(
+    "--console/--no-console",
+    required=True,
+    help="Give VM NAME a console (serial port), or take it away. Refused for a shielded VM.",
+)
+@_connection_options
+@json_option
+@handle_errors
+def settings(name: str, console: bool, as_json: bool, **kwargs: Any) -> None:
+    """Change VM NAME's settings where its policy allows (refusals are audited)."""
+    data = _client(kwargs).settings(name, console=console)
+    emit(as_json, data, f"VM {name}: console {'on' if console else 'off'}")
 
 
 @vm.command("console")
 @click.argument("name")
-@vms_option
+@_connection_options
 @handle_errors
-def console(name: str, vms_dir: Path) -> None:
-    """Attach to VM NAME's console (never for a shielded VM)."""
-    record = load_record(vms_dir / name)
-    if record.policy is SecurityPolicy.SHIELDED:
-        raise NotAuthorizedError(
-            f"VM {name} is shielded: it has no console, serial port or debugger",
-            hint="reach it through its own network services (its page, SSH or RDP)",
-        )
-    raise UsageError(f"VM {name}: consoles for encryption-supported VMs are not built yet")
+def console(name: str, **kwargs: Any) -> None:
+    """Attach to VM NAME's console, where its policy allows (never for a shielded VM)."""
+    answer = _client(kwargs).action(name, "console")
+    from guardfab.hypervisor.console import relay  # noqa: PLC0415 - only once allowed
+
+    relay(Path(answer["socket"]), sys.stdin.buffer, sys.stdout.buffer)
+
+
+@vm.command("key-protector")
+@click.argument("name")
+@click.option(
+    "--restore-last-known-good",
+    is_flag=True,
+    required=True,
+    help="Go back to the VM's last known good key protector (after a failed re-key).",
+)
+@_connection_options
+@json_option
+@handle_errors
+def key_protector(name: str, restore_last_known_good: bool, as_json: bool, **kwargs: Any) -> None:
+    """Manage VM NAME's key protector."""
+    if not restore_last_known_good:
+        raise UsageError("say what to do: --restore-last-known-good")
+    data = _client(kwargs).action(name, "key-protector/restore-last-known-good")
+    emit(as_json, data, "\n".join(f"{k}: {v}" for k, v in data.items()))

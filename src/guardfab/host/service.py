@@ -26,7 +26,6 @@ from guardfab.host.attester import load_host_key, make_attester
 from guardfab.host.config import HostConfig
 from guardfab.host.keyrequest import KeyReleaser, KpsKeyReleaser
 from guardfab.host.localapi import LocalApiServer
-from guardfab.host.manage.operations import OpenShieldingData
 from guardfab.host.manage.running import Management
 
 logger = logging.getLogger(__name__)
@@ -55,24 +54,11 @@ def build_agent(
     )
 
 
-def _pdk_opener(agent: GuardedHostAgent) -> OpenShieldingData | None:
-    """The agent's PDK opening through the KPS, if this build has it."""
-    opener: OpenShieldingData | None = getattr(agent, "open_shielding_data", None)
-    return opener
-
-
 class AgentService:
-    """An agent with its scheduler thread, its local socket and its management API.
+    """An agent with its scheduler thread, its local socket and its management API."""
 
-    Args:
-        agent: the agent.
-        open_pdk: opens a PDK's secrets for this host; by default the agent's
-            ``open_shielding_data`` (the KPS opens the PDK for this host).
-    """
-
-    def __init__(self, agent: GuardedHostAgent, *, open_pdk: OpenShieldingData | None = None):
+    def __init__(self, agent: GuardedHostAgent) -> None:
         self.agent = agent
-        self._open_pdk = open_pdk
         self._server: LocalApiServer | None = None
         self._scheduler: threading.Thread | None = None
         self.management: Management | None = None
@@ -88,9 +74,7 @@ class AgentService:
             config.socket, self.agent, allowed_uid=config.allowed_uid
         ).start()
         try:
-            self.management = Management.start_if_ready(
-                self.agent, self._open_pdk or _pdk_opener(self.agent)
-            )
+            self.management = Management.start_if_ready(self.agent)
         except BaseException:
             self._server.close()
             raise

@@ -35,6 +35,7 @@ from guardfab.host.manage.audit import FAILED, GRANTED, REFUSED, ManagementAudit
 from guardfab.host.manage.material import ADMIN_ROLES, READ_ROLES, ManagementFiles
 from guardfab.host.manage.operations import NAME_PATTERN, VmOperations
 from guardfab.hypervisor.provision import ProvisionRequest
+from guardfab.hypervisor.settings import LooseningRefusedError
 from guardfab.hypervisor.spec import DirectKernel
 
 PREFIX = "/manage/v1"
@@ -48,8 +49,6 @@ _HINT = (
     "send 'Authorization: Bearer <token>' with this host's admin or reviewer token "
     "(the 0600 files admin.token / reviewer.token of the management directory)"
 )
-#: The refusals the audit marks as an attempt to loosen a VM's security policy.
-_LOOSENING = frozenset({"ShieldedVmLooseningError", "LooseningRefusedError"})
 
 VmName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=63)]
 HostPath = Annotated[str, Field(min_length=2, max_length=4096, pattern=r"^/[^\x00]*$")]
@@ -164,7 +163,7 @@ def audited(
         result = action()
     except GuardfabError as exc:
         details: dict[str, Any] = {"error": type(exc).__name__}
-        if type(exc).__name__ in _LOOSENING:
+        if isinstance(exc, LooseningRefusedError):
             details["refusal"] = "loosening-shielded-vm"
         outcome = FAILED if isinstance(exc, TransportError) else REFUSED
         context.audit.record(

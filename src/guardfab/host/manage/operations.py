@@ -5,29 +5,31 @@ so a VM's keys are released into this process and go from here to QEMU and
 swtpm only (by pipe and QMP), never to the client. One operation at a time per
 VM (a lock per name): two requests on one VM would race on its key vault.
 
-Loosening a shielded VM (a console, a serial port) is refused here, at the
-administrator's boundary, before the VM is touched; the hypervisor layer
-enforces the same rule again when it changes settings and at every start.
+Loosening a shielded VM (a console, a serial port) is refused by the hypervisor
+layer (:mod:`guardfab.hypervisor.settings`, :mod:`guardfab.hypervisor.console`)
+before anything changes, with a :class:`LooseningRefusedError` that the API's
+audit records as such; QEMU's command line for a shielded VM has no serial port
+whatever its record says.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from guardfab.errors import NotAuthorizedError, UsageError
+from guardfab.errors import UsageError
 from guardfab.formats.shielding_data import SecurityPolicy
 from guardfab.formats.shielding_secrets import ShieldingSecrets
 from guardfab.host.config import load_config
 from guardfab.host.localapi import AgentClient
 from guardfab.hypervisor.checkpoint import checkpoint_vm, restore_vm
+from guardfab.hypervisor.console import console_socket
+from guardfab.hypervisor.keyprotector import restore_last_known_good
 from guardfab.hypervisor.migrate import attach, free_local_port, migrate_vm
 from guardfab.hypervisor.power import power_off, power_on, running_pid
 from guardfab.hypervisor.provision import (
@@ -37,6 +39,7 @@ from guardfab.hypervisor.provision import (
     load_record,
     provision,
 )
+from guardfab.hypervisor.settings import LooseningRefusedError, change_settings
 from guardfab.hypervisor.spec import VmSpec
 from guardfab.hypervisor.vm import QemuVm, VmRuntime
 
@@ -48,16 +51,6 @@ _NAME = re.compile(NAME_PATTERN)
 OpenShieldingData = Callable[[bytes], ShieldingSecrets]
 
 
-class ShieldedVmLooseningError(NotAuthorizedError):
-    """A request to loosen a shielded VM (console, serial port): refused, nothing changed."""
-
-    hint = "a shielded VM has no console or serial port; reach it through its own network services"
-
-
-class NotAvailableError(UsageError):
-    """This build has no implementation of the operation yet."""
-
-
 def summary(record: VmRecord, vm_dir: Path) -> dict[str, Any]:
     """The public facts of a VM (no secret, no key material)."""
     return {
@@ -66,17 +59,9 @@ def summary(record: VmRecord, vm_dir: Path) -> dict[str, Any]:
         "pdk_id": record.pdk_id,
         "template": record.template,
         "host_port": record.host_port,
+        "console": record.console,
         "running": running_pid(vm_dir) is not None,
     }
-
-
-def _optional_module(name: str, what: str) -> ModuleType:
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError:
-        raise NotAvailableError(
-            f"{what} is not available in this build ({name} is missing)"
-        ) from None
 
 
 def _qemu(spec: VmSpec, state_dir: Path) -> VmRuntime:
@@ -89,10 +74,11 @@ class VmOperations:
     Args:
         vms_dir: one directory per VM.
         keys: releases a VM's keys for this host (the agent).
-        open_pdk: opens a PDK's secrets for this host; ``None`` if this agent cannot.
+        open_pdk: has the KPS open a PDK's secrets for this host (the agent's
+            ``open_shielding_data``).
     """
 
-    def __init__(self, vms_dir: Path, keys: KeySource, open_pdk: OpenShieldingData | None) -> None:
+    def __init__(self, vms_dir: Path, keys: KeySource, open_pdk: OpenShieldingData) -> None:
         self.vms_dir = Path(vms_dir)
         self._keys = keys
         self._open_pdk = open_pdk
@@ -142,10 +128,6 @@ class VmOperations:
     def provision(self, request: ProvisionRequest) -> dict[str, Any]:
         """Provision a VM; the PDK is opened for this host by the KPS (through the agent)."""
         opener = self._open_pdk
-        if opener is None:
-            raise NotAvailableError(
-                "this agent cannot open shielding data yet (the KPS's PDK opening is missing)"
-            )
         with self._vm(request.name) as vm_dir:
             record = provision(
                 request,
@@ -213,40 +195,26 @@ class VmOperations:
 
     # ------------------------------------------------------------------ policy-bound
 
-    def _refuse_loosening(self, record: VmRecord, what: str) -> None:
-        if record.policy is SecurityPolicy.SHIELDED:
-            raise ShieldedVmLooseningError(
-                f"VM {record.name!r} is shielded: {what} refused (no console, serial port "
-                "or debugger for a shielded VM)"
-            )
-
     def change_settings(self, name: str, *, console: bool) -> dict[str, Any]:
         """Turn the VM's console (serial port) on or off, where its policy allows."""
         with self._vm(name) as vm_dir:
-            record = self._record(vm_dir)
-            if console:
-                self._refuse_loosening(record, "enabling the console")
-            settings = _optional_module("guardfab.hypervisor.settings", "changing VM settings")
-            changed: VmRecord = settings.change_settings(vm_dir, console=console)
-            return {**summary(changed, vm_dir), "console": console}
+            self._record(vm_dir)
+            changed = change_settings(vm_dir, console=console)
+            return summary(changed, vm_dir)
 
     def console(self, name: str) -> dict[str, Any]:
         """The running VM's console socket, where its policy allows one."""
         with self._vm(name) as vm_dir:
-            self._refuse_loosening(self._record(vm_dir), "attaching a console")
-            module = _optional_module("guardfab.hypervisor.console", "VM consoles")
-            path: Path = module.console_socket(vm_dir)
-            return {"name": name, "socket": str(path)}
+            record = self._record(vm_dir)
+            if record.policy is SecurityPolicy.SHIELDED:  # named as a loosening, for the audit
+                raise LooseningRefusedError(record.name, "attaching a console")
+            return {"name": name, "socket": str(console_socket(vm_dir))}
 
     def restore_last_known_good(self, name: str) -> dict[str, Any]:
         """Go back to the VM's last known good key protector (after a failed re-key)."""
         with self._vm(name) as vm_dir:
             self._record(vm_dir)
-            module = _optional_module(
-                "guardfab.hypervisor.keyprotector", "restoring the last known good KP"
-            )
-            restored = module.restore_last_known_good(vm_dir)
-            return {"name": name, **_public_fields(restored)}
+            return {"name": name, **_public_fields(restore_last_known_good(vm_dir))}
 
 
 def _public_fields(value: object) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from guardfab.host.agent import GuardedHostAgent
 from guardfab.host.manage.api import ManagementContext, create_app
 from guardfab.host.manage.audit import ManagementAudit
 from guardfab.host.manage.material import ManagementFiles
-from guardfab.host.manage.operations import OpenShieldingData, VmOperations
+from guardfab.host.manage.operations import VmOperations
 from guardfab.host.manage.server import ManagementServer
 
 logger = logging.getLogger(__name__)
@@ -22,9 +22,7 @@ class Management:
         self.server = server
 
     @classmethod
-    def start_if_ready(
-        cls, agent: GuardedHostAgent, open_pdk: OpenShieldingData | None
-    ) -> Management | None:
+    def start_if_ready(cls, agent: GuardedHostAgent) -> Management | None:
         """Serve the API if the host's management directory exists; ``None`` otherwise."""
         config = agent.config
         files = ManagementFiles(config.management_dir)
@@ -35,7 +33,9 @@ class Management:
             )
             return None
         audit = ManagementAudit(files.audit_db)
-        context = ManagementContext(files, audit, VmOperations(config.vms_dir, agent, open_pdk))
+        context = ManagementContext(
+            files, audit, VmOperations(config.vms_dir, agent, agent.open_shielding_data)
+        )
         try:
             server = ManagementServer(create_app(context), config.manage_listen, files).start()
         except BaseException:
