@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from guardfab.errors import FormatError, VerificationError
@@ -25,6 +25,7 @@ from guardfab.formats.encoding import (
     load_json_document,
     require_dict,
 )
+from guardfab.formats.guardian import VerifiedCache
 
 HEALTH_CERT_TYPE = "guardfab-health+jwt"
 EAR_PROFILE = "tag:github.com,2023:veraison/ear"
@@ -33,6 +34,9 @@ DEFAULT_LIFETIME = 8 * 3600
 #: Clock skew tolerated between the HGS nodes and the KPS, in seconds.
 DEFAULT_LEEWAY = 60
 MAX_TOKEN_BYTES = 16 * 1024
+#: Verified certificates kept (one per host: a host presents the same certificate
+#: for every key release until it re-attests, every 8 h by default).
+VERIFIED_CACHE_SIZE = 4096
 
 
 class HealthCertificateError(VerificationError):
@@ -126,16 +130,38 @@ def verify_health_certificate(
     signer = trusted_signers.get(kid)
     if signer is None:
         raise UntrustedSignerError(f"health certificate: signer {kid!r} is not trusted")
-    try:
-        verified = jose.verify_compact(
-            token, signer, typ=HEALTH_CERT_TYPE, what="health certificate"
-        )
-    except VerificationError as exc:
-        raise HealthCertificateError(str(exc)) from exc
-    claims = load_json_document(verified.payload, what="health certificate claims")
-    cert = _from_claims(require_dict(claims, what="health certificate claims"), signer=kid)
+    cert = _verified_claims(token, kid, signer)
     _check_times(cert, now=now, deny_before=deny_before, leeway=leeway)
     return cert
+
+
+def _verified_claims(token: str, kid: str, signer: jose.AsymmetricKey) -> HealthCertificate:
+    """The claims of ``token`` once its signature verified under ``signer`` (or was found to).
+
+    A host presents one certificate for every key release until it re-attests,
+    so the signature check and claim parsing of those exact bytes under that
+    exact key are cached. What depends on the moment is checked on every call:
+    whether the signer is still trusted (the lookup before this), validity times
+    and deny-before (after it), and host revocation (by the KPS).
+    """
+    cache_key = (token, jose.thumbprint(signer))
+    cert = _VERIFIED.get(cache_key)
+    if cert is None:
+        try:
+            verified = jose.verify_compact(
+                token, signer, typ=HEALTH_CERT_TYPE, what="health certificate"
+            )
+        except VerificationError as exc:
+            raise HealthCertificateError(str(exc)) from exc
+        claims = load_json_document(verified.payload, what="health certificate claims")
+        cert = _from_claims(require_dict(claims, what="health certificate claims"), signer=kid)
+        _VERIFIED.put(cache_key, cert)
+    # The one mutable member: a caller's change must not reach the next caller.
+    return replace(cert, host_key=dict(cert.host_key))
+
+
+#: (token, signer key thumbprint) -> the claims its signature was found to cover.
+_VERIFIED: VerifiedCache[tuple[str, str], HealthCertificate] = VerifiedCache(VERIFIED_CACHE_SIZE)
 
 
 def _unverified_kid(token: str) -> str:
