@@ -374,7 +374,7 @@ def rekey(
     draft = _Draft(
         kp.kp_id, kp.generation + 1, kp.owner, members, kp.guardian_set, version=kp.version
     )
-    return _mint(draft, signer_keys, new), old, new
+    return _mint(draft, signer_keys, new, reload=False), old, new
 
 
 def egress_key_generation(kp: KeyProtector, signer_keys: GuardianKeyPair) -> int:
@@ -436,8 +436,20 @@ def _mint_as_owner(draft: _Draft, owner_keys: GuardianKeyPair, key: TransportKey
     return _mint(replace(draft, guardian_set=guardian_set), owner_keys, key)
 
 
-def _mint(draft: _Draft, signer_keys: GuardianKeyPair, key: TransportKey) -> bytes:
-    """Wrap the key to every member, sign, and check that the result loads."""
+def _mint(
+    draft: _Draft, signer_keys: GuardianKeyPair, key: TransportKey, *, reload: bool = True
+) -> bytes:
+    """Wrap the key to every member, sign, and check the result.
+
+    ``reload`` (the owner's paths: a new set, a fresh statement): the result must
+    load in full. Without it (a KPS re-key, on every release): the draft is the
+    ingress KP's verified guardians and owner statement with a fresh wrapping,
+    and the host and the next release load the egress in full; what minting
+    alone could still get wrong unseen is the signature (a faulty signing
+    operation), so that is verified over the exact bytes handed out. A broken
+    egress must never leave the KPS: the release that minted it spends the
+    ingress generation.
+    """
     ordered = sorted(draft.members, key=lambda m: m.guardian.id)
     guardians = [m.guardian for m in ordered]
     ids = [g.id for g in guardians]
@@ -454,10 +466,22 @@ def _mint(draft: _Draft, signer_keys: GuardianKeyPair, key: TransportKey) -> byt
         "guardian_set": draft.guardian_set,
         "wrapping": jose.encrypt_to_recipients(key.reveal(), recipients, aad=aad),
     }
-    token = jose.sign_compact(canonical_json(payload), signer_keys.signing_key, typ=KP_JWS_TYPE)
+    encoded = canonical_json(payload)
+    token = jose.sign_compact(encoded, signer_keys.signing_key, typ=KP_JWS_TYPE)
     data = token.encode("ascii") + b"\n"
-    load_key_protector(data, expected_owner=draft.owner)  # never hand out what would not load
+    if reload:
+        load_key_protector(data, expected_owner=draft.owner)  # never hand out what would not load
+    else:
+        _check_own_signature(token, encoded, signer_keys)
     return data
+
+
+def _check_own_signature(token: str, payload: bytes, signer_keys: GuardianKeyPair) -> None:
+    """The KP just signed verifies under the signer's public key and covers ``payload``."""
+    public = signer_keys.guardian.signing_key
+    verified = jose.verify_compact(token, public, typ=KP_JWS_TYPE, what=_WHAT)
+    if verified.payload != payload or verified.header.get("kid") != signer_keys.guardian.id:
+        raise VerificationError(f"{_WHAT}: the KP just signed does not verify")
 
 
 # --- loading KPs -----------------------------------------------------------------------
