@@ -47,6 +47,7 @@ from guardfab.store.base import (
     ABSENT,
     MAX_TXN_OPS,
     Entry,
+    LockedTransaction,
     Store,
     Txn,
     check_prefix,
@@ -100,6 +101,11 @@ class AuditLog:
         self._max_attempts = max_attempts
         self._max_batch = max_batch
         self._group: GroupCommit[_Append] = GroupCommit(self._select, self._commit_batch)
+        # A store that can read the head and commit under one write lock (SQLite)
+        # never loses a head race: no retry, no separate read of the head.
+        self._locked_transaction: LockedTransaction | None = getattr(
+            store, "locked_transaction", None
+        )
 
     def record_key(self, seq: int) -> str:
         """Return the key of record ``seq``."""
@@ -202,7 +208,25 @@ class AuditLog:
             return
 
     def _try_commit(self, batch: list[_Append]) -> list[AuditRecord]:
-        entry = self._store.get(self.head_key)
+        locked = self._locked_transaction
+        if locked is None:
+            txn, records = self._batch_txn(batch, self._store.get(self.head_key))
+            txn.commit(self._store)
+            return records
+        built: list[AuditRecord] = []
+
+        def build(entries: dict[str, Entry | None]) -> Txn:
+            txn, records = self._batch_txn(batch, entries[self.head_key])
+            built[:] = records
+            return txn
+
+        locked([self.head_key], build)
+        return built
+
+    def _batch_txn(
+        self, batch: list[_Append], entry: Entry | None
+    ) -> tuple[Txn, list[AuditRecord]]:
+        """The batch's transactions, its records linked after head ``entry``, the head moved."""
         head = EMPTY_HEAD if entry is None else AuditHead.from_bytes(entry.value)
         txn = Txn()
         for request in batch:
@@ -221,8 +245,7 @@ class AuditLog:
             records.append(record)
             prev = AuditHead(record.seq, record.hash)
         txn.put(self.head_key, prev.to_bytes())
-        txn.commit(self._store)
-        return records
+        return txn, records
 
     def _drop_failed(self, batch: list[_Append], exc: ConflictError) -> list[_Append]:
         """Fail the request whose own compare failed; return the rest to retry.

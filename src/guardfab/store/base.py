@@ -40,7 +40,7 @@ import builtins
 import enum
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, Self
 
@@ -215,6 +215,12 @@ class Store(Protocol):
     def close(self) -> None:
         """Release the backend's resources; the store is unusable afterwards."""
         ...
+
+
+#: An optional store capability (SQLite has it; etcd, a compare-then-commit store,
+#: does not): read some keys and commit the transaction built from them under one
+#: write lock (see :meth:`guardfab.store.sqlite.SqliteStore.locked_transaction`).
+LockedTransaction = Callable[[Sequence[str], Callable[[dict[str, "Entry | None"]], "Txn"]], int]
 
 
 @dataclass

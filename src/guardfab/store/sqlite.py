@@ -51,6 +51,7 @@ from guardfab.store.base import (
     Condition,
     Entry,
     EventKind,
+    Txn,
     WatchEvent,
     check_key,
     check_limit,
@@ -251,6 +252,31 @@ class SqliteStore:
         """Apply every put and delete if every compare holds; return the revision."""
         checked = check_transaction(compares, puts, deletes)
         return self._write(lambda conn, now: self._apply(conn, checked, now)[0])
+
+    def locked_transaction(
+        self, keys: Sequence[str], build: Callable[[dict[str, Entry | None]], Txn]
+    ) -> int:
+        """Read ``keys``, then apply the transaction ``build`` makes of them, under one write lock.
+
+        No other writer (thread or process) can commit between the read and the
+        write, so a compare on a key just read always holds: what an optimistic
+        read-then-commit would lose as a race (and retry) cannot happen. The
+        transaction's compares are still checked, and ``build`` runs while every
+        other writer waits: it must be quick and must not touch the store.
+        """
+        for key in keys:
+            check_key(key)
+
+        def body(conn: sqlite3.Connection, now: float) -> int:
+            entries: dict[str, Entry | None] = {}
+            for key in keys:
+                row = conn.execute(_SQL_GET, (key, now)).fetchone()
+                entries[key] = None if row is None else Entry(*row)
+            txn = build(entries)
+            checked = check_transaction(txn.compares, txn.puts, txn.deletes)
+            return self._apply(conn, checked, now)[0]
+
+        return self._write(body)
 
     def _apply(self, conn: sqlite3.Connection, txn: CheckedTxn, now: float) -> tuple[int, int]:
         """Apply a checked transaction; return (revision afterwards, keys deleted)."""
