@@ -28,7 +28,7 @@ from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from guardfab.errors import FormatError
 from guardfab.formats.guardian import KeyAlgorithm
@@ -68,6 +68,17 @@ class ReleaseRequest(Strict):
 
     health_certificate: str = Field(max_length=MAX_TOKEN_BYTES)
     key_protector: str = Field(max_length=_MAX_KP_TEXT)
+
+
+class ReleaseResponse(BaseModel):
+    """A granted release: the signed, host-encrypted keys and the VM's next KP (base64url)."""
+
+    release: str
+    egress_key_protector: str
+    kp_id: str
+    generation: int
+    egress_generation: int
+    kps_guardian: str
 
 
 class OpenShieldingDataRequest(Strict):
@@ -151,13 +162,15 @@ def add_kps_routes(app: FastAPI) -> None:
 
 
 def _host_routes(app: FastAPI) -> None:
-    @app.post("/keyprotection/v1/release", tags=["key protection"])
+    @app.post("/keyprotection/v1/release", tags=["key protection"], response_model=ReleaseResponse)
     # On the event loop, like attest: the thread-pool hop cost ~0.27 ms of ~2 ms per
     # release (measured in process); the store transaction is sub-millisecond.
-    async def release(request: Request, body: ReleaseRequest) -> dict[str, Any]:
+    # A JSONResponse, not a dict: FastAPI would validate and re-encode the dict
+    # (jsonable_encoder) on every release; ReleaseResponse documents the body.
+    async def release(request: Request, body: ReleaseRequest) -> JSONResponse:
         """Release a VM's keys to a host with a valid health certificate; re-key its KP."""
         result = kps_of(request).release(body.health_certificate, body.key_protector)
-        return result.to_response()
+        return JSONResponse(result.to_response())
 
     @app.post("/keyprotection/v1/shielding-data/open", tags=["key protection"])
     # In the thread pool, unlike release: a PDK of up to 2 MiB takes milliseconds to
