@@ -166,7 +166,7 @@ def boot(disk: Path, firmware: Firmware, accel: Accelerator, *, until: str) -> B
             time.sleep(0.2)
         exit_status = qemu.poll()
     finally:
-        stop_group(qemu, timeout=2)
+        stop_group(qemu, timeout=1)
     text = _read(serial)
     print(f"\n{disk.name}: {time.monotonic() - started:.1f} s, exit {exit_status}")
     return Boot(text, exit_status, time.monotonic() - started)
@@ -361,6 +361,19 @@ def test_a_failing_tool_is_named_and_leaves_nothing(
     assert caught.value.tool == tool
     assert str(caught.value).startswith(f"{tool} failed")
     assert _leftovers(out) == []
+
+
+def test_an_esp_holds_the_files_given(tmp_path: Path) -> None:
+    files = {"EFI/BOOT/a.efi": b"a" * 5000, "efi/boot/B.txt": b"b", "top.cfg": b"c"}
+    build_esp(tmp_path / "esp.img", files, size_mib=2)
+    for name, content in files.items():
+        assert _fat_file(tmp_path / "esp.img", name, tmp_path / "x") == content
+
+
+def test_names_that_fat_would_merge_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="same file on FAT"):
+        build_esp(tmp_path / "esp.img", {"EFI/a.efi": b"1", "efi/A.EFI": b"2"})
+    assert _leftovers(tmp_path) == []
 
 
 def test_a_missing_tool_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -180,7 +180,7 @@ def _run(tool: str, args: list[str], *, stdin: bytes | None = None) -> bytes:
     try:
         result = subprocess.run(  # noqa: S603 -- fixed argv, no shell
             [tool, *args],
-            input=stdin,
+            input=b"" if stdin is None else stdin,  # a tool that asks gets EOF, never our stdin
             capture_output=True,
             check=False,
             timeout=_TOOL_TIMEOUT,
@@ -216,10 +216,24 @@ def _building(dest: Path) -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _esp_paths(files: Mapping[str, bytes]) -> dict[str, PurePosixPath]:
+    """Each ESP file's path, checked: relative, FAT-safe, unique on a case-blind FAT."""
+    paths: dict[str, PurePosixPath] = {}
+    seen: dict[str, str] = {}
+    for name in files:
+        paths[name] = _relative(name, "ESP", fat=True)
+        first = seen.setdefault(str(paths[name]).lower(), name)
+        if first != name:
+            raise UsageError(f"ESP file names {first!r} and {name!r} are the same file on FAT")
+    return paths
+
+
 def _make_esp(image: Path, files: Mapping[str, bytes], size_mib: int, staging: Path) -> None:
-    paths = {name: _relative(name, "ESP", fat=True) for name in files}
+    paths = _esp_paths(files)
     _run("mkfs.fat", ["-C", "-n", "EFI", str(image), str(size_mib * 1024)])
-    dirs = sorted({str(p) for path in paths.values() for p in path.parents if p.parts})
+    # FAT is case-blind: one mmd per directory, whatever spellings the files use.
+    by_case = {str(p).lower(): str(p) for path in paths.values() for p in path.parents if p.parts}
+    dirs = sorted(by_case.values(), key=len)
     if dirs:
         _run("mmd", ["-i", str(image), *[f"::/{d}" for d in dirs]])
     staging.mkdir()
@@ -246,8 +260,7 @@ def build_esp(dest: Path, files: Mapping[str, bytes], *, size_mib: int = DEFAULT
         UsageError: ``dest`` exists or a file name is not a plain relative FAT path.
         DiskToolError: mkfs.fat, mmd or mcopy failed (for instance, the files do not fit).
     """
-    for name in files:
-        _relative(name, "ESP", fat=True)
+    _esp_paths(files)
     with _building(dest) as work:
         _make_esp(work / "out", files, size_mib, work / "files")
 
