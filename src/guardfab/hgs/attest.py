@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import hmac
-import json
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from guardfab.formats import jose
 from guardfab.formats.encoding import b64url_decode
 from guardfab.formats.health_certificate import HealthCertificate, issue_health_certificate
 from guardfab.hgs import registry as reg
+from guardfab.hgs.last_record import encode_last_record
 from guardfab.hgs.nonce import Nonce, NonceError
 from guardfab.store.audit import AuditLog
 from guardfab.store.base import ABSENT, Txn
@@ -126,7 +126,7 @@ class Attestor:
         txn.put(reg.NONCES + nonce.nonce_id, b"", ttl=max(1.0, nonce.expires_at - now + 1))
         outcome = self._outcome(result, int(now), txn)
         if result.host_id is not None:
-            txn.put(reg.LAST + result.host_id, _last_record(result))
+            txn.put(reg.LAST + result.host_id, encode_last_record(result))
         try:
             self.audit.append(
                 kind="attestation",
@@ -200,19 +200,6 @@ def _safe_id(value: str) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= 64 or not value.isascii():
         raise FormatError("activation id: not a valid id")
     return value
-
-
-def _last_record(result: AttestationResult) -> bytes:
-    """The host's last result and verified summary, as stored for explain and what-if.
-
-    Plain JSON, not RFC 8785: the record is neither signed nor hashed, and the
-    canonical encoder (pure Python) cost more than verifying the evidence.
-    """
-    record = {
-        "result": result.to_dict(),
-        "summary": None if result.summary is None else result.summary.to_dict(),
-    }
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def _audit_details(result: AttestationResult, outcome: AttestOutcome) -> dict[str, object]:

@@ -1,0 +1,79 @@
+"""hosts/last/<host>: the spliced encoding decodes to exactly what the readers expect.
+
+The record's events are JSON kept per verified events tuple (one per distinct
+boot log) and spliced into each new record; these tests show the bytes decode
+to ``{"result": result.to_dict(), "summary": summary.to_dict()}``, that what
+changes per attestation (time, PCRs, facts, the host) is never served stale,
+and that another boot's events never stand in for this one's.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import replace
+
+from guardfab.attestation.result import AttestationResult
+from guardfab.attestation.summary import HostSummary
+from guardfab.attestation.tpm_mode import verify_tpm_evidence
+from guardfab.hgs.last_record import encode_last_record
+from test_attestation_fixtures import NONCE, NOW, Boot, SoftHost, trust_for
+
+
+def _expected(result: AttestationResult) -> dict[str, object]:
+    summary = None if result.summary is None else result.summary.to_dict()
+    return {"result": result.to_dict(), "summary": summary}
+
+
+def _attest(host: SoftHost, now: datetime.datetime = NOW) -> AttestationResult:
+    return verify_tpm_evidence(host.evidence(), trust_for(host), nonce=NONCE, now=now)
+
+
+def test_a_tpm_record_decodes_to_the_result_and_summary() -> None:
+    result = _attest(SoftHost())
+    assert result.summary is not None
+    for _ in range(2):  # the second time, the events come from the cache
+        record = json.loads(encode_last_record(result))
+        assert record == _expected(result)
+        assert HostSummary.from_dict(record["summary"]).events == tuple(
+            e._replace(data=b"", text=e.describe()) for e in result.summary.events
+        )
+
+
+def test_a_record_without_summary_has_null() -> None:
+    result = replace(_attest(SoftHost()), summary=None)
+    assert json.loads(encode_last_record(result)) == _expected(result)
+
+
+def test_per_attestation_fields_are_encoded_afresh() -> None:
+    host = SoftHost()
+    first = _attest(host)
+    later = _attest(host, NOW + datetime.timedelta(hours=1))
+    other_host = replace(later, summary=replace(later.summary, host_id="host-z"))  # type: ignore[type-var]
+    for result in (first, later, other_host):
+        assert json.loads(encode_last_record(result)) == _expected(result)
+    assert (
+        json.loads(encode_last_record(later))["summary"]["verified_at"]
+        != json.loads(encode_last_record(first))["summary"]["verified_at"]
+    )
+
+
+def test_another_boots_events_never_stand_in() -> None:
+    golden = _attest(SoftHost())
+    changed = _attest(SoftHost(boot=Boot(shim=b"shimx64.efi 15.9", grub_commands=3)))
+    assert golden.summary is not None
+    assert changed.summary is not None
+    assert golden.summary.events != changed.summary.events
+    for result in (golden, changed, golden):
+        assert json.loads(encode_last_record(result)) == _expected(result)
+
+
+def test_descriptions_with_quotes_and_non_ascii_stay_valid_json() -> None:
+    result = _attest(SoftHost())
+    assert result.summary is not None
+    odd = tuple(
+        e._replace(data=b"", text='a "quoted" \\ path \u00e9\u2603 }null}')
+        for e in result.summary.events
+    )
+    tricky = replace(result, summary=replace(result.summary, events=odd, by_pcr=None))
+    assert json.loads(encode_last_record(tricky)) == _expected(tricky)
