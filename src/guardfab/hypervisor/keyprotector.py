@@ -89,7 +89,8 @@ class RestoredKeyProtector:
         previous_generation: its KP's generation, or ``None`` if it was lost or damaged.
         restored_pair: the pair committed now.
         restored_generation: its KP's generation (the newest this host holds).
-        damaged_pairs_set_aside: damaged newer pairs renamed ``damaged-gen-N`` (kept, never tried).
+        damaged_pairs_set_aside: damaged newer pairs renamed ``damaged-gen-N-*`` (kept,
+            never tried).
     """
 
     vm: str

@@ -352,9 +352,12 @@ class VaultStore:
         """Move pair ``number`` out of the store's view (kept on disk, never tried again).
 
         For a damaged pair: it can no longer be taken for the pending pair, and
-        it stays for whoever investigates. One rename: atomic.
+        it stays (``damaged-gen-N-XXXXXXXX``) for whoever investigates. One
+        rename: atomic.
         """
-        target = self.root / f"damaged-{self._dir(number).name}"
+        # A later pair may reuse the number (numbering goes on from the committed
+        # one): a random suffix keeps every damaged pair apart.
+        target = self.root / f"damaged-{self._dir(number).name}-{secrets.token_hex(4)}"
         self._dir(number).rename(target)
         _fsync_dir(self.root)
         return target
