@@ -18,7 +18,6 @@ import click
 from cryptography import x509
 
 from guardfab.cli.host_manage import audit as audit_group
-from guardfab.cli.host_manage import ensure_management
 from guardfab.cli.host_manage import manage as manage_group
 from guardfab.cli.output import EXIT_INVALID, EXIT_TRANSPORT, emit, handle_errors, json_option
 from guardfab.errors import FormatError, GuardfabError, UsageError
@@ -246,10 +245,10 @@ def configure(
     """Write the host configuration (Set-HgsClientConfiguration) and create the host keys.
 
     The host encryption key (the KPS wraps VM keys to it) and, in host-key mode,
-    the host signing key are created 0600 if they do not exist; so is the
-    management API's directory (TLS material, admin and reviewer tokens; see
-    'host manage'). Renewal and retry settings already in the file are kept.
-    Then give the output of 'guardfab host identity' to the HGS administrator.
+    the host signing key are created 0600 if they do not exist. Renewal and
+    retry settings already in the file are kept. Then give the output of
+    'guardfab host identity' to the HGS administrator, and run 'guardfab host
+    manage init' for the agent to serve the management API ('guardfab vm').
     """
     path = config_path(config_file)
     host_mode = HostMode(mode)
@@ -283,15 +282,13 @@ def configure(
         created.append(str(config.signing_key))
     save_config(path, config)
     StateFiles(config.state_dir).ensure()
-    if (management := ensure_management(config)) is not None:
-        created.append(str(management))
     data = {"config": str(path), "created_keys": created, **config.to_dict()}
     emit(as_json, data, lambda: _configured_text(path, config, created))
 
 
 def _configured_text(path: Path, config: HostConfig, created: list[str]) -> str:
     lines = [f"host configuration written to {path} (mode {config.mode.value})"]
-    lines += [f"  created: {key}" for key in created]
+    lines += [f"  created key: {key}" for key in created]
     lines += [
         "next:",
         f"  guardfab host identity --config {path} --out host-identity.pem",

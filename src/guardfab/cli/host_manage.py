@@ -13,7 +13,7 @@ import click
 
 from guardfab.cli.output import emit, handle_errors, json_option
 from guardfab.errors import UsageError
-from guardfab.host.config import HostConfig, config_path, load_config
+from guardfab.host.config import config_path, load_config
 from guardfab.host.manage.audit import ManagementAudit
 from guardfab.host.manage.material import (
     ROLES,
@@ -30,15 +30,6 @@ config_option = click.option(
     default=None,
     help="Host configuration file [default: $GUARDFAB_HOST_CONFIG or /etc/guardfab/host.json].",
 )
-
-
-def ensure_management(config: HostConfig) -> Path | None:
-    """Create the management directory if it does not exist; return it if created."""
-    files = ManagementFiles(config.management_dir)
-    if files.dir.exists():
-        return None
-    init_management(files.dir, default_server_names())
-    return files.dir
 
 
 @click.group()
@@ -59,8 +50,8 @@ def manage() -> None:
 def init(config_file: Path | None, server_names: tuple[str, ...], as_json: bool) -> None:
     """Create the management directory: a private CA, the API's certificate, two tokens.
 
-    'host configure' does this the first time with the default names; use this
-    command for other names (after removing the old directory).
+    The agent serves the management API (what 'guardfab vm' talks to) only once
+    this directory exists. Tokens are 0600 files, never printed.
     """
     config = load_config(config_path(config_file))
     files = init_management(config.management_dir, list(server_names) or default_server_names())

@@ -6,7 +6,7 @@ socket is listening before systemd hears ``READY=1``, so a key request right
 after start either uses the cached certificate or attests on demand.
 
 When the host's management directory is initialized (``guardfab host manage
-init``, or ``host configure`` the first time), the agent also serves the
+init``), the agent also serves the
 management API (:mod:`guardfab.host.manage`) over HTTPS in a thread, with
 itself as the VMs' key source; it stops with the agent.
 """

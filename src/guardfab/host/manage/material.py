@@ -1,6 +1,6 @@
 """The management API's directory: TLS material, role tokens and their digests.
 
-Layout (``guardfab host manage init``, or ``host configure`` the first time)::
+Layout (``guardfab host manage init``)::
 
     D/ca.pem                  the private CA clients trust (public)
     D/server.pem, server.key  the API's certificate chain and key (key 0600)
