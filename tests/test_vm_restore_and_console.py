@@ -171,8 +171,9 @@ def test_after_a_failed_start_and_a_lost_kp_the_restore_lets_the_vm_power_on(lab
     assert load_key_protector(pending.kp).generation == 2, "the KPS's floor is now 2"
 
     shutil.rmtree(vm_dir / "keys" / f"gen-{first.number:08d}")  # the committed KP is lost
-    with pytest.raises(VaultError, match="incomplete"):
+    with pytest.raises(VaultError, match="incomplete") as damaged:
         lab.power_on(vm_dir)  # power-on stops at a damaged store: it does not guess
+    assert "--restore-last-known-good" in damaged.value.hint
 
     restored = restore_last_known_good(vm_dir)
     assert (restored.previous_pair, restored.previous_generation) == (first.number, None)

@@ -81,6 +81,10 @@ _REGISTRY = jwe.JWERegistry(algorithms=["dir", "A256GCM"])
 _GEN_RE = re.compile(r"gen-([0-9]{8})")
 _DEVICE_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
 _WHAT = "VM key vault"
+_RESTORE_HINT = (
+    "if a newer pair is intact, 'guardfab vm key-protector NAME --restore-last-known-good'"
+    " commits it (ADR 0011); else the VM's owner must issue a new KP"
+)
 
 
 class VaultError(InvalidInputError):
@@ -274,7 +278,7 @@ class VaultStore:
         except FileNotFoundError:
             return None
         if not text.isdigit():
-            raise VaultError(f"{_WHAT}: {self.root / 'committed'} is damaged")
+            raise VaultError(f"{_WHAT}: {self.root / 'committed'} is damaged", hint=_RESTORE_HINT)
         return int(text)
 
     def load(self, number: int) -> KeyPair:
@@ -287,7 +291,9 @@ class VaultStore:
                 (directory / "kp.jws").read_bytes(),
             )
         except FileNotFoundError as exc:
-            raise VaultError(f"{_WHAT}: pair {number} in {self.root} is incomplete") from exc
+            raise VaultError(
+                f"{_WHAT}: pair {number} in {self.root} is incomplete", hint=_RESTORE_HINT
+            ) from exc
 
     def committed(self) -> KeyPair:
         """The pair in use."""
