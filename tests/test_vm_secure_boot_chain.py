@@ -11,7 +11,9 @@ enrolled, reading the guest's serial output from a file:
 * a kernel with four bytes changed is refused by grub (shim's verifier);
 * a grub with one byte changed is refused by shim;
 * the same two tampered files boot to init on OVMF without secure boot: the
-  refusals come from the signature checks, not from broken binaries.
+  refusals come from the signature checks, not from broken binaries;
+* what is not verified (grub.cfg, the command line, the initramfs) is measured
+  by grub into PCRs 8 and 9 (read from the guest's event log, with a vTPM).
 
 The fast tests check the disk's layout and contents and that bad input leaves
 nothing behind.
@@ -19,11 +21,15 @@ nothing behind.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import secrets
 import shutil
 import subprocess
 import time
+import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +51,11 @@ from guardfab.hypervisor.efi_disk import (
     load_boot_chain,
 )
 from guardfab.hypervisor.procs import spawn, stop_group
-from vm_harness import REPO, Guest
+from guardfab.hypervisor.vtpm import Swtpm
+from guardfab.tpm.constants import TpmAlg
+from guardfab.tpm.eventlog import EventLog, parse_event_log
+from guardfab.tpm.events import EventType
+from vm_harness import REPO, Guest, fetch, free_port, parse_page
 
 guest = vm_harness.guest
 accelerator = vm_harness.accelerator
@@ -147,29 +157,38 @@ def _qemu_argv(
     ]
 
 
-def boot(disk: Path, firmware: Firmware, accel: Accelerator, *, until: str) -> Boot:
-    """Boot ``disk`` until the serial output shows ``until`` or QEMU exits; always stop QEMU."""
+@contextlib.contextmanager
+def running(
+    disk: Path, firmware: Firmware, accel: Accelerator, extra: tuple[str, ...] = ()
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """QEMU booting ``disk`` (with its serial output file); stopped when the block ends."""
     vars_copy = disk.with_suffix(".vars.fd")
     serial = disk.with_suffix(".serial.log")
     shutil.copyfile(firmware.vars_template, vars_copy)
     serial.touch()
-    started = time.monotonic()
-    with (disk.with_suffix(".qemu.log")).open("wb") as log:
+    with disk.with_suffix(".qemu.log").open("wb") as log:
         qemu = spawn(
-            _qemu_argv(disk, firmware, vars_copy, serial, accel),
+            [*_qemu_argv(disk, firmware, vars_copy, serial, accel), *extra],
             stdout=log.fileno(),
             die_with_parent=True,
         )
     try:
+        yield qemu, serial
+    finally:
+        stop_group(qemu, timeout=1)
+
+
+def boot(disk: Path, firmware: Firmware, accel: Accelerator, *, until: str) -> Boot:
+    """Boot ``disk`` until the serial output shows ``until`` or QEMU exits; always stop QEMU."""
+    started = time.monotonic()
+    with running(disk, firmware, accel) as (qemu, serial):
         deadline = started + BOOT_TIMEOUT
         while qemu.poll() is None and until not in _read(serial) and time.monotonic() < deadline:
             time.sleep(0.2)
         exit_status = qemu.poll()
-    finally:
-        stop_group(qemu, timeout=1)
-    text = _read(serial)
-    print(f"\n{disk.name}: {time.monotonic() - started:.1f} s, exit {exit_status}")
-    return Boot(text, exit_status, time.monotonic() - started)
+    seconds = time.monotonic() - started
+    print(f"\n{disk.name}: {seconds:.1f} s, exit {exit_status}")
+    return Boot(_read(serial), exit_status, seconds)
 
 
 def _read(serial: Path) -> str:
@@ -254,6 +273,72 @@ def test_without_secure_boot_the_same_tampered_files_boot(
     assert "Secure Boot is enabled" not in result.serial
     assert INIT_STARTED in result.serial
     assert result.exit_status == 0
+
+
+def _guest_event_log(
+    disk: Path, accel: Accelerator, vtpm_dir: Path
+) -> tuple[dict[str, str], EventLog]:
+    """Boot ``disk`` with a vTPM and the network; the guest's page and its firmware event log."""
+    swtpm = Swtpm(
+        vtpm_dir / "state", vtpm_dir / "ctrl.sock", vtpm_dir / "swtpm.log", die_with_parent=True
+    )
+    swtpm.start(secrets.token_bytes(32))
+    port = free_port()
+    extra = (
+        *("-chardev", f"socket,id=chrtpm,path={swtpm.ctrl_socket}"),
+        *("-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-crb,tpmdev=tpm0"),
+        *("-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:80"),
+        *("-device", "virtio-net-pci,netdev=net0"),
+    )
+    try:
+        with running(disk, SECURE_BOOT, accel, extra):
+            page = parse_page(fetch(port, timeout=BOOT_TIMEOUT))
+            url = f"http://127.0.0.1:{port}/cgi-bin/eventlog"
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                raw: bytes = reply.read()
+    finally:
+        swtpm.stop()
+    return page, parse_event_log(raw)
+
+
+def _grub_file_events(log: EventLog) -> dict[bytes, bytes]:
+    """PCR 9 as grub extends it: the path of each file it read -> the file's SHA-256."""
+    return {
+        e.data.rstrip(b"\0"): e.digests[TpmAlg.SHA256]
+        for e in log.events
+        if e.pcr == 9 and e.event_type == EventType.EV_IPL and TpmAlg.SHA256 in e.digests
+    }
+
+
+@pytest.mark.slow
+def test_grub_measures_what_it_does_not_verify(
+    tmp_path: Path, boot_chain: BootChain, guest: Guest, accelerator: Accelerator
+) -> None:
+    """ADR 0013: grub.cfg, the command line and the initramfs are measured into PCRs 8 and 9."""
+    cmdline = f"console=ttyS0 quiet guardfab.chain={secrets.token_hex(6)}"
+    # Copies: the digests must be of exactly the bytes on the disk.
+    kernel = tmp_path / "vmlinuz"
+    initrd = tmp_path / "initramfs.gz"
+    shutil.copyfile(guest.kernel, kernel)
+    shutil.copyfile(guest.initrd, initrd)
+    disk = _disk(tmp_path, boot_chain, kernel, initrd, cmdline)
+
+    page, log = _guest_event_log(disk, accelerator, tmp_path / "vtpm")
+
+    assert page["secure_boot"] == "enabled", page
+    assert page["tpm"].startswith("present"), page
+    commands = [e.data for e in log.events if e.pcr == 8 and e.event_type == EventType.EV_IPL]
+    assert f"grub_cmd: linux /vmlinuz {cmdline}\0".encode() in commands
+    assert f"kernel_cmdline: /vmlinuz {cmdline}\0".encode() in commands
+    sha256 = hashlib.sha256
+    assert _grub_file_events(log) == {
+        b"(hd0,gpt1)/EFI/debian/grub.cfg": sha256(grub_config(cmdline)).digest(),
+        b"/vmlinuz": sha256(kernel.read_bytes()).digest(),
+        b"/initramfs.gz": sha256(initrd.read_bytes()).digest(),
+    }
+    # PCR 4: shim, started by the firmware, measured grub when it started it.
+    started = [e for e in log.events if e.event_type == EventType.EV_EFI_BOOT_SERVICES_APPLICATION]
+    assert any("\\EFI\\BOOT\\grubx64.efi".encode("utf-16-le") in e.data for e in started)
 
 
 # ---------------------------------------------------------------------------
