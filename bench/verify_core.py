@@ -59,7 +59,7 @@ from guardfab.attestation.trust import TrustState
 from guardfab.formats.encoding import b64url_decode
 from guardfab.tpm.eventlog import parse_event_log
 from guardfab.tpm.events import EventType
-from guardfab.tpm.quote import verify_quote
+from guardfab.tpm.quote import AttestationKey, verify_quote
 from test_attestation_fixtures import NONCE, NOW
 
 KEYLIME_VERSION = "7.14.3"
@@ -317,13 +317,14 @@ def stage_costs(case: Case, seconds: float) -> str:
     evidence, wire = case.evidence, case.evidence.to_dict()
     log = parse_event_log(evidence.event_log)
     expected = quote_qualifying_data(NONCE, dict(evidence.host_key))
+    ak = AttestationKey.of(evidence.ak_public)  # checked and kept per AK, as the HGS does
     text = wire["event_log"]
     parts: dict[str, Callable[[], object]] = {
         "steady": guardfab_check(case),
         "new log": guardfab_new_log_check(case),
         "load": lambda: evidence_from_dict(wire),
         "quote": lambda: verify_quote(
-            evidence.quote_attest, evidence.quote_signature, evidence.ak_public,
+            evidence.quote_attest, evidence.quote_signature, ak,
             expected_nonce=expected, pcr_values={_SHA256: dict(evidence.pcrs)}),
         "signature": case.verify_signature,
         "decode": lambda: b64url_decode(text, what="event_log"),
