@@ -204,7 +204,10 @@ def _building(dest: Path) -> Iterator[Path]:
         raise exists
     if not dest.parent.is_dir():
         raise UsageError(f"{dest.parent} is not a directory")
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    except OSError as exc:
+        raise UsageError(f"cannot write in {dest.parent}: {exc.strerror}") from exc
     try:
         yield work
         try:
@@ -212,6 +215,8 @@ def _building(dest: Path) -> Iterator[Path]:
             dest.hardlink_to(work / "out")
         except FileExistsError:
             raise exists from None
+    except OSError as exc:  # staging files, the copy into the disk (disk full, say)
+        raise HypervisorError(f"cannot build {dest}: {exc.strerror or exc}") from exc
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -311,8 +316,12 @@ def _check_partition_table(disk: Path, layout: PartitionLayout) -> None:
         raise DiskToolError("sfdisk", f"wrote partitions {found}, not {wanted}")
 
 
-def _copy_sparse(source: Path, disk: Path, offset: int) -> None:
+def _copy_sparse(source: Path, disk: Path, offset: int, size: int) -> None:
     """Copy ``source`` into ``disk`` at ``offset``, skipping zero blocks (the disk is sparse)."""
+    if source.stat().st_size != size:
+        # mkfs.fat -C and mke2fs make images of exactly the size asked: anything else
+        # would spill into the next partition.
+        raise HypervisorError(f"{source.name} is {source.stat().st_size} bytes, not {size}")
     block = MIB
     zero = bytes(block)
     with source.open("rb") as src, disk.open("r+b") as out:
@@ -355,8 +364,8 @@ def build_boot_disk(
             stdin=_sfdisk_script(layout),
         )
         _check_partition_table(disk, layout)
-        _copy_sparse(work / "esp.img", disk, layout.esp_offset)
-        _copy_sparse(work / "root.img", disk, layout.root_offset)
+        _copy_sparse(work / "esp.img", disk, layout.esp_offset, layout.esp_size)
+        _copy_sparse(work / "root.img", disk, layout.root_offset, layout.root_size)
     return layout
 
 
