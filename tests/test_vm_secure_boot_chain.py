@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -100,7 +101,9 @@ def boot_chain() -> BootChain:
     )
     if result.returncode != 0:
         pytest.fail(f"scripts/build-boot-chain.sh failed:\n{result.stderr[-3000:]}", pytrace=False)
-    return load_boot_chain(REPO / "cache" / "guest" / "efi")
+    return load_boot_chain(
+        Path(os.environ.get("GUARDFAB_GUEST_DIR", REPO / "cache" / "guest")) / "efi"
+    )
 
 
 def _kernel_with_four_bytes_changed(kernel: Path, dest: Path) -> Path:
