@@ -94,6 +94,7 @@ BAD_TPM: list[tuple[str, str, Any, str]] = [
     ("host key with a private part", "host_key.d", "AAAA", "unknown field"),
     ("host key missing y", "host_key.y", ..., "missing"),
     ("symmetric host key", "host_key", {"kty": "oct", "k": "AAAA"}, "EC or RSA"),
+    ("host key type a list", "host_key.kty", ["EC"], "EC or RSA"),
     ("host key not on the curve", "host_key.x", b64url_encode(b"\x01" * 32), "JWK"),
 ]
 

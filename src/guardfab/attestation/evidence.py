@@ -126,7 +126,8 @@ def _checked_key(items: tuple[tuple[str, str], ...], what: str) -> None:
 
 
 def _check_key(jwk: dict[str, Any], what: str) -> None:
-    members = _JWK_MEMBERS.get(jwk.get("kty"))  # type: ignore[arg-type]
+    kty = jwk.get("kty")
+    members = _JWK_MEMBERS.get(kty) if isinstance(kty, str) else None
     if members is None:
         raise FormatError(f"{what}: key type must be EC or RSA")
     reject_unknown_fields(jwk, members, what=what)
