@@ -369,7 +369,8 @@ def evidence_from_dict(obj: Any) -> Evidence:
         FormatError: unknown mode, unknown fields, bad encodings or sizes.
     """
     obj = require_dict(obj, what="evidence")
-    loader = _LOADERS.get(obj.get("mode"))
+    mode = obj.get("mode")
+    loader = _LOADERS.get(mode) if isinstance(mode, str) else None
     if loader is None:
         raise FormatError(f"evidence: 'mode' must be one of {', '.join(_LOADERS)}")
     evidence: Evidence = loader(obj)
