@@ -227,6 +227,15 @@ def test_strict_bodies_and_names(vm_fabric: VmFabric, host: ManagedHost) -> None
     )
     assert _raw(host, "POST", "/vms/UPPER/start", admin).status_code == 422
     assert not (host.config.vms_dir / "api-strict").exists()
+    long_name = "x" * 400
+    for token, actor in ((host.token("reviewer"), "reviewer"), (None, "no-token")):
+        assert _raw(host, "POST", f"/vms/{long_name}/stop", token).status_code == 403
+        record = _last(host)
+        assert (record.actor, record.subject, record.outcome) == (
+            actor,
+            "(invalid name)",
+            "refused",
+        )
     big = {"pdk": "A" * (4 * 1024 * 1024)}
     assert _raw(host, "POST", "/vms", admin, json=_body(tenant, **big)).status_code in (413, 422)
 
@@ -325,3 +334,16 @@ def test_format_error_type_round_trips(host: ManagedHost) -> None:
     assert response.json()["error"]["type"] == "FormatError"
     with host.client("admin") as client, pytest.raises(FormatError):
         client.provision(bad)
+
+
+def test_the_openapi_document_lists_the_routes(host: ManagedHost) -> None:
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(host.files.ca))) as http:
+        paths = http.get(host.url + "/openapi.json").json()["paths"]
+    expected = {
+        "/manage/v1/vms",
+        "/manage/v1/vms/{name}/migrate",
+        "/manage/v1/vms/{name}/settings",
+        "/manage/v1/vms/{name}/key-protector/restore-last-known-good",
+    }
+    assert expected <= set(paths)
+    assert "patch" in paths["/manage/v1/vms/{name}/settings"]

@@ -10,6 +10,7 @@ detail keys that look like secrets.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,15 @@ GRANTED = "granted"
 REFUSED = "refused"
 FAILED = "failed"
 _MAX_REASON = 500
+#: A VM name as provisioning accepts it; anything else is recorded as invalid, not copied.
+_VM_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+def _subject(vm: str | None) -> str:
+    """The record's subject: the VM's name, ``-`` for none, a marker for a malformed one."""
+    if vm is None:
+        return "-"
+    return vm if _VM_NAME.fullmatch(vm) else "(invalid name)"
 
 
 class ManagementAudit:
@@ -44,7 +54,7 @@ class ManagementAudit:
         """Append one record (see the module docstring for the fields)."""
         body = {"operation": operation, "reason": reason[:_MAX_REASON], **(details or {})}
         return self.log.append(
-            kind=KIND, actor=actor, subject=vm or "-", outcome=outcome, details=body
+            kind=KIND, actor=actor, subject=_subject(vm), outcome=outcome, details=body
         )
 
     def records(self) -> list[AuditRecord]:
