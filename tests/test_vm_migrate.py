@@ -7,7 +7,8 @@ QEMUs, ports on 127.0.0.1. One ordered scenario on that boot (so it holds under
 xdist too): C is refused (the VM stays on A), a stream to E fails after E's
 release (the VM stays on A, the released pair pending there), A moves to B (the
 pending pair is used: A's committed KP is spent), then B to D with a failure
-after the hand-over (the VM stays at D). The CLI test boots its own VM.
+after the hand-over (the VM stays at D). The `vm` CLI (through the agents' management
+API) is tested in test_vm_cli.py.
 """
 
 from __future__ import annotations
@@ -18,26 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 import vm_fabric_harness
 import vm_harness
-from guardfab.cli.main import cli
 from guardfab.formats.key_protector import load_key_protector
-from guardfab.host.config import HostMode, load_config, save_config
-from guardfab.host.keys import load_or_create_key
-from guardfab.host.localapi import AgentClient
-from guardfab.host.service import AgentService, build_agent
 from guardfab.hypervisor.accel import Accelerator
 from guardfab.hypervisor.errors import HypervisorError
 from guardfab.hypervisor.migrate import DestinationFactory, MigrationRefusedError, migrate_vm
 from guardfab.hypervisor.migration import MigrationError
-from guardfab.hypervisor.power import RuntimeFactory, power_off, power_on, running_pid
+from guardfab.hypervisor.power import RuntimeFactory, power_on, running_pid
 from guardfab.hypervisor.provision import VmRecord, provision
 from guardfab.hypervisor.spec import VmSpec
 from guardfab.hypervisor.vault import VaultStore
 from guardfab.hypervisor.vm import QemuVm, VmKeys, VmRuntime
-from host_agent_harness import host_config, register_host_key
 from vm_fabric_harness import TenantVm, VmFabric
 from vm_harness import Guest, fetch, find_in_files, parse_page
 
@@ -183,63 +177,6 @@ def _migrate_a_to_b_keeps_the_page_and_the_boot(
     # release of that pending KP -- A's committed one was refused as spent (4)
     assert load_key_protector(store.committed().kp).generation == 4
     assert find_in_files([on_a.hosts], on_a.tenant.needles()) == []
-
-
-def _agent_config(root: Path, fabric: VmFabric, name: str, *, register: bool) -> Path:
-    config = host_config(root / name, fabric.hgs, mode=HostMode.HOST_KEY)
-    assert config.signing_key is not None
-    if register:
-        register_host_key(fabric.hgs.directory, name, load_or_create_key(config.signing_key))
-    save_config(root / f"{name}.json", config)
-    return root / f"{name}.json"
-
-
-def _vm(*args: str, code: int = 0) -> str:
-    result = CliRunner().invoke(cli, ["vm", *args], catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result.output
-
-
-def test_vm_migrate_through_the_agents_of_both_hosts(
-    vm_fabric: VmFabric, guest: Guest, tmp_path: Path
-) -> None:
-    """`vm start` on A; `vm migrate --to C` refused (its agent cannot attest); `--to B` moves it;
-    `vm checkpoint` and `vm restore` on B keep the boot."""
-    configs = {h: _agent_config(tmp_path, vm_fabric, h, register=h != "cli-c") for h in
-               ("cli-a", "cli-b", "cli-c")}  # fmt: skip
-    services = [AgentService(build_agent(load_config(c))).start() for c in configs.values()]
-    tenant = vm_fabric.tenant_vm("cli-mig")
-    port = vm_harness.free_port()
-    vms = {h: tmp_path / f"vms-{h}" for h in configs}
-    provision(
-        tenant.request(boot=guest.boot(), host_port=port),
-        vms["cli-a"],
-        reveal_secrets=vm_fabric.reveal_secrets,
-        key_source=AgentClient(load_config(configs["cli-a"]).socket),
-    )
-    try:
-        _vm("start", "cli-mig", "--vms", str(vms["cli-a"]), "--config", str(configs["cli-a"]))
-        boot_id = parse_page(fetch(port))["boot_id"]
-        out = _vm("migrate", "cli-mig", "--vms", str(vms["cli-a"]), "--to", str(configs["cli-c"]),
-                  "--to-vms", str(vms["cli-c"]), code=1)  # fmt: skip
-        assert "got no keys" in out
-        assert not vms["cli-c"].exists()
-        out = _vm("migrate", "cli-mig", "--vms", str(vms["cli-a"]), "--to", str(configs["cli-b"]),
-                  "--to-vms", str(vms["cli-b"]))  # fmt: skip
-        print(f"\n{out.strip()}")
-        assert parse_page(fetch(port))["boot_id"] == boot_id
-        assert "cli-mig\tshielded\trunning" in _vm("list", "--vms", str(vms["cli-b"]))
-        assert not (vms["cli-a"] / "cli-mig").exists()
-        on_b = ("--vms", str(vms["cli-b"]), "--config", str(configs["cli-b"]))
-        assert "checkpointed" in _vm("checkpoint", "cli-mig", *on_b)
-        assert "cli-mig\tshielded\toff" in _vm("list", "--vms", str(vms["cli-b"]))
-        assert "restored" in _vm("restore", "cli-mig", *on_b)
-        assert parse_page(fetch(port))["boot_id"] == boot_id
-    finally:
-        for directory in vms.values():
-            power_off(directory / "cli-mig")
-        for service in services:
-            service.stop()
 
 
 class _NoForward(QemuVm):
