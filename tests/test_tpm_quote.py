@@ -222,6 +222,17 @@ def test_pcr_digest_rejects_an_unknown_hash() -> None:
         pcr_digest([], {}, TpmAlg.SM3_256)
 
 
+def test_pcr_digest_hashes_in_selection_order_even_a_bank_listed_twice() -> None:
+    """As the TPM does: selection by selection (the parser refuses a repeated bank, a
+    hand-built selection may not), ascending index within each."""
+    a, b = b"a" * 32, b"b" * 32
+    values = {SHA256: {0: a, 1: b}}
+    split = [TpmsPcrSelection(SHA256, b"\x02\0\0"), TpmsPcrSelection(SHA256, b"\x01\0\0")]
+    assert pcr_digest(split, values, SHA256) == hashlib.sha256(b + a).digest()
+    both = [TpmsPcrSelection(SHA256, b"\x03\0\0")]
+    assert pcr_digest(both, values, SHA256) == hashlib.sha256(a + b).digest()
+
+
 # ------------------------------------------------------------- attack table
 
 

@@ -237,7 +237,7 @@ def _selected_values(banks: _Banks, pcr_values: PcrValues) -> dict[int, dict[int
         if bank is None:
             raise FormatError(f"PCR selection: {alg_name(hash_alg)} is not a supported bank")
         values = pcr_values.get(hash_alg, {})
-        chosen = out[hash_alg] = {}
+        chosen = out.setdefault(hash_alg, {})
         for index in indices:
             value = values.get(index)
             if value is None:
@@ -254,12 +254,13 @@ def _selected_values(banks: _Banks, pcr_values: PcrValues) -> dict[int, dict[int
     return out
 
 
-def _digest(selected: dict[int, dict[int, bytes]], hash_alg: int) -> bytes:
+def _digest(banks: _Banks, selected: dict[int, dict[int, bytes]], hash_alg: int) -> bytes:
     """H(the values bank by bank in selection order, ascending index within a bank)."""
     digest_info = HASH_ALGS.get(hash_alg)
     if digest_info is None:
         raise FormatError(f"PCR digest: {alg_name(hash_alg)} is not a supported hash")
-    return digest_info.new(b"".join(b"".join(bank.values()) for bank in selected.values())).digest()
+    values = (selected[bank][index] for bank, indices in banks for index in indices)
+    return digest_info.new(b"".join(values)).digest()
 
 
 def pcr_digest(
@@ -276,7 +277,8 @@ def pcr_digest(
     """
     if hash_alg not in HASH_ALGS:
         raise FormatError(f"PCR digest: {alg_name(hash_alg)} is not a supported hash")
-    return _digest(_selected_values(_banks(selection), pcr_values), hash_alg)
+    banks = _banks(selection)
+    return _digest(banks, _selected_values(banks, pcr_values), hash_alg)
 
 
 def _check_coverage(banks: _Banks, required: PcrValues) -> None:
@@ -331,7 +333,7 @@ def verify_quote(
     banks = _banks(attest.quote.pcr_select)
     _check_coverage(banks, pcr_values)
     pcrs = _selected_values(banks, pcr_values)
-    if not hmac.compare_digest(_digest(pcrs, signature.hash_alg), attest.quote.pcr_digest):
+    if not hmac.compare_digest(_digest(banks, pcrs, signature.hash_alg), attest.quote.pcr_digest):
         raise PcrDigestMismatchError(
             "the quoted PCR digest does not match the digest of the expected PCR values"
         )
