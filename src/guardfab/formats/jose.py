@@ -7,6 +7,8 @@ algorithm-confusion tricks never reach joserfc's dispatch.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +78,40 @@ def import_public_jwk(value: Any, *, what: str) -> AsymmetricKey:
     except (JoseError, ValueError, TypeError, KeyError) as exc:
         raise FormatError(f"{what}: not a valid JWK") from exc
     _check_key_strength(key, what=what)
+    return key
+
+
+#: Long-lived public keys kept by their exact JWK members (see import_known_public_jwk).
+KNOWN_KEYS_CACHE_SIZE = 4096
+_KNOWN_KEYS: OrderedDict[tuple[tuple[str, str], ...], AsymmetricKey] = OrderedDict()
+_KNOWN_KEYS_LOCK = threading.Lock()
+
+
+def import_known_public_jwk(value: Any, *, what: str) -> AsymmetricKey:
+    """:func:`import_public_jwk` for a key seen again and again (a host key, a signer).
+
+    A host's encryption key is in every health certificate issued to it and in
+    every key release wrapped to it; its import (point decoding and validation)
+    is kept by the JWK's exact members, so any difference imports afresh. Only
+    keys that imported without error are kept, and keys are never changed after
+    import, so sharing one is safe. Not for one-time keys (an ECDH ephemeral
+    key): they would only push the long-lived ones out.
+    """
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        return import_public_jwk(value, what=what)
+    members = tuple(sorted(value.items()))
+    with _KNOWN_KEYS_LOCK:
+        key = _KNOWN_KEYS.get(members)
+        if key is not None:
+            _KNOWN_KEYS.move_to_end(members)
+            return key
+    key = import_public_jwk(value, what=what)
+    with _KNOWN_KEYS_LOCK:
+        _KNOWN_KEYS[members] = key
+        while len(_KNOWN_KEYS) > KNOWN_KEYS_CACHE_SIZE:
+            _KNOWN_KEYS.popitem(last=False)
     return key
 
 

@@ -323,7 +323,7 @@ def _sign_release(
     egress: bytes,
     transport_keys: tuple[TransportKey, TransportKey],
 ) -> str:
-    host_key = jose.import_public_jwk(cert.host_key, what="health certificate cnf key")
+    host_key = jose.import_known_public_jwk(cert.host_key, what="health certificate cnf key")
     binding: dict[str, Any] = {
         "kp_id": kp.kp_id,
         "generation": kp.generation,
