@@ -135,8 +135,7 @@ class ManagementClient:
         except ValueError:
             data = None
         if response.status_code >= 500:
-            message = _message(data) or f"HTTP {response.status_code}"
-            raise ManagementServerError(f"the agent failed: {message}")
+            raise _server_error(response.status_code, data)
         if response.status_code >= 400:
             raise error_from_response(response.status_code, data)
         return data
@@ -163,9 +162,14 @@ class ManagementClient:
         return dict(self.call("PATCH", f"/vms/{name}/settings", {"console": console}))
 
 
-def _message(data: Any) -> str:
+def _server_error(status: int, data: Any) -> ManagementServerError:
+    """A 5xx answer: the agent's error type, message and hint, kept."""
     error = data.get("error") if isinstance(data, dict) else None
-    return str(error.get("message", "")) if isinstance(error, dict) else ""
+    if not isinstance(error, dict):
+        return ManagementServerError(f"the agent failed (HTTP {status})")
+    kind, message = str(error.get("type", "")), str(error.get("message", ""))
+    hint = str(error.get("hint") or "") or None
+    return ManagementServerError(f"the agent failed: {kind}: {message}", hint=hint)
 
 
 __all__ = [

@@ -14,6 +14,7 @@ whatever its record says.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import threading
@@ -29,6 +30,7 @@ from guardfab.host.config import load_config
 from guardfab.host.localapi import AgentClient
 from guardfab.hypervisor.checkpoint import checkpoint_vm, restore_vm
 from guardfab.hypervisor.console import console_socket
+from guardfab.hypervisor.errors import HypervisorError
 from guardfab.hypervisor.keyprotector import restore_last_known_good
 from guardfab.hypervisor.migrate import attach, free_local_port, migrate_vm
 from guardfab.hypervisor.power import power_off, power_on, running_pid
@@ -66,6 +68,19 @@ def summary(record: VmRecord, vm_dir: Path) -> dict[str, Any]:
 
 def _qemu(spec: VmSpec, state_dir: Path) -> VmRuntime:
     return QemuVm(spec, state_dir)
+
+
+def _let_go(runtime: object) -> None:
+    """Close this process's QMP session to a VM that runs on without it.
+
+    QEMU's QMP socket serves one client at a time: a session the agent kept open
+    after a start, or after a refused migration, would make the next operation on
+    the VM (a migration, a checkpoint) wait in vain for QEMU's greeting. The VM
+    keeps running.
+    """
+    if isinstance(runtime, QemuVm):
+        with contextlib.suppress(HypervisorError):
+            runtime.qmp.close()
 
 
 class VmOperations:
@@ -142,6 +157,7 @@ class VmOperations:
         with self._vm(name) as vm_dir:
             self._record(vm_dir)
             runtime = power_on(vm_dir, self._keys)
+            _let_go(runtime)
             return {"name": name, "pid": getattr(runtime, "pid", None)}
 
     def stop(self, name: str) -> dict[str, Any]:
@@ -154,7 +170,11 @@ class VmOperations:
         """Save the running VM's state, encrypted, beside it, and stop it."""
         with self._vm(name) as vm_dir:
             self._record(vm_dir)
-            path = checkpoint_vm(attach(vm_dir), vm_dir, self._keys)
+            source = attach(vm_dir)
+            try:
+                path = checkpoint_vm(source, vm_dir, self._keys)
+            finally:
+                _let_go(source)
             return {"name": name, "checkpoint": str(path), "bytes": path.stat().st_size}
 
     def restore(self, name: str) -> dict[str, Any]:
@@ -162,6 +182,7 @@ class VmOperations:
         with self._vm(name) as vm_dir:
             self._record(vm_dir)
             runtime = restore_vm(vm_dir, self._keys, _qemu)
+            _let_go(runtime)
             return {"name": name, "pid": runtime.pid}
 
     def migrate(
@@ -176,13 +197,18 @@ class VmOperations:
         dest_vms = to_vms if to_vms is not None else destination.vms_dir
         with self._vm(name) as vm_dir:
             self._record(vm_dir)
-            result = migrate_vm(
-                attach(vm_dir),
-                vm_dir,
-                dest_vms / name,
-                AgentClient(destination.socket),
-                port=port if port is not None else free_local_port(),
-            )
+            source = attach(vm_dir)
+            try:
+                result = migrate_vm(
+                    source,
+                    vm_dir,
+                    dest_vms / name,
+                    AgentClient(destination.socket),
+                    port=port if port is not None else free_local_port(),
+                )
+            finally:
+                _let_go(source)  # a refused or failed migration leaves the source running
+            _let_go(result.vm)
         stats = result.stats
         return {
             "name": name,
