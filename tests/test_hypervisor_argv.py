@@ -27,11 +27,13 @@ TCG = Accelerator("tcg", None, "test")
 PATHS = VmPaths(work_dir=Path("/var/lib/guardfab/vms/web"), run_dir=Path("/run/gf/web"))
 
 
+KERNEL = DirectKernel(Path("/boot/vmlinuz"), Path("/boot/initrd"), "quiet")
+
+
 def _spec(level: SecurityLevel = SecurityLevel.SHIELDED, **changes: object) -> VmSpec:
     spec = VmSpec(
         name="web",
         level=level,
-        kernel=DirectKernel(Path("/boot/vmlinuz"), Path("/boot/initrd"), "quiet"),
         disks=(DiskSpec("os", Path("/d/os.qcow2")), DiskSpec("spec", Path("/d/spec.qcow2"))),
         host_port=8080,
     )
@@ -63,6 +65,16 @@ def test_shielded_argv_has_secure_boot_firmware_and_a_vtpm() -> None:
     assert any("OVMF_CODE_4M.secboot.fd" in d and "readonly=on" in d for d in drives)
     assert any(str(PATHS.ovmf_vars) in d for d in drives)
     assert "tpm-crb,tpmdev=tpm0" in _options(argv, "-device")
+    # The firmware boots the OS disk: nothing for QEMU to load past the signature checks.
+    assert not {"-kernel", "-initrd", "-append"} & set(argv)
+    assert _options(argv, "-m") == ["384"], "grub needs more than 256 MiB to load the kernel"
+
+
+@pytest.mark.parametrize("level", ["encryption-supported", "normal"])
+def test_below_shielded_a_direct_kernel_is_still_allowed(level: str) -> None:
+    argv = qemu_argv(_spec(SecurityLevel(level), kernel=KERNEL), TCG, PATHS)
+    assert _options(argv, "-kernel") == ["/boot/vmlinuz"]
+    assert _options(argv, "-append") == ["quiet"]
 
 
 def test_disks_are_never_on_the_command_line_only_their_root_ports() -> None:
@@ -128,6 +140,7 @@ LOOSENINGS = [
     ("shielded", {"debug": DebugDevices(gdbstub=True)}, "no-debugger"),
     ("shielded", {"debug": DebugDevices(guest_agent=True)}, "no-guest-agent"),
     ("shielded", {"firmware": Firmware.BIOS}, "secure-boot"),
+    ("shielded", {"kernel": KERNEL}, "firmware-boot"),
     ("shielded", {"vtpm": False}, "vtpm"),
     ("shielded", {"disks": (DiskSpec("os", Path("/d/os.qcow2"), encrypted=False),)}, "encrypted"),
     ("encryption-supported", {"debug": DebugDevices(gdbstub=True)}, "no-debugger"),
@@ -148,7 +161,7 @@ def test_loosening_a_protected_vm_is_refused(
 
 def test_every_broken_rule_is_reported_at_once() -> None:
     debug = DebugDevices(console=True, gdbstub=True, guest_agent=True)
-    spec = _spec(firmware=Firmware.BIOS, vtpm=False, debug=debug)
+    spec = _spec(firmware=Firmware.BIOS, vtpm=False, debug=debug, kernel=KERNEL)
     problems = policy_violations(spec)
     assert len(problems) == len(RULES) - 1  # every rule but encrypted-disks
     with pytest.raises(PolicyError) as caught:

@@ -10,12 +10,17 @@ list rather than fixing one refusal after another.
 requirement               shielded  encryption-supported  normal
 ========================  ========  ====================  ======
 OVMF secure boot          required  required              any
+boot from its own disk    required  any                   any
 vTPM                      required  required              any
 encrypted disks           required  required              any
 console (serial port)     refused   allowed               any
 debugger (gdb stub)       refused   refused               any
 guest-agent channel       refused   refused               any
 ========================  ========  ====================  ======
+
+"Boot from its own disk" means no kernel handed to QEMU (``-kernel``): OVMF
+does not verify such a kernel, so a shielded VM's firmware boots the signed
+chain on its encrypted OS disk instead (ADR 0013).
 
 Encrypted state and migration are not spec fields: the runtime always encrypts
 the vTPM state and a shielded or encryption-supported VM migrates only over TLS
@@ -57,6 +62,13 @@ RULES: tuple[Rule, ...] = (
         _PROTECTED,
         lambda spec: spec.firmware is Firmware.OVMF_SECURE_BOOT,
         "the VM must boot OVMF with secure boot",
+    ),
+    Rule(
+        "firmware-boot",
+        _SHIELDED,
+        lambda spec: spec.kernel is None,
+        "a shielded VM boots its own disk through the signed boot chain, "
+        "not a kernel given by the host (which the firmware does not verify)",
     ),
     Rule("vtpm", _PROTECTED, lambda spec: spec.vtpm, "the VM must have a vTPM"),
     Rule(

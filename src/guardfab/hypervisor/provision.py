@@ -7,7 +7,10 @@ Order matters, and every check comes before anything is written:
    signature file must satisfy one qualifier (publisher, name, version) and the
    disk must be byte for byte what that publisher signed. A mismatch fails with
    every qualifier's reason and creates nothing;
-2. the KP must carry exactly the PDK's guardians (``kp_guardians``);
+2. the KP must carry exactly the PDK's guardians (``kp_guardians``), and the
+   VM it would make must pass its security policy: a shielded VM boots its own
+   disk through the signed chain, so a request with a direct kernel is refused
+   (:mod:`guardfab.hypervisor.policy`, rule ``firmware-boot``);
 3. the PDK's secrets are revealed by ``reveal_secrets`` -- a guardian's job, not
    the host's: in the reference the KPS (a fabric guardian) opens the PDK during
    provisioning. In this slice the caller passes that step in as a callback;
@@ -48,7 +51,15 @@ from guardfab.formats.shielding_secrets import ShieldingSecrets
 from guardfab.formats.template import VerifiedDiskSignature, VolumeIdQualifier
 from guardfab.host.keyrequest import ReleasedKeys
 from guardfab.hypervisor.disk import create_encrypted_copy, create_encrypted_from_bytes
-from guardfab.hypervisor.spec import DebugDevices, DirectKernel, DiskSpec, SecurityLevel, VmSpec
+from guardfab.hypervisor.policy import check_vm_policy
+from guardfab.hypervisor.spec import (
+    DEFAULT_MEMORY_MIB,
+    DebugDevices,
+    DirectKernel,
+    DiskSpec,
+    SecurityLevel,
+    VmSpec,
+)
 from guardfab.hypervisor.specialize import AnswerFile
 from guardfab.hypervisor.vault import VaultContents, VaultStore, seal_vault
 from guardfab.tenant.template import verify_disk
@@ -239,7 +250,11 @@ def guest_answer_file(secrets: ShieldingSecrets, *, default_hostname: str) -> An
 
 @dataclass(frozen=True)
 class ProvisionRequest:
-    """What a fabric administrator hands in for a new VM (files already read)."""
+    """What a fabric administrator hands in for a new VM (files already read).
+
+    ``boot`` (a kernel QEMU loads itself) is for encryption-supported VMs and
+    tests only; a shielded VM boots its template disk through the firmware.
+    """
 
     name: str
     template_disk: Path
@@ -248,7 +263,7 @@ class ProvisionRequest:
     kp: bytes
     boot: DirectKernel | None = None
     host_port: int | None = None
-    memory_mib: int = 256
+    memory_mib: int = DEFAULT_MEMORY_MIB
 
 
 def _check_request(request: ProvisionRequest, vm_dir: Path) -> ShieldingData:
@@ -278,15 +293,19 @@ def provision(
 
     Raises:
         NotAuthorizedError, VerificationError: template, PDK or KP refused (nothing created).
+        PolicyError: the VM would break its security policy, e.g. a shielded VM with a
+            direct kernel (nothing created, no KP released).
         InvalidInputError, TransportError: the KP's release failed (nothing created).
     """
     vm_dir = Path(vms_dir) / request.name
     pdk = _check_request(request, vm_dir)
+    record = _new_record(request, pdk)
+    check_vm_policy(record.spec(vm_dir))  # before the PDK is opened or a KP released
     answer = guest_answer_file(reveal_secrets(pdk), default_hostname=request.name)
     vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{request.name}.", dir=vms_dir))
     try:
-        record = _build(request, pdk, answer, partial, key_source)
+        _build(request, record, answer, partial, key_source)
         partial.rename(vm_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -294,13 +313,26 @@ def provision(
     return record
 
 
+def _new_record(request: ProvisionRequest, pdk: ShieldingData) -> VmRecord:
+    return VmRecord(
+        name=request.name,
+        policy=pdk.header.policy,
+        pdk_id=pdk.header.pdk_id,
+        template=request.template_disk.name,
+        host_port=request.host_port,
+        memory_mib=request.memory_mib,
+        created_at=int(time.time()),
+        boot=request.boot,
+    )
+
+
 def _build(
     request: ProvisionRequest,
-    pdk: ShieldingData,
+    record: VmRecord,
     answer: AnswerFile,
     vm_dir: Path,
     key_source: KeySource,
-) -> VmRecord:
+) -> None:
     contents = VaultContents.generate(DISK_IDS)
     (vm_dir / "disks").mkdir(mode=0o700)
     create_encrypted_copy(
@@ -313,15 +345,4 @@ def _build(
     store = VaultStore(vm_dir / "keys")
     sealed = seal_vault(contents, released.new_transport_key, vm_name=request.name)
     store.commit(store.write_pending(sealed, released.egress_kp).number)
-    record = VmRecord(
-        name=request.name,
-        policy=pdk.header.policy,
-        pdk_id=pdk.header.pdk_id,
-        template=request.template_disk.name,
-        host_port=request.host_port,
-        memory_mib=request.memory_mib,
-        created_at=int(time.time()),
-        boot=request.boot,
-    )
     write_record(vm_dir, record)
-    return record

@@ -25,6 +25,9 @@ _DEVICE_ID = re.compile(r"[a-z][a-z0-9-]{0,30}")
 #: Bounds that keep a typo from asking QEMU for a terabyte.
 MAX_MEMORY_MIB = 1024 * 1024
 MAX_VCPUS = 256
+#: Guest RAM unless a VM asks for more. Debian's signed grub loads the kernel into
+#: one buffer below 4 GiB: with 256 MiB it cannot allocate it, 384 MiB boots (ADR 0013).
+DEFAULT_MEMORY_MIB = 384
 
 
 class SecurityLevel(StrEnum):
@@ -56,8 +59,10 @@ class Firmware(StrEnum):
 class DirectKernel:
     """A kernel and initramfs that QEMU loads itself (``-kernel``/``-initrd``).
 
-    Under OVMF the firmware measures what it starts into the vTPM, but it does
-    *not* check a kernel loaded this way against the secure boot keys: see ADR 0008.
+    OVMF does *not* check a kernel loaded this way against the secure boot keys
+    (ADR 0008), so a shielded VM may not have one: it boots its own disk through
+    the signed chain (shim -> grub -> kernel, ADR 0013). Encryption-supported and
+    normal VMs, and tests of the layers below, may.
     """
 
     kernel: Path
@@ -106,7 +111,8 @@ class VmSpec:
         memory_mib: guest RAM in MiB.
         vcpus: number of virtual CPUs.
         firmware: SeaBIOS or OVMF with secure boot.
-        kernel: a directly loaded kernel, or ``None`` to let the firmware boot the first disk.
+        kernel: a directly loaded kernel, or ``None`` to let the firmware boot the first
+            disk (what a shielded VM must do).
         disks: the disks, in the order the guest sees them (vda, vdb, ...).
         host_port: the 127.0.0.1 port forwarded to the guest's port ``guest_port``.
         guest_port: the guest's TCP port that ``host_port`` reaches (its web page).
@@ -116,7 +122,7 @@ class VmSpec:
 
     name: str
     level: SecurityLevel
-    memory_mib: int = 256
+    memory_mib: int = DEFAULT_MEMORY_MIB
     vcpus: int = 1
     firmware: Firmware = Firmware.OVMF_SECURE_BOOT
     kernel: DirectKernel | None = None
