@@ -1,17 +1,17 @@
 """The log caches save work, never a check.
 
 A host sends the same boot log on every attestation, so its decoding is kept by
-the SHA-256 of its base64url text, and its parse, SHA-256 replay, facts and
-quoted events by the SHA-256 of its bytes. These tests attack the caches: the
-quote must still match the cached replay, a log seen before with a quote that
-does not match it is still refused, the trust's required PCRs are still
-applied, a copy of loaded evidence with another log is judged on that log, and
-a refused log or text is never kept.
+its exact base64url text, and its parse, SHA-256 replay, facts and quoted
+events by its exact bytes. These tests attack the caches: the quote must still
+match the cached replay, a log seen before with a quote that does not match it
+is still refused, the trust's required PCRs are still applied, a copy of loaded
+evidence with another log is judged on that log, a string or bytes subclass
+that claims to equal a cached log is not served from the cache, and a refused
+log or text is never kept.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
@@ -149,12 +149,14 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_a_repeated_log_text_is_decoded_once_and_still_checked(decodes: list[str]) -> None:
     body = HOST.evidence().to_dict()
     trust = trust_for(HOST)
+    logs = []
     for _ in range(3):
-        evidence = evidence_from_dict(body)
+        evidence = evidence_from_dict({**body, "event_log": "".join(body["event_log"])})
         assert evidence.event_log == HOST.boot.log_bytes()
-        assert evidence.event_log_sha256() == hashlib.sha256(evidence.event_log).digest()
         assert verify_tpm_evidence(evidence, trust, nonce=NONCE, now=NOW).passed
+        logs.append(evidence.event_log)
     assert len(decodes) == 1
+    assert logs[0] is logs[1] is logs[2]  # one bytes object: the parsed-log lookup is cheap
     # Another text (another boot) is decoded, and refused: it does not replay to the quote.
     other = {**body, "event_log": b64url_encode(Boot(boot_order=b"\x02\x00").log_bytes())}
     result = verify_tpm_evidence(evidence_from_dict(other), trust, nonce=NONCE, now=NOW)
@@ -162,16 +164,56 @@ def test_a_repeated_log_text_is_decoded_once_and_still_checked(decodes: list[str
     assert [f.check for f in result.failures] == ["event-log-replay"]
 
 
-def test_a_replaced_log_never_keeps_the_loaded_digest(decodes: list[str]) -> None:
-    """The loader's digest names its own decoded bytes; a copy with another log recomputes it."""
+def test_a_replaced_log_is_judged_on_its_own_bytes(decodes: list[str]) -> None:
+    """A copy of loaded evidence with another log is parsed from that log, not the loaded one."""
     trust = trust_for(HOST)
     loaded = evidence_from_dict(HOST.evidence().to_dict())
     assert verify_tpm_evidence(loaded, trust, nonce=NONCE, now=NOW).passed
-    edited = Boot(boot_order=b"\x02\x00").log_bytes()
-    swapped = replace(loaded, event_log=edited)
-    assert swapped.event_log_sha256() == hashlib.sha256(edited).digest()
+    swapped = replace(loaded, event_log=Boot(boot_order=b"\x02\x00").log_bytes())
     result = verify_tpm_evidence(swapped, trust, nonce=NONCE, now=NOW)
     assert [f.check for f in result.failures] == ["event-log-replay"]
+
+
+class _ClaimsEqualBytes(bytes):
+    """Bytes that say they equal any log and hash like the golden one."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __hash__(self) -> int:
+        return hash(HOST.boot.log_bytes())
+
+
+class _ClaimsEqualText(str):
+    """A text that says it equals any text and hashes like the golden log's."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __hash__(self) -> int:
+        return hash(b64url_encode(HOST.boot.log_bytes()))
+
+
+def test_bytes_claiming_to_be_a_cached_log_are_parsed_for_what_they_are() -> None:
+    trust = trust_for(HOST)
+    assert verify_tpm_evidence(HOST.evidence(), trust, nonce=NONCE, now=NOW).passed
+    edited = _ClaimsEqualBytes(Boot(boot_order=b"\x02\x00").log_bytes())
+    result = verify_tpm_evidence(
+        replace(HOST.evidence(), event_log=edited), trust, nonce=NONCE, now=NOW
+    )
+    assert [f.check for f in result.failures] == ["event-log-replay"]
+
+
+def test_text_claiming_to_be_a_cached_log_is_decoded_for_what_it_is(decodes: list[str]) -> None:
+    body = HOST.evidence().to_dict()
+    trust = trust_for(HOST)
+    assert verify_tpm_evidence(evidence_from_dict(body), trust, nonce=NONCE, now=NOW).passed
+    edited = _ClaimsEqualText(b64url_encode(Boot(boot_order=b"\x02\x00").log_bytes()))
+    evidence = evidence_from_dict({**body, "event_log": edited})
+    assert evidence.event_log == Boot(boot_order=b"\x02\x00").log_bytes()
+    result = verify_tpm_evidence(evidence, trust, nonce=NONCE, now=NOW)
+    assert [f.check for f in result.failures] == ["event-log-replay"]
+    assert len(decodes) == 2
 
 
 def _cut(text: str) -> str:

@@ -16,10 +16,9 @@ member would be a second spelling of the same key; refusing them keeps one.
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -70,29 +69,29 @@ def _b64(obj: Mapping[str, Any], key: str, *, what: str, max_bytes: int) -> byte
     return value
 
 
-#: Decoded event logs kept by the SHA-256 of their base64url text: a host sends
-#: the same log at every attestation until it reboots, and decoding it cost more
-#: than hashing the text. Only logs that decoded are kept; longer ones are
-#: decoded every time.
+#: Decoded event logs kept by their exact base64url text: a host sends the same
+#: log at every attestation until it reboots, and decoding it costs several times
+#: more than finding the text (Python hashes a new string once, ~2 us for 16 K
+#: characters, and a hit compares the whole text). Only logs that decoded are
+#: kept; longer ones are decoded every time.
 LOG_TEXT_CACHE_SIZE = 64
 LOG_TEXT_CACHE_MAX_CHARS = 700 * 1024
-_DECODED_LOGS: VerifiedCache[bytes, tuple[bytes, bytes]] = VerifiedCache(LOG_TEXT_CACHE_SIZE)
+_DECODED_LOGS: VerifiedCache[str, bytes] = VerifiedCache(LOG_TEXT_CACHE_SIZE)
 
 
-def _event_log(obj: Mapping[str, Any], what: str) -> tuple[bytes, bytes]:
-    """The decoded ``event_log`` field and the SHA-256 of the decoded bytes."""
+def _event_log(obj: Mapping[str, Any], what: str) -> bytes:
+    """The decoded ``event_log`` field (the same bytes object for the same text).
+
+    Only a plain ``str`` is looked up: a subclass could redefine equality.
+    """
     text = obj.get("event_log")
-    key = b""
-    if isinstance(text, str) and text.isascii() and len(text) <= LOG_TEXT_CACHE_MAX_CHARS:
-        key = hashlib.sha256(text.encode("ascii")).digest()
-        found = _DECODED_LOGS.get(key)
-        if found is not None:
-            return found
-    log = _b64(obj, "event_log", what=what, max_bytes=MAX_EVENT_LOG_BYTES)
-    decoded = log, hashlib.sha256(log).digest()
-    if key:
-        _DECODED_LOGS.put(key, decoded)
-    return decoded
+    if type(text) is not str or len(text) > LOG_TEXT_CACHE_MAX_CHARS:
+        return _b64(obj, "event_log", what=what, max_bytes=MAX_EVENT_LOG_BYTES)
+    log = _DECODED_LOGS.get(text)
+    if log is None:
+        log = _b64(obj, "event_log", what=what, max_bytes=MAX_EVENT_LOG_BYTES)
+        _DECODED_LOGS.put(text, log)
+    return log
 
 
 def forget_decoded_logs() -> None:
@@ -185,21 +184,10 @@ class TpmEvidence:
     pcrs: Mapping[int, bytes]
     event_log: bytes
     host_key: Mapping[str, Any]
-    # SHA-256 of event_log once known; only from_dict (which decoded it) or
-    # event_log_sha256() set it, and any new instance (also by replace) starts unset.
-    _log_sha256: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pcrs", MappingProxyType(dict(self.pcrs)))
         object.__setattr__(self, "host_key", MappingProxyType(dict(self.host_key)))
-
-    def event_log_sha256(self) -> bytes:
-        """SHA-256 of ``event_log`` (what a verifier keys its parsed logs by)."""
-        digest = self._log_sha256
-        if digest is None:
-            digest = hashlib.sha256(self.event_log).digest()
-            object.__setattr__(self, "_log_sha256", digest)
-        return digest
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON body a host sends."""
@@ -233,8 +221,7 @@ class TpmEvidence:
         cert = None
         if obj.get("ek_certificate") is not None:
             cert = _b64(obj, "ek_certificate", what=what, max_bytes=MAX_EK_CERTIFICATE_BYTES)
-        log, log_sha256 = _event_log(obj, what)
-        evidence = cls(
+        return cls(
             ek_public=_b64(obj, "ek_public", what=what, max_bytes=MAX_TPM_PUBLIC_BYTES),
             ek_certificate=cert,
             ak_public=_b64(obj, "ak_public", what=what, max_bytes=MAX_TPM_PUBLIC_BYTES),
@@ -243,11 +230,9 @@ class TpmEvidence:
                 quote, "signature", what=f"{what} quote", max_bytes=MAX_TPM_SIGNATURE_BYTES
             ),
             pcrs=pcr_map_from_dict(pcrs.get("sha256"), what=f"{what} pcrs"),
-            event_log=log,
+            event_log=_event_log(obj, what),
             host_key=load_host_key(obj.get("host_key")),
         )
-        object.__setattr__(evidence, "_log_sha256", log_sha256)
-        return evidence
 
 
 @dataclass(frozen=True)

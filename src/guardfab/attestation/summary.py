@@ -23,10 +23,9 @@ from guardfab.formats.encoding import reject_unknown_fields, require_dict, requi
 from guardfab.tpm.constants import TpmAlg
 from guardfab.tpm.decode import decode
 from guardfab.tpm.eventlog import PCR_COUNT, EventLog
-from guardfab.tpm.events import EventType, event_type_name
+from guardfab.tpm.events import event_type_name
 from guardfab.tpm.logfacts import Fact
 
-_NO_ACTION = int(EventType.EV_NO_ACTION)
 _SHA256 = int(TpmAlg.SHA256)
 #: Descriptions longer than this are cut: they are for people, never decisive.
 MAX_SUMMARY_CHARS = 160
@@ -272,18 +271,14 @@ def parse_time(text: str, *, what: str) -> datetime.datetime:
 def quoted_events(log: EventLog, quoted: Iterable[int]) -> tuple[EventRecord, ...]:
     """The SHA-256 events of the quoted PCRs, as records (no decoding: that is lazy).
 
-    Built with ``tuple.__new__`` (as the log parser builds its events): this runs
-    for every attestation, over every event.
+    Built with ``tuple.__new__`` from the log's measurements: this runs over every
+    event of every log a verifier has not seen before.
     """
-    pcrs = frozenset(quoted)
     new = tuple.__new__
-    out = []
-    for number, _offset, pcr, event_type, digests, data in log.events:
-        if pcr in pcrs and event_type != _NO_ACTION:
-            digest = digests.get(_SHA256)
-            if digest is not None:
-                out.append(new(EventRecord, (number, pcr, event_type, digest, data, None)))
-    return tuple(out)
+    return tuple(
+        new(EventRecord, (*measured, None))
+        for measured in log.measurements(_SHA256, frozenset(quoted))
+    )
 
 
 def events_by_pcr(events: Iterable[EventRecord]) -> Mapping[int, tuple[EventRecord, ...]]:
@@ -295,5 +290,5 @@ def events_by_pcr(events: Iterable[EventRecord]) -> Mapping[int, tuple[EventReco
 
 
 def fact_record(fact: Fact) -> FactRecord:
-    """A log fact as a stored record."""
-    return FactRecord(fact.value, fact.events, fact.note)
+    """A log fact as a stored record (the same three fields, so one C-level copy)."""
+    return tuple.__new__(FactRecord, fact)

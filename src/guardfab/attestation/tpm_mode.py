@@ -253,8 +253,9 @@ def _verify_quote(
         raise
 
 
-#: Parsed logs kept, keyed by the SHA-256 of their bytes (a host sends the same
-#: log on every attestation until it reboots); larger logs are parsed every time.
+#: Parsed logs kept, keyed by their exact bytes (a host sends the same log on
+#: every attestation until it reboots; the loader hands out one bytes object per
+#: log text, whose hash Python keeps); larger logs are parsed every time.
 LOG_CACHE_SIZE = 64
 LOG_CACHE_MAX_BYTES = 512 * 1024
 
@@ -318,11 +319,10 @@ def forget_logs() -> None:
 
 
 def _parsed_log(evidence: TpmEvidence) -> _ParsedLog:
-    """Parse and replay the evidence's log, or find it already parsed (same SHA-256, same bytes)."""
+    """Parse and replay the evidence's log, or find it already parsed (the very same bytes)."""
     data = evidence.event_log
-    cacheable = len(data) <= LOG_CACHE_MAX_BYTES
-    key = evidence.event_log_sha256() if cacheable else b""
-    parsed = _PARSED.get(key) if cacheable else None
+    cacheable = type(data) is bytes and len(data) <= LOG_CACHE_MAX_BYTES
+    parsed = _PARSED.get(data) if cacheable else None
     if parsed is None:
         try:
             log = parse_event_log(data)
@@ -332,7 +332,7 @@ def _parsed_log(evidence: TpmEvidence) -> _ParsedLog:
             raise Refusal.of("event-log-format", _INVALID, "the event log has no SHA-256 bank")
         parsed = _ParsedLog(log)
         if cacheable:
-            _PARSED.put(key, parsed)
+            _PARSED.put(data, parsed)
     return parsed
 
 

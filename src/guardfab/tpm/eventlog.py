@@ -15,8 +15,10 @@ reads facts (:mod:`guardfab.tpm.logfacts`), and only from events whose data
 hashes to their digest. The code is pure: bytes in, typed objects out.
 
 Parsing is written for speed (an HGS checks thousands of logs a second): one
-pass, precompiled ``struct`` formats, plain tuples per event, and digest checks
-and decoding done only when asked for.
+pass with one precompiled ``struct`` call per record, whose result is kept as
+the record's row; :class:`Event` objects, data copies, digest checks and
+decoding are made only for what someone reads (a verifier reads a few events
+for its facts and the digests of the quoted bank).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import enum
 import functools
 import struct
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Container, Iterable
 from typing import Any, NamedTuple
 
 from guardfab.errors import FormatError, VerificationError
@@ -100,6 +102,86 @@ class Event(NamedTuple):
         return decode(self.event_type, self.data, uintn_size)
 
 
+class Measurement(NamedTuple):
+    """What one event extended into one bank: its number, PCR, type, digest and data.
+
+    ``data`` is as logged: untrusted until a digest check of the event says VERIFIED.
+    """
+
+    number: int
+    pcr: int
+    event_type: int
+    digest: bytes
+    data: bytes
+
+
+# --------------------------------------------------------------------------- record layouts
+
+#: One record as a row: ``(pcr, type, ..., size)``, the unpacked record head
+#: (crypto-agile: ``(pcr, type, count, alg0, digest0, alg1, digest1, ..., size)``;
+#: SHA-1: ``(pcr, type, digest, size)``). A record that does not list every
+#: bank in header order gets a row of the same shape, None where it has no digest.
+_Row = tuple[Any, ...]
+
+
+class _Layout(NamedTuple):
+    """Where a log's rows keep what: the record head, each bank's digest position.
+
+    ``digests`` makes a regular row's digest dict (literal dicts for 1-3 banks
+    are a third of the cost of a comprehension: events are made per read).
+    """
+
+    head: struct.Struct
+    algs: tuple[int, ...]
+    digest_at: dict[int, int]
+    digests: Callable[[_Row], dict[int, bytes]]
+
+
+def _digests_maker(digest_at: dict[int, int]) -> Callable[[_Row], dict[int, bytes]]:
+    """A function making the digest dict of a regular row, in header order."""
+    pairs = tuple(digest_at.items())
+    if len(pairs) == 1:
+        ((a0, i0),) = pairs
+        return lambda row: {a0: row[i0]}
+    if len(pairs) == 2:  # the common SHA-1 + SHA-256 log
+        (a0, i0), (a1, i1) = pairs
+        return lambda row: {a0: row[i0], a1: row[i1]}
+    return lambda row: {alg: row[at] for alg, at in pairs}
+
+
+@functools.lru_cache(maxsize=64)
+def _agile_layout(digest_sizes: tuple[tuple[int, int], ...]) -> _Layout:
+    """The one-``struct``-call head of a record listing every bank in header order.
+
+    Real logs list all declared banks in header order in every event, so the
+    whole record head (PCR, type, count, each alg id and digest, size) unpacks
+    at once. Cached per header, so a verifier builds it once per platform type.
+    """
+    fields = "".join(f"H{size}s" for _, size in digest_sizes)
+    algs = tuple(alg for alg, _ in digest_sizes)
+    at = {alg: 4 + 2 * k for k, alg in enumerate(algs)}
+    return _Layout(struct.Struct(f"<III{fields}I"), algs, at, _digests_maker(at))
+
+
+_SHA1_LAYOUT = _Layout(_SHA1_EVENT, (_SHA1,), {_SHA1: 2}, _digests_maker({_SHA1: 2}))
+
+
+class _Records(NamedTuple):
+    """A parsed log before any event object exists: rows, data starts, odd records.
+
+    ``starts[n]`` is where event ``n``'s data begins. ``irregular`` maps the
+    number of each record whose head is not the layout's (the crypto-agile
+    header, a record missing a bank or listing them in another order) to its
+    offset and its digests as the record lists them.
+    """
+
+    buf: bytes
+    layout: _Layout
+    rows: list[_Row]
+    starts: list[int]
+    irregular: dict[int, tuple[int, dict[int, bytes]]]
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -124,26 +206,99 @@ def _check_record(index: int, offset: int, pcr: int, *, size: int, end: int, tot
         raise _truncated(index, offset, f"{size} bytes of event data")
 
 
-# --------------------------------------------------------------------------- record parsers
+# --------------------------------------------------------------------------- record walkers
 
 
-def _sha1_events(buf: bytes, offset: int, index: int, out: list[Event]) -> None:
-    """Parse TCG_PCClientPCREvent records from ``offset`` to the end into ``out``."""
+def _sha1_records(buf: bytes) -> _Records:
+    """Walk TCG_PCClientPCREvent records from the start to the end."""
+    rows: list[_Row] = []
+    starts: list[int] = []
     total = len(buf)
-    unpack = _SHA1_EVENT.unpack_from
+    unpack, head = _SHA1_EVENT.unpack_from, _SHA1_EVENT.size
+    offset = index = 0
     while offset < total and index < MAX_EVENTS:
-        if total - offset < _SHA1_EVENT.size:
+        if total - offset < head:
             raise _truncated(index, offset, "a 32-byte event header")
-        pcr, event_type, digest, size = unpack(buf, offset)
-        start = offset + _SHA1_EVENT.size
+        row = unpack(buf, offset)
+        pcr, size = row[0], row[3]
+        start = offset + head
         end = start + size
         if pcr >= PCR_COUNT or size > MAX_EVENT_DATA or end > total:
             _check_record(index, offset, pcr, size=size, end=end, total=total)
-        out.append(Event(index, offset, pcr, event_type, {_SHA1: digest}, buf[start:end]))
+        rows.append(row)
+        starts.append(start)
         offset = end
         index += 1
     if offset < total:
         raise _malformed(index, offset, f"more than {MAX_EVENTS} events")
+    return _Records(buf, _SHA1_LAYOUT, rows, starts, {})
+
+
+def _agile_walk(buf: bytes, offset: int, spec: SpecIdEvent, records: _Records) -> None:
+    """Walk TCG_PCR_EVENT2 records from ``offset`` to the end into ``records``.
+
+    The hot loop of a first check of a log: one ``struct`` call per record and
+    its row kept as unpacked; events, digest dicts and data slices are made
+    only when someone reads them.
+    """
+    layout, rows, starts = records.layout, records.rows, records.starts
+    unpack, head = layout.head.unpack_from, layout.head.size
+    count, algs = len(layout.algs), layout.algs
+    total = len(buf)
+    index = len(rows)
+    while offset < total and index < MAX_EVENTS:
+        start = offset + head
+        row = unpack(buf, offset) if start <= total else None
+        if row is None or row[2] != count or row[3:-1:2] != algs:
+            row, start = _irregular_row(buf, offset, index, spec, records)
+        pcr, size = row[0], row[-1]
+        end = start + size
+        if pcr >= PCR_COUNT or size > MAX_EVENT_DATA or end > total:
+            _check_record(index, offset, pcr, size=size, end=end, total=total)
+        rows.append(row)
+        starts.append(start)
+        offset = end
+        index += 1
+    if offset < total:
+        raise _malformed(index, offset, f"more than {MAX_EVENTS} events")
+
+
+def _irregular_row(
+    buf: bytes, offset: int, index: int, spec: SpecIdEvent, records: _Records
+) -> tuple[_Row, int]:
+    """Parse one record not in the common layout; its row and data start."""
+    pcr, event_type, digests, start, size = _slow_event2(buf, offset, index, spec)
+    records.irregular[index] = (offset, digests)
+    return _row_of(pcr, event_type, digests, size, records.layout.algs), start
+
+
+def _row_of(
+    pcr: int, event_type: int, digests: dict[int, bytes], size: int, algs: tuple[int, ...]
+) -> _Row:
+    """A row in the layout's shape for a record that lists its digests otherwise."""
+    row: list[Any] = [pcr, event_type, len(digests)]
+    for alg in algs:
+        row += (alg, digests.get(alg))
+    row.append(size)
+    return tuple(row)
+
+
+def _slow_event2(
+    buf: bytes, offset: int, index: int, spec: SpecIdEvent
+) -> tuple[int, int, dict[int, bytes], int, int]:
+    """Parse one TCG_PCR_EVENT2 field by field, with an exact error for each fault."""
+    sizes = dict(spec.digest_sizes)
+    where = (index, offset)
+    if offset + _EVENT2_HEADER.size > len(buf):
+        raise _truncated(index, offset, "a 12-byte event header")
+    pcr, event_type, count = _EVENT2_HEADER.unpack_from(buf, offset)
+    if count > len(sizes):
+        raise _malformed(index, offset, f"{count} digests but the header declares {len(sizes)}")
+    digests, pos = _digests(buf, offset + _EVENT2_HEADER.size, count, sizes, where)
+    if pos + 4 > len(buf):
+        raise _truncated(index, offset, "the event size field")
+    (size,) = _U32.unpack_from(buf, pos)
+    return pcr, event_type, digests, pos + 4, size
 
 
 def _digests(
@@ -167,117 +322,7 @@ def _digests(
     return digests, pos
 
 
-def _agile_events(buf: bytes, offset: int, index: int, spec: SpecIdEvent, out: list[Event]) -> None:
-    """Parse TCG_PCR_EVENT2 records from ``offset`` to the end into ``out``."""
-    sizes = dict(spec.digest_sizes)
-    layout, build = _fast_layout(spec.digest_sizes)
-    unpack, head = layout.unpack_from, layout.size
-    total = len(buf)
-    new = tuple.__new__
-    while offset < total and index < MAX_EVENTS:
-        start = offset + head
-        digests = build(values := unpack(buf, offset)) if start <= total else None
-        if digests is not None:
-            pcr, event_type, size = values[0], values[1], values[-1]
-        else:
-            pcr, event_type, digests, start, size = _slow_event2(buf, offset, index, sizes)
-        end = start + size
-        if pcr >= PCR_COUNT or size > MAX_EVENT_DATA or end > total:
-            _check_record(index, offset, pcr, size=size, end=end, total=total)
-        out.append(new(Event, (index, offset, pcr, event_type, digests, buf[start:end])))
-        offset = end
-        index += 1
-    if offset < total:
-        raise _malformed(index, offset, f"more than {MAX_EVENTS} events")
-
-
-def _slow_event2(
-    buf: bytes, offset: int, index: int, sizes: dict[int, int]
-) -> tuple[int, int, dict[int, bytes], int, int]:
-    """Parse one TCG_PCR_EVENT2 field by field, with an exact error for each fault."""
-    where = (index, offset)
-    if offset + _EVENT2_HEADER.size > len(buf):
-        raise _truncated(index, offset, "a 12-byte event header")
-    pcr, event_type, count = _EVENT2_HEADER.unpack_from(buf, offset)
-    if count > len(sizes):
-        raise _malformed(index, offset, f"{count} digests but the header declares {len(sizes)}")
-    digests, pos = _digests(buf, offset + _EVENT2_HEADER.size, count, sizes, where)
-    if pos + 4 > len(buf):
-        raise _truncated(index, offset, "the event size field")
-    (size,) = _U32.unpack_from(buf, pos)
-    return pcr, event_type, digests, pos + 4, size
-
-
-_Head = tuple[Any, ...]
-_Builder = Callable[[_Head], "dict[int, bytes] | None"]
-
-
-def _builder(algs: tuple[int, ...]) -> _Builder:
-    """Return a function mapping an unpacked record head to its digests, or None.
-
-    The head is ``(pcr, type, count, alg0, digest0, alg1, digest1, ..., size)``.
-    None means the record is not in the common layout (a bank missing, another
-    order) and must take the slow path. Literal dicts for 1-3 banks are a third
-    of the cost of ``dict(zip(...))``, which matters at 100+ events per log.
-    """
-    if len(algs) == 1:
-        (a0,) = algs
-        return lambda h: {a0: h[4]} if h[2] == 1 and h[3] == a0 else None
-    if len(algs) == 2:
-        a0, a1 = algs
-        return lambda h: {a0: h[4], a1: h[6]} if h[2] == 2 and h[3] == a0 and h[5] == a1 else None
-    if len(algs) == 3:
-        a0, a1, a2 = algs
-        return lambda h: (
-            {a0: h[4], a1: h[6], a2: h[8]}
-            if h[2] == 3 and h[3] == a0 and h[5] == a1 and h[7] == a2
-            else None
-        )
-    count = len(algs)
-    return lambda h: (
-        dict(zip(algs, h[4:-1:2], strict=True)) if h[2] == count and h[3:-1:2] == algs else None
-    )
-
-
-@functools.lru_cache(maxsize=64)
-def _fast_layout(digest_sizes: tuple[tuple[int, int], ...]) -> tuple[struct.Struct, _Builder]:
-    """The one-``struct``-call layout of a record that lists every bank in header order.
-
-    Real logs list all declared banks in header order in every event, so the
-    whole record head (PCR, type, count, each alg id and digest, size) unpacks
-    at once. Cached per header, so a verifier builds it once per platform type.
-    """
-    fields = "".join(f"H{size}s" for _, size in digest_sizes)
-    return struct.Struct(f"<III{fields}I"), _builder(tuple(alg for alg, _ in digest_sizes))
-
-
 # --------------------------------------------------------------------------- the log
-
-
-def _pcr0_locality(events: Iterable[Event]) -> int:
-    """Return PCR 0's start value (the startup locality) from the events before it is extended.
-
-    A StartupLocality EV_NO_ACTION event (PFP) says TPM2_Startup ran at
-    locality 3, so PCR 0 starts at ``00..03``; an EV_EFI_HCRTM_EVENT first in
-    PCR 0 means an H-CRTM started it at ``00..04`` (TPM 2.0 Part 1, 34.3). One
-    logged after PCR 0 was first extended cannot change the start and is ignored.
-    """
-    locality: int | None = None
-    for event in events:
-        if event.pcr != 0:
-            continue
-        if event.event_type == _HCRTM:
-            return 4
-        if event.event_type != _NO_ACTION:
-            break
-        if not event.data.startswith(_STARTUP_LOCALITY):
-            continue
-        if len(event.data) != 17 or event.data[16] not in _STARTUP_LOCALITIES:
-            raise _malformed(event.number, event.offset, "StartupLocality event is not valid")
-        if locality is not None:
-            raise _malformed(event.number, event.offset, "a second StartupLocality event")
-        locality = event.data[16]
-    return locality or 0
 
 
 @functools.cache
@@ -299,34 +344,96 @@ class EventLog:
 
     Build one with :func:`parse_event_log`. ``events`` includes the Spec ID
     header event (number 0) of a crypto-agile log, so event numbers match the
-    numbering other tools print.
+    numbering other tools print. The parse keeps one row per record; an
+    :class:`Event` (digest dict, data copy) is made only for the events someone
+    reads, so a verifier that replays and reads a few facts never makes most.
     """
 
-    __slots__ = ("_checks", "events", "format", "notes", "spec_id", "startup_locality")
+    __slots__ = (
+        "_checks",
+        "_events",
+        "_records",
+        "format",
+        "notes",
+        "spec_id",
+        "startup_locality",
+    )
 
     def __init__(
         self,
         log_format: LogFormat,
         spec_id: SpecIdEvent | None,
-        events: tuple[Event, ...],
-        startup_locality: int,
+        records: _Records,
         *,
         notes: tuple[str, ...] = (),
     ) -> None:
         self.format = log_format
         self.spec_id = spec_id
-        self.events = events
-        self.startup_locality = startup_locality
+        self._records = records
         #: Oddities that were tolerated (shown to people, never decisive).
         self.notes = notes
-        self._checks: list[DigestCheck | None] = [None] * len(events)
+        self._events: tuple[Event, ...] | None = None
+        self._checks: list[DigestCheck | None] = [None] * len(records.rows)
+        self.startup_locality = self._pcr0_locality()
+
+    # ------------------------------------------------------------------ events
+
+    @property
+    def events(self) -> tuple[Event, ...]:
+        """Every event in log order (made on first use, then kept)."""
+        if self._events is None:
+            self._events = tuple(map(self._event, range(len(self._records.rows))))
+        return self._events
+
+    def events_in(
+        self, pcrs: Container[int], event_types: Container[int] | None = None
+    ) -> tuple[Event, ...]:
+        """The events of ``pcrs`` (and of ``event_types``, if given), in log order."""
+        rows = self._records.rows
+        if event_types is None:
+            numbers = [n for n, row in enumerate(rows) if row[0] in pcrs]
+        else:
+            numbers = [n for n, row in enumerate(rows) if row[0] in pcrs and row[1] in event_types]
+        if self._events is not None:
+            return tuple(self._events[n] for n in numbers)
+        return tuple(map(self._event, numbers))
+
+    def _event(self, number: int) -> Event:
+        buf, layout, rows, starts, irregular = self._records
+        row, start = rows[number], starts[number]
+        odd = irregular.get(number)
+        if odd is None:
+            offset, digests = start - layout.head.size, layout.digests(row)
+        else:
+            offset, digests = odd
+        data = buf[start : start + row[-1]]
+        return tuple.__new__(Event, (number, offset, row[0], row[1], digests, data))
+
+    def _data(self, number: int) -> bytes:
+        start = self._records.starts[number]
+        return self._records.buf[start : start + self._records.rows[number][-1]]
+
+    def measurements(self, bank: int, pcrs: Container[int]) -> list[Measurement]:
+        """What each event of ``pcrs`` extended into ``bank``, in log order.
+
+        EV_NO_ACTION events and events that carry no digest of ``bank`` are left
+        out: they extend nothing there. The data is as logged (unchecked).
+        """
+        buf, _layout, rows, starts, _irregular = self._records
+        at = self._digest_position(bank)
+        no_action = _NO_ACTION
+        return [
+            tuple.__new__(Measurement, (n, row[0], row[1], row[at], buf[start : start + row[-1]]))
+            for n, (row, start) in enumerate(zip(rows, starts, strict=True))
+            if row[1] != no_action and row[0] in pcrs and row[at] is not None
+        ]
+
+    # ------------------------------------------------------------------ banks and replay
 
     @property
     def banks(self) -> tuple[int, ...]:
         """Declared banks as TPM_ALG_IDs, in header order (SHA-1 alone for SHA-1 logs)."""
-        if self.spec_id is None:
-            return (_SHA1,)
-        return tuple(alg for alg, _ in self.spec_id.digest_sizes)
+        return self._records.layout.algs
 
     @property
     def replayable_banks(self) -> tuple[int, ...]:
@@ -361,16 +468,24 @@ class EventLog:
                 )
         return {bank: self._replay_bank(bank) for bank in wanted}
 
+    def _digest_position(self, bank: int) -> int:
+        at = self._records.layout.digest_at.get(bank)
+        if at is None:
+            raise VerificationError(f"the event log has no bank {alg_name(bank)}")
+        return at
+
     def _replay_bank(self, bank: int) -> dict[int, bytes]:
         """Extend one bank through the log; the hot loop of every verification."""
         initial = self.initial_pcrs(bank)
         values = list(initial)
         hasher = HASHERS[bank]
+        at = self._digest_position(bank)
         no_action = _NO_ACTION
-        for _index, _offset, pcr, event_type, digests, _data in self.events:
-            if event_type != no_action:
-                digest = digests.get(bank)
+        for row in self._records.rows:
+            if row[1] != no_action:
+                digest = row[at]
                 if digest is not None:
+                    pcr = row[0]
                     values[pcr] = hasher(values[pcr] + digest).digest()
         # A PCR differs from its reset value exactly when something extended it
         # (a hash output equal to the reset value is a preimage, not a risk).
@@ -379,6 +494,35 @@ class EventLog:
             for pcr, value in enumerate(values)
             if value != initial[pcr] or (pcr == 0 and self.startup_locality)
         }
+
+    def _pcr0_locality(self) -> int:
+        """PCR 0's start value (the startup locality), from the events before it is extended.
+
+        A StartupLocality EV_NO_ACTION event (PFP) says TPM2_Startup ran at
+        locality 3, so PCR 0 starts at ``00..03``; an EV_EFI_HCRTM_EVENT first in
+        PCR 0 means an H-CRTM started it at ``00..04`` (TPM 2.0 Part 1, 34.3). One
+        logged after PCR 0 was first extended cannot change the start and is ignored.
+        """
+        locality: int | None = None
+        for number, row in enumerate(self._records.rows):
+            if row[0] != 0:
+                continue
+            if row[1] == _HCRTM:
+                return 4
+            if row[1] != _NO_ACTION:
+                break
+            data = self._data(number)
+            if not data.startswith(_STARTUP_LOCALITY):
+                continue
+            offset = self._event(number).offset
+            if len(data) != 17 or data[16] not in _STARTUP_LOCALITIES:
+                raise _malformed(number, offset, "StartupLocality event is not valid")
+            if locality is not None:
+                raise _malformed(number, offset, "a second StartupLocality event")
+            locality = data[16]
+        return locality or 0
+
+    # ------------------------------------------------------------------ checks and views
 
     def digest_check(self, event: Event) -> DigestCheck:
         """Check (once, then cached) whether ``event``'s data is what its digests measured."""
@@ -443,9 +587,7 @@ def parse_event_log(data: bytes) -> EventLog:
     # a SHA-1 log may well begin with other data that happens to spell it.
     if buf.startswith(SPEC_ID_SIGNATURE, _SHA1_EVENT.size) and _first_type(buf) == _NO_ACTION:
         return _agile_log(buf)
-    events: list[Event] = []
-    _sha1_events(buf, 0, 0, events)
-    return EventLog(LogFormat.SHA1, None, tuple(events), _pcr0_locality(events))
+    return EventLog(LogFormat.SHA1, None, _sha1_records(buf))
 
 
 def _first_type(buf: bytes) -> int:
@@ -469,8 +611,8 @@ def _agile_log(buf: bytes) -> EventLog:
             f"the Spec ID header record says {declared} bytes but its fields take {spec.size}; "
             "the next event is read after the fields, as tpm2-tools does",
         )
-    events = [Event(0, 0, 0, event_type, {_SHA1: digest}, buf[head : head + spec.size])]
-    _agile_events(buf, head + spec.size, 1, spec, events)
-    return EventLog(
-        LogFormat.CRYPTO_AGILE, spec, tuple(events), _pcr0_locality(events), notes=notes
-    )
+    layout = _agile_layout(spec.digest_sizes)
+    header = _row_of(0, event_type, {}, spec.size, layout.algs)
+    records = _Records(buf, layout, [header], [head], {0: (0, {_SHA1: digest})})
+    _agile_walk(buf, head + spec.size, spec, records)
+    return EventLog(LogFormat.CRYPTO_AGILE, spec, records, notes=notes)

@@ -309,26 +309,36 @@ def parse_spec_id(data: bytes, *, exact: bool = True) -> SpecIdEvent:
 
 
 def check_digests(event_type: int, data: bytes, digests: dict[int, bytes]) -> DigestCheck:
-    """Check ``data`` against each bank's digest under the rule for ``event_type``."""
-    rule, candidates = measured_bytes(event_type, data)
-    if rule is DigestRule.NONE or event_type == EventType.EV_NO_ACTION:
+    """Check ``data`` against each bank's digest under the rule for ``event_type``.
+
+    A verifier runs this for every event a fact reads, in every log it has not
+    seen before, so the common case (one candidate, two banks) stays in one frame.
+    """
+    rule_for = _RULES.get(event_type)
+    if rule_for is None or event_type == EventType.EV_NO_ACTION:
         return _NOT_CHECKED
+    rule, candidates = rule_for(data)
+    if rule is DigestRule.NONE:
+        return _NOT_CHECKED
+    only = candidates[0] if len(candidates) == 1 else None
     banks: dict[int, bool | None] = {}
     matched = mismatched = False
     for alg, digest in digests.items():
         hasher = HASHERS.get(alg)
-        ok = None if hasher is None else _matches(hasher, candidates, digest)
+        if hasher is None:
+            banks[alg] = None
+            continue
+        if only is not None:
+            ok = hasher(only).digest() == digest
+        else:
+            ok = any(hasher(candidate).digest() == digest for candidate in candidates)
         banks[alg] = ok
-        matched = matched or ok is True
-        mismatched = mismatched or ok is False
+        matched = matched or ok
+        mismatched = mismatched or not ok
     if matched and not mismatched:
-        return DigestCheck(DigestStatus.VERIFIED, banks)
-    if mismatched and rule is DigestRule.STRICT:
-        return DigestCheck(DigestStatus.MISMATCH, banks)
-    return DigestCheck(DigestStatus.UNCHECKED, banks)
-
-
-def _matches(hasher: Callable[..., Hasher], candidates: tuple[bytes, ...], digest: bytes) -> bool:
-    if len(candidates) == 1:  # the common case, without a generator's overhead
-        return hasher(candidates[0]).digest() == digest
-    return any(hasher(candidate).digest() == digest for candidate in candidates)
+        status = DigestStatus.VERIFIED
+    elif mismatched and rule is DigestRule.STRICT:
+        status = DigestStatus.MISMATCH
+    else:
+        status = DigestStatus.UNCHECKED
+    return tuple.__new__(DigestCheck, (status, banks))

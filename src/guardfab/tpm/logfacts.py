@@ -109,8 +109,8 @@ class LogFacts:
 
     def items(self) -> Iterator[tuple[str, Fact]]:
         """Each fact by name, in declaration order."""
-        for field in dataclasses.fields(self):
-            yield field.name, getattr(self, field.name)
+        for name in _FACT_NAMES:
+            yield name, getattr(self, name)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form: each fact's value by name, plus ``evidence`` (events and note)."""
@@ -119,6 +119,9 @@ class LogFacts:
             name: {"events": list(fact.events), "note": fact.note} for name, fact in self.items()
         }
         return out
+
+
+_FACT_NAMES = tuple(field.name for field in dataclasses.fields(LogFacts))
 
 
 # ------------------------------------------------------------------ what the log cannot show
@@ -155,31 +158,39 @@ _DMA_UNKNOWN = (
 # --------------------------------------------------------------------------- derivation
 
 
+_PCR7 = frozenset((SECURE_BOOT_PCR,))
+_SEPARATOR_PCRS = frozenset(SEPARATOR_PCRS)
+_SEPARATOR_TYPE = frozenset((_SEPARATOR,))
+
+
 class _Reader:
-    """The log grouped by PCR, plus the bank rule deciding whose data may be read."""
+    """The events facts read (PCR 7, the separators of PCRs 0-7), and whose data may be read.
+
+    Only these events are made from the log: the facts need no other, and a
+    verifier derives them for every log it has not seen before.
+    """
 
     def __init__(self, log: EventLog, bank: int | None) -> None:
         self.log = log
         self.required = (bank,) if bank is not None else log.replayable_banks
-        self.by_pcr: dict[int, list[Event]] = {}
-        for event in log.events:
-            self.by_pcr.setdefault(event.pcr, []).append(event)
+        self.pcr7 = log.events_in(_PCR7)
+        self.separators: dict[int, list[Event]] = {pcr: [] for pcr in SEPARATOR_PCRS}
+        for event in log.events_in(_SEPARATOR_PCRS, _SEPARATOR_TYPE):
+            self.separators[event.pcr].append(event)
 
     def trusted(self, event: Event) -> bool:
         """True if the data hashes to the digest in every required bank and the rest."""
         check = self.log.digest_check(event)
         if check.status is not DigestStatus.VERIFIED:
             return False
-        return all(check.banks.get(bank) for bank in self.required)
-
-    def in_pcr(self, pcr: int) -> list[Event]:
-        return self.by_pcr.get(pcr, [])
+        banks = check.banks
+        return all(banks.get(bank) for bank in self.required)
 
 
 def _variables(reader: _Reader) -> list[tuple[Event, uefi.UefiVariable]]:
     """PCR 7 EV_EFI_VARIABLE_DRIVER_CONFIG events whose data parses as a variable."""
     found = []
-    for event in reader.in_pcr(SECURE_BOOT_PCR):
+    for event in reader.pcr7:
         if event.event_type != _DRIVER_CONFIG:
             continue
         try:
@@ -235,7 +246,7 @@ def _secure_boot_variables(
 
 
 def _pcr7_separator(reader: _Reader) -> Event | None:
-    separators = [e for e in reader.in_pcr(SECURE_BOOT_PCR) if e.event_type == _SEPARATOR]
+    separators = reader.separators[SECURE_BOOT_PCR]
     if len(separators) == 1 and reader.trusted(separators[0]):
         return separators[0]
     return None
@@ -244,9 +255,7 @@ def _pcr7_separator(reader: _Reader) -> Event | None:
 def _measured_in_pcr7(reader: _Reader, digests: frozenset[bytes]) -> tuple[int, ...]:
     """Indexes of PCR 7 events carrying one of ``digests`` in any bank, whatever their type."""
     return tuple(
-        event.number
-        for event in reader.in_pcr(SECURE_BOOT_PCR)
-        if not digests.isdisjoint(event.digests.values())
+        event.number for event in reader.pcr7 if not digests.isdisjoint(event.digests.values())
     )
 
 
@@ -284,9 +293,7 @@ def _separator_problem(reader: _Reader, pcr: int, separators: list[Event]) -> st
 
 def _separators(reader: _Reader) -> Fact:
     """PCRs 0-7 each end their pre-OS measurements with one verified 00000000 separator."""
-    by_pcr = {
-        pcr: [e for e in reader.in_pcr(pcr) if e.event_type == _SEPARATOR] for pcr in SEPARATOR_PCRS
-    }
+    by_pcr = reader.separators
     for pcr, separators in by_pcr.items():
         problem = _separator_problem(reader, pcr, separators)
         if problem:
