@@ -6,6 +6,10 @@
 #   cache/guest/vmlinuz        the kernel (Debian's signed build)
 #   cache/guest/initramfs.gz   busybox + guest/init + the modules it needs
 #   cache/guest/manifest       kernel package and version, sha256 of both files
+#   cache/guest/efi/           the signed boot chain (scripts/build-boot-chain.sh)
+#
+# A shielded VM's template disk carries this kernel and initramfs behind the
+# signed chain (python -m guardfab.hypervisor.efi_disk; scripts/demo_vm.sh template).
 #
 # Idempotent: it rebuilds only when guest/init, this script or the kernel
 # package changed. Fails loudly (non-zero, with the reason) when a package
@@ -44,6 +48,10 @@ if [[ -z "$pkg" ]]; then
 fi
 [[ -n "$pkg" ]] || die "no linux-image-*-amd64 package found with apt-cache (is a Debian mirror reachable?)"
 kver=${pkg#linux-image-}
+
+# Debian's signed shim and grub, for the template disks that boot this kernel
+# under secure boot (cached and checked by their own script).
+"$root/scripts/build-boot-chain.sh" >/dev/null || die "scripts/build-boot-chain.sh failed"
 
 stamp=$(cat "$root/guest/init" "$0" | sha256sum | cut -c1-16)-$pkg
 # Test workers may build at the same time: one builds, the others wait and reuse it.

@@ -13,10 +13,11 @@ dev=0
 
 # Debian packages. The product needs python3 + venv, and libtss2 for tpm2-pytss on
 # guarded hosts (swtpm stands in for a host TPM in tests); the demo and tests also use
-# openssl (certificates, benchmarks) and coreutils (sha256sum).
+# openssl (certificates, benchmarks) and coreutils (sha256sum); template disks that boot
+# under secure boot are built with dosfstools, mtools, fdisk and e2fsprogs (ADR 0013).
 apt_packages=(python3 python3-venv python3-dev build-essential pkg-config openssl coreutils
   libtss2-dev swtpm swtpm-tools busybox-static cpio e2fsprogs qemu-system-x86 qemu-utils ovmf
-  softhsm2)
+  softhsm2 dosfstools mtools fdisk)
 
 missing=()
 for pkg in "${apt_packages[@]}"; do

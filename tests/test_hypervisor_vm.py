@@ -1,6 +1,10 @@
 """A real shielded VM under QEMU: LUKS disks, a vTPM, secure boot firmware, TLS migration.
 
-One guest boot (TCG with OVMF takes 12-25 s) serves the whole module, through a
+The VM boots its (LUKS-encrypted copy of the) template disk through OVMF with
+secure boot: shim, grub and the kernel from the disk's EFI system partition
+(ADR 0013), the root from its second partition.
+
+One guest boot (TCG with OVMF takes 15-30 s) serves the whole module, through a
 session fixture (see ``vm_harness.vm_lab``): the tests below read its page, look
 for secrets on the host's disks and command lines, check the vTPM state, and
 finally migrate it to a second QEMU over TLS-PSK.
@@ -15,6 +19,7 @@ from ``_nodeid``.)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import secrets
 import shutil
 import socket
@@ -34,7 +39,8 @@ from guardfab.hypervisor.errors import DiskKeyError
 from guardfab.hypervisor.spec import DiskSpec
 from guardfab.hypervisor.vm import VmKeys
 from guardfab.hypervisor.vtpm import Swtpm
-from guardfab.tpm.eventlog import parse_event_log
+from guardfab.tpm.constants import TpmAlg
+from guardfab.tpm.eventlog import EventLog, parse_event_log
 from guardfab.tpm.events import EventType
 from vm_harness import ProvisionedVm, VmLab, fetch, find_in_files, parse_page, process_cmdline
 
@@ -73,6 +79,7 @@ def test_shielded_vm_boots_from_its_encrypted_template_copy(shielded: Provisione
     assert page["tpm"].startswith("present"), page
     assert page["secure_boot"] == "enabled", page
     assert "[integrity]" in page["lockdown"], page  # Debian's kernel locks down under secure boot
+    assert page["os_device"] == "/dev/vda2", "the root partition of the GPT template disk"
     assert _page(shielded, "/files/tenant.txt").encode() == shielded.answer.file_content
     assert "marker: " + shielded.marker in _page(shielded, "/cgi-bin/disk")
 
@@ -83,10 +90,20 @@ def _fetch_bytes(vm: ProvisionedVm, path: str) -> bytes:
         return body
 
 
-def test_firmware_log_shows_secure_boot_and_what_direct_boot_leaves_unmeasured(
-    shielded: ProvisionedVm,
+def _started(log: EventLog, path: str) -> list[int]:
+    """Where in the log an EFI application with ``path`` in its device path was started."""
+    needle = path.encode("utf-16-le")
+    return [
+        index
+        for index, e in enumerate(log.events)
+        if e.event_type == EventType.EV_EFI_BOOT_SERVICES_APPLICATION and needle in e.data
+    ]
+
+
+def test_the_firmware_log_shows_secure_boot_and_the_signed_chain_that_ran(
+    shielded: ProvisionedVm, vm_lab: VmLab
 ) -> None:
-    """What ADR 0008 says about ``-kernel`` under OVMF, checked on the guest's own event log."""
+    """The guest's own event log: secure boot on, shim then grub started, the kernel measured."""
     log = parse_event_log(_fetch_bytes(shielded, "/cgi-bin/eventlog"))
     secure_boot = [
         e
@@ -97,11 +114,18 @@ def test_firmware_log_shows_secure_boot_and_what_direct_boot_leaves_unmeasured(
     ]
     assert len(secure_boot) == 1
     assert secure_boot[0].data.endswith(b"\x01")  # the variable's value: enabled
-    # The initrd is measured (by the kernel's EFI stub, into PCR 9) ...
-    assert any(e.pcr == 9 and b"Linux initrd" in e.data for e in log.events)
-    # ... but the directly loaded kernel image is neither verified nor measured.
-    started = [e for e in log.events if e.event_type == EventType.EV_EFI_BOOT_SERVICES_APPLICATION]
-    assert started == []
+    # The firmware started shim from the disk's ESP, and shim (having verified it) grub.
+    [shim] = _started(log, "\\EFI\\BOOT\\BOOTX64.EFI")
+    [grub] = _started(log, "\\EFI\\BOOT\\grubx64.efi")
+    assert shim < grub
+    # grub measured the kernel it loaded (and shim verified) into PCR 9.
+    kernel = hashlib.sha256(vm_lab.guest.kernel.read_bytes()).digest()
+    measured = [
+        e.digests.get(TpmAlg.SHA256)
+        for e in log.events
+        if e.pcr == 9 and e.event_type == EventType.EV_IPL and e.data.rstrip(b"\0") == b"/vmlinuz"
+    ]
+    assert measured == [kernel]
 
 
 def test_no_secret_on_any_command_line(shielded: ProvisionedVm) -> None:

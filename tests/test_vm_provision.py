@@ -13,13 +13,17 @@ from pathlib import Path
 import pytest
 
 import vm_fabric_harness
-from guardfab.errors import NotAuthorizedError, VerificationError
+from guardfab.errors import NotAuthorizedError, PolicyError, VerificationError
 from guardfab.formats.guardian import GuardianKind, KeyAlgorithm, sign_guardian_document
 from guardfab.formats.key_protector import load_key_protector
+from guardfab.formats.shielding_data import SecurityPolicy, ShieldingData
+from guardfab.formats.shielding_secrets import ShieldingSecrets
 from guardfab.host.keyrelease import KeyReleaseRefusedError
+from guardfab.host.keyrequest import ReleasedKeys
+from guardfab.hypervisor.policy import check_vm_policy
 from guardfab.hypervisor.power import PowerOnRefusedError, power_on
-from guardfab.hypervisor.provision import provision
-from guardfab.hypervisor.spec import VmSpec
+from guardfab.hypervisor.provision import load_record, provision
+from guardfab.hypervisor.spec import DirectKernel, VmSpec
 from guardfab.hypervisor.vault import VaultStore
 from guardfab.hypervisor.vm import VmKeys
 from guardfab.tenant.guardians import new_guardian_keys
@@ -168,7 +172,12 @@ def test_a_template_the_pdk_does_not_admit_is_refused_with_the_reason(
 ) -> None:
     tenant = vm_fabric.tenant_vm("vm-other-template")
     other = vm_fabric_harness.VmFabric(
-        vm_fabric.root, vm_fabric.hgs, vm_fabric.kps, vm_fabric.host, vm_fabric.certificate
+        vm_fabric.root,
+        vm_fabric.hgs,
+        vm_fabric.kps,
+        vm_fabric.host,
+        vm_fabric.certificate,
+        vm_fabric.guest,
     )
     tenant.template, tenant.template_sig = other.template("other publisher")
     with pytest.raises(NotAuthorizedError, match="refused by every volume ID qualifier"):
@@ -200,3 +209,63 @@ def test_provisioning_on_a_host_without_keys_creates_nothing(
             key_source=vm_fabric.key_source(expired),
         )
     _nothing_created(tmp_path / "vms")
+
+
+@dataclass
+class Watched:
+    """The fabric's PDK opener and key source, counting what provisioning asked of them."""
+
+    fabric: VmFabric
+    calls: list[str] = field(default_factory=list)
+
+    def reveal_secrets(self, pdk: ShieldingData) -> ShieldingSecrets:
+        self.calls.append("reveal")
+        return self.fabric.reveal_secrets(pdk)
+
+    def release(self, kp: bytes) -> ReleasedKeys:
+        self.calls.append("release")
+        return self.fabric.key_source().release(kp)
+
+
+def test_a_shielded_vm_with_a_direct_kernel_is_refused_before_anything_happens(
+    vm_fabric: VmFabric, tmp_path: Path
+) -> None:
+    """ADR 0013: OVMF does not verify a kernel given with -kernel; a shielded VM boots its disk."""
+    tenant = vm_fabric.tenant_vm("vm-direct-kernel")
+    guest = vm_fabric.guest
+    watched = Watched(vm_fabric)
+    with pytest.raises(PolicyError, match="firmware-boot: a shielded VM boots its own disk"):
+        provision(
+            tenant.request(boot=DirectKernel(guest.kernel, guest.initrd, "quiet")),
+            tmp_path / "vms",
+            reveal_secrets=watched.reveal_secrets,
+            key_source=watched,
+        )
+    assert watched.calls == [], "the PDK stays closed and no KP generation is spent"
+    _nothing_created(tmp_path / "vms")
+
+
+def test_an_encryption_supported_vm_may_boot_a_direct_kernel(
+    vm_fabric: VmFabric, tmp_path: Path
+) -> None:
+    tenant = vm_fabric.tenant_vm("vm-es-direct", policy=SecurityPolicy.ENCRYPTION_SUPPORTED)
+    boot = DirectKernel(vm_fabric.guest.kernel, vm_fabric.guest.initrd, "quiet")
+    watched = Watched(vm_fabric)
+    provision(
+        tenant.request(boot=boot),
+        tmp_path / "vms",
+        reveal_secrets=watched.reveal_secrets,
+        key_source=watched,
+    )
+    assert watched.calls == ["reveal", "release"]
+    vm_dir = tmp_path / "vms" / tenant.name
+    spec = load_record(vm_dir).spec(vm_dir)
+    assert spec.kernel == boot
+    check_vm_policy(spec)
+
+
+def test_a_shielded_vm_boots_its_disk_with_the_memory_grub_needs(provisioned: Path) -> None:
+    spec = load_record(provisioned).spec(provisioned)
+    assert spec.kernel is None
+    assert spec.memory_mib == 384  # grub cannot allocate the kernel's buffer with 256 MiB
+    check_vm_policy(spec)

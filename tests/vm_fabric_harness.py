@@ -2,7 +2,9 @@
 
 One HGS (``guardfab hgs serve`` over HTTPS) per session, with host-key mode on;
 a host-key host registered and attested for real; a publisher who signs
-template disks; tenants who make a PDK and a KP for the fabric's KPS guardian.
+template disks (the test guest's disks that boot through the signed chain:
+:meth:`vm_harness.Guest.template`); tenants who make a PDK and a KP for the
+fabric's KPS guardian.
 ``reveal_secrets`` opens a PDK with the KPS guardian's private keys, as the KPS
 does for an attested host (tests of the hypervisor layer without an agent).
 """
@@ -32,11 +34,11 @@ from guardfab.formats.template import DiskVersion, PublisherKey, VersionRule, Vo
 from guardfab.hgs.kps_keys import KpsKeyDirectory
 from guardfab.hypervisor.power import DirectKeySource
 from guardfab.hypervisor.provision import ProvisionRequest
-from guardfab.hypervisor.template_image import build_marker_template
 from guardfab.tenant.guardians import GuardianKeys, new_guardian_keys
 from guardfab.tenant.template import protect_disk
 from hgs_harness import RunningHgs, start_hgs
 from test_kps_fixtures import Host, attested_host, enable_modes, kps_document, minted_certificate
+from vm_harness import Guest, built_guest
 
 TEMPLATE_NAME = "guardfab-guest"
 TEMPLATE_VERSION = DiskVersion(1, 0, 0, 0)
@@ -81,13 +83,14 @@ class TenantVm:
 
 @dataclass
 class VmFabric:
-    """The HGS, its KPS guardian, one attested host and a template publisher."""
+    """The HGS, its KPS guardian, one attested host, the test guest and a template publisher."""
 
     root: Path
     hgs: RunningHgs
     kps: GuardianKeys
     host: Host
     certificate: str
+    guest: Guest
     publisher: ECKey = field(default_factory=lambda: ECKey.generate_key("P-256"))
 
     def key_source(self, certificate: str | None = None) -> DirectKeySource:
@@ -115,10 +118,14 @@ class VmFabric:
         """Open a PDK as the KPS (a guardian of the PDK) would."""
         return pdk.reveal(self.kps)
 
-    def template(self, marker: str) -> tuple[Path, bytes]:
-        """A template disk holding ``marker``, signed by the publisher."""
+    def template(self, marker: str, *, kernel: Path | None = None) -> tuple[Path, bytes]:
+        """A template disk holding ``marker``, signed by the publisher.
+
+        ``kernel`` replaces the guest's signed kernel on the disk: the publisher
+        signs whatever it is given, so provisioning accepts such a disk.
+        """
         path = self.root / f"template-{secrets.token_hex(4)}.img"
-        build_marker_template(path, marker)
+        self.guest.template(path, marker, kernel=kernel)
         _, signature = protect_disk(
             path, self.publisher, name=TEMPLATE_NAME, version=TEMPLATE_VERSION
         )
@@ -178,6 +185,6 @@ def vm_fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmFabric]:
         enable_modes(hgs, AttestationMode.HOST_KEY)
         host, certificate = attested_host(hgs, "host-a")
         kps = KpsKeyDirectory.of_state(hgs.directory).load_all()[0].keys
-        yield VmFabric(root, hgs, kps, host, certificate)
+        yield VmFabric(root, hgs, kps, host, certificate, built_guest())
     finally:
         hgs.stop()

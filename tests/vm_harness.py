@@ -1,11 +1,14 @@
 """Test helper (not a test module): the real test guest, its disks, and VMs that always stop.
 
-The guest (a Debian kernel and a busybox initramfs) is built by
-``scripts/build-guest.sh`` once per session and cached under ``cache/guest``;
-if its packages cannot be fetched the fixture fails loudly -- a VM test never
-passes by skipping its VM. :class:`VmLab` provisions VMs the way the fabric
-will (a template, a LUKS copy of it, an encrypted specialization disk, random
-keys) and stops every QEMU and swtpm it started at teardown.
+The guest (a Debian kernel and a busybox initramfs) and Debian's signed boot
+chain (shim, grub) are built by ``scripts/build-guest.sh`` once per session and
+cached under ``cache/guest``; if their packages cannot be fetched the fixture
+fails loudly -- a VM test never passes by skipping its VM. Template disks are
+what a shielded VM boots through its firmware (ADR 0013): GPT, an EFI system
+partition with the signed chain, the kernel and the initramfs, and an ext4
+root holding the marker. :class:`VmLab` provisions VMs the way the fabric will
+(a template, a LUKS copy of it, an encrypted specialization disk, random keys)
+and stops every QEMU and swtpm it started at teardown.
 
 Fixtures are imported explicitly by the test modules that use them::
 
@@ -17,6 +20,7 @@ Fixtures are imported explicitly by the test modules that use them::
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import socket
@@ -32,39 +36,69 @@ import pytest
 
 from guardfab.hypervisor.accel import Accelerator, choose_accelerator
 from guardfab.hypervisor.disk import DiskKey, create_encrypted_copy, create_encrypted_from_bytes
-from guardfab.hypervisor.spec import (
-    DirectKernel,
-    DiskSpec,
-    Firmware,
-    SecurityLevel,
-    VmSpec,
+from guardfab.hypervisor.efi_disk import (
+    MARKER_FILE,
+    BootChain,
+    GuestBoot,
+    build_boot_disk,
+    load_boot_chain,
 )
+from guardfab.hypervisor.spec import DirectKernel, DiskSpec, SecurityLevel, VmSpec
 from guardfab.hypervisor.specialize import AnswerFile
-from guardfab.hypervisor.template_image import build_marker_template
 from guardfab.hypervisor.vm import QemuVm, VmKeys
 
 REPO = Path(__file__).resolve().parent.parent
 #: Seconds a freshly started guest may take to serve its page (TCG + OVMF: 12-25 s).
 PAGE_TIMEOUT = 90.0
+#: A provisioning request's ``boot`` for a VM whose firmware boots its own disk.
+FIRMWARE_BOOT: DirectKernel | None = None
 
 
 @dataclass(frozen=True)
 class Guest:
-    """The built guest: kernel, initramfs and the build's manifest."""
+    """The built guest: kernel, initramfs, the signed boot chain and the build's manifest."""
 
     kernel: Path
     initrd: Path
+    chain: BootChain
     manifest: str
     build_seconds: float
 
-    def boot(self, cmdline: str = "quiet") -> DirectKernel:
-        """Direct-boot settings for a spec."""
+    def boot(self) -> DirectKernel | None:
+        """How a VM provisioned from one of :meth:`template`'s disks boots: ``None``.
+
+        Its firmware boots the template disk through the signed chain; no kernel
+        is handed to QEMU (a shielded VM may not have one). For a kernel QEMU
+        loads itself (encryption-supported and normal VMs only), see :meth:`direct`.
+        """
+        return FIRMWARE_BOOT
+
+    def direct(self, cmdline: str = "quiet") -> DirectKernel:
+        """Direct-boot settings (``-kernel``): not for shielded VMs (policy ``firmware-boot``)."""
         return DirectKernel(self.kernel, self.initrd, cmdline)
 
+    def template(self, dest: Path, marker: str, *, kernel: Path | None = None) -> Path:
+        """Build the template disk ``dest`` whose root's marker.txt holds ``marker``.
 
-@pytest.fixture(scope="session")
-def guest() -> Guest:
-    """Build (or reuse) the test guest; fail -- never skip -- if that is impossible."""
+        ``kernel`` replaces the guest's signed kernel on the ESP (a tampered one, say).
+        """
+        boot = GuestBoot(self.kernel if kernel is None else kernel, self.initrd)
+        build_boot_disk(dest, self.chain, boot, {MARKER_FILE: marker.encode() + b"\n"})
+        return dest
+
+
+def guest_dir() -> Path:
+    """Where ``scripts/build-guest.sh`` leaves the guest (``GUARDFAB_GUEST_DIR`` or the cache)."""
+    return Path(os.environ.get("GUARDFAB_GUEST_DIR", REPO / "cache" / "guest"))
+
+
+@functools.cache
+def built_guest() -> Guest:
+    """Build (or reuse) the test guest once per process; fail -- never skip -- if impossible.
+
+    A plain function as well as the :func:`guest` fixture: harnesses whose
+    fixtures are used by modules without the ``guest`` fixture call it directly.
+    """
     started = time.monotonic()
     result = subprocess.run(
         [str(REPO / "scripts" / "build-guest.sh")], capture_output=True, text=True, check=False
@@ -75,8 +109,21 @@ def guest() -> Guest:
             f"packages.\n{result.stderr[-3000:]}",
             pytrace=False,
         )
-    out = Path(os.environ.get("GUARDFAB_GUEST_DIR", REPO / "cache" / "guest"))
-    return Guest(out / "vmlinuz", out / "initramfs.gz", result.stdout, time.monotonic() - started)
+    out = guest_dir()
+    chain = load_boot_chain(out / "efi")
+    return Guest(
+        out / "vmlinuz",
+        out / "initramfs.gz",
+        chain,
+        result.stdout,
+        time.monotonic() - started,
+    )
+
+
+@pytest.fixture(scope="session")
+def guest() -> Guest:
+    """The test guest and its boot chain (built once; see :func:`built_guest`)."""
+    return built_guest()
 
 
 @pytest.fixture(scope="session")
@@ -172,18 +219,15 @@ class VmLab:
 
     def template(self, marker: str) -> Path:
         """A template disk holding ``marker`` (outside every host directory: it is the input)."""
-        path = self.root / f"template-{secrets.token_hex(4)}.img"
-        build_marker_template(path, marker)
-        return path
+        return self.guest.template(self.root / f"template-{secrets.token_hex(4)}.img", marker)
 
     def provision(
-        self,
-        name: str,
-        *,
-        level: SecurityLevel = SecurityLevel.SHIELDED,
-        firmware: Firmware = Firmware.OVMF_SECURE_BOOT,
+        self, name: str, *, level: SecurityLevel = SecurityLevel.SHIELDED
     ) -> ProvisionedVm:
-        """Make the disks of a new VM: a LUKS copy of a fresh template, a LUKS answer disk."""
+        """Make the disks of a new VM: a LUKS copy of a fresh template, a LUKS answer disk.
+
+        The VM boots that disk through OVMF with secure boot (no direct kernel).
+        """
         marker = f"guardfab-marker-{secrets.token_hex(8)}"
         answer = AnswerFile(
             hostname=f"{name}-{secrets.token_hex(3)}",
@@ -209,8 +253,6 @@ class VmLab:
         spec = VmSpec(
             name=name,
             level=level,
-            firmware=firmware,
-            kernel=self.guest.boot(),
             disks=(DiskSpec("os", host_dir / "disks/os.qcow2"), DiskSpec("spec", spec_disk)),
             host_port=free_port(),
         )
