@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import operator
 import struct
 from collections.abc import Callable, Collection, Container, Iterable
 from typing import Any, NamedTuple
@@ -127,14 +128,22 @@ _Row = tuple[Any, ...]
 class _Layout(NamedTuple):
     """Where a log's rows keep what: the record head, each bank's digest position.
 
-    ``digests`` makes a regular row's digest dict (literal dicts for 1-3 banks
-    are a third of the cost of a comprehension: events are made per read).
+    A row is regular (lists every bank in header order, so its unpacked size is
+    the record's) when ``shape_of(row) == shape``: ``(count, alg0, alg1, ...)``
+    read by one C call. ``digests`` makes a regular row's digest dict (literal
+    dicts for 1-2 banks are a third of the cost of a comprehension).
     """
 
     head: struct.Struct
     algs: tuple[int, ...]
     digest_at: dict[int, int]
     digests: Callable[[_Row], dict[int, bytes]]
+    shape: tuple[int, ...]
+    shape_of: Callable[[_Row], Any]
+
+
+_PCR_OF = operator.itemgetter(0)
+_SIZE_OF = operator.itemgetter(-1)
 
 
 def _digests_maker(digest_at: dict[int, int]) -> Callable[[_Row], dict[int, bytes]]:
@@ -160,10 +169,13 @@ def _agile_layout(digest_sizes: tuple[tuple[int, int], ...]) -> _Layout:
     fields = "".join(f"H{size}s" for _, size in digest_sizes)
     algs = tuple(alg for alg, _ in digest_sizes)
     at = {alg: 4 + 2 * k for k, alg in enumerate(algs)}
-    return _Layout(struct.Struct(f"<III{fields}I"), algs, at, _digests_maker(at))
+    shape_of = operator.itemgetter(2, *(3 + 2 * k for k in range(len(algs))))
+    head = struct.Struct(f"<III{fields}I")
+    return _Layout(head, algs, at, _digests_maker(at), (len(algs), *algs), shape_of)
 
 
-_SHA1_LAYOUT = _Layout(_SHA1_EVENT, (_SHA1,), {_SHA1: 2}, _digests_maker({_SHA1: 2}))
+#: SHA-1 records have one layout; their walk never asks for a shape.
+_SHA1_LAYOUT = _Layout(_SHA1_EVENT, (_SHA1,), {_SHA1: 2}, _digests_maker({_SHA1: 2}), (), tuple)
 
 
 class _Records(NamedTuple):
@@ -237,19 +249,54 @@ def _sha1_records(buf: bytes) -> _Records:
 def _agile_walk(buf: bytes, offset: int, spec: SpecIdEvent, records: _Records) -> None:
     """Walk TCG_PCR_EVENT2 records from ``offset`` to the end into ``records``.
 
-    The hot loop of a first check of a log: one ``struct`` call per record and
-    its row kept as unpacked; events, digest dicts and data slices are made
-    only when someone reads them.
+    The hot loop of a first check of a log. Real logs list every bank in header
+    order in every record, so it first walks trusting that (one ``struct`` call
+    and two appends per record), then checks every row's shape, PCR and size at
+    once; only a log where that fails is walked again record by record, which
+    handles odd records and names the exact fault.
     """
+    start_rows = len(records.rows)
+    if not _walk_regular(buf, offset, records):
+        del records.rows[start_rows:], records.starts[start_rows:]
+        _walk_careful(buf, offset, spec, records)
+
+
+def _walk_regular(buf: bytes, offset: int, records: _Records) -> bool:
+    """Walk records as if all were in the layout; True if every row proves it."""
+    layout, rows, starts = records.layout, records.rows, records.starts
+    unpack, head, total = layout.head.unpack_from, layout.head.size, len(buf)
+    first = len(rows)
+    add_row, add_start = rows.append, starts.append
+    try:
+        for _ in range(MAX_EVENTS - first):
+            if offset >= total:
+                break
+            row = unpack(buf, offset)
+            add_row(row)
+            offset += head
+            add_start(offset)
+            offset += row[-1]
+    except struct.error:  # a record head cut short: let the careful walk name it
+        return False
+    new = rows[first:]
+    return (
+        offset == total
+        and all(map(layout.shape.__eq__, map(layout.shape_of, new)))
+        and (not new or max(map(_PCR_OF, new)) < PCR_COUNT)
+        and (not new or max(map(_SIZE_OF, new)) <= MAX_EVENT_DATA)
+    )
+
+
+def _walk_careful(buf: bytes, offset: int, spec: SpecIdEvent, records: _Records) -> None:
+    """Walk records one by one, with an exact error for each fault and odd records allowed."""
     layout, rows, starts = records.layout, records.rows, records.starts
     unpack, head = layout.head.unpack_from, layout.head.size
-    count, algs = len(layout.algs), layout.algs
     total = len(buf)
     index = len(rows)
     while offset < total and index < MAX_EVENTS:
         start = offset + head
         row = unpack(buf, offset) if start <= total else None
-        if row is None or row[2] != count or row[3:-1:2] != algs:
+        if row is None or layout.shape_of(row) != layout.shape:
             row, start = _irregular_row(buf, offset, index, spec, records)
         pcr, size = row[0], row[-1]
         end = start + size
@@ -421,12 +468,13 @@ class EventLog:
         """
         buf, _layout, rows, starts, _irregular = self._records
         at = self._digest_position(bank)
-        no_action = _NO_ACTION
-        return [
-            tuple.__new__(Measurement, (n, row[0], row[1], row[at], buf[start : start + row[-1]]))
-            for n, (row, start) in enumerate(zip(rows, starts, strict=True))
-            if row[1] != no_action and row[0] in pcrs and row[at] is not None
-        ]
+        no_action, new = _NO_ACTION, tuple.__new__
+        out = []
+        for number, (row, start) in enumerate(zip(rows, starts, strict=True)):
+            if row[1] != no_action and row[0] in pcrs and (digest := row[at]) is not None:
+                data = buf[start : start + row[-1]]
+                out.append(new(Measurement, (number, row[0], row[1], digest, data)))
+        return out
 
     # ------------------------------------------------------------------ banks and replay
 
@@ -482,11 +530,9 @@ class EventLog:
         at = self._digest_position(bank)
         no_action = _NO_ACTION
         for row in self._records.rows:
-            if row[1] != no_action:
-                digest = row[at]
-                if digest is not None:
-                    pcr = row[0]
-                    values[pcr] = hasher(values[pcr] + digest).digest()
+            if row[1] != no_action and (digest := row[at]) is not None:
+                pcr = row[0]
+                values[pcr] = hasher(values[pcr] + digest).digest()
         # A PCR differs from its reset value exactly when something extended it
         # (a hash output equal to the reset value is a preimage, not a risk).
         return {

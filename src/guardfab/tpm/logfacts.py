@@ -158,25 +158,28 @@ _DMA_UNKNOWN = (
 # --------------------------------------------------------------------------- derivation
 
 
-_PCR7 = frozenset((SECURE_BOOT_PCR,))
-_SEPARATOR_PCRS = frozenset(SEPARATOR_PCRS)
-_SEPARATOR_TYPE = frozenset((_SEPARATOR,))
+_FACT_PCRS = frozenset(SEPARATOR_PCRS)  # PCR 7 is one of them
+_Variables = dict[tuple[bytes, str], list[tuple["Event", uefi.UefiVariable]]]
 
 
 class _Reader:
     """The events facts read (PCR 7, the separators of PCRs 0-7), and whose data may be read.
 
-    Only these events are made from the log: the facts need no other, and a
-    verifier derives them for every log it has not seen before.
+    Only the events of PCRs 0-7 are made from the log: the facts need no other,
+    and a verifier derives them for every log it has not seen before.
     """
 
     def __init__(self, log: EventLog, bank: int | None) -> None:
         self.log = log
         self.required = (bank,) if bank is not None else log.replayable_banks
-        self.pcr7 = log.events_in(_PCR7)
+        self.pcr7: list[Event] = []
         self.separators: dict[int, list[Event]] = {pcr: [] for pcr in SEPARATOR_PCRS}
-        for event in log.events_in(_SEPARATOR_PCRS, _SEPARATOR_TYPE):
-            self.separators[event.pcr].append(event)
+        for event in log.events_in(_FACT_PCRS):
+            if event.event_type == _SEPARATOR:
+                self.separators[event.pcr].append(event)
+            if event.pcr == SECURE_BOOT_PCR:
+                self.pcr7.append(event)
+        self.variables = _variables(self.pcr7)
 
     def trusted(self, event: Event) -> bool:
         """True if the data hashes to the digest in every required bank and the rest."""
@@ -187,24 +190,25 @@ class _Reader:
         return all(banks.get(bank) for bank in self.required)
 
 
-def _variables(reader: _Reader) -> list[tuple[Event, uefi.UefiVariable]]:
-    """PCR 7 EV_EFI_VARIABLE_DRIVER_CONFIG events whose data parses as a variable."""
-    found = []
-    for event in reader.pcr7:
+def _variables(pcr7: Iterable[Event]) -> _Variables:
+    """PCR 7 EV_EFI_VARIABLE_DRIVER_CONFIG events whose data parses, by (GUID, name)."""
+    found: _Variables = {}
+    for event in pcr7:
         if event.event_type != _DRIVER_CONFIG:
             continue
         try:
-            found.append((event, uefi.parse_variable(event.data)))
+            var = uefi.parse_variable(event.data)
         except uefi.UndecodableError:
             continue
+        found.setdefault((var.guid, var.name), []).append((event, var))
     return found
 
 
 def _one_measurement(
-    reader: _Reader, variables: Iterable[tuple[Event, uefi.UefiVariable]], key: tuple[bytes, str]
+    reader: _Reader, key: tuple[bytes, str]
 ) -> tuple[Event | None, uefi.UefiVariable | None, str]:
     """The single verified measurement of variable ``key``, or None and why not."""
-    matches = [(e, v) for e, v in variables if (v.guid, v.name) == key]
+    matches = reader.variables.get(key, ())
     name = key[1]
     if not matches:
         return None, None, f"no {name} measurement in PCR 7"
@@ -216,9 +220,9 @@ def _one_measurement(
     return event, var, ""
 
 
-def _secure_boot(reader: _Reader, variables: list[tuple[Event, uefi.UefiVariable]]) -> Fact:
+def _secure_boot(reader: _Reader) -> Fact:
     """SecureBoot = 1 in its verified PCR 7 measurement (UEFI: 1 enabled, 0 disabled)."""
-    event, var, why = _one_measurement(reader, variables, _SECURE_BOOT)
+    event, var, why = _one_measurement(reader, _SECURE_BOOT)
     if event is None or var is None:
         return _gap(why)
     enabled = var.data == b"\x01"
@@ -226,15 +230,13 @@ def _secure_boot(reader: _Reader, variables: list[tuple[Event, uefi.UefiVariable
     return Fact(enabled, (event.number,), f"SecureBoot = {state}")
 
 
-def _secure_boot_variables(
-    reader: _Reader, variables: list[tuple[Event, uefi.UefiVariable]]
-) -> Fact:
+def _secure_boot_variables(reader: _Reader) -> Fact:
     """Digests of the verified PK, KEK, db and dbx measurements, per bank (hex)."""
     value: dict[str, dict[str, str]] = {}
     indexes: list[int] = []
     problems: list[str] = []
     for key in SECURE_BOOT_VARIABLES:
-        event, _var, why = _one_measurement(reader, variables, key)
+        event, _var, why = _one_measurement(reader, key)
         if event is None:
             problems.append(why)
             continue
@@ -312,10 +314,9 @@ def derive_facts(log: EventLog, bank: int | None = None) -> LogFacts:
             carries). Without it, the event must carry every declared bank.
     """
     reader = _Reader(log, bank)
-    variables = _variables(reader)
     return LogFacts(
-        secure_boot=_secure_boot(reader, variables),
-        secure_boot_variables=_secure_boot_variables(reader, variables),
+        secure_boot=_secure_boot(reader),
+        secure_boot_variables=_secure_boot_variables(reader),
         uefi_debug_disabled=_uefi_debug(reader),
         dma_protection=_dma_protection(reader),
         separators_ok=_separators(reader),
