@@ -111,7 +111,6 @@ def test_admin_provisions_and_the_reviewer_reads(host: ManagedHost, provisioned:
         ("POST", "/vms/api-vm/stop", None),
         ("PATCH", "/vms/api-vm/settings", {"console": False}),
         ("POST", "/vms/api-vm/console", None),
-        ("POST", "/vms/api-vm/migrate", {"to_config": "/nonexistent/host.json"}),
         ("POST", "/vms/api-vm/key-protector/restore-last-known-good", None),
     ],
 )
@@ -127,6 +126,30 @@ def test_the_reviewer_cannot_change_anything(
     assert (record.actor, record.subject, record.outcome) == ("reviewer", "api-vm", "refused")
     assert record.details["operation"] == path.rsplit("/", 1)[1]
     assert "reviewer role may not" in record.details["reason"]
+
+
+@pytest.mark.parametrize(
+    ("path", "operation"),
+    [
+        ("/outgoing", "migrate-offer"),
+        ("/outgoing/leave", "migrate-leave"),
+        ("/incoming/finish", "migrate-finish"),
+        ("/incoming/forward", "migrate-forward"),
+        ("/incoming/abort", "migrate-abort"),
+    ],
+)
+def test_the_reviewer_cannot_migrate(
+    host: ManagedHost, provisioned: TenantVm, path: str, operation: str
+) -> None:
+    vm_dir = host.config.vms_dir / "api-vm"
+    before = _tree(vm_dir)
+    with host.client("reviewer") as reviewer, pytest.raises(NotAuthorizedError, match="reviewer"):
+        reviewer.call("POST", f"/vms/api-vm{path}")
+    assert _tree(vm_dir) == before
+    record = _last(host)
+    assert (record.actor, record.details["operation"], record.outcome) == (
+        "reviewer", operation, "refused",
+    )  # fmt: skip
 
 
 def test_the_reviewer_cannot_provision(vm_fabric: VmFabric, host: ManagedHost) -> None:
@@ -341,7 +364,12 @@ def test_the_openapi_document_lists_the_routes(host: ManagedHost) -> None:
         paths = http.get(host.url + "/openapi.json").json()["paths"]
     expected = {
         "/manage/v1/vms",
-        "/manage/v1/vms/{name}/migrate",
+        "/manage/v1/vms/{name}/outgoing",
+        "/manage/v1/vms/{name}/outgoing/send",
+        "/manage/v1/vms/{name}/outgoing/take-back",
+        "/manage/v1/vms/{name}/incoming",
+        "/manage/v1/vms/{name}/incoming/finish",
+        "/manage/v1/vms/{name}/incoming/abort",
         "/manage/v1/vms/{name}/settings",
         "/manage/v1/vms/{name}/key-protector/restore-last-known-good",
     }

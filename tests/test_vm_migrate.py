@@ -1,217 +1,287 @@
-"""Live migration of a shielded VM between two guarded hosts, keys through the KPS.
+"""Live migration between guarded hosts, each half in its own agent, driven through two APIs.
 
-One real boot (TCG, OVMF secure boot, the tiny guest) on host A. Host B is a
-second registered, attested host with its own key and certificate; host C's
-only certificate has expired. Both "hosts" run here: two VM directories, two
-QEMUs, ports on 127.0.0.1. One ordered scenario on that boot (so it holds under
-xdist too): C is refused (the VM stays on A), a stream to E fails after E's
-release (the VM stays on A, the released pair pending there), A moves to B (the
-pending pair is used: A's committed KP is spent), then B to D with a failure
-after the hand-over (the VM stays at D). The `vm` CLI (through the agents' management
-API) is tested in test_vm_cli.py.
+Three host-key hosts, each with its own agent and management API over HTTPS on
+127.0.0.1 (one process here, but no agent calls another): A and B registered
+at the HGS, C never. The fabric administrator's side is
+:mod:`guardfab.host.manage.orchestrate` with one client per host and that
+host's own admin token; every request and answer crossing the APIs is recorded.
+One real boot (OVMF secure boot, TCG) on A, then in order (each step needs the
+VM where the one before left it):
+
+1. to C: refused at C's release, nothing written at C, the VM runs on at A;
+2. to B with a stream under the wrong PSK (the salt changed on the way): B's
+   release spent A's committed KP, so B's pair is handed back to A as pending;
+   the VM runs on at A (same boot);
+3. A to B: the guest's page keeps answering with the same boot id; B's own
+   release of the pending KP (A's committed one is refused as spent);
+4. B to A, left waiting until A's agent abandons it (its timeout): ``vm migrate
+   --abort`` hands A's pair back to B, where the VM can still be stopped and
+   started;
+5. nothing that crossed the APIs holds a key: no transport key of any KP
+   generation, no vault key, no PSK -- only the fields of the protocol.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+import guardfab.host.manage.migrations as migrations
 import vm_fabric_harness
 import vm_harness
+from guardfab.cli.main import cli
+from guardfab.errors import GuardfabError, NotAuthorizedError, TransportError
+from guardfab.formats.encoding import b64url_decode, b64url_encode
 from guardfab.formats.key_protector import load_key_protector
-from guardfab.hypervisor.accel import Accelerator
-from guardfab.hypervisor.errors import HypervisorError
-from guardfab.hypervisor.migrate import DestinationFactory, MigrationRefusedError, migrate_vm
-from guardfab.hypervisor.migration import MigrationError
-from guardfab.hypervisor.power import RuntimeFactory, power_on, running_pid
-from guardfab.hypervisor.provision import VmRecord, provision
-from guardfab.hypervisor.spec import VmSpec
-from guardfab.hypervisor.vault import VaultStore
-from guardfab.hypervisor.vm import QemuVm, VmKeys, VmRuntime
+from guardfab.host.manage import orchestrate
+from guardfab.host.manage.client import ManagementClient
+from guardfab.hypervisor.migrate import migration_psk
+from guardfab.hypervisor.power import power_off, running_pid
+from guardfab.hypervisor.vault import VaultContents, VaultStore, open_vault
+from manage_harness import ManagedHost, managed_host
 from vm_fabric_harness import TenantVm, VmFabric
-from vm_harness import Guest, fetch, find_in_files, parse_page
+from vm_harness import fetch, find_in_files, parse_page
 
-guest = vm_harness.guest
-accelerator = vm_harness.accelerator
 vm_fabric = vm_fabric_harness.vm_fabric
 
 pytestmark = pytest.mark.slow
 
+#: Every field a request or an answer of the migration protocol may carry.
+PROTOCOL_FIELDS = {
+    "record", "pairs", "nvram", "disks_dir", "port", "kp", "vault", "address", "salt",
+    "name", "total_time_ms", "downtime_ms", "transferred_bytes", "pid", "destination",
+    "left", "forwarded", "pending_pair", "resumed",
+}  # fmt: skip
+
 
 @dataclass
-class OnHostA:
+class Recorder:
+    """One host's API client that keeps every request, answer and error it saw."""
+
+    client: ManagementClient
+    log: list[Any] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """The API's URL."""
+        return self.client.url
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """The client's call, recorded."""
+        self.log.append({"request": path, "body": body})
+        try:
+            answer = self.client.call(method, path, body)
+        except GuardfabError as exc:
+            self.log.append({"error": str(exc), "hint": exc.hint})
+            raise
+        self.log.append({"answer": answer})
+        return answer
+
+
+@dataclass
+class Fabric:
+    """The three hosts, the tenant's VM and what crossed their APIs."""
+
+    a: ManagedHost
+    b: ManagedHost
+    c: ManagedHost
     tenant: TenantVm
-    hosts: Path
     port: int
-    boot_id: str
-    made: list[QemuVm] = field(default_factory=list)
+    log: list[Any] = field(default_factory=list)
 
-    def factory(self, accelerator: Accelerator) -> RuntimeFactory:
-        def make(spec: VmSpec, state_dir: Path) -> VmRuntime:
-            self.made.append(QemuVm(spec, state_dir, accel=accelerator, die_with_parent=True))
-            return self.made[-1]
+    def agent(self, host: ManagedHost) -> Recorder:
+        """A recorded admin client of ``host`` (its own token)."""
+        return Recorder(host.client("admin"), self.log)
 
-        return make
-
-    def dir(self, host: str) -> Path:
-        return self.hosts / host / self.tenant.name
+    def vm_dir(self, host: ManagedHost) -> Path:
+        """The VM's directory on ``host``."""
+        return host.config.vms_dir / self.tenant.name
 
 
 @pytest.fixture(scope="module")
-def on_a(
-    vm_fabric: VmFabric,
-    guest: Guest,
-    accelerator: Accelerator,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[OnHostA]:
-    tenant = vm_fabric.tenant_vm("migrating-1")
-    hosts = tmp_path_factory.mktemp("hosts")
+def fabric(vm_fabric: VmFabric, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
+    """A, B registered, C not; the VM provisioned on A through A's API (not started)."""
+    root = tmp_path_factory.mktemp("migrate")
+    tenant = vm_fabric.tenant_vm("moving-1")
     port = vm_harness.free_port()
-    provision(
-        tenant.request(boot=guest.boot(), host_port=port),
-        hosts / "a",
-        reveal_secrets=vm_fabric.reveal_secrets,
-        key_source=vm_fabric.key_source(),
-    )
-    state = OnHostA(tenant, hosts, port, "")
-    try:
-        power_on(
-            state.dir("a"),
-            vm_fabric.key_source(),
-            runtime_factory=state.factory(accelerator),
-        )
-        state.boot_id = parse_page(fetch(port))["boot_id"]
-        yield state
-    finally:
-        for vm in state.made:
-            vm.stop()
+    with (
+        managed_host(root / "a", vm_fabric, "mig-a") as a,
+        managed_host(root / "b", vm_fabric, "mig-b") as b,
+        managed_host(root / "c", vm_fabric, "mig-c", registered=False) as c,
+    ):
+        running = Fabric(a, b, c, tenant, port)
+        try:
+            with a.client() as client:
+                client.provision(_provision_body(tenant, port))
+            yield running
+        finally:
+            for host in (a, b, c):
+                for vm_dir in host.config.vms_dir.glob("*"):
+                    power_off(vm_dir)
 
 
-def _destination(accelerator: Accelerator, made: list[QemuVm]) -> DestinationFactory:
-    def make(record: VmRecord, vm_dir: Path) -> QemuVm:
-        made.append(
-            QemuVm(record.spec(vm_dir), vm_dir / "state", accel=accelerator, die_with_parent=True)
-        )
-        return made[-1]
+def _provision_body(tenant: TenantVm, port: int) -> dict[str, Any]:
+    return {
+        "name": tenant.name,
+        "template": str(tenant.template),
+        "template_sig": b64url_encode(tenant.template_sig),
+        "pdk": b64url_encode(tenant.pdk),
+        "kp": b64url_encode(tenant.kp),
+        "port": port,
+    }
 
-    return make
+
+def _generation(store: VaultStore, which: str) -> int:
+    pair = store.committed() if which == "committed" else store.pending()
+    assert pair is not None
+    return load_key_protector(pair.kp).generation
 
 
-def _unattested_destination_is_refused_and_the_vm_stays(
-    vm_fabric: VmFabric, on_a: OnHostA, accelerator: Accelerator
-) -> None:
-    store = VaultStore(on_a.dir("a") / "keys")
+def _refused_at_c(fabric: Fabric, boot_id: str) -> None:
+    store = VaultStore(fabric.vm_dir(fabric.a) / "keys")
     before = store.numbers()
-    with pytest.raises(MigrationRefusedError, match="got no keys") as caught:
-        migrate_vm(
-            on_a.made[0],
-            on_a.dir("a"),
-            on_a.dir("c"),
-            vm_fabric.unattested_host("host-c"),
-            port=vm_harness.free_port(),
-            factory=_destination(accelerator, on_a.made),
-        )
-    print(f"\nrefused: {caught.value}")
-    assert not (on_a.hosts / "c").exists()
-    assert len(on_a.made) == 1  # no destination QEMU was started
-    assert on_a.made[0].status() == "running"
+    with pytest.raises(NotAuthorizedError, match="got no keys") as caught:
+        orchestrate.migrate(fabric.agent(fabric.a), fabric.agent(fabric.c), fabric.tenant.name)
+    assert "not registered" in str(caught.value)
+    assert list(fabric.c.config.vms_dir.glob("*")) == [], "nothing written at C"
     assert store.numbers() == before
-    assert parse_page(fetch(on_a.port))["boot_id"] == on_a.boot_id
+    assert parse_page(fetch(fabric.port))["boot_id"] == boot_id
 
 
-class _FailsAtStart(QemuVm):
-    def start(self, keys: VmKeys, *, incoming: bool = False) -> None:
-        raise HypervisorError("the destination's QEMU did not start (simulated)")
+def _wrong_psk_then_hand_back(fabric: Fabric, boot_id: str) -> None:
+    """B released (A's committed KP is spent), the stream fails: B's pair goes back to A."""
+    a, b, name = fabric.agent(fabric.a), fabric.agent(fabric.b), fabric.tenant.name
+    offer = a.call("POST", f"/vms/{name}/outgoing")
+    answer = b.call("POST", f"/vms/{name}/incoming", offer)
+    forged = {**answer, "salt": b64url_encode(bytes(32))}
+    del forged["name"]
+    with pytest.raises(TransportError, match=r"migration of VM .* failed"):
+        a.call("POST", f"/vms/{name}/outgoing/send", forged)
+    assert parse_page(fetch(fabric.port))["boot_id"] == boot_id, "still running at A"
+    pair = b.call("POST", f"/vms/{name}/incoming/abort")
+    taken = a.call("POST", f"/vms/{name}/outgoing/take-back", {k: pair[k] for k in ("kp", "vault")})
+    assert taken["resumed"] is False  # a failed handshake never paused it
+    store = VaultStore(fabric.vm_dir(fabric.a) / "keys")
+    assert _generation(store, "committed") == 2  # provisioning 1, start at A 2
+    assert _generation(store, "pending") == 3, "B's release, handed back"
+    assert running_pid(fabric.vm_dir(fabric.b)) is None
+    with pytest.raises(GuardfabError, match="unfinished incoming migration"):
+        fabric.b.client().action(name, "start")
 
 
-def _a_failed_stream_hands_the_released_pair_back_to_the_source(
-    vm_fabric: VmFabric, on_a: OnHostA, accelerator: Accelerator
-) -> None:
-    """A->E fails after E's release: A runs on, the released pair pending in A's store."""
-    store = VaultStore(on_a.dir("a") / "keys")
-    committed = store.committed()
-
-    def make(record: VmRecord, vm_dir: Path) -> QemuVm:
-        return _FailsAtStart(record.spec(vm_dir), vm_dir / "state", accel=accelerator)
-
-    with pytest.raises(HypervisorError, match="simulated"):
-        migrate_vm(on_a.made[0], on_a.dir("a"), on_a.dir("e"), vm_fabric.other_host("host-e"),
-                   port=vm_harness.free_port(), factory=make)  # fmt: skip
-    assert not on_a.dir("e").exists()
-    assert on_a.made[0].status() == "running"
-    assert store.committed() == committed, "A still runs with the pair it started with"
-    pending = store.pending()
-    assert pending is not None
-    assert load_key_protector(pending.kp).generation == 3, "E's release spent generation 2"
-
-
-def _migrate_a_to_b_keeps_the_page_and_the_boot(
-    vm_fabric: VmFabric, on_a: OnHostA, accelerator: Accelerator
-) -> None:
-    source = on_a.made[0]
+def _a_to_b(fabric: Fabric, boot_id: str) -> None:
     mark = time.monotonic()
-    result = migrate_vm(
-        source,
-        on_a.dir("a"),
-        on_a.dir("b"),
-        vm_fabric.other_host("host-b"),
-        port=vm_harness.free_port(),
-        factory=_destination(accelerator, on_a.made),
-    )
-    took = time.monotonic() - mark
-    page = parse_page(fetch(on_a.port))
-    print(f"\nmigrated A->B in {took:.2f} s: {result.stats}")
-    assert page["boot_id"] == on_a.boot_id
-    assert page["marker"] == on_a.tenant.marker
+    report = orchestrate.migrate(fabric.agent(fabric.a), fabric.agent(fabric.b), fabric.tenant.name)
+    print(f"\nmigrated A->B through two agents in {time.monotonic() - mark:.2f} s: {report}")
+    assert report.warnings == []
+    page = parse_page(fetch(fabric.port))
+    assert page["boot_id"] == boot_id
+    assert page["marker"] == fabric.tenant.marker
     assert page["tpm"].startswith("present"), page
-    assert not source.running
-    assert not on_a.dir("a").exists()
-    assert running_pid(on_a.dir("b")) == result.vm.pid
-    store = VaultStore(on_a.dir("b") / "keys")
+    a_dir, b_dir = fabric.vm_dir(fabric.a), fabric.vm_dir(fabric.b)
+    assert sorted(p.name for p in a_dir.iterdir()) == ["disks"], "A keeps only the disks"
+    assert (b_dir / "disks").is_symlink()
+    assert (b_dir / "disks").resolve() == a_dir / "disks"
+    assert running_pid(b_dir) == report.pid
+    store = VaultStore(b_dir / "keys")
     assert store.pending() is None
-    # provisioning (1), power-on at A (2), E's release (3, pending at A), then B's
-    # release of that pending KP -- A's committed one was refused as spent (4)
-    assert load_key_protector(store.committed().kp).generation == 4
-    assert find_in_files([on_a.hosts], on_a.tenant.needles()) == []
+    assert _generation(store, "committed") == 4  # B released the pending KP 3
+    assert not (b_dir / "incoming.json").exists()
 
 
-class _NoForward(QemuVm):
-    def forward_host_port(self) -> None:
-        raise HypervisorError("port 1 is taken (simulated)")
+def _abandoned_then_aborted(fabric: Fabric, monkeypatch: pytest.MonkeyPatch) -> None:
+    """B->A, nobody finishes: A's agent abandons it; ``vm migrate --abort`` hands back."""
+    monkeypatch.setattr(migrations, "INCOMING_TIMEOUT", 2.0)
+    a, b, name = fabric.agent(fabric.a), fabric.agent(fabric.b), fabric.tenant.name
+    offer = b.call("POST", f"/vms/{name}/outgoing")
+    a.call("POST", f"/vms/{name}/incoming", offer)
+    a_dir = fabric.vm_dir(fabric.a)
+    deadline = time.monotonic() + 30
+    while "abandoned" not in (a_dir / "incoming.json").read_text():
+        assert time.monotonic() < deadline, "A's agent never abandoned the migration"
+        time.sleep(0.2)
+    assert fabric.a.client().show(name)["incoming"] == "abandoned"
+    out = CliRunner().invoke(cli, [
+        "vm", "migrate", name, "--abort", "--config", str(fabric.b.config_file),
+        "--to-config", str(fabric.a.config_file),
+    ], catch_exceptions=False)  # fmt: skip
+    assert out.exit_code == 0, out.output
+    store = VaultStore(fabric.vm_dir(fabric.b) / "keys")
+    assert _generation(store, "pending") == 5, "A's release, handed back to B"
+    with fabric.b.client() as client:
+        client.action(name, "stop")
+        started = client.action(name, "start")  # the committed KP 4 is spent: pending 5
+    assert running_pid(fabric.vm_dir(fabric.b)) == started["pid"]
+    assert _generation(store, "committed") == 6
 
 
-def _a_failure_after_the_hand_over_leaves_the_vm_at_the_destination(
-    vm_fabric: VmFabric, on_a: OnHostA, accelerator: Accelerator
+def _nothing_secret_crossed(fabric: Fabric, vm_fabric: VmFabric) -> None:
+    """Only protocol fields crossed the APIs; no key of any generation, no PSK."""
+    traffic = json.dumps(fabric.log)
+    kps = {bytes(b64url_decode(p["kp"], what="kp")) for p in _pairs(fabric.log)}
+    assert len(kps) >= 3, "the test saw the pairs it meant to (generations 2, 3, 4)"
+    transport = [load_key_protector(kp).unwrap(vm_fabric.kps).reveal() for kp in kps]
+    store = VaultStore(fabric.vm_dir(fabric.b) / "keys")
+    committed = load_key_protector(store.committed().kp).unwrap(vm_fabric.kps)
+    contents = open_vault(store.committed().vault, committed, vm_name=fabric.tenant.name)
+    secrets = [*transport, committed.reveal(), *_vault_keys(contents)]
+    for entry in fabric.log:
+        if isinstance(entry.get("answer"), dict) and "salt" in entry["answer"]:
+            salt = b64url_decode(entry["answer"]["salt"], what="salt")
+            secrets.append(migration_psk(contents.vtpm_migration, salt, fabric.tenant.name))
+    for secret in secrets:
+        for form in (secret.hex(), b64url_encode(secret), base64.b64encode(secret).decode()):
+            assert form not in traffic
+    for entry in fabric.log:
+        for part in ("body", "answer"):
+            if isinstance(entry.get(part), dict):
+                assert set(entry[part]) <= PROTOCOL_FIELDS, entry[part].keys()
+
+
+def _pairs(log: list[Any]) -> Iterator[dict[str, str]]:
+    for entry in log:
+        for part in ("body", "answer"):
+            value = entry.get(part)
+            if isinstance(value, dict):
+                yield from value.get("pairs", [])
+                if "kp" in value:
+                    yield value
+
+
+def _vault_keys(contents: VaultContents) -> list[bytes]:
+    disks = [key.material for key in contents.disks.values()]
+    return [contents.vtpm_state, contents.vtpm_migration, *disks]
+
+
+def test_migration_through_two_agents_refused_failed_done_and_abandoned(
+    fabric: Fabric, vm_fabric: VmFabric, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """B->D whose port forward fails once the guest runs at D."""
-    source = on_a.made[-1]
-
-    def make(record: VmRecord, vm_dir: Path) -> QemuVm:
-        on_a.made.append(_NoForward(record.spec(vm_dir), vm_dir / "state", accel=accelerator,
-                                    die_with_parent=True))  # fmt: skip
-        return on_a.made[-1]
-
-    with pytest.raises(MigrationError, match=r"moved to .* and runs there, but: port 1"):
-        migrate_vm(source, on_a.dir("b"), on_a.dir("d"), vm_fabric.other_host("host-d"),
-                   port=vm_harness.free_port(), factory=make)  # fmt: skip
-    assert not source.running
-    assert on_a.made[-1].status() == "running"
-    assert not on_a.dir("b").exists()
-    store = VaultStore(on_a.dir("d") / "keys")
-    assert store.pending() is None
-    assert load_key_protector(store.committed().kp).generation == 5
-    assert running_pid(on_a.dir("d")) == on_a.made[-1].pid
+    """One scenario, in order (see the module docstring)."""
+    with fabric.a.client() as client:
+        client.action(fabric.tenant.name, "start")
+    boot_id = parse_page(fetch(fabric.port))["boot_id"]
+    _refused_at_c(fabric, boot_id)
+    _wrong_psk_then_hand_back(fabric, boot_id)
+    _a_to_b(fabric, boot_id)
+    _abandoned_then_aborted(fabric, monkeypatch)
+    _nothing_secret_crossed(fabric, vm_fabric)
+    roots = [h.config_file.parent for h in (fabric.a, fabric.b, fabric.c)]
+    assert find_in_files(roots, fabric.tenant.needles()) == []
 
 
-def test_c_refused_a_failed_stream_then_a_to_b_then_a_failure_after_the_hand_over(
-    vm_fabric: VmFabric, on_a: OnHostA, accelerator: Accelerator
-) -> None:
-    """One scenario, in order (each step needs the VM where the one before left it)."""
-    _unattested_destination_is_refused_and_the_vm_stays(vm_fabric, on_a, accelerator)
-    _a_failed_stream_hands_the_released_pair_back_to_the_source(vm_fabric, on_a, accelerator)
-    _migrate_a_to_b_keeps_the_page_and_the_boot(vm_fabric, on_a, accelerator)
-    _a_failure_after_the_hand_over_leaves_the_vm_at_the_destination(vm_fabric, on_a, accelerator)
+def test_a_hosts_token_does_not_work_on_another_host(fabric: Fabric) -> None:
+    """Each API knows only its own tokens: A's admin token is refused by B, and B's by A."""
+    for mine, other in ((fabric.a, fabric.b), (fabric.b, fabric.a)):
+        with other.client(token_file=mine.files.token_file("admin")) as client:
+            with pytest.raises(NotAuthorizedError, match="token"):
+                client.action(fabric.tenant.name, "incoming/abort")
+            with pytest.raises(NotAuthorizedError, match="token"):
+                client.list()

@@ -10,6 +10,7 @@ token is read from a 0600 file, never from the command line.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from guardfab.files import read_bounded
 from guardfab.formats.encoding import b64url_encode
 from guardfab.formats.shielding_data import MAX_SHIELDING_DATA_BYTES
 from guardfab.host.config import config_path, load_config
+from guardfab.host.manage import orchestrate
 from guardfab.host.manage.client import ManagementClient, ManagementConnection
 
 _file = click.Path(dir_okay=False, exists=True, path_type=Path)
@@ -150,36 +152,69 @@ _simple(
 )
 
 
+def _destination(kwargs: dict[str, Any]) -> ManagementClient:
+    """The destination's client, from its own options (never the source's token)."""
+    config_file, url = kwargs.pop("to_config"), kwargs.pop("to_url")
+    ca, token_file = kwargs.pop("to_ca"), kwargs.pop("to_token_file")
+    if url is not None and ca is not None and token_file is not None:
+        return ManagementClient(ManagementConnection(url, ca, token_file))
+    if config_file is None:
+        raise UsageError(
+            "say where the destination is: --to-config FILE, or --to-url, --to-ca and "
+            "--to-token-file"
+        )
+    config = load_config(config_file)
+    return ManagementClient(
+        ManagementConnection.of_host(config, url=url, ca=ca, token_file=token_file)
+    )
+
+
 @vm.command("migrate")
 @click.argument("name")
 @click.option(
+    "--to-config",
     "--to",
     "to_config",
     type=_file,
-    required=True,
-    help="The destination host's configuration on this machine (its agent gets its own keys).",
-)
-@click.option(
-    "--to-vms",
-    type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="The destination's VM directory [default: its configuration's vms_dir].",
+    help="The destination host's configuration (its API's URL, CA and admin token file).",
 )
-@click.option("--port", type=click.IntRange(1, 65535), help="127.0.0.1 port for the stream.")
+@click.option("--to-url", default=None, help="The destination's management API URL.")
+@click.option("--to-ca", type=_file, default=None, help="The destination API's CA certificate.")
+@click.option(
+    "--to-token-file", type=_file, default=None, help="A 0600 file: the destination's admin token."
+)
+@click.option("--port", type=click.IntRange(1, 65535), help="Port the destination listens on.")
+@click.option(
+    "--abort",
+    "abort_only",
+    is_flag=True,
+    help="Finish an interrupted migration: the destination's key pair back to the source.",
+)
 @_connection_options
 @json_option
 @handle_errors
-def migrate(
-    name: str, to_config: Path, to_vms: Path | None, port: int | None, as_json: bool, **kwargs: Any
-) -> None:
-    """Live-migrate running VM NAME to another guarded host (keys through its own release)."""
-    body = {"to_config": str(to_config.resolve()), "to_vms": _absolute(to_vms), "port": port}
-    result = _client(kwargs).action(name, "migrate", body)
+def migrate(name: str, port: int | None, abort_only: bool, as_json: bool, **kwargs: Any) -> None:
+    """Live-migrate running VM NAME to another guarded host.
+
+    This command drives both agents, each through its own API with its own
+    admin token: the destination releases the VM's keys with its own health
+    certificate; only public or sealed data passes through here.
+    """
+    dest = _destination(kwargs)
+    source = _client(kwargs)
+    if abort_only:
+        answer = orchestrate.abort(source, dest, name)
+        emit(as_json, answer, f"VM {name}: key pair taken back from the destination (pending)")
+        return
+    report = orchestrate.migrate(source, dest, name, port=port)
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
     text = (
-        f"VM {name} migrated to {result['destination']} (QEMU pid {result['pid']}, "
-        f"{result['total_time_ms']} ms, downtime {result['downtime_ms']} ms)"
+        f"VM {name} migrated to {report.destination} (QEMU pid {report.pid}, "
+        f"{report.total_time_ms} ms, downtime {report.downtime_ms} ms)"
     )
-    emit(as_json, result, text)
+    emit(as_json, dataclasses.asdict(report), text)
 
 
 @vm.command("list")

@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from guardfab.errors import UsageError, VerificationError
 from guardfab.hypervisor.errors import HypervisorError
-from guardfab.hypervisor.power import RuntimeFactory, _record_run, _release
+from guardfab.hypervisor.power import RuntimeFactory, StartedVm, _record_run, _release
 from guardfab.hypervisor.provision import KeySource, load_record
 from guardfab.hypervisor.vault import VaultContents, VaultStore, open_vault, seal_vault
 from guardfab.hypervisor.vm import QemuVm
@@ -254,6 +254,15 @@ def checkpoint_vm(vm: QemuVm, vm_dir: Path, key_source: KeySource) -> Path:
 
 def restore_vm(vm_dir: Path, key_source: KeySource, runtime_factory: RuntimeFactory) -> QemuVm:
     """Start the VM of ``vm_dir`` from its checkpoint (through a release); the file is consumed."""
+    vm = restore_started(vm_dir, key_source, runtime_factory).runtime
+    assert isinstance(vm, QemuVm)  # restore_started refuses any other runtime
+    return vm
+
+
+def restore_started(
+    vm_dir: Path, key_source: KeySource, runtime_factory: RuntimeFactory
+) -> StartedVm:
+    """:func:`restore_vm`, answering the vault's contents too (the agent keeps them)."""
     path = vm_dir / CHECKPOINT_FILE
     if not path.exists():
         raise UsageError(f"VM {vm_dir.name!r} has no checkpoint")
@@ -275,7 +284,7 @@ def restore_vm(vm_dir: Path, key_source: KeySource, runtime_factory: RuntimeFact
     store.commit(pending, replaces=used)
     _record_run(vm_dir, vm)
     path.unlink()
-    return vm
+    return StartedVm(vm, contents)
 
 
 __all__ = [
@@ -284,5 +293,6 @@ __all__ = [
     "checkpoint_vm",
     "decrypt_stream",
     "encrypt_stream",
+    "restore_started",
     "restore_vm",
 ]

@@ -20,7 +20,8 @@ the commit, a failed migration) needs no restore: power-on, checkpoints and
 migration fall back to it when the KPS refuses the committed KP; the restore
 then only aligns the pointer.
 
-It refuses, writing nothing: while the VM runs; when the committed pair is
+It refuses, writing nothing: while the VM runs or is an unfinished incoming
+migration (its pair belongs to the migration); when the committed pair is
 already the newest intact one (older pairs are spent); when the newest intact
 pair is older than the committed one (the KPS would refuse it: only the VM's
 owner, a guardian of the KP, can recover then); when the store holds KPs of
@@ -40,7 +41,7 @@ from pathlib import Path
 
 from guardfab.errors import InvalidInputError, UsageError
 from guardfab.formats.key_protector import load_key_protector
-from guardfab.hypervisor.power import running_pid
+from guardfab.hypervisor.power import refuse_unfinished_incoming, running_pid
 from guardfab.hypervisor.provision import load_record
 from guardfab.hypervisor.vault import VaultError, VaultStore, check_sealed_shape
 
@@ -179,6 +180,7 @@ def restore_last_known_good(vm_dir: Path) -> RestoredKeyProtector:
             f"VM {record.name!r} is running: its key protector cannot change under it",
             hint="stop the VM first (a running VM's committed pair is the one it started with)",
         )
+    refuse_unfinished_incoming(vm_dir, record.name)
     store = VaultStore(vm_dir / "keys")
     states = inspect_pairs(store, record.name)
     committed = _committed_number(store)

@@ -1,167 +1,236 @@
-"""Live-migrate a shielded VM to another guarded host, keys through the KPS.
+"""Live-migrate a shielded VM between guarded hosts: the source's half, and what both share.
 
-The order is what makes it safe (issue 6):
+Each half runs in its own host's agent; the fabric administrator's CLI carries
+what moves between them (:mod:`guardfab.host.manage.orchestrate`), and only what
+is public or sealed moves (ADR 0015):
 
-1. the **destination** asks the KPS for the VM's keys with its *own* health
-   certificate (its agent, or :class:`~guardfab.hypervisor.power.DirectKeySource`),
-   sending the source's committed KP (then a pending one, if the KPS refuses
-   the committed KP as spent: a failed migration before left it). A destination
-   that cannot attest, or is refused, gets nothing: :class:`MigrationRefusedError`
-   says why, before anything is written under the destination's VM directory
-   and before a byte of memory leaves the source, which keeps running;
-2. the destination opens the vault with the released current transport key
-   (the same key the source sealed its vault under at its own power-on);
-3. the destination's VM directory is made: ``vm.json``, the disks (the same
-   images, hard links: the two "hosts" share storage, as live migration needs),
-   the source's OVMF variable store; its QEMU starts with ``-incoming defer``
-   and its own swtpm with the vault's vTPM keys;
-4. the memory stream goes over TLS-PSK (:mod:`guardfab.hypervisor.migration`)
-   under a PSK derived from the transport key: HKDF-SHA256, a fresh random salt
-   per migration, ``info = "guardfab migration psk v1 " + name``. The PSK is
-   never on a command line; it lives only in the runtime's 0700 tmpfs key file
-   while QEMU needs it. The vTPM's state goes inside the stream, encrypted once
-   more by swtpm under the vault's migration key;
-5. on success the destination owns the VM: its vault re-sealed under the new
-   transport key with the egress KP, committed; the source is stopped and its
-   directory removed (the KPS refuses the source's KP from now on anyway).
+* source -> destination, the :class:`MigrationOffer`: the VM record, its sealed
+  (vault, KP) pairs (the committed one, then a pending one a failed migration
+  left), the OVMF variable store and where the disks are on shared storage;
+* destination -> source, the :class:`StreamEndpoint`: address, port and salt;
+* destination -> source after a failure, a :class:`SealedPair`: the egress KP
+  and the vault sealed under the new transport key (the hand-back).
 
-If the stream fails after the release, the source runs on; the released pair
-(vault under the new key, egress KP) is written to the *source's* store as a
-pending pair, so the source can still power on later (the committed KP is
-refused, the pending one is used: the crash path of ADR 0009) and migrate
-again (step 1 falls back to the pending pair the same way). The
-destination's directory is removed.
+The order (the destination's half is :mod:`guardfab.hypervisor.incoming`):
 
-Both ends are driven from one process here (two hosts on one machine, ports on
-127.0.0.1); between machines the destination's half would run in its agent.
+1. the source's agent offers the VM (:func:`make_offer`); it holds the running
+   VM's vault contents in memory since it started it, or gets them again with
+   one re-keying release (:func:`~guardfab.hypervisor.power.rekey_running`);
+2. the destination's agent releases the KP with its *own* health certificate.
+   Refused: nothing is written there, nothing is sent, the VM runs on;
+3. the destination opens the vault, prepares its side, starts QEMU
+   ``-incoming defer`` and answers address, port and a fresh salt;
+4. the source sends the stream over TLS-PSK (:func:`send_stream`). Both ends
+   derive the PSK, neither sends it: ``HKDF-SHA256(the vault's vTPM migration
+   key, salt, "guardfab migration psk v2 " + name)`` (:func:`migration_psk`). That
+   key is inside the vault, the same across re-keys, and distinct in use from
+   swtpm's (its own ``info``) and from checkpoints' (another ``info``);
+5. the destination's guest runs and it commits its pair; then the source stops
+   and leaves (:func:`leave_source`): its directory goes, except disks that
+   live in it (other hosts reach them there through a symlink).
+
+If anything fails after the destination's release, the source's committed KP
+is spent (the KPS refuses it from now on): the destination hands its pair back
+and the source keeps it as *pending* (:func:`take_back`), so the VM, which runs
+on at the source, can still be stopped and started (ADR 0009, 0011).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import secrets
 import shutil
-import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from guardfab.errors import GuardfabError, NotAuthorizedError, TransportError, UsageError
-from guardfab.formats.key_protector import TransportKey
-from guardfab.host.keyrequest import ReleasedKeys
+from guardfab.errors import FormatError, NotAuthorizedError, UsageError
+from guardfab.formats.encoding import b64url_decode, b64url_encode
+from guardfab.formats.key_protector import load_key_protector
 from guardfab.hypervisor.argv import VmPaths
-from guardfab.hypervisor.errors import HypervisorError
+from guardfab.hypervisor.disk import DiskKey, disk_secrets
 from guardfab.hypervisor.migration import (
     PSK_SIZE,
-    IncomingMigration,
     MigrationError,
     MigrationStats,
-    live_migrate,
+    send_migration,
+    stream_uri,
 )
-from guardfab.hypervisor.power import RUN_FILE, _record_run, running_pid
-from guardfab.hypervisor.provision import RECORD_FILE, KeySource, VmRecord, load_record
+from guardfab.hypervisor.power import RUN_FILE, running_pid
+from guardfab.hypervisor.provision import DISK_IDS, RECORD_FILE, VmRecord, load_record
 from guardfab.hypervisor.qmp import QmpClient
 from guardfab.hypervisor.vault import (
+    KEY_BYTES,
     KeyPair,
     VaultContents,
     VaultStore,
-    open_vault,
-    seal_vault,
+    check_sealed_shape,
 )
 from guardfab.hypervisor.vm import STOP_TIMEOUT, QemuVm
 
-_PSK_INFO = b"guardfab migration psk v1 "
+_PSK_INFO = b"guardfab migration psk v2 "
 SALT_SIZE = 32
-
-#: Makes the destination's runtime from its spec and state directory.
-DestinationFactory = Callable[[VmRecord, Path], QemuVm]
+#: The OVMF variable store is 528 KiB; anything far larger is not one.
+MAX_NVRAM_BYTES = 4 * 1024 * 1024
+MAX_PAIRS = 2
 
 
 class MigrationRefusedError(NotAuthorizedError):
     """The destination got no keys: nothing was sent, the VM runs on at the source."""
 
 
-@dataclass(frozen=True)
-class MigrationResult:
-    """What a completed migration reports (no secret in it)."""
+def migration_psk(migration_key: bytes, salt: bytes, vm_name: str) -> bytes:
+    """The TLS pre-shared key of one migration (both ends derive it; neither sends it).
 
-    name: str
-    destination_dir: Path
-    stats: MigrationStats
-    vm: QemuVm
-
-
-def migration_psk(transport_key: TransportKey, salt: bytes, vm_name: str) -> bytes:
-    """The TLS pre-shared key of one migration, derived from the VM's transport key."""
+    Args:
+        migration_key: the vault's vTPM migration key (constant across re-keys).
+        salt: the destination's fresh random salt for this migration.
+        vm_name: binds the key to the VM.
+    """
     if len(salt) != SALT_SIZE:
-        raise ValueError(f"the migration salt must be {SALT_SIZE} bytes")
+        raise FormatError(f"the migration salt must be {SALT_SIZE} bytes")
+    if len(migration_key) != KEY_BYTES:
+        raise ValueError("the vault's migration key has the wrong size")
     hkdf = HKDF(
         algorithm=hashes.SHA256(),
         length=PSK_SIZE,
         salt=salt,
         info=_PSK_INFO + vm_name.encode("utf-8"),
     )
-    return hkdf.derive(transport_key.reveal())
+    return hkdf.derive(migration_key)
 
 
-def _destination_release(
-    store: VaultStore, key_source: KeySource, name: str
-) -> tuple[KeyPair, ReleasedKeys]:
-    """The keys of the committed pair, or of the pending one a failed migration left.
+# ---------------------------------------------------------------- what moves
 
-    After a failed stream the source runs on with the KP it was started with
-    committed, but the KPS has moved past it: the released pair was handed back
-    as pending. A retry presents the committed KP (refused: rollback), then it.
+
+@dataclass(frozen=True)
+class SealedPair:
+    """A KP and the vault sealed under the transport key it wraps: safe to carry."""
+
+    kp: bytes = field(repr=False)
+    vault: bytes = field(repr=False)
+
+    def to_dict(self) -> dict[str, str]:
+        """JSON form (base64url)."""
+        return {"kp": b64url_encode(self.kp), "vault": b64url_encode(self.vault)}
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any]) -> SealedPair:
+        """Parse the JSON form."""
+        return cls(
+            b64url_decode(str(value.get("kp", "")), what="key protector"),
+            b64url_decode(str(value.get("vault", "")), what="sealed vault"),
+        )
+
+    @classmethod
+    def of(cls, pair: KeyPair) -> SealedPair:
+        """A stored pair, to carry."""
+        return cls(pair.kp, pair.vault)
+
+
+@dataclass(frozen=True)
+class MigrationOffer:
+    """What the source hands the destination: public or sealed, no key in clear."""
+
+    record: VmRecord
+    pairs: tuple[SealedPair, ...]
+    nvram: bytes | None = field(repr=False)
+    disks_dir: Path
+
+    @property
+    def name(self) -> str:
+        """The VM's name."""
+        return self.record.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {
+            "record": self.record.to_dict(),
+            "pairs": [pair.to_dict() for pair in self.pairs],
+            "nvram": None if self.nvram is None else b64url_encode(self.nvram),
+            "disks_dir": str(self.disks_dir),
+        }
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any]) -> MigrationOffer:
+        """Parse and check the JSON form (record, pairs' shape, sizes, an absolute path).
+
+        Raises:
+            FormatError: a field is missing, malformed or too large.
+        """
+        record = VmRecord.from_dict(value.get("record"))
+        raw_pairs = value.get("pairs")
+        if not isinstance(raw_pairs, list) or not 1 <= len(raw_pairs) <= MAX_PAIRS:
+            raise FormatError(f"a migration offer carries 1 to {MAX_PAIRS} key pairs")
+        pairs = tuple(SealedPair.from_dict(p) for p in raw_pairs if isinstance(p, dict))
+        if len(pairs) != len(raw_pairs):
+            raise FormatError("a migration offer's key pair is not an object")
+        for pair in pairs:
+            check_sealed_shape(pair.vault, vm_name=record.name)
+        nvram_text = value.get("nvram")
+        nvram = None if nvram_text is None else b64url_decode(str(nvram_text), what="NVRAM")
+        if nvram is not None and len(nvram) > MAX_NVRAM_BYTES:
+            raise FormatError("the offered OVMF variable store is too large")
+        disks_dir = Path(str(value.get("disks_dir", "")))
+        if not disks_dir.is_absolute():
+            raise FormatError("a migration offer's disks_dir must be an absolute path")
+        return cls(record, pairs, nvram, disks_dir)
+
+
+@dataclass(frozen=True)
+class StreamEndpoint:
+    """Where the destination waits for the stream, and the salt of its PSK."""
+
+    address: str
+    port: int
+    salt: bytes = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"address": self.address, "port": self.port, "salt": b64url_encode(self.salt)}
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any]) -> StreamEndpoint:
+        """Parse the JSON form."""
+        port = value.get("port")
+        if not isinstance(port, int) or not 1 <= port <= 65535:
+            raise FormatError("the stream's port must be 1-65535")
+        salt = b64url_decode(str(value.get("salt", "")), what="migration salt")
+        if len(salt) != SALT_SIZE:
+            raise FormatError(f"the migration salt must be {SALT_SIZE} bytes")
+        return cls(str(value.get("address", "")), port, salt)
+
+
+# ---------------------------------------------------------------- the source's half
+
+
+def disks_directory(vm_dir: Path) -> Path:
+    """Where the VM's disks really are (through a destination's symlink, on shared storage)."""
+    return (Path(vm_dir) / "disks").resolve()
+
+
+def make_offer(vm_dir: Path) -> MigrationOffer:
+    """The offer of the VM running in ``vm_dir`` (its record, sealed pairs, NVRAM, disks).
+
+    Raises:
+        UsageError: the VM does not run here.
     """
-    refusals: list[GuardfabError] = []
-    for pair in store.candidates():
-        try:
-            return pair, key_source.release(pair.kp)
-        except TransportError:
-            raise
-        except GuardfabError as exc:
-            refusals.append(exc)
-    if not refusals:
-        raise MigrationRefusedError(f"VM {name!r} has no key protector stored")
-    first = refusals[0]
-    raise MigrationRefusedError(
-        f"VM {name!r} not migrated: the destination got no keys from the KPS ({first}); "
-        "nothing was sent and the VM keeps running at the source",
-        hint=first.hint or "make the destination attest (guardfab host attest) and retry",
-    ) from first
-
-
-def _prepare_destination(record: VmRecord, source_dir: Path, dest_dir: Path) -> None:
-    """The destination's VM directory: record, disks (shared storage), NVRAM copy."""
-    dest_dir.mkdir(mode=0o700, parents=True)
-    (dest_dir / "disks").mkdir(mode=0o700)
-    for disk in record.spec(source_dir).disks:
-        try:
-            os.link(disk.path, dest_dir / "disks" / disk.path.name)
-        except OSError as exc:
-            raise UsageError(
-                f"VM {record.name!r}: the destination cannot reach disk {disk.device_id} "
-                f"({exc.strerror})",
-                hint="live migration needs the VM directories on shared storage",
-            ) from exc
-    path = dest_dir / RECORD_FILE
-    path.write_text((source_dir / RECORD_FILE).read_text(encoding="utf-8"), encoding="utf-8")
-    path.chmod(0o600)
-    nvram = VmPaths(work_dir=source_dir / "state", run_dir=source_dir).ovmf_vars
-    if nvram.exists():
-        (dest_dir / "state").mkdir(mode=0o700)
-        shutil.copyfile(nvram, dest_dir / "state" / nvram.name)
-        (dest_dir / "state" / nvram.name).chmod(0o600)
+    vm_dir = Path(vm_dir)
+    record = load_record(vm_dir)
+    if running_pid(vm_dir) is None:
+        raise UsageError(f"VM {record.name!r} is not running on this host")
+    pairs = tuple(SealedPair.of(pair) for pair in VaultStore(vm_dir / "keys").candidates())
+    nvram_file = VmPaths(work_dir=vm_dir / "state", run_dir=vm_dir).ovmf_vars
+    nvram = nvram_file.read_bytes() if nvram_file.exists() else None
+    return MigrationOffer(record, pairs, nvram, disks_directory(vm_dir))
 
 
 class AttachedVm(QemuVm):
-    """A running VM that another process started (``vm start``), reached over its QMP socket.
+    """A running VM that another operation started, reached over its QMP socket.
 
     Only what a migration source needs: QMP commands, and :meth:`stop` that also
     waits until that QEMU has exited (so its forwarded port is free for the
@@ -201,130 +270,139 @@ def attach(vm_dir: Path) -> AttachedVm:
     return AttachedVm(load_record(vm_dir), vm_dir)
 
 
-def free_local_port() -> int:
-    """A TCP port on 127.0.0.1 free right now (for the destination to listen on)."""
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+def send_stream(
+    source: QemuVm, contents: VaultContents, endpoint: StreamEndpoint
+) -> MigrationStats:
+    """Send the running ``source`` to the destination's endpoint over TLS-PSK.
 
-
-def _qemu_destination(record: VmRecord, dest_dir: Path) -> QemuVm:
-    return QemuVm(record.spec(dest_dir), dest_dir / "state")
-
-
-def migrate_vm(
-    source: QemuVm,
-    source_dir: Path,
-    dest_dir: Path,
-    dest_keys: KeySource,
-    *,
-    port: int,
-    factory: DestinationFactory = _qemu_destination,
-) -> MigrationResult:
-    """Move the running VM of ``source_dir`` to ``dest_dir`` (see the module docstring).
+    On return the whole state has gone and the source is paused (``postmigrate``),
+    its disks handed over: it stays so until :func:`leave_source` (the
+    destination runs the guest) or :func:`resume_source` (it did not).
 
     Raises:
-        MigrationRefusedError: the destination got no keys (nothing sent or written).
-        UsageError: the destination exists already, or cannot reach the disks.
-        MigrationError: the stream failed and the VM runs on at the source; or, if the
-            message says so, the VM moved and runs at the destination but a last step
-            (its port forward) failed.
+        MigrationError: the handshake (a wrong PSK: another salt, another vault)
+            or the transfer failed; the source runs on.
     """
-    record = load_record(source_dir)
-    if dest_dir.exists():
-        raise UsageError(f"VM {record.name!r}: {dest_dir} exists already")
-    store = VaultStore(source_dir / "keys")
-    pair, released = _destination_release(store, dest_keys, record.name)
-    contents = open_vault(pair.vault, released.old_transport_key, vm_name=record.name)
-    psk = migration_psk(released.old_transport_key, secrets.token_bytes(SALT_SIZE), record.name)
-    dest: QemuVm | None = None
-    try:
-        _prepare_destination(record, source_dir, dest_dir)
-        dest = factory(record, dest_dir)
-        stats = _stream(source, dest, psk, contents, port)
-    except BaseException as exc:
-        if dest is None or not isinstance(exc, HypervisorError) or not _landed(source, dest):
-            if dest is not None:
-                dest.stop()
-            shutil.rmtree(dest_dir, ignore_errors=True)
-            _hand_back(store, contents, released, record.name)
-            raise
-        _take_over(
-            record.name,
-            dest,
-            source_dir=source_dir,
-            dest_dir=dest_dir,
-            contents=contents,
-            released=released,
-        )
-        raise MigrationError(
-            f"VM {record.name!r} moved to {dest_dir} and runs there, but: {exc}"
-        ) from exc
-    _take_over(
-        record.name,
-        dest,
-        source_dir=source_dir,
-        dest_dir=dest_dir,
-        contents=contents,
-        released=released,
-    )
-    return MigrationResult(record.name, dest_dir, stats, dest)
+    psk = migration_psk(contents.vtpm_migration, endpoint.salt, source.spec.name)
+    uri = stream_uri(endpoint.address, endpoint.port)
+    return send_migration(source, psk, uri, contents.disks)
 
 
-def _landed(source: QemuVm, dest: QemuVm) -> bool:
-    """Whether the hand-over happened: the source is gone and the guest runs at ``dest``."""
-    try:
-        return not source.running and dest.running and dest.status() == "running"
-    except HypervisorError:
+def resume_source(source: QemuVm, disk_keys: Mapping[str, DiskKey]) -> bool:
+    """Run the source again after a stream the destination did not take over.
+
+    A source paused after a completed stream gave its disks away: it takes
+    them back (QEMU reopens them, so it needs their secrets for a moment) and
+    runs on. Returns whether it had to be resumed.
+    """
+    status = source.status()
+    if status not in {"paused", "postmigrate", "finish-migrate"}:
         return False
+    with disk_secrets(source.qmp, source.spec.disks, disk_keys):
+        source.resume()
+    return True
 
 
-def _take_over(
-    name: str,
-    dest: QemuVm,
-    *,
-    source_dir: Path,
-    dest_dir: Path,
-    contents: VaultContents,
-    released: ReleasedKeys,
-) -> None:
-    """The destination owns the VM: its pair committed, the source's directory gone."""
-    dest_store = VaultStore(dest_dir / "keys")
-    sealed = seal_vault(contents, released.new_transport_key, vm_name=name)
-    dest_store.commit(dest_store.write_pending(sealed, released.egress_kp).number)
-    _record_run(dest_dir, dest)
-    (source_dir / RUN_FILE).unlink(missing_ok=True)
-    shutil.rmtree(source_dir, ignore_errors=True)
+def leave_source(source: QemuVm, vm_dir: Path) -> None:
+    """The destination runs the guest: stop the source and remove its directory.
+
+    Disks that live in the directory stay (other hosts reach them there): only
+    the host's own state goes -- record and run file first, so a crash half-way
+    leaves no directory that looks like a VM.
+
+    Raises:
+        UsageError: the source is not paused after a completed stream.
+    """
+    status = source.status()
+    if status != "postmigrate":
+        raise UsageError(
+            f"VM {source.spec.name!r} is {status} here, not handed over: not stopping it",
+            hint="only a source whose stream completed leaves",
+        )
+    source.stop()
+    remove_host_state(Path(vm_dir))
 
 
-def _stream(
-    source: QemuVm, dest: QemuVm, psk: bytes, contents: VaultContents, port: int
-) -> MigrationStats:
-    dest.start(contents.vm_keys(), incoming=True)
-    incoming = IncomingMigration(dest, psk, port)
-    incoming.listen()
-    return live_migrate(source, incoming, psk, contents.disks)
+def remove_host_state(vm_dir: Path) -> None:
+    """Remove this host's files of a VM (record and run file first); disks living here stay."""
+    for name in (RUN_FILE, RECORD_FILE):
+        (vm_dir / name).unlink(missing_ok=True)
+    disks = vm_dir / "disks"
+    for entry in vm_dir.iterdir():
+        if entry == disks and not entry.is_symlink():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    if not disks.exists():
+        vm_dir.rmdir()
 
 
-def _hand_back(
-    store: VaultStore, contents: VaultContents, released: ReleasedKeys, name: str
-) -> None:
-    """After a failed stream, keep the source startable: the released pair as pending."""
-    sealed = seal_vault(contents, released.new_transport_key, vm_name=name)
-    try:
-        store.write_pending(sealed, released.egress_kp)
-    except OSError as exc:  # pragma: no cover - the source's own disk failed
-        raise HypervisorError(f"VM {name!r}: could not keep the released key pair") from exc
+def take_back(vm_dir: Path, pair: SealedPair) -> int:
+    """Keep the pair a destination hands back as this VM's pending pair.
+
+    It is what the KPS now accepts for the VM (the destination's release spent
+    the committed KP), so power-on, a later migration or checkpoint fall back to
+    it. Checked first: a vault sealed for this VM, a KP that loads, of this VM's
+    ``kp_id`` and newer than every KP held here. Answers the pending pair's number.
+
+    Raises:
+        VaultError, FormatError, VerificationError: not this VM's pair (nothing written).
+        UsageError: the pair is not newer than what this host holds (nothing written).
+    """
+    vm_dir = Path(vm_dir)
+    record = load_record(vm_dir)
+    check_sealed_shape(pair.vault, vm_name=record.name)
+    handed = load_key_protector(pair.kp)
+    store = VaultStore(vm_dir / "keys")
+    held = [load_key_protector(p.kp) for p in store.candidates()]
+    if any(kp.kp_id != handed.kp_id for kp in held):
+        raise NotAuthorizedError(
+            f"the key protector handed back is not VM {record.name!r}'s (another kp_id)"
+        )
+    pending = store.pending()
+    if pending is not None and pending.kp == pair.kp:
+        return pending.number
+    if any(kp.generation >= handed.generation for kp in held):
+        raise UsageError(
+            f"the key protector handed back (generation {handed.generation}) is not newer "
+            f"than VM {record.name!r}'s here: nothing to take back"
+        )
+    return store.write_pending(pair.vault, pair.kp).number
+
+
+def check_disks(offer: MigrationOffer) -> None:
+    """The offered disks are reachable at the offered path (shared storage).
+
+    Raises:
+        UsageError: the directory or a disk image is not there.
+    """
+    for device_id in DISK_IDS:
+        image = offer.disks_dir / f"{device_id}.qcow2"
+        if not image.is_file():
+            raise UsageError(
+                f"VM {offer.name!r}: this host cannot reach disk {device_id} at {image}",
+                hint="live migration needs the VM's disks on storage both hosts see at one path",
+            )
 
 
 __all__ = [
+    "SALT_SIZE",
     "AttachedVm",
-    "DestinationFactory",
+    "MigrationError",
+    "MigrationOffer",
     "MigrationRefusedError",
-    "MigrationResult",
+    "SealedPair",
+    "StreamEndpoint",
     "attach",
-    "free_local_port",
-    "migrate_vm",
+    "check_disks",
+    "disks_directory",
+    "leave_source",
+    "make_offer",
     "migration_psk",
+    "remove_host_state",
+    "resume_source",
+    "send_stream",
+    "take_back",
 ]

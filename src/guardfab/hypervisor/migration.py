@@ -109,6 +109,11 @@ def new_migration_psk() -> bytes:
     return secrets.token_bytes(PSK_SIZE)
 
 
+def stream_uri(address: str, port: int) -> str:
+    """QEMU's migration URI for a TCP address (IPv6 in brackets)."""
+    return f"tcp:[{address}]:{port}" if ":" in address else f"tcp:{address}:{port}"
+
+
 def _use_tls(vm: QemuVm, endpoint: str, directory: Path) -> None:
     """(Re)create the VM's TLS credentials from ``directory`` and make migration use them."""
     with contextlib.suppress(QmpCommandError):
@@ -132,12 +137,13 @@ class IncomingMigration:
     Args:
         dest: a VM started with ``incoming=True`` (its disks already opened).
         psk: the migration's pre-shared key.
-        port: the 127.0.0.1 port to listen on.
+        port: the port to listen on.
+        address: the address to listen on (an IP address of this host).
     """
 
-    def __init__(self, dest: QemuVm, psk: bytes, port: int) -> None:
+    def __init__(self, dest: QemuVm, psk: bytes, port: int, address: str = "127.0.0.1") -> None:
         self.dest = dest
-        self.uri = f"tcp:127.0.0.1:{port}"
+        self.uri = stream_uri(address, port)
         self._psk = psk
         self._stack = contextlib.ExitStack()
 

@@ -16,6 +16,16 @@ Power-on, the reference's steps as this host does them:
 4. start swtpm and QEMU through the runtime (keys by pipe and QMP only);
 5. commit the pending pair once QEMU runs.
 
+:func:`start_vm` also answers the vault's contents, which the host agent keeps in
+memory while the VM runs: a live migration's source derives the stream's key
+from them (:mod:`guardfab.hypervisor.migrate`). :func:`rekey_running` gets them
+again for a running VM whose agent lost them (it restarted): one re-keying
+release, as a power-on does, without touching QEMU.
+
+A VM directory that an unfinished incoming migration made (``incoming.json``
+in it) is not started: its pair belongs to the migration (hand it back to the
+source, or let the migration finish).
+
 :func:`power_off` stops a VM started by another process (the CLI exits while
 its VM runs) from the pid recorded in ``run.json``.
 """
@@ -29,7 +39,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from guardfab.errors import GuardfabError, NotAuthorizedError, TransportError, UsageError
@@ -39,10 +49,18 @@ from guardfab.host.keyrequest import ReleasedKeys
 from guardfab.hypervisor.policy import check_vm_policy
 from guardfab.hypervisor.provision import KeySource, load_record
 from guardfab.hypervisor.spec import VmSpec
-from guardfab.hypervisor.vault import KeyPair, VaultStore, open_vault, seal_vault
+from guardfab.hypervisor.vault import (
+    KeyPair,
+    VaultContents,
+    VaultStore,
+    open_vault,
+    seal_vault,
+)
 from guardfab.hypervisor.vm import QemuVm, VmRuntime
 
 RUN_FILE = "run.json"
+#: Marks a VM directory that an incoming live migration made and has not finished.
+INCOMING_FILE = "incoming.json"
 STOP_TIMEOUT = 10.0
 
 #: Makes the runtime of a VM from its spec and its state directory.
@@ -94,13 +112,43 @@ def _release(store: VaultStore, key_source: KeySource, name: str) -> tuple[KeyPa
     ) from first
 
 
+@dataclass(frozen=True)
+class StartedVm:
+    """A VM just started, and its vault's keys (kept in the agent's memory only)."""
+
+    runtime: VmRuntime
+    contents: VaultContents = field(repr=False)
+
+
 def power_on(
     vm_dir: Path, key_source: KeySource, *, runtime_factory: RuntimeFactory = _qemu_factory
 ) -> VmRuntime:
+    """Start the VM in ``vm_dir`` with keys released for this host (see :func:`start_vm`)."""
+    return start_vm(vm_dir, key_source, runtime_factory=runtime_factory).runtime
+
+
+def refuse_unfinished_incoming(vm_dir: Path, name: str) -> None:
+    """Refuse to use a VM directory an unfinished incoming migration made.
+
+    Raises:
+        UsageError: ``incoming.json`` is there.
+    """
+    if (Path(vm_dir) / INCOMING_FILE).exists():
+        raise UsageError(
+            f"VM {name!r} is an unfinished incoming migration on this host",
+            hint="finish it, or take its keys back to the source: "
+            "guardfab vm migrate NAME --abort --to-config THIS-HOST",
+        )
+
+
+def start_vm(
+    vm_dir: Path, key_source: KeySource, *, runtime_factory: RuntimeFactory = _qemu_factory
+) -> StartedVm:
     """Start the VM in ``vm_dir`` with keys released for this host (see the module docstring).
 
     Raises:
-        UsageError: the VM runs already (nothing released).
+        UsageError: the VM runs already, or is an unfinished incoming migration
+            (nothing released).
         PolicyError: its record asks for what its policy forbids, e.g. a console
             on a shielded VM (nothing released).
         PowerOnRefusedError: this host got no keys (nothing started).
@@ -112,6 +160,7 @@ def power_on(
     record = load_record(vm_dir)
     if running_pid(vm_dir) is not None:  # before the release: it would spend a KP generation
         raise UsageError(f"VM {record.name!r} is already running")
+    refuse_unfinished_incoming(vm_dir, record.name)
     spec = record.spec(vm_dir)
     check_vm_policy(spec)  # before the release too: a refused spec must not spend a KP
     store = VaultStore(vm_dir / "keys")
@@ -125,7 +174,34 @@ def power_on(
     vm.start(contents.vm_keys())
     store.commit(pending.number, replaces=pair.number)
     _record_run(vm_dir, vm)
-    return vm
+    return StartedVm(vm, contents)
+
+
+def rekey_running(vm_dir: Path, key_source: KeySource) -> VaultContents:
+    """The running VM's vault contents, through one re-keying release (QEMU untouched).
+
+    For an agent that restarted while its VM ran, so lost the keys it held:
+    release (the committed KP, else a pending one), open, seal again under the
+    new key with the egress KP, commit -- the store moves on one generation
+    exactly as at a power-on, and the running VM is unaffected.
+
+    Raises:
+        UsageError: the VM does not run here.
+        PowerOnRefusedError: this host got no keys (nothing written).
+    """
+    vm_dir = Path(vm_dir)
+    record = load_record(vm_dir)
+    if running_pid(vm_dir) is None:
+        raise UsageError(f"VM {record.name!r} is not running on this host")
+    store = VaultStore(vm_dir / "keys")
+    pair, released = _release(store, key_source, record.name)
+    contents = open_vault(pair.vault, released.old_transport_key, vm_name=record.name)
+    pending = store.write_pending(
+        seal_vault(contents, released.new_transport_key, vm_name=record.name),
+        released.egress_kp,
+    )
+    store.commit(pending.number, replaces=pair.number)
+    return contents
 
 
 def _record_run(vm_dir: Path, vm: VmRuntime) -> None:
@@ -192,11 +268,16 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 
 __all__ = [
+    "INCOMING_FILE",
     "DirectKeySource",
     "PowerOnRefusedError",
     "RuntimeFactory",
+    "StartedVm",
     "power_off",
     "power_on",
+    "refuse_unfinished_incoming",
+    "rekey_running",
     "run_directory",
     "running_pid",
+    "start_vm",
 ]

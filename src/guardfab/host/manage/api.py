@@ -34,16 +34,28 @@ from guardfab.hgs.web import (
 from guardfab.host.manage.audit import FAILED, GRANTED, REFUSED, ManagementAudit
 from guardfab.host.manage.material import ADMIN_ROLES, READ_ROLES, ManagementFiles
 from guardfab.host.manage.operations import NAME_PATTERN, VmOperations
+from guardfab.hypervisor.migrate import (
+    MAX_NVRAM_BYTES,
+    MAX_PAIRS,
+    MigrationOffer,
+    SealedPair,
+    StreamEndpoint,
+)
 from guardfab.hypervisor.provision import ProvisionRequest
 from guardfab.hypervisor.settings import LooseningRefusedError
 from guardfab.hypervisor.spec import DirectKernel
+from guardfab.hypervisor.vault import MAX_VAULT_BYTES
 
 PREFIX = "/manage/v1"
 _SMALL_FILE = 1024 * 1024
 _PDK_B64 = MAX_SHIELDING_DATA_BYTES * 4 // 3 + 4
 _SMALL_B64 = _SMALL_FILE * 4 // 3 + 4
-#: The whole body: a PDK, a KP, a signature and paths, base64url.
-MAX_BODY_BYTES = _PDK_B64 + 2 * _SMALL_B64 + 64 * 1024
+_VAULT_B64 = MAX_VAULT_BYTES * 4 // 3 + 4
+_NVRAM_B64 = MAX_NVRAM_BYTES * 4 // 3 + 4
+#: The whole body: a PDK, a KP, a signature and paths; or a migration offer; base64url.
+MAX_BODY_BYTES = max(_PDK_B64 + 2 * _SMALL_B64, _NVRAM_B64 + 2 * (_SMALL_B64 + _VAULT_B64)) + (
+    64 * 1024
+)
 _WHAT = "a management API token"
 _HINT = (
     "send 'Authorization: Bearer <token>' with this host's admin or reviewer token "
@@ -85,12 +97,41 @@ class ProvisionBody(Strict):
         )
 
 
-class MigrateBody(Strict):
-    """The destination guarded host (its configuration on this machine) and the stream's port."""
+class PairBody(Strict):
+    """A KP and the vault sealed under the key it wraps (base64url): safe to carry."""
 
-    to_config: HostPath
-    to_vms: HostPath | None = None
+    kp: Annotated[str, Field(min_length=1, max_length=_SMALL_B64)]
+    vault: Annotated[str, Field(min_length=1, max_length=_VAULT_B64)]
+
+    def to_pair(self) -> SealedPair:
+        """The hypervisor's form."""
+        return SealedPair.from_dict(self.model_dump())
+
+
+class OfferBody(Strict):
+    """What a migration's source offers (public or sealed), and the port to listen on."""
+
+    record: dict[str, Any]
+    pairs: Annotated[list[PairBody], Field(min_length=1, max_length=MAX_PAIRS)]
+    nvram: Annotated[str | None, Field(max_length=_NVRAM_B64)] = None
+    disks_dir: HostPath
     port: Annotated[int | None, Field(ge=1, le=65535)] = None
+
+    def to_offer(self) -> MigrationOffer:
+        """The hypervisor's form (record and pairs checked)."""
+        return MigrationOffer.from_dict(self.model_dump(exclude={"port"}))
+
+
+class EndpointBody(Strict):
+    """Where the destination listens, and its salt (base64url of 32 bytes)."""
+
+    address: Annotated[str, Field(min_length=2, max_length=64, pattern=r"^[0-9A-Fa-f.:]+$")]
+    port: Annotated[int, Field(ge=1, le=65535)]
+    salt: Annotated[str, Field(min_length=43, max_length=43)]
+
+    def to_endpoint(self) -> StreamEndpoint:
+        """The hypervisor's form."""
+        return StreamEndpoint.from_dict(self.model_dump())
 
 
 class SettingsBody(Strict):
@@ -210,6 +251,7 @@ def create_app(context: ManagementContext) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, limit=MAX_BODY_BYTES)
     _read_routes(app)
     _lifecycle_routes(app)
+    _migration_routes(app)
     _policy_routes(app)
     return app
 
@@ -274,20 +316,85 @@ def _lifecycle_routes(app: FastAPI) -> None:
     simple("checkpoint", VmOperations.checkpoint)
     simple("restore", VmOperations.restore)
 
-    @app.post(f"{PREFIX}/vms/{{name}}/migrate", tags=["lifecycle"], name="migrate")
-    def migrate_vm(
-        request: Request,
-        name: VmName,
-        body: MigrateBody,
-        role: Annotated[str, Depends(admin("migrate"))],
-    ) -> dict[str, Any]:
-        """Live-migrate to another guarded host on this machine (its agent releases its keys)."""
-        vms = _context(request).vms
-        to_vms = None if body.to_vms is None else FilePath(body.to_vms)
-        return audited(
-            _context(request), role, "migrate", name,
-            lambda: vms.migrate(name, FilePath(body.to_config), to_vms, body.port),
-        )  # fmt: skip
+
+def _migration_routes(app: FastAPI) -> None:
+    """Both halves of a live migration; the CLI drives two agents, each with its own token."""
+    prefix = f"{PREFIX}/vms/{{name}}"
+
+    def route(path: str, operation: str, run: Callable[..., dict[str, Any]], doc: str) -> None:
+        only_admin = admin(operation)
+
+        def handler(request: Request, name: VmName, role: str = Depends(only_admin)) -> Any:
+            context = _context(request)
+            return audited(context, role, operation, name, lambda: run(context, name))
+
+        handler.__doc__ = doc
+        app.post(prefix + path, tags=["migration"], name=operation)(handler)
+
+    def with_body(path: str, operation: str, body_type: Any, run: Any, doc: str) -> None:
+        only_admin = admin(operation)
+
+        def handler(
+            request: Request, name: VmName, body: Any, role: str = Depends(only_admin)
+        ) -> Any:
+            context = _context(request)
+            return audited(context, role, operation, name, lambda: run(context, name, body))
+
+        handler.__annotations__ = {**handler.__annotations__, "body": body_type}
+        handler.__doc__ = doc
+        app.post(prefix + path, tags=["migration"], name=operation)(handler)
+
+    route(
+        "/outgoing",
+        "migrate-offer",
+        lambda c, n: c.vms.migrations.offer(n),
+        "Source: offer the running VM (record, sealed pairs, NVRAM, disks' path).",
+    )
+    with_body(
+        "/outgoing/send",
+        "migrate-send",
+        EndpointBody,
+        lambda c, n, b: c.vms.migrations.send(n, b.to_endpoint()),
+        "Source: send the VM's state to the destination's endpoint (TLS-PSK).",
+    )
+    route(
+        "/outgoing/leave",
+        "migrate-leave",
+        lambda c, n: c.vms.migrations.leave(n),
+        "Source: the destination runs the guest; stop here and remove this host's files.",
+    )
+    with_body(
+        "/outgoing/take-back",
+        "migrate-take-back",
+        PairBody,
+        lambda c, n, b: c.vms.migrations.take_back(n, b.to_pair()),
+        "Source: keep the destination's pair as pending; run the VM on.",
+    )
+    with_body(
+        "/incoming",
+        "migrate-receive",
+        OfferBody,
+        lambda c, n, b: c.vms.migrations.receive(n, b.to_offer(), b.port),
+        "Destination: release with this host's certificate, start QEMU, listen.",
+    )
+    route(
+        "/incoming/finish",
+        "migrate-finish",
+        lambda c, n: c.vms.migrations.finish(n),
+        "Destination: the stream arrived; run the guest and commit its key pair.",
+    )
+    route(
+        "/incoming/forward",
+        "migrate-forward",
+        lambda c, n: c.vms.migrations.forward(n),
+        "Destination: open the VM's host port (once the source let it go).",
+    )
+    route(
+        "/incoming/abort",
+        "migrate-abort",
+        lambda c, n: c.vms.migrations.abort(n),
+        "Destination: stop an unfinished migration; answer its sealed pair for the source.",
+    )
 
 
 def _policy_routes(app: FastAPI) -> None:

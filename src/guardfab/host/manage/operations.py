@@ -5,6 +5,10 @@ so a VM's keys are released into this process and go from here to QEMU and
 swtpm only (by pipe and QMP), never to the client. One operation at a time per
 VM (a lock per name): two requests on one VM would race on its key vault.
 
+The agent keeps the vault contents of each VM it started (or restored, or
+received) in memory while the VM runs: a live migration's source derives the
+stream's key from them (:mod:`.migrations` holds both halves of a migration).
+
 Loosening a shielded VM (a console, a serial port) is refused by the hypervisor
 layer (:mod:`guardfab.hypervisor.settings`, :mod:`guardfab.hypervisor.console`)
 before anything changes, with a :class:`LooseningRefusedError` that the API's
@@ -14,7 +18,6 @@ whatever its record says.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 import threading
@@ -26,14 +29,13 @@ from typing import Any
 from guardfab.errors import UsageError
 from guardfab.formats.shielding_data import SecurityPolicy
 from guardfab.formats.shielding_secrets import ShieldingSecrets
-from guardfab.host.config import load_config
-from guardfab.host.localapi import AgentClient
-from guardfab.hypervisor.checkpoint import checkpoint_vm, restore_vm
+from guardfab.host.manage.migrations import VmMigrations, let_go
+from guardfab.hypervisor.checkpoint import checkpoint_vm, restore_started
 from guardfab.hypervisor.console import console_socket
-from guardfab.hypervisor.errors import HypervisorError
+from guardfab.hypervisor.incoming import incoming_state
 from guardfab.hypervisor.keyprotector import restore_last_known_good
-from guardfab.hypervisor.migrate import attach, free_local_port, migrate_vm
-from guardfab.hypervisor.power import power_off, power_on, running_pid
+from guardfab.hypervisor.migrate import attach
+from guardfab.hypervisor.power import power_off, running_pid, start_vm
 from guardfab.hypervisor.provision import (
     KeySource,
     ProvisionRequest,
@@ -43,6 +45,7 @@ from guardfab.hypervisor.provision import (
 )
 from guardfab.hypervisor.settings import LooseningRefusedError, change_settings
 from guardfab.hypervisor.spec import VmSpec
+from guardfab.hypervisor.vault import VaultContents
 from guardfab.hypervisor.vm import QemuVm, VmRuntime
 
 #: A VM name: what provisioning accepts, and all a path parameter may be.
@@ -63,24 +66,12 @@ def summary(record: VmRecord, vm_dir: Path) -> dict[str, Any]:
         "host_port": record.host_port,
         "console": record.console,
         "running": running_pid(vm_dir) is not None,
+        "incoming": incoming_state(vm_dir),
     }
 
 
 def _qemu(spec: VmSpec, state_dir: Path) -> VmRuntime:
     return QemuVm(spec, state_dir)
-
-
-def _let_go(runtime: object) -> None:
-    """Close this process's QMP session to a VM that runs on without it.
-
-    QEMU's QMP socket serves one client at a time: a session the agent kept open
-    after a start, or after a refused migration, would make the next operation on
-    the VM (a migration, a checkpoint) wait in vain for QEMU's greeting. The VM
-    keeps running.
-    """
-    if isinstance(runtime, QemuVm):
-        with contextlib.suppress(HypervisorError):
-            runtime.qmp.close()
 
 
 class VmOperations:
@@ -93,15 +84,25 @@ class VmOperations:
             ``open_shielding_data``).
     """
 
-    def __init__(self, vms_dir: Path, keys: KeySource, open_pdk: OpenShieldingData) -> None:
+    def __init__(
+        self,
+        vms_dir: Path,
+        keys: KeySource,
+        open_pdk: OpenShieldingData,
+        *,
+        stream_address: str = "127.0.0.1",
+    ) -> None:
         self.vms_dir = Path(vms_dir)
-        self._keys = keys
+        self.keys = keys
         self._open_pdk = open_pdk
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        #: The vault contents of each VM this agent runs (memory only).
+        self.held: dict[str, VaultContents] = {}
+        self.migrations = VmMigrations(self, stream_address)
 
     @contextmanager
-    def _vm(self, name: str) -> Iterator[Path]:
+    def vm(self, name: str) -> Iterator[Path]:
         """The VM's directory, held for one operation at a time."""
         if not _NAME.fullmatch(name):
             raise UsageError("a VM name is 1-63 lower-case letters, digits and '-'")
@@ -110,7 +111,7 @@ class VmOperations:
         with lock:
             yield self.vms_dir / name
 
-    def _record(self, vm_dir: Path) -> VmRecord:
+    def record(self, vm_dir: Path) -> VmRecord:
         if not (vm_dir / "vm.json").is_file():
             raise UsageError(f"no VM {vm_dir.name!r} on this host")
         return load_record(vm_dir)
@@ -129,12 +130,12 @@ class VmOperations:
         if not _NAME.fullmatch(name):
             raise UsageError("a VM name is 1-63 lower-case letters, digits and '-'")
         vm_dir = self.vms_dir / name
-        return summary(self._record(vm_dir), vm_dir)
+        return summary(self.record(vm_dir), vm_dir)
 
     def policy_of(self, name: str) -> SecurityPolicy | None:
         """The VM's security policy, or ``None`` if there is no such VM (for the audit)."""
         try:
-            return self._record(self.vms_dir / name).policy if _NAME.fullmatch(name) else None
+            return self.record(self.vms_dir / name).policy if _NAME.fullmatch(name) else None
         except Exception:  # noqa: BLE001 - a best-effort fact for the audit record
             return None
 
@@ -143,103 +144,73 @@ class VmOperations:
     def provision(self, request: ProvisionRequest) -> dict[str, Any]:
         """Provision a VM; the PDK is opened for this host by the KPS (through the agent)."""
         opener = self._open_pdk
-        with self._vm(request.name) as vm_dir:
+        with self.vm(request.name) as vm_dir:
             record = provision(
                 request,
                 self.vms_dir,
                 reveal_secrets=lambda _header: opener(request.pdk),
-                key_source=self._keys,
+                key_source=self.keys,
             )
             return summary(record, vm_dir)
 
     def start(self, name: str) -> dict[str, Any]:
         """Power the VM on with keys the KPS releases to this host."""
-        with self._vm(name) as vm_dir:
-            self._record(vm_dir)
-            runtime = power_on(vm_dir, self._keys)
-            _let_go(runtime)
-            return {"name": name, "pid": getattr(runtime, "pid", None)}
+        with self.vm(name) as vm_dir:
+            self.record(vm_dir)
+            started = start_vm(vm_dir, self.keys)
+            self.held[name] = started.contents
+            let_go(started.runtime)
+            return {"name": name, "pid": getattr(started.runtime, "pid", None)}
 
     def stop(self, name: str) -> dict[str, Any]:
         """Power the VM off."""
-        with self._vm(name) as vm_dir:
-            self._record(vm_dir)
+        with self.vm(name) as vm_dir:
+            self.record(vm_dir)
+            self.held.pop(name, None)
             return {"name": name, "was_running": power_off(vm_dir)}
 
     def checkpoint(self, name: str) -> dict[str, Any]:
         """Save the running VM's state, encrypted, beside it, and stop it."""
-        with self._vm(name) as vm_dir:
-            self._record(vm_dir)
+        with self.vm(name) as vm_dir:
+            self.record(vm_dir)
             source = attach(vm_dir)
             try:
-                path = checkpoint_vm(source, vm_dir, self._keys)
+                path = checkpoint_vm(source, vm_dir, self.keys)
             finally:
-                _let_go(source)
+                let_go(source)
+            self.held.pop(name, None)
             return {"name": name, "checkpoint": str(path), "bytes": path.stat().st_size}
 
     def restore(self, name: str) -> dict[str, Any]:
         """Start the VM from its checkpoint."""
-        with self._vm(name) as vm_dir:
-            self._record(vm_dir)
-            runtime = restore_vm(vm_dir, self._keys, _qemu)
-            _let_go(runtime)
-            return {"name": name, "pid": runtime.pid}
-
-    def migrate(
-        self, name: str, to_config: Path, to_vms: Path | None, port: int | None
-    ) -> dict[str, Any]:
-        """Live-migrate to the guarded host of ``to_config`` (on this machine, shared storage).
-
-        The destination's keys come from the destination's own agent (its socket);
-        between machines that half would run in the destination's agent.
-        """
-        destination = load_config(to_config)
-        dest_vms = to_vms if to_vms is not None else destination.vms_dir
-        with self._vm(name) as vm_dir:
-            self._record(vm_dir)
-            source = attach(vm_dir)
-            try:
-                result = migrate_vm(
-                    source,
-                    vm_dir,
-                    dest_vms / name,
-                    AgentClient(destination.socket),
-                    port=port if port is not None else free_local_port(),
-                )
-            finally:
-                _let_go(source)  # a refused or failed migration leaves the source running
-            _let_go(result.vm)
-        stats = result.stats
-        return {
-            "name": name,
-            "destination": str(result.destination_dir),
-            "pid": result.vm.pid,
-            "total_time_ms": stats.total_time_ms,
-            "downtime_ms": stats.downtime_ms,
-            "transferred_bytes": stats.transferred_bytes,
-        }
+        with self.vm(name) as vm_dir:
+            self.record(vm_dir)
+            started = restore_started(vm_dir, self.keys, _qemu)
+            self.held[name] = started.contents
+            let_go(started.runtime)
+            return {"name": name, "pid": getattr(started.runtime, "pid", None)}
 
     # ------------------------------------------------------------------ policy-bound
 
     def change_settings(self, name: str, *, console: bool) -> dict[str, Any]:
         """Turn the VM's console (serial port) on or off, where its policy allows."""
-        with self._vm(name) as vm_dir:
-            self._record(vm_dir)
+        with self.vm(name) as vm_dir:
+            self.record(vm_dir)
             changed = change_settings(vm_dir, console=console)
             return summary(changed, vm_dir)
 
     def console(self, name: str) -> dict[str, Any]:
         """The running VM's console socket, where its policy allows one."""
-        with self._vm(name) as vm_dir:
-            record = self._record(vm_dir)
+        with self.vm(name) as vm_dir:
+            record = self.record(vm_dir)
             if record.policy is SecurityPolicy.SHIELDED:  # named as a loosening, for the audit
                 raise LooseningRefusedError(record.name, "attaching a console")
             return {"name": name, "socket": str(console_socket(vm_dir))}
 
     def restore_last_known_good(self, name: str) -> dict[str, Any]:
         """Go back to the VM's last known good key protector (after a failed re-key)."""
-        with self._vm(name) as vm_dir:
-            self._record(vm_dir)
+        with self.vm(name) as vm_dir:
+            self.record(vm_dir)
             return {"name": name, **_public_fields(restore_last_known_good(vm_dir))}
 
 
