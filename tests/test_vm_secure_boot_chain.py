@@ -56,7 +56,7 @@ from guardfab.hypervisor.vtpm import Swtpm
 from guardfab.tpm.constants import TpmAlg
 from guardfab.tpm.eventlog import EventLog, parse_event_log
 from guardfab.tpm.events import EventType
-from vm_harness import REPO, Guest, fetch, free_port, parse_page
+from vm_harness import REPO, Guest, fetch, free_port, kernel_with_four_bytes_changed, parse_page
 
 guest = vm_harness.guest
 accelerator = vm_harness.accelerator
@@ -104,16 +104,6 @@ def boot_chain() -> BootChain:
     return load_boot_chain(
         Path(os.environ.get("GUARDFAB_GUEST_DIR", REPO / "cache" / "guest")) / "efi"
     )
-
-
-def _kernel_with_four_bytes_changed(kernel: Path, dest: Path) -> Path:
-    """The kernel with its setup header's version string changed (hashed, never executed)."""
-    data = bytearray(kernel.read_bytes())
-    at = data.find(b"debian-kernel@")
-    assert 0 < at < 0x8000, "no version string in the kernel's setup code"
-    data[at : at + 4] = b"DEBI"
-    dest.write_bytes(data)
-    return dest
 
 
 def _grub_with_one_byte_changed(grub: Path, dest: Path) -> Path:
@@ -232,7 +222,7 @@ def test_the_signed_chain_boots_to_the_guest_init(
 def test_a_kernel_with_four_bytes_changed_is_refused_by_grub(
     tmp_path: Path, boot_chain: BootChain, guest: Guest, accelerator: Accelerator
 ) -> None:
-    kernel = _kernel_with_four_bytes_changed(guest.kernel, tmp_path / "vmlinuz")
+    kernel = kernel_with_four_bytes_changed(guest.kernel, tmp_path / "vmlinuz")
     disk = _disk(tmp_path, boot_chain, kernel, guest.initrd, PROBE_CMDLINE)
 
     result = boot(disk, SECURE_BOOT, accelerator, until="grub> ")
@@ -266,7 +256,7 @@ def test_without_secure_boot_the_same_tampered_files_boot(
 ) -> None:
     """The control: the changed bytes break no code, only the signatures."""
     grub = _grub_with_one_byte_changed(boot_chain.grub, tmp_path / "grubx64.efi")
-    kernel = _kernel_with_four_bytes_changed(guest.kernel, tmp_path / "vmlinuz")
+    kernel = kernel_with_four_bytes_changed(guest.kernel, tmp_path / "vmlinuz")
     chain = BootChain(boot_chain.shim, grub, manifest="")
     disk = _disk(tmp_path, chain, kernel, guest.initrd, PROBE_CMDLINE)
 

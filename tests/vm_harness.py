@@ -87,6 +87,20 @@ class Guest:
         return dest
 
 
+def kernel_with_four_bytes_changed(kernel: Path, dest: Path) -> Path:
+    """The kernel with its setup header's version string changed (hashed, never executed).
+
+    Its signature no longer verifies, yet it still boots where nothing checks it
+    (test_vm_secure_boot_chain.py shows both).
+    """
+    data = bytearray(kernel.read_bytes())
+    at = data.find(b"debian-kernel@")
+    assert 0 < at < 0x8000, "no version string in the kernel's setup code"
+    data[at : at + 4] = b"DEBI"
+    dest.write_bytes(data)
+    return dest
+
+
 def guest_dir() -> Path:
     """Where ``scripts/build-guest.sh`` leaves the guest (``GUARDFAB_GUEST_DIR`` or the cache)."""
     return Path(os.environ.get("GUARDFAB_GUEST_DIR", REPO / "cache" / "guest"))
@@ -285,6 +299,14 @@ def vm_lab(
         yield lab
     finally:
         lab.stop_all()
+
+
+def disk_stats(vm: QemuVm, device_id: str) -> dict[str, int]:
+    """QEMU's I/O counters of one attached disk (``rd_bytes``, ``wr_operations``, ...)."""
+    for entry in vm.qmp.execute("query-blockstats"):
+        if str(entry.get("qdev", "")).startswith(f"/machine/peripheral/{device_id}/"):
+            return {k: v for k, v in entry["stats"].items() if isinstance(v, int)}
+    raise AssertionError(f"no disk {device_id!r} in QEMU's block statistics")
 
 
 def process_cmdline(pid: int) -> list[str]:
