@@ -15,6 +15,7 @@ it can be trusted.
 from __future__ import annotations
 
 import enum
+import functools
 import struct
 from collections.abc import Callable
 from typing import NamedTuple
@@ -308,6 +309,16 @@ def parse_spec_id(data: bytes, *, exact: bool = True) -> SpecIdEvent:
     return SpecIdEvent(platform, version, _UINTN_BYTES[uintn], tuple(banks), vendor, end)
 
 
+#: Data this short (separators, EV_EFI_ACTION strings) recurs in every log: its
+#: digests are computed once per value (the comparison is still made every time).
+_SHORT_DATA = 32
+
+
+@functools.lru_cache(maxsize=1024)
+def _short_digest(alg: int, data: bytes) -> bytes:
+    return HASHERS[alg](data).digest()
+
+
 def check_digests(event_type: int, data: bytes, digests: dict[int, bytes]) -> DigestCheck:
     """Check ``data`` against each bank's digest under the rule for ``event_type``.
 
@@ -329,7 +340,8 @@ def check_digests(event_type: int, data: bytes, digests: dict[int, bytes]) -> Di
             banks[alg] = None
             continue
         if only is not None:
-            ok = hasher(only).digest() == digest
+            known = len(only) <= _SHORT_DATA
+            ok = (_short_digest(alg, only) if known else hasher(only).digest()) == digest
         else:
             ok = any(hasher(candidate).digest() == digest for candidate in candidates)
         banks[alg] = ok
