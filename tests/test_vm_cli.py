@@ -97,8 +97,7 @@ def test_a_shielded_vm_from_provisioning_to_migration_and_restore(
 ) -> None:
     tenant = vm_fabric.tenant_vm("cli-vm")
     port = vm_harness.free_port()
-    _new(hosts.a, tenant, tmp_path, "--port", str(port), "--kernel", str(guest.kernel),
-         "--initrd", str(guest.initrd))  # fmt: skip
+    _new(hosts.a, tenant, tmp_path, "--port", str(port))  # the firmware boots its disk
     assert "cli-vm\tshielded\toff" in _vm(hosts.a, "list")
     assert "shielded: attaching a console refused" in _vm(hosts.a, "console", "cli-vm", code=1)
     assert "console=on refused" in _vm(hosts.a, "settings", "cli-vm", "--console", code=1)
@@ -159,6 +158,19 @@ def test_a_template_with_a_changed_byte_is_refused_by_vm_new(
     out = _new(hosts.a, tenant, tmp_path, code=1)
     assert "does not match the signed digest" in out
     assert not (hosts.a.config.vms_dir / "cli-bad").exists()
+
+
+def test_a_shielded_vm_with_a_direct_kernel_is_refused_by_vm_new(
+    vm_fabric: VmFabric, hosts: Hosts, guest: Guest, tmp_path: Path
+) -> None:
+    """A kernel given by the host is not verified by the firmware: policy rule firmware-boot."""
+    tenant = vm_fabric.tenant_vm("cli-direct")
+    out = _new(hosts.a, tenant, tmp_path, "--kernel", str(guest.kernel),
+               "--initrd", str(guest.initrd), code=1)  # fmt: skip
+    assert "firmware-boot: a shielded VM boots its own disk" in out
+    assert not (hosts.a.config.vms_dir / "cli-direct").exists()
+    assert list(hosts.a.config.vms_dir.glob(".cli-direct*")) == []
+    assert _operations(hosts.a, "cli-direct") == [("admin", "provision", "refused")]
 
 
 def test_a_host_that_fails_attestation_cannot_start_the_vm(
