@@ -99,6 +99,30 @@ def test_generated_agile_log_round_trips_and_replays(data: st.DataObject) -> Non
     assert log.replay() == reference_replay(banks, events)
 
 
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), pcrs=st.frozensets(st.integers(0, 23)))
+def test_measurements_and_pcr_views_match_the_events(
+    data: st.DataObject, pcrs: frozenset[int]
+) -> None:
+    """The verifier's views (read from the parse's rows) say what the event list says."""
+    banks = data.draw(bank_lists())
+    events = data.draw(agile_events(banks))
+    log = parse_event_log(AgileLog(banks, events).build())
+    # Read the views before the event list exists: they must not depend on it.
+    views = {bank: log.measurements(bank, pcrs) for bank, _ in banks}
+    in_pcrs = log.events_in(pcrs)
+    separators = log.events_in(pcrs, {EventType.EV_SEPARATOR})
+    for bank, measured in views.items():
+        expected = [
+            (e.number, e.pcr, e.event_type, e.digests[bank], e.data)
+            for e in log.events
+            if e.event_type != EV_NO_ACTION and e.pcr in pcrs and bank in e.digests
+        ]
+        assert [tuple(m) for m in measured] == expected
+    assert in_pcrs == tuple(e for e in log.events if e.pcr in pcrs)
+    assert separators == tuple(e for e in in_pcrs if e.event_type == EventType.EV_SEPARATOR)
+
+
 @settings(max_examples=100)
 @given(
     events=st.lists(
