@@ -106,8 +106,10 @@ class Lab:
     vms: Path
     made: list[QemuVm]
 
-    def provision(self, tenant: TenantVm, *, cmdline: str = "quiet") -> Path:
-        request = tenant.request(boot=self.guest.boot(cmdline), host_port=vm_harness.free_port())
+    def provision(self, tenant: TenantVm, *, cmdline: str | None = None) -> Path:
+        """``cmdline``: boot the kernel directly with it (not a shielded VM: it boots its disk)."""
+        boot = self.guest.boot() if cmdline is None else self.guest.direct(cmdline)
+        request = tenant.request(boot=boot, host_port=vm_harness.free_port())
         provision(
             request,
             self.vms,
@@ -253,7 +255,7 @@ def _attach(path: Path) -> Iterator[Attached]:
 
 def test_an_encryption_supported_vm_with_its_console_on_speaks_on_the_socket(lab: Lab) -> None:
     tenant = encryption_supported_tenant(lab.fabric, "console-vm")
-    vm_dir = lab.provision(tenant)  # the default "quiet" kernel command line
+    vm_dir = lab.provision(tenant, cmdline="quiet")  # a direct kernel, allowed below shielded
     assert change_settings(vm_dir, console=True).console
     with pytest.raises(UsageError, match="not running"):
         console_socket(vm_dir)
