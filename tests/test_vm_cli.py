@@ -107,15 +107,16 @@ def test_a_shielded_vm_from_provisioning_to_migration_and_restore(
     page = parse_page(fetch(port))
     assert (page["marker"], page["hostname"]) == (tenant.marker, tenant.hostname)
 
-    refused = _vm(hosts.a, "migrate", "cli-vm", "--to", str(hosts.c.config_file), code=1)
+    # The CLI drives both agents, each with its own admin token (from --to-config for B).
+    refused = _vm(hosts.a, "migrate", "cli-vm", "--to-config", str(hosts.c.config_file), code=1)
     assert "got no keys" in refused
     assert not (hosts.c.config.vms_dir / "cli-vm").exists()
     assert "running: True" in _vm(hosts.a, "show", "cli-vm")
 
-    _vm(hosts.a, "migrate", "cli-vm", "--to", str(hosts.b.config_file))
+    _vm(hosts.a, "migrate", "cli-vm", "--to-config", str(hosts.b.config_file))
     assert parse_page(fetch(port))["boot_id"] == page["boot_id"]
     assert "cli-vm\tshielded\trunning" in _vm(hosts.b, "list")
-    assert not (hosts.a.config.vms_dir / "cli-vm").exists()
+    assert not (hosts.a.config.vms_dir / "cli-vm" / "vm.json").exists()  # its disks stay there
 
     assert "checkpointed" in _vm(hosts.b, "checkpoint", "cli-vm")
     assert "cli-vm\tshielded\toff" in _vm(hosts.b, "list")
@@ -135,10 +136,16 @@ def test_a_shielded_vm_from_provisioning_to_migration_and_restore(
         ("admin", "console", "refused"),
         ("admin", "settings", "refused"),
         ("admin", "start", "granted"),
-        ("admin", "migrate", "refused"),
-        ("admin", "migrate", "granted"),
+        ("admin", "migrate-offer", "granted"),  # to C, refused there
+        ("admin", "migrate-offer", "granted"),
+        ("admin", "migrate-send", "granted"),
+        ("admin", "migrate-leave", "granted"),
     ]
+    assert _operations(hosts.c, "cli-vm") == [("admin", "migrate-receive", "refused")]
     assert _operations(hosts.b, "cli-vm") == [
+        ("admin", "migrate-receive", "granted"),
+        ("admin", "migrate-finish", "granted"),
+        ("admin", "migrate-forward", "granted"),
         ("admin", "checkpoint", "granted"),
         ("admin", "restore", "granted"),
         ("reviewer", "stop", "refused"),
