@@ -54,6 +54,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from guardfab.attestation.binding import quote_qualifying_data
 from guardfab.attestation.evidence import TpmEvidence, evidence_from_dict
 from guardfab.attestation.result import AttestationStatus
+from guardfab.attestation.summary import quoted_events
 from guardfab.attestation.tpm_mode import forget_logs, verify_tpm_evidence
 from guardfab.attestation.trust import TrustState
 from guardfab.formats.encoding import b64url_decode
@@ -255,9 +256,14 @@ def log_digests(log: bytes) -> list[tuple[int, bytes]]:
 def guardfab_check(case: Case) -> Callable[[], object]:
     """The timed guardfab call: load the evidence JSON object, verify it, insist on Passed."""
     wire = case.evidence.to_dict()
+    text = wire["event_log"]
 
     def check() -> object:
-        return verify_tpm_evidence(evidence_from_dict(wire), case.trust, nonce=NONCE, now=NOW)
+        # A new log text object each time, as a freshly parsed request body has:
+        # Python keeps a str's hash in the object, and the log cache is keyed by
+        # the text (the copy, ~1 us, is timed too).
+        body = {**wire, "event_log": text[:-1] + text[-1]}
+        return verify_tpm_evidence(evidence_from_dict(body), case.trust, nonce=NONCE, now=NOW)
 
     result = check()
     if result.status is not AttestationStatus.PASSED:  # type: ignore[attr-defined]
@@ -311,8 +317,9 @@ def stage_costs(case: Case, seconds: float) -> str:
     The steady check is split into loading the evidence, the quote and the rest;
     then what a new log adds (the "new log" row minus the steady one), split
     into its stages. Facts are timed on a freshly parsed log (a parsed log
-    keeps its digest checks) minus the parse. The parts take turns in rounds,
-    like the engines.
+    keeps its digest checks) minus the parse; the summary records (every quoted
+    event, which the HGS stores) on a parsed log. The parts take turns in
+    rounds, like the engines.
     """
     evidence, wire = case.evidence, case.evidence.to_dict()
     log = parse_event_log(evidence.event_log)
@@ -331,21 +338,23 @@ def stage_costs(case: Case, seconds: float) -> str:
         "parse": lambda: parse_event_log(evidence.event_log),
         "replay": lambda: log.replay([_SHA256]),
         "parse+facts": lambda: parse_event_log(evidence.event_log).facts(_SHA256),
+        "records": lambda: quoted_events(log, c.QUOTED_PCRS),
     }  # fmt: skip
     rates = c.interleaved_best_rates(parts, seconds, rounds=5)
     us = {name: 1e6 / rate for name, rate in rates.items()}
     rest = us["steady"] - us["load"] - us["quote"]
     added = us["new log"] - us["steady"]
     facts = us["parse+facts"] - us["parse"]
-    other = added - us["decode"] - us["parse"] - us["replay"] - facts
+    other = added - us["decode"] - us["parse"] - us["replay"] - facts - us["records"]
     return (
-        f"steady check {us['steady']:.0f} = load evidence JSON object (log text hashed) "
+        f"steady check {us['steady']:.0f} = load evidence JSON object (log text looked up) "
         f"{us['load']:.0f} + quote: signature, nonce, PCR digest {us['quote']:.0f} (the "
         f"signature alone {us['signature']:.0f}) + the rest (identity, AK, cached log and PCR "
         f"comparison, summary, baseline, policies) {rest:.0f}; a new log adds {added:.0f} = "
         f"base64url decode {us['decode']:.0f} + parse {us['parse']:.0f} + SHA-256 replay "
         f"{us['replay']:.0f} + facts (with the digest checks of the data they read) "
-        f"{facts:.0f} + the rest (digests of text and log, quoted events) {other:.0f}"
+        f"{facts:.0f} + the quoted events as summary records {us['records']:.0f} + the rest "
+        f"(cache upkeep and the forgotten log's release, facts as records, grouping) {other:.0f}"
     )
 
 

@@ -469,12 +469,11 @@ class EventLog:
         buf, _layout, rows, starts, _irregular = self._records
         at = self._digest_position(bank)
         no_action, new = _NO_ACTION, tuple.__new__
-        out = []
-        for number, (row, start) in enumerate(zip(rows, starts, strict=True)):
-            if row[1] != no_action and row[0] in pcrs and (digest := row[at]) is not None:
-                data = buf[start : start + row[-1]]
-                out.append(new(Measurement, (number, row[0], row[1], digest, data)))
-        return out
+        return [
+            new(Measurement, (number, row[0], row[1], digest, buf[start : start + row[-1]]))
+            for number, (row, start) in enumerate(zip(rows, starts, strict=True))
+            if row[1] != no_action and row[0] in pcrs and (digest := row[at]) is not None
+        ]
 
     # ------------------------------------------------------------------ banks and replay
 
