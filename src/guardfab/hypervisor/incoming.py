@@ -54,7 +54,13 @@ from guardfab.hypervisor.migrate import (
 )
 from guardfab.hypervisor.migration import IncomingMigration
 from guardfab.hypervisor.policy import check_vm_policy
-from guardfab.hypervisor.power import INCOMING_FILE, _record_run, running_pid
+from guardfab.hypervisor.power import (
+    INCOMING_FILE,
+    RUN_FILE,
+    _record_run,
+    power_off,
+    running_pid,
+)
 from guardfab.hypervisor.provision import KeySource, VmRecord, write_record
 from guardfab.hypervisor.vault import VaultContents, VaultStore, open_vault, seal_vault
 from guardfab.hypervisor.vm import QemuVm
@@ -122,6 +128,7 @@ class IncomingVm:
         """Stop the waiting QEMU; the directory and its pending pair stay, marked abandoned."""
         self.listening.forget_psk()
         self.vm.stop()
+        (self.vm_dir / RUN_FILE).unlink(missing_ok=True)
         _mark(self.vm_dir, ABANDONED)
 
 
@@ -233,11 +240,16 @@ def receive(
         vm.stop()
         _mark(vm_dir, ABANDONED)
         raise
+    # Recorded so that an agent restarted meanwhile can still stop this QEMU (hand_back).
+    _record_run(vm_dir, vm)
     return IncomingVm(offer.name, vm_dir, vm, contents, number, endpoint, listening)
 
 
 def hand_back(vm_dir: Path) -> SealedPair:
-    """The pending pair of an unfinished incoming migration (QEMU already stopped).
+    """The pending pair of an unfinished incoming migration, its QEMU stopped first.
+
+    The QEMU may outlive an agent that restarted while it waited: it is stopped
+    by the pid recorded at :func:`receive`.
 
     Raises:
         UsageError: no unfinished incoming migration of this VM here.
@@ -245,6 +257,7 @@ def hand_back(vm_dir: Path) -> SealedPair:
     vm_dir = Path(vm_dir)
     if incoming_state(vm_dir) is None:
         raise UsageError(f"no unfinished incoming migration of VM {vm_dir.name!r} on this host")
+    power_off(vm_dir)
     pending = VaultStore(vm_dir / "keys").pending()
     if pending is None:
         raise UsageError(f"the incoming migration of VM {vm_dir.name!r} holds no key pair")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from guardfab.host.agent import GuardedHostAgent
+from guardfab.host.config import check_listen
 from guardfab.host.manage.api import ManagementContext, create_app
 from guardfab.host.manage.audit import ManagementAudit
 from guardfab.host.manage.material import ManagementFiles
@@ -33,9 +34,10 @@ class Management:
             )
             return None
         audit = ManagementAudit(files.audit_db)
-        context = ManagementContext(
-            files, audit, VmOperations(config.vms_dir, agent, agent.open_shielding_data)
-        )
+        # A migration destination listens where the API does (reachable from the CLI's side).
+        address, _ = check_listen(config.manage_listen)
+        vms = VmOperations(config.vms_dir, agent, agent.open_shielding_data, stream_address=address)
+        context = ManagementContext(files, audit, vms)
         try:
             server = ManagementServer(create_app(context), config.manage_listen, files).start()
         except BaseException:
