@@ -1,10 +1,13 @@
-"""Build a template disk: a raw ext4 image holding given files (``mke2fs -d``).
+"""Build a bare template disk: a raw ext4 image holding given files (``mke2fs -d``).
 
-This is what a publisher then signs with ``guardfab template protect`` and what
-the fabric copies into a VM's LUKS-encrypted OS disk. The test guest reads
-``marker.txt`` from it and shows it on its page, so a test can tell that the
-VM really booted from this disk -- and grep the host's files for the marker to
-prove the copy on the host is encrypted.
+A disk with no boot loader: for VMs whose kernel QEMU loads itself
+(encryption-supported and normal VMs) and for tests of the disk layer. A
+shielded VM's template carries its signed boot chain and is built by
+:mod:`guardfab.hypervisor.efi_disk` (ADR 0013). Either is what a publisher signs
+with ``guardfab template protect`` and what the fabric copies into a VM's
+LUKS-encrypted OS disk. The test guest reads ``marker.txt`` from it and shows it
+on its page, so a test can tell that the VM really booted from this disk -- and
+grep the host's files for the marker to prove the copy on the host is encrypted.
 
 Run as ``python -m guardfab.hypervisor.template_image OUT --marker TEXT``.
 """
