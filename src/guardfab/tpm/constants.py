@@ -192,7 +192,8 @@ _NAMES: dict[int, str] = {alg.value: alg.name.lower() for alg in TpmAlg}
 
 def alg_name(alg: int) -> str:
     """Return a readable name for a TPM_ALG_ID (``sha256``), or its hex for unknown ids."""
-    return _NAMES.get(alg, f"0x{alg:04x}")
+    name = _NAMES.get(alg)
+    return name if name is not None else f"0x{alg:04x}"
 
 
 def st_name(tag: int) -> str:

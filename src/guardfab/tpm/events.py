@@ -162,24 +162,28 @@ def _ipl_strings(data: bytes) -> MeasuredBytes:
 
 
 _T = EventType
-_RULES: dict[int, Callable[[bytes], MeasuredBytes]] = {
+#: Types whose digest is the hash of the whole event data, and how sure that is.
+_WHOLE_DATA: dict[int, DigestRule] = {
     # PFP: digest = hash of the event data.
-    _T.EV_SEPARATOR: _whole(DigestRule.STRICT),
-    _T.EV_EFI_ACTION: _whole(DigestRule.STRICT),
-    _T.EV_EFI_VARIABLE_DRIVER_CONFIG: _whole(DigestRule.STRICT),
-    _T.EV_EFI_GPT_EVENT: _whole(DigestRule.STRICT),
+    _T.EV_SEPARATOR: DigestRule.STRICT,
+    _T.EV_EFI_ACTION: DigestRule.STRICT,
+    _T.EV_EFI_VARIABLE_DRIVER_CONFIG: DigestRule.STRICT,
+    _T.EV_EFI_GPT_EVENT: DigestRule.STRICT,
     # Hash of the data on the firmware we know, but not defined so everywhere.
-    _T.EV_S_CRTM_VERSION: _whole(DigestRule.LENIENT),
-    _T.EV_ACTION: _whole(DigestRule.LENIENT),
-    _T.EV_EFI_VARIABLE_AUTHORITY: _whole(DigestRule.LENIENT),
+    _T.EV_S_CRTM_VERSION: DigestRule.LENIENT,
+    _T.EV_ACTION: DigestRule.LENIENT,
+    _T.EV_EFI_VARIABLE_AUTHORITY: DigestRule.LENIENT,
+    _T.EV_PLATFORM_CONFIG_FLAGS: DigestRule.LENIENT,
+    _T.EV_TABLE_OF_DEVICES: DigestRule.LENIENT,
+    _T.EV_NONHOST_INFO: DigestRule.LENIENT,
+    _T.EV_OMIT_BOOT_DEVICE_EVENTS: DigestRule.LENIENT,
+    _T.EV_COMPACT_HASH: DigestRule.LENIENT,
+}
+_RULES: dict[int, Callable[[bytes], MeasuredBytes]] = {
+    **{event_type: _whole(rule) for event_type, rule in _WHOLE_DATA.items()},
     _T.EV_EFI_VARIABLE_BOOT: _variable_data_or_whole,
     _T.EV_EFI_VARIABLE_BOOT2: _variable_data_or_whole,
     _T.EV_IPL: _ipl_strings,
-    _T.EV_PLATFORM_CONFIG_FLAGS: _whole(DigestRule.LENIENT),
-    _T.EV_TABLE_OF_DEVICES: _whole(DigestRule.LENIENT),
-    _T.EV_NONHOST_INFO: _whole(DigestRule.LENIENT),
-    _T.EV_OMIT_BOOT_DEVICE_EVENTS: _whole(DigestRule.LENIENT),
-    _T.EV_COMPACT_HASH: _whole(DigestRule.LENIENT),
 }
 
 _NOTHING: MeasuredBytes = (DigestRule.NONE, ())
@@ -325,13 +329,18 @@ def check_digests(event_type: int, data: bytes, digests: dict[int, bytes]) -> Di
     A verifier runs this for every event a fact reads, in every log it has not
     seen before, so the common case (one candidate, two banks) stays in one frame.
     """
-    rule_for = _RULES.get(event_type)
-    if rule_for is None or event_type == EventType.EV_NO_ACTION:
-        return _NOT_CHECKED
-    rule, candidates = rule_for(data)
-    if rule is DigestRule.NONE:
-        return _NOT_CHECKED
-    only = candidates[0] if len(candidates) == 1 else None
+    rule = _WHOLE_DATA.get(event_type)
+    if rule is not None:  # the common case: one candidate, the data itself
+        candidates: tuple[bytes, ...] = ()
+        only: bytes | None = data
+    else:
+        rule_for = _RULES.get(event_type)
+        if rule_for is None or event_type == EventType.EV_NO_ACTION:
+            return _NOT_CHECKED
+        rule, candidates = rule_for(data)
+        if rule is DigestRule.NONE:
+            return _NOT_CHECKED
+        only = candidates[0] if len(candidates) == 1 else None
     banks: dict[int, bool | None] = {}
     matched = mismatched = False
     for alg, digest in digests.items():
