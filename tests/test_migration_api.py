@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 import vm_fabric_harness
+from guardfab.cli.main import cli
 from guardfab.errors import GuardfabError, InvalidInputError, UsageError
 from guardfab.formats.encoding import b64url_encode
 from guardfab.hypervisor.migrate import (
@@ -188,3 +190,16 @@ def test_the_psk_depends_on_the_vault_key_the_salt_and_the_vm() -> None:
 def test_an_endpoint_with_a_short_salt_is_refused() -> None:
     with pytest.raises(InvalidInputError, match="salt"):
         StreamEndpoint.from_dict({"address": "127.0.0.1", "port": 1, "salt": "AAAA"})
+
+
+def test_vm_migrate_needs_the_destination_and_its_own_options(hosts: Pair) -> None:
+    runner = CliRunner()
+    out = runner.invoke(cli, ["vm", "migrate", "api-mig", "--config", str(hosts.a.config_file)])
+    assert out.exit_code == 2
+    assert "say where the destination is" in out.output
+    out = runner.invoke(cli, [
+        "vm", "migrate", "api-mig", "--config", str(hosts.a.config_file),
+        "--to-config", str(hosts.b.config_file),
+    ])  # fmt: skip
+    assert out.exit_code == 2  # A refuses: the VM is not running there (nothing released)
+    assert "not running" in out.output

@@ -208,13 +208,15 @@ def migrate(name: str, port: int | None, abort_only: bool, as_json: bool, **kwar
         emit(as_json, answer, f"VM {name}: key pair taken back from the destination (pending)")
         return
     report = orchestrate.migrate(source, dest, name, port=port)
-    for warning in report.warnings:
-        click.echo(f"warning: {warning}", err=True)
     text = (
         f"VM {name} migrated to {report.destination} (QEMU pid {report.pid}, "
         f"{report.total_time_ms} ms, downtime {report.downtime_ms} ms)"
     )
     emit(as_json, dataclasses.asdict(report), text)
+    if report.warnings:
+        raise orchestrate.MovedWithErrorsError(
+            f"VM {name} moved, but: " + "; ".join(report.warnings)
+        )
 
 
 @vm.command("list")

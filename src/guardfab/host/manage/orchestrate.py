@@ -44,6 +44,12 @@ class HandBackError(TransportError):
     """A migration failed and the destination's key pair could not reach the source."""
 
 
+class MovedWithErrorsError(TransportError):
+    """The VM moved and runs at the destination, but a last step failed (not undone)."""
+
+    hint = "the VM belongs to the destination now; see the warnings, fix, then retry that step"
+
+
 @dataclass
 class MigrationReport:
     """What the CLI prints: where the VM went, how long it took (no secret in it)."""
@@ -143,4 +149,12 @@ def abort(source: Agent, dest: Agent, name: str) -> dict[str, Any]:
     return answer
 
 
-__all__ = ["Agent", "HandBackError", "MigrationReport", "abort", "migrate", "take_back"]
+__all__ = [
+    "Agent",
+    "HandBackError",
+    "MigrationReport",
+    "MovedWithErrorsError",
+    "abort",
+    "migrate",
+    "take_back",
+]
