@@ -11,7 +11,9 @@ An append writes record N+1 and moves the head in one transaction that
 compares the head's revision (and that record N+1 is absent). Two appenders
 racing -- threads, processes, or HGS nodes on etcd -- cannot both win: the loser
 gets a ConflictError on the head, re-reads it and retries, so the chain never
-forks and no record is lost.
+forks and no record is lost. A store that can read and commit under one write lock
+(SQLite's ``locked_transaction``) reads the head inside the append's transaction:
+no race can be lost there, and the compare stays as a second guard.
 
 The HGS usually has its own state change to make in the same breath (consume a
 nonce, record a host's new certificate). It builds a :class:`~guardfab.store.base.Txn`
