@@ -7,7 +7,7 @@ tested without booting a guest (test_vm_shielded_boot.py boots one).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,7 @@ from guardfab.host.keyrelease import KeyReleaseRefusedError
 from guardfab.host.keyrequest import ReleasedKeys
 from guardfab.hypervisor.policy import check_vm_policy
 from guardfab.hypervisor.power import PowerOnRefusedError, power_on
-from guardfab.hypervisor.provision import load_record, provision
+from guardfab.hypervisor.provision import load_record, provision, write_record
 from guardfab.hypervisor.spec import DirectKernel, VmSpec
 from guardfab.hypervisor.vault import VaultStore
 from guardfab.hypervisor.vm import VmKeys
@@ -269,3 +269,20 @@ def test_a_shielded_vm_boots_its_disk_with_the_memory_grub_needs(provisioned: Pa
     assert spec.kernel is None
     assert spec.memory_mib == 384  # grub cannot allocate the kernel's buffer with 256 MiB
     check_vm_policy(spec)
+
+
+def test_a_shielded_record_with_a_direct_kernel_is_refused_at_start_spending_nothing(
+    vm_fabric: VmFabric, tmp_path: Path
+) -> None:
+    """A VM provisioned before the rule (or a vm.json edited by hand) does not start."""
+    tenant = vm_fabric.tenant_vm("vm-old-record")
+    vm_dir = _provision(vm_fabric, tenant, tmp_path / "vms")
+    guest = vm_fabric.guest
+    record = replace(load_record(vm_dir), boot=DirectKernel(guest.kernel, guest.initrd, "quiet"))
+    write_record(vm_dir, record)
+    before = VaultStore(vm_dir / "keys").numbers()
+    made, factory = _fake()
+    with pytest.raises(PolicyError, match="firmware-boot"):
+        power_on(vm_dir, vm_fabric.key_source(), runtime_factory=factory)  # type: ignore[arg-type]
+    assert made == []
+    assert VaultStore(vm_dir / "keys").numbers() == before, "no KP released, nothing written"

@@ -33,9 +33,10 @@ DEFAULT_MEMORY_MIB = 384
 class SecurityLevel(StrEnum):
     """The reference's three kinds of VM.
 
-    * ``shielded``: secure boot firmware, vTPM, encrypted disks, state and
-      migration, and no console, serial port, debugger or guest agent -- none of
-      it changeable by the fabric administrator.
+    * ``shielded``: secure boot firmware booting the VM's own disk (no kernel
+      handed to QEMU), vTPM, encrypted disks, state and migration, and no
+      console, serial port, debugger or guest agent -- none of it changeable by
+      the fabric administrator.
     * ``encryption-supported``: the same defaults, but the fabric administrator
       may enable a console (a serial port).
     * ``normal``: plain QEMU.
