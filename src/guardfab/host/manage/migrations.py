@@ -66,6 +66,7 @@ class VmMigrations:
         self._vms = vms
         self._address = stream_address
         self._incoming: dict[str, IncomingVm] = {}
+        self._timers: dict[str, threading.Timer] = {}
 
     # ------------------------------------------------------------ source
 
@@ -146,6 +147,7 @@ class VmMigrations:
             self._incoming[name] = incoming
         timer = threading.Timer(INCOMING_TIMEOUT, self._expire, args=(name, incoming))
         timer.daemon = True
+        self._timers[name] = timer
         timer.start()
         return {"name": name, **incoming.endpoint.to_dict()}
 
@@ -174,12 +176,19 @@ class VmMigrations:
         """Stop an unfinished incoming migration; answer its pair, for the source to take back."""
         with self._vms.vm(name) as vm_dir:
             incoming = self._incoming.pop(name, None)
+            self._stop_timer(name)
             if incoming is not None:
                 incoming.abandon()
             return {"name": name, **hand_back(vm_dir).to_dict()}
 
+    def _stop_timer(self, name: str) -> None:
+        timer = self._timers.pop(name, None)
+        if timer is not None and timer is not threading.current_thread():
+            timer.cancel()
+
     def _done(self, name: str, incoming: IncomingVm) -> None:
         self._incoming.pop(name, None)
+        self._stop_timer(name)
         self._vms.held[name] = incoming.contents
         let_go(incoming.vm)
 
@@ -197,6 +206,7 @@ class VmMigrations:
             except HypervisorError:
                 logger.exception("incoming migration of VM %s could not finish", name)
             self._incoming.pop(name, None)
+            self._stop_timer(name)
             incoming.abandon()
             logger.warning(
                 "incoming migration of VM %s abandoned after %.0f s: its key pair waits "
