@@ -24,6 +24,7 @@ import secrets
 import shutil
 import socket
 import struct
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -36,7 +37,8 @@ import vm_harness
 from guardfab.hypervisor import migration
 from guardfab.hypervisor.disk import DiskKey, create_encrypted_copy
 from guardfab.hypervisor.errors import DiskKeyError
-from guardfab.hypervisor.spec import DiskSpec
+from guardfab.hypervisor.spec import DiskSpec, Firmware, SecurityLevel, VmSpec
+from guardfab.hypervisor.template_image import build_marker_template
 from guardfab.hypervisor.vm import VmKeys
 from guardfab.hypervisor.vtpm import Swtpm
 from guardfab.tpm.constants import TpmAlg
@@ -297,3 +299,30 @@ def test_live_migration_over_tls_keeps_the_vm_and_its_boot(
     hosts = [path for path in vm_lab.root.iterdir() if path.is_dir()]
     assert {shielded.host_dir, vm_lab.root / "host-b", vm_lab.root / "host-c"} <= set(hosts)
     assert find_in_files(hosts, shielded.needles()) == []
+
+
+def test_below_shielded_a_bare_ext4_template_boots_with_a_direct_kernel(
+    vm_lab: VmLab, tmp_path: Path
+) -> None:
+    """A disk without partitions (no boot loader): the guest mounts the whole disk, /dev/vda."""
+    marker = f"bare-marker-{secrets.token_hex(6)}"
+    build_marker_template(tmp_path / "bare.img", marker)
+    os_disk = tmp_path / "os.qcow2"
+    convert = ["qemu-img", "convert", "-f", "raw", "-O", "qcow2"]
+    subprocess.run([*convert, str(tmp_path / "bare.img"), str(os_disk)], check=True)
+    port = vm_harness.free_port()
+    spec = VmSpec(
+        "bare",
+        SecurityLevel.NORMAL,
+        firmware=Firmware.BIOS,  # SeaBIOS: the quickest boot, and no secure boot to claim
+        vtpm=False,
+        kernel=vm_lab.guest.direct(),
+        disks=(DiskSpec("os", os_disk, encrypted=False),),
+        host_port=port,
+    )
+    vm = vm_lab.vm(spec, tmp_path / "vm")
+    vm.start(VmKeys())
+    page = parse_page(fetch(port))
+    vm.stop()
+    assert (page["marker"], page["os_device"]) == (marker, "/dev/vda")
+    assert page["secure_boot"] == "no UEFI"
