@@ -58,11 +58,13 @@ class LeanRoutes:
         if route is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        body, complete = await _read_body(receive)
-        parsed = _parsed(route, scope, body) if complete else _UNPARSED
-        if parsed is _UNPARSED:
-            await self.app(scope, _replay(body, complete, receive), send)
-            return
+        parsed: Any = None
+        if route.model is not None:  # a route without a body leaves it unread, as FastAPI does
+            body, complete = await _read_body(receive)
+            parsed = _parsed(route.model, scope, body) if complete else _UNPARSED
+            if parsed is _UNPARSED:
+                await self.app(scope, _replay(body, complete, receive), send)
+                return
         try:
             response = route.handle(parsed)
         except Exception as exc:
@@ -89,14 +91,12 @@ class LeanRoutes:
 _UNPARSED = object()
 
 
-def _parsed(route: LeanRoute, scope: Scope, body: bytes) -> Any:
-    """The validated body, None for a bodiless route, or _UNPARSED to let FastAPI answer."""
-    if route.model is None:
-        return None
+def _parsed(model: type[BaseModel], scope: Scope, body: bytes) -> Any:
+    """The body validated by ``model``, or _UNPARSED to let FastAPI answer."""
     if not body or not _is_json(scope):
         return _UNPARSED
     try:
-        return route.model.model_validate(json.loads(body))
+        return model.model_validate(json.loads(body))
     except (ValueError, ValidationError):  # JSONDecodeError and UnicodeDecodeError too
         return _UNPARSED
 
