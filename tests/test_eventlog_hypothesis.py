@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from guardfab.errors import InvalidInputError
 from guardfab.tpm.decode import decode
-from guardfab.tpm.eventlog import LogFormat, parse_event_log
+from guardfab.tpm.eventlog import LogFormat, Measurement, parse_event_log
 from guardfab.tpm.events import EventType
 from test_eventlog_builder import (
     EV_EFI_HCRTM_EVENT,
@@ -109,7 +109,7 @@ def test_measurements_and_pcr_views_match_the_events(
     events = data.draw(agile_events(banks))
     log = parse_event_log(AgileLog(banks, events).build())
     # Read the views before the event list exists: they must not depend on it.
-    views = {bank: log.measurements(bank, pcrs) for bank, _ in banks}
+    views = {bank: log.measurements(bank, pcrs, Measurement) for bank, _ in banks}
     in_pcrs = log.events_in(pcrs)
     separators = log.events_in(pcrs, {EventType.EV_SEPARATOR})
     for bank, measured in views.items():
@@ -118,7 +118,7 @@ def test_measurements_and_pcr_views_match_the_events(
             for e in log.events
             if e.event_type != EV_NO_ACTION and e.pcr in pcrs and bank in e.digests
         ]
-        assert [tuple(m) for m in measured] == expected
+        assert [tuple(m) for m in measured] == [(*e, None) for e in expected]
     assert in_pcrs == tuple(e for e in log.events if e.pcr in pcrs)
     assert separators == tuple(e for e in in_pcrs if e.event_type == EventType.EV_SEPARATOR)
 

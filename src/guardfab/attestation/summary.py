@@ -15,8 +15,6 @@ import datetime
 import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from itertools import repeat
-from operator import add
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -24,8 +22,7 @@ from guardfab.errors import FormatError
 from guardfab.formats.encoding import reject_unknown_fields, require_dict, require_int, require_str
 from guardfab.tpm.constants import TpmAlg
 from guardfab.tpm.decode import decode
-from guardfab.tpm.eventlog import PCR_COUNT, EventLog
-from guardfab.tpm.events import event_type_name
+from guardfab.tpm.eventlog import PCR_COUNT, EventLog, Measurement
 from guardfab.tpm.logfacts import Fact
 
 _SHA256 = int(TpmAlg.SHA256)
@@ -47,26 +44,17 @@ def _describe(event_type: int, data: bytes, uintn_size: int) -> str:
     return text if len(text) <= MAX_SUMMARY_CHARS else text[: MAX_SUMMARY_CHARS - 3] + "..."
 
 
-class EventRecord(NamedTuple):
+class EventRecord(Measurement):
     """One measured event of a quoted PCR: what the quote binds, plus a description.
 
-    ``digest`` is the event's SHA-256 digest (the bank the quote covers).
-    ``data`` is the raw event data while the log is at hand (decoded only when a
-    person needs it, so the hot path never pays for decoding); ``text`` is the
-    stored description once the data is gone.
+    The fields are the log's :class:`~guardfab.tpm.eventlog.Measurement`: ``digest``
+    is the event's SHA-256 digest (the bank the quote covers); ``data`` is the raw
+    event data while the log is at hand (decoded only when a person needs it, so
+    the hot path never pays for decoding); ``text`` is the stored description once
+    the data is gone.
     """
 
-    number: int
-    pcr: int
-    event_type: int
-    digest: bytes
-    data: bytes = b""
-    text: str | None = None
-
-    @property
-    def type_name(self) -> str:
-        """The PFP name of the event type."""
-        return event_type_name(self.event_type)
+    __slots__ = ()
 
     def describe(self, uintn_size: int = 8) -> str:
         """A one-line description of the event data, for diffs and explanations."""
@@ -271,14 +259,8 @@ def parse_time(text: str, *, what: str) -> datetime.datetime:
 
 
 def quoted_events(log: EventLog, quoted: Iterable[int]) -> tuple[EventRecord, ...]:
-    """The SHA-256 events of the quoted PCRs, as records (no decoding: that is lazy).
-
-    A record is the log's measurement plus its description (None while the data
-    is at hand), made in one C-level pass: this runs over every event of every
-    log a verifier has not seen before.
-    """
-    measured = log.measurements(_SHA256, frozenset(quoted))
-    return tuple(map(tuple.__new__, repeat(EventRecord), map(add, measured, repeat((None,)))))
+    """The SHA-256 events of the quoted PCRs, as records (no decoding: that is lazy)."""
+    return tuple(log.measurements(_SHA256, frozenset(quoted), EventRecord))
 
 
 def events_by_pcr(events: Iterable[EventRecord]) -> Mapping[int, tuple[EventRecord, ...]]:

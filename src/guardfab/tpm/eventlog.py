@@ -28,7 +28,7 @@ import functools
 import operator
 import struct
 from collections.abc import Callable, Collection, Container, Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from guardfab.errors import FormatError, VerificationError
 from guardfab.tpm import logfacts
@@ -107,13 +107,24 @@ class Measurement(NamedTuple):
     """What one event extended into one bank: its number, PCR, type, digest and data.
 
     ``data`` is as logged: untrusted until a digest check of the event says VERIFIED.
+    ``text`` is a one-line description standing in for the data where a record is
+    kept without it (None while the data is at hand).
     """
 
     number: int
     pcr: int
     event_type: int
     digest: bytes
-    data: bytes
+    data: bytes = b""
+    text: str | None = None
+
+    @property
+    def type_name(self) -> str:
+        """The PFP name of the event type."""
+        return event_type_name(self.event_type)
+
+
+_M = TypeVar("_M", bound=Measurement)
 
 
 # --------------------------------------------------------------------------- record layouts
@@ -460,17 +471,20 @@ class EventLog:
         start = self._records.starts[number]
         return self._records.buf[start : start + self._records.rows[number][-1]]
 
-    def measurements(self, bank: int, pcrs: Container[int]) -> list[Measurement]:
+    def measurements(self, bank: int, pcrs: Container[int], kind: type[_M]) -> list[_M]:
         """What each event of ``pcrs`` extended into ``bank``, in log order.
 
         EV_NO_ACTION events and events that carry no digest of ``bank`` are left
-        out: they extend nothing there. The data is as logged (unchecked).
+        out: they extend nothing there. The data is as logged (unchecked). Each is
+        made as ``kind`` (:class:`Measurement` or a subclass that adds methods),
+        so a caller's records cost one tuple per event: a verifier makes them for
+        every event of every log it has not seen before.
         """
         buf, _layout, rows, starts, _irregular = self._records
         at = self._digest_position(bank)
         no_action, new = _NO_ACTION, tuple.__new__
         return [
-            new(Measurement, (number, row[0], row[1], digest, buf[start : start + row[-1]]))
+            new(kind, (number, row[0], row[1], digest, buf[start : start + row[-1]], None))
             for number, (row, start) in enumerate(zip(rows, starts, strict=True))
             if row[1] != no_action and row[0] in pcrs and (digest := row[at]) is not None
         ]
