@@ -58,21 +58,17 @@ class LeanRoutes:
         if route is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        parsed: Any = None
-        if route.model is not None:  # a route without a body leaves it unread, as FastAPI does
-            body, complete = await _read_body(receive)
-            parsed = _parsed(route.model, scope, body) if complete else _UNPARSED
-            if parsed is _UNPARSED:
-                await self.app(scope, _replay(body, complete, receive), send)
-                return
         try:
-            response = route.handle(parsed)
-        except Exception as exc:
+            answer = await _lean_answer(route, scope, receive)
+        except Exception as exc:  # the body limit's error while reading, or the route's
             handler = self._handler_for(exc)
             if handler is None:
                 raise  # unexpected: ServerErrorMiddleware answers a bare 500, as for any route
-            response = await handler(Request(scope), exc)
-        await response(scope, receive, send)
+            answer = await handler(Request(scope), exc)
+        if isinstance(answer, _Unparsed):
+            await self.app(scope, _replay(answer.body, answer.complete, receive), send)
+            return
+        await answer(scope, receive, send)
 
     def _handler_for(
         self, exc: Exception
@@ -88,17 +84,33 @@ class LeanRoutes:
         return None
 
 
-_UNPARSED = object()
+@dataclass(frozen=True)
+class _Unparsed:
+    """A request for FastAPI to answer: what was read of it, and whether that is all."""
+
+    body: bytes
+    complete: bool
 
 
-def _parsed(model: type[BaseModel], scope: Scope, body: bytes) -> Any:
-    """The body validated by ``model``, or _UNPARSED to let FastAPI answer."""
+async def _lean_answer(route: LeanRoute, scope: Scope, receive: Receive) -> Response | _Unparsed:
+    """The route's answer, or what was read of a request the lean path does not take."""
+    if route.model is None:  # a route without a body leaves it unread, as FastAPI does
+        return route.handle(None)
+    body, complete = await _read_body(receive)
+    parsed = _parsed(route.model, scope, body) if complete else None
+    if parsed is None:
+        return _Unparsed(body, complete)
+    return route.handle(parsed)
+
+
+def _parsed(model: type[BaseModel], scope: Scope, body: bytes) -> BaseModel | None:
+    """The body validated by ``model``, or None to let FastAPI answer."""
     if not body or not _is_json(scope):
-        return _UNPARSED
+        return None
     try:
         return model.model_validate(json.loads(body))
     except (ValueError, ValidationError):  # JSONDecodeError and UnicodeDecodeError too
-        return _UNPARSED
+        return None
 
 
 def _is_json(scope: Scope) -> bool:
