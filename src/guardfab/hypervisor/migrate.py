@@ -37,7 +37,9 @@ on at the source, can still be stopped and started (ADR 0009, 0011).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Mapping
@@ -260,9 +262,24 @@ class AttachedVm(QemuVm):
         """Quit QEMU over QMP and wait for it to exit (swtpm exits with it)."""
         super().stop()
         deadline = time.monotonic() + STOP_TIMEOUT
-        while Path(f"/proc/{self._attached_pid}").exists() and time.monotonic() < deadline:
+        while not _exited(self._attached_pid) and time.monotonic() < deadline:
             time.sleep(0.02)
         shutil.rmtree(self.paths.run_dir, ignore_errors=True)  # the sockets of `vm start`
+
+
+def _exited(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie has: reaped here if it is our child).
+
+    The agent that started a VM is QEMU's parent: an exited QEMU stays a zombie
+    (its /proc entry too) until reaped, which would make a stop wait its whole timeout.
+    """
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 def attach(vm_dir: Path) -> AttachedVm:
