@@ -285,7 +285,8 @@ class _ParsedLog:
     def facts(self) -> dict[str, FactRecord]:
         """The log's SHA-256 facts as records (a fresh dict: callers add their own)."""
         if self._facts is None:
-            self._facts = {n: fact_record(f) for n, f in self.log.facts(_SHA256).items()}
+            facts = self.log.facts(_SHA256)
+            self._facts = dict(zip(facts._fields, map(fact_record, facts), strict=True))
         return dict(self._facts)
 
     def quoted(self, pcrs: Iterable[int]) -> _QuotedEvents:

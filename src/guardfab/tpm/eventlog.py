@@ -440,7 +440,7 @@ class EventLog:
     def events(self) -> tuple[Event, ...]:
         """Every event in log order (made on first use, then kept)."""
         if self._events is None:
-            self._events = tuple(map(self._event, range(len(self._records.rows))))
+            self._events = self._make_events(range(len(self._records.rows)))
         return self._events
 
     def events_in(
@@ -454,18 +454,19 @@ class EventLog:
             numbers = [n for n, row in enumerate(rows) if row[0] in pcrs and row[1] in event_types]
         if self._events is not None:
             return tuple(self._events[n] for n in numbers)
-        return tuple(map(self._event, numbers))
+        return self._make_events(numbers)
 
-    def _event(self, number: int) -> Event:
+    def _make_events(self, numbers: Iterable[int]) -> tuple[Event, ...]:
         buf, layout, rows, starts, irregular = self._records
-        row, start = rows[number], starts[number]
-        odd = irregular.get(number)
-        if odd is None:
-            offset, digests = start - layout.head.size, layout.digests(row)
-        else:
-            offset, digests = odd
-        data = buf[start : start + row[-1]]
-        return tuple.__new__(Event, (number, offset, row[0], row[1], digests, data))
+        head, digests_of, new = layout.head.size, layout.digests, tuple.__new__
+        out = []
+        for number in numbers:
+            row, start = rows[number], starts[number]
+            odd = irregular.get(number)
+            offset, digests = (start - head, digests_of(row)) if odd is None else odd
+            data = buf[start : start + row[-1]]
+            out.append(new(Event, (number, offset, row[0], row[1], digests, data)))
+        return tuple(out)
 
     def _data(self, number: int) -> bytes:
         start = self._records.starts[number]
@@ -573,7 +574,7 @@ class EventLog:
             data = self._data(number)
             if not data.startswith(_STARTUP_LOCALITY):
                 continue
-            offset = self._event(number).offset
+            offset = self._make_events((number,))[0].offset
             if len(data) != 17 or data[16] not in _STARTUP_LOCALITIES:
                 raise _malformed(number, offset, "StartupLocality event is not valid")
             if locality is not None:

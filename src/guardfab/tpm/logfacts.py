@@ -19,9 +19,7 @@ Rules every fact here follows (docs/eventlog-facts.md explains them at length):
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from guardfab.tpm import uefi
@@ -77,9 +75,10 @@ def _gap(note: str) -> Fact:
     return Fact(None, (), note)
 
 
-@dataclass(frozen=True)
-class LogFacts:
+class LogFacts(NamedTuple):
     """What the attestation policies read from a log (see the module rules).
+
+    A named tuple: a verifier makes one for every log it has not seen before.
 
     Attributes:
         secure_boot: SecureBoot variable = 1 in a verified
@@ -109,8 +108,7 @@ class LogFacts:
 
     def items(self) -> Iterator[tuple[str, Fact]]:
         """Each fact by name, in declaration order."""
-        for name in _FACT_NAMES:
-            yield name, getattr(self, name)
+        yield from zip(self._fields, self, strict=True)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form: each fact's value by name, plus ``evidence`` (events and note)."""
@@ -119,9 +117,6 @@ class LogFacts:
             name: {"events": list(fact.events), "note": fact.note} for name, fact in self.items()
         }
         return out
-
-
-_FACT_NAMES = tuple(field.name for field in dataclasses.fields(LogFacts))
 
 
 # ------------------------------------------------------------------ what the log cannot show
