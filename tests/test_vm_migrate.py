@@ -9,15 +9,18 @@ One real boot (OVMF secure boot, TCG) on A, then in order (each step needs the
 VM where the one before left it):
 
 1. to C: refused at C's release, nothing written at C, the VM runs on at A;
-2. to B with a stream under the wrong PSK (the salt changed on the way): B's
+2. to B with the VM record loosened on the way (encryption-supported, a
+   console): B's release opens the vault, whose sealed policy says shielded;
+   refused, B's pair handed back to A, the VM runs on at A;
+3. to B with a stream under the wrong PSK (the salt changed on the way): B's
    release spent A's committed KP, so B's pair is handed back to A as pending;
    the VM runs on at A (same boot);
-3. A to B: the guest's page keeps answering with the same boot id; B's own
+4. A to B: the guest's page keeps answering with the same boot id; B's own
    release of the pending KP (A's committed one is refused as spent);
-4. B to A, left waiting until A's agent abandons it (its timeout): ``vm migrate
+5. B to A, left waiting until A's agent abandons it (its timeout): ``vm migrate
    --abort`` hands A's pair back to B, where the VM can still be stopped and
    started;
-5. nothing that crossed the APIs holds a key: no transport key of any KP
+6. nothing that crossed the APIs holds a key: no transport key of any KP
    generation, no vault key, no PSK -- only the fields of the protocol.
 """
 
@@ -156,6 +159,31 @@ def _refused_at_c(fabric: Fabric, boot_id: str) -> None:
     assert parse_page(fetch(fabric.port))["boot_id"] == boot_id
 
 
+@dataclass
+class Loosening(Recorder):
+    """An administrator's client that loosens the VM record it carries to the destination."""
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """Offer the VM as encryption-supported with a console."""
+        if path.endswith("/incoming") and body is not None:
+            record = {**body["record"], "policy": "encryption-supported", "console": True}
+            body = {**body, "record": record}
+        return super().call(method, path, body)
+
+
+def _loosened_record_refused(fabric: Fabric, boot_id: str) -> None:
+    """The record's policy is checked against the vault's: refused at B, B's pair back at A."""
+    b = Loosening(fabric.b.client("admin"), fabric.log)
+    with pytest.raises(GuardfabError, match="record was changed"):
+        orchestrate.migrate(fabric.agent(fabric.a), b, fabric.tenant.name)
+    assert parse_page(fetch(fabric.port))["boot_id"] == boot_id, "still running at A"
+    store = VaultStore(fabric.vm_dir(fabric.a) / "keys")
+    assert _generation(store, "committed") == 2  # provisioning 1, start at A 2
+    assert _generation(store, "pending") == 3, "B's release, handed back"
+    assert fabric.b.client().show(fabric.tenant.name)["incoming"] == "abandoned"
+    assert running_pid(fabric.vm_dir(fabric.b)) is None
+
+
 def _wrong_psk_then_hand_back(fabric: Fabric, boot_id: str) -> None:
     """B released (A's committed KP is spent), the stream fails: B's pair goes back to A."""
     a, b, name = fabric.agent(fabric.a), fabric.agent(fabric.b), fabric.tenant.name
@@ -170,8 +198,8 @@ def _wrong_psk_then_hand_back(fabric: Fabric, boot_id: str) -> None:
     taken = a.call("POST", f"/vms/{name}/outgoing/take-back", {k: pair[k] for k in ("kp", "vault")})
     assert taken["resumed"] is False  # a failed handshake never paused it
     store = VaultStore(fabric.vm_dir(fabric.a) / "keys")
-    assert _generation(store, "committed") == 2  # provisioning 1, start at A 2
-    assert _generation(store, "pending") == 3, "B's release, handed back"
+    assert _generation(store, "committed") == 2
+    assert _generation(store, "pending") == 4, "B's release of the pending KP 3, handed back"
     assert running_pid(fabric.vm_dir(fabric.b)) is None
     with pytest.raises(GuardfabError, match="unfinished incoming migration"):
         fabric.b.client().action(name, "start")
@@ -193,7 +221,7 @@ def _a_to_b(fabric: Fabric, boot_id: str) -> None:
     assert running_pid(b_dir) == report.pid
     store = VaultStore(b_dir / "keys")
     assert store.pending() is None
-    assert _generation(store, "committed") == 4  # B released the pending KP 3
+    assert _generation(store, "committed") == 5  # B released the pending KP 4
     assert not (b_dir / "incoming.json").exists()
 
 
@@ -215,19 +243,19 @@ def _abandoned_then_aborted(fabric: Fabric, monkeypatch: pytest.MonkeyPatch) -> 
     ], catch_exceptions=False)  # fmt: skip
     assert out.exit_code == 0, out.output
     store = VaultStore(fabric.vm_dir(fabric.b) / "keys")
-    assert _generation(store, "pending") == 5, "A's release, handed back to B"
+    assert _generation(store, "pending") == 6, "A's release, handed back to B"
     with fabric.b.client() as client:
         client.action(name, "stop")
-        started = client.action(name, "start")  # the committed KP 4 is spent: pending 5
+        started = client.action(name, "start")  # the committed KP 5 is spent: pending 6
     assert running_pid(fabric.vm_dir(fabric.b)) == started["pid"]
-    assert _generation(store, "committed") == 6
+    assert _generation(store, "committed") == 7
 
 
 def _nothing_secret_crossed(fabric: Fabric, vm_fabric: VmFabric) -> None:
     """Only protocol fields crossed the APIs; no key of any generation, no PSK."""
     traffic = json.dumps(fabric.log)
     kps = {bytes(b64url_decode(p["kp"], what="kp")) for p in _pairs(fabric.log)}
-    assert len(kps) >= 3, "the test saw the pairs it meant to (generations 2, 3, 4)"
+    assert len(kps) >= 4, "the test saw the pairs it meant to (generations 2 to 5)"
     transport = [load_key_protector(kp).unwrap(vm_fabric.kps).reveal() for kp in kps]
     store = VaultStore(fabric.vm_dir(fabric.b) / "keys")
     committed = load_key_protector(store.committed().kp).unwrap(vm_fabric.kps)
@@ -269,6 +297,7 @@ def test_migration_through_two_agents_refused_failed_done_and_abandoned(
         client.action(fabric.tenant.name, "start")
     boot_id = parse_page(fetch(fabric.port))["boot_id"]
     _refused_at_c(fabric, boot_id)
+    _loosened_record_refused(fabric, boot_id)
     _wrong_psk_then_hand_back(fabric, boot_id)
     _a_to_b(fabric, boot_id)
     _abandoned_then_aborted(fabric, monkeypatch)

@@ -15,8 +15,12 @@
    VM directory, marked ``incoming.json`` (power-on refuses such a directory:
    the pair belongs to the migration until it ends);
 4. lays out its side -- record, ``disks`` as a symlink to the shared disks, its
-   own copy of the source's OVMF variable store, its own vTPM state directory --
-   starts QEMU ``-incoming defer`` with its own swtpm, and listens with TLS-PSK
+   own copy of the source's OVMF variable store, its own vTPM state directory;
+5. checks that the record's policy is the one sealed in the vault: the record
+   came through the administrator's hands, and a loosened one (a shielded VM
+   offered as encryption-supported, to get a console) is refused, its pair kept
+   for the hand-back;
+6. starts QEMU ``-incoming defer`` with its own swtpm, and listens with TLS-PSK
    under a PSK derived from the vault (:func:`~guardfab.hypervisor.migrate.migration_psk`)
    and a fresh salt, which :class:`IncomingVm` answers with the address and port.
 
@@ -38,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guardfab.errors import GuardfabError, TransportError, UsageError
+from guardfab.errors import GuardfabError, PolicyError, TransportError, UsageError
 from guardfab.formats.key_protector import load_key_protector
 from guardfab.host.keyrequest import ReleasedKeys
 from guardfab.hypervisor.argv import VmPaths
@@ -58,6 +62,7 @@ from guardfab.hypervisor.power import (
     INCOMING_FILE,
     RUN_FILE,
     _record_run,
+    bind_policy,
     power_off,
     running_pid,
 )
@@ -229,6 +234,13 @@ def receive(
     sealed = seal_vault(contents, released.new_transport_key, vm_name=offer.name)
     Path(vms_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
     number = _lay_out(vm_dir, offer, sealed, released.egress_kp)
+    try:
+        # The record came through the administrator's hands: its policy must be the
+        # one sealed in the vault (a loosened record is refused, its pair kept).
+        bind_policy(contents, offer.record, strict=True)
+    except PolicyError:
+        _mark(vm_dir, ABANDONED)
+        raise
     vm = factory(offer.record, vm_dir)
     endpoint = StreamEndpoint(address, port, secrets.token_bytes(SALT_SIZE))
     try:

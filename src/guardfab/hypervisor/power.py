@@ -33,6 +33,7 @@ its VM runs) from the pid recorded in ``run.json``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -42,12 +43,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guardfab.errors import GuardfabError, NotAuthorizedError, TransportError, UsageError
+from guardfab.errors import (
+    GuardfabError,
+    NotAuthorizedError,
+    PolicyError,
+    TransportError,
+    UsageError,
+)
 from guardfab.formats import jose
 from guardfab.host.keyrelease import request_release
 from guardfab.host.keyrequest import ReleasedKeys
 from guardfab.hypervisor.policy import check_vm_policy
-from guardfab.hypervisor.provision import KeySource, load_record
+from guardfab.hypervisor.provision import KeySource, VmRecord, load_record
 from guardfab.hypervisor.spec import VmSpec
 from guardfab.hypervisor.vault import (
     KeyPair,
@@ -141,6 +148,51 @@ def refuse_unfinished_incoming(vm_dir: Path, name: str) -> None:
         )
 
 
+def bind_policy(
+    contents: VaultContents, record: VmRecord, *, strict: bool = False
+) -> VaultContents:
+    """The vault's contents with the VM's security policy sealed in them (ADR 0015).
+
+    A vault sealed before its VM's first power-on names no policy: the record's
+    (which this host wrote from the verified PDK) is bound then. Afterwards a
+    record whose policy differs from the vault's was changed -- loosened, say,
+    on its way to a migration destination -- and is refused.
+
+    Args:
+        strict: refuse a vault that names no policy as well (a migration
+            destination cannot trust a record it was handed).
+
+    Raises:
+        PolicyError: the record's policy is not the one sealed in the vault.
+    """
+    if contents.policy is None and not strict:
+        return dataclasses.replace(contents, policy=record.policy.value)
+    if contents.policy != record.policy.value:
+        sealed = contents.policy or "none (sealed before its first start)"
+        raise PolicyError(
+            f"VM {record.name!r}: its record says policy {record.policy.value}, its vault "
+            f"{sealed}: the record was changed",
+            hint="the record must come unchanged from the VM's host; nothing was started",
+        )
+    return contents
+
+
+def _seal_pending(
+    store: VaultStore, record: VmRecord, contents: VaultContents, released: ReleasedKeys
+) -> tuple[KeyPair, VaultContents]:
+    """Write the released pair as pending (always: the KP sent is spent), then check the policy."""
+    try:
+        bound, refused = bind_policy(contents, record), None
+    except PolicyError as exc:
+        bound, refused = contents, exc
+    pending = store.write_pending(
+        seal_vault(bound, released.new_transport_key, vm_name=record.name), released.egress_kp
+    )
+    if refused is not None:
+        raise refused
+    return pending, bound
+
+
 def start_vm(
     vm_dir: Path, key_source: KeySource, *, runtime_factory: RuntimeFactory = _qemu_factory
 ) -> StartedVm:
@@ -166,10 +218,7 @@ def start_vm(
     store = VaultStore(vm_dir / "keys")
     pair, released = _release(store, key_source, record.name)
     contents = open_vault(pair.vault, released.old_transport_key, vm_name=record.name)
-    pending = store.write_pending(
-        seal_vault(contents, released.new_transport_key, vm_name=record.name),
-        released.egress_kp,
-    )
+    pending, contents = _seal_pending(store, record, contents, released)
     vm = runtime_factory(spec, vm_dir / "state")
     vm.start(contents.vm_keys())
     store.commit(pending.number, replaces=pair.number)
@@ -196,10 +245,7 @@ def rekey_running(vm_dir: Path, key_source: KeySource) -> VaultContents:
     store = VaultStore(vm_dir / "keys")
     pair, released = _release(store, key_source, record.name)
     contents = open_vault(pair.vault, released.old_transport_key, vm_name=record.name)
-    pending = store.write_pending(
-        seal_vault(contents, released.new_transport_key, vm_name=record.name),
-        released.egress_kp,
-    )
+    pending, contents = _seal_pending(store, record, contents, released)
     store.commit(pending.number, replaces=pair.number)
     return contents
 
@@ -273,6 +319,7 @@ __all__ = [
     "PowerOnRefusedError",
     "RuntimeFactory",
     "StartedVm",
+    "bind_policy",
     "power_off",
     "power_on",
     "refuse_unfinished_incoming",

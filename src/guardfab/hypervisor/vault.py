@@ -1,7 +1,10 @@
 """A VM's key vault: its vTPM and disk keys, sealed under the VM's transport key, with rollback.
 
 The vault holds what a VM needs to run and nothing else: the vTPM state key,
-the vTPM migration key and one random 256-bit key per encrypted disk. It is a
+the vTPM migration key and one random 256-bit key per encrypted disk -- and,
+once the VM has started, the name of its security policy: the seal
+authenticates it, so a host that opens the vault can tell whether a VM record
+handed to it (a live migration's) was loosened on the way (ADR 0015). It is a
 compact JWE (``dir``/``A256GCM``) whose content key is derived from the VM's
 transport key with HKDF-SHA256 (``info`` names the purpose and the VM), so the
 transport key itself never encrypts anything and a vault cannot be moved to
@@ -80,6 +83,7 @@ _HKDF_INFO = b"guardfab vm-vault v1 A256GCM "
 _REGISTRY = jwe.JWERegistry(algorithms=["dir", "A256GCM"])
 _GEN_RE = re.compile(r"gen-([0-9]{8})")
 _DEVICE_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
+_POLICY_RE = re.compile(r"[a-z][a-z-]{0,31}")
 _WHAT = "VM key vault"
 _RESTORE_HINT = (
     "if a newer pair is intact, 'guardfab vm key-protector NAME --restore-last-known-good'"
@@ -98,6 +102,9 @@ class VaultContents:
     vtpm_state: bytes = field(repr=False)
     vtpm_migration: bytes = field(repr=False)
     disks: Mapping[str, DiskKey] = field(repr=False)
+    #: The VM's security policy (``shielded``...), bound at its first power-on;
+    #: ``None`` in a vault sealed before then (at provisioning, or by an older version).
+    policy: str | None = None
 
     def __post_init__(self) -> None:
         for what, key in (("vTPM state", self.vtpm_state), ("vTPM migration", self.vtpm_migration)):
@@ -108,6 +115,8 @@ class VaultContents:
         for device_id in self.disks:
             if not _DEVICE_RE.fullmatch(device_id):
                 raise FormatError(f"{_WHAT}: bad disk id {device_id!r}")
+        if self.policy is not None and not _POLICY_RE.fullmatch(self.policy):
+            raise FormatError(f"{_WHAT}: bad policy name")
 
     def __repr__(self) -> str:
         return f"VaultContents(disks={sorted(self.disks)}, <keys redacted>)"
@@ -129,15 +138,16 @@ class VaultContents:
 
     def to_bytes(self) -> bytes:
         """Canonical JSON (the plaintext that gets sealed)."""
-        return canonical_json(
-            {
-                "type": VAULT_TYPE,
-                "version": VAULT_VERSION,
-                "vtpm_state": b64url_encode(self.vtpm_state),
-                "vtpm_migration": b64url_encode(self.vtpm_migration),
-                "disks": {d: b64url_encode(k.material) for d, k in sorted(self.disks.items())},
-            }
-        )
+        body: dict[str, Any] = {
+            "type": VAULT_TYPE,
+            "version": VAULT_VERSION,
+            "vtpm_state": b64url_encode(self.vtpm_state),
+            "vtpm_migration": b64url_encode(self.vtpm_migration),
+            "disks": {d: b64url_encode(k.material) for d, k in sorted(self.disks.items())},
+        }
+        if self.policy is not None:
+            body["policy"] = self.policy
+        return canonical_json(body)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> VaultContents:
@@ -146,7 +156,7 @@ class VaultContents:
             load_json_document(data, what=_WHAT, max_bytes=MAX_VAULT_BYTES), what=_WHAT
         )
         reject_unknown_fields(
-            obj, {"type", "version", "vtpm_state", "vtpm_migration", "disks"}, what=_WHAT
+            obj, {"type", "version", "vtpm_state", "vtpm_migration", "disks", "policy"}, what=_WHAT
         )
         if obj.get("type") != VAULT_TYPE or require_int(obj, "version", what=_WHAT) != 1:
             raise FormatError(f"{_WHAT}: not a version {VAULT_VERSION} vault")
@@ -155,6 +165,7 @@ class VaultContents:
             vtpm_state=_key_field(obj, "vtpm_state"),
             vtpm_migration=_key_field(obj, "vtpm_migration"),
             disks={str(d): DiskKey(_key_field(disks, d)) for d in disks},
+            policy=require_str(obj, "policy", what=_WHAT, max_len=32) if "policy" in obj else None,
         )
 
 
