@@ -44,9 +44,15 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from guardfab.errors import UsageError, VerificationError
 from guardfab.hypervisor.errors import HypervisorError
-from guardfab.hypervisor.power import RuntimeFactory, StartedVm, _record_run, _release
+from guardfab.hypervisor.power import (
+    RuntimeFactory,
+    StartedVm,
+    _record_run,
+    _release,
+    _seal_pending,
+)
 from guardfab.hypervisor.provision import KeySource, load_record
-from guardfab.hypervisor.vault import VaultContents, VaultStore, open_vault, seal_vault
+from guardfab.hypervisor.vault import VaultContents, VaultStore, open_vault
 from guardfab.hypervisor.vm import QemuVm
 
 CHECKPOINT_FILE = "checkpoint.gfc"
@@ -233,10 +239,7 @@ def _rekey(vm_dir: Path, key_source: KeySource) -> tuple[VaultContents, VaultSto
     store = VaultStore(vm_dir / "keys")
     pair, released = _release(store, key_source, record.name)
     contents = open_vault(pair.vault, released.old_transport_key, vm_name=record.name)
-    pending = store.write_pending(
-        seal_vault(contents, released.new_transport_key, vm_name=record.name),
-        released.egress_kp,
-    )
+    pending, contents = _seal_pending(store, record, contents, released)
     return contents, store, pending.number, pair.number
 
 
