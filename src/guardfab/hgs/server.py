@@ -2,7 +2,8 @@
 
 Worker processes each build their own app from the state directory (named by
 ``GUARDFAB_HGS_DIR``), so ``--workers N`` scales over the cores while the store
-keeps them consistent.
+keeps them consistent; with more than one, each worker listens on its own
+``SO_REUSEPORT`` socket (:mod:`guardfab.hgs.supervisor`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from guardfab.hgs.app import create_app
 from guardfab.hgs.deps import service_of_app
 from guardfab.hgs.service import HgsService
 from guardfab.hgs.state import HgsState
+from guardfab.hgs.supervisor import Supervisor, WorkerSpec
 from guardfab.store.base import Store
 from guardfab.store.sqlite import SqliteStore
 
@@ -67,14 +69,17 @@ def serve(directory: Path, listen: str | None = None, workers: int = 1) -> None:
     os.environ[STATE_DIR_ENV] = str(Path(directory).resolve())
     # Fail here, with a clear error, rather than in a worker; the workers build their own.
     service_of_app(build_app(Path(directory), checkpoint_interval=None)).store.close()
+    certfile, keyfile = str(state.path("tls", "server.pem")), str(state.path("tls", "server.key"))
+    if workers > 1:  # a socket per worker, so the kernel spreads connections (supervisor.py)
+        Supervisor(WorkerSpec(host, port, certfile, keyfile), workers).run()
+        return
     uvicorn.run(
         "guardfab.hgs.server:app_from_environment",
         factory=True,
         host=host,
         port=port,
-        workers=workers,
-        ssl_certfile=str(state.path("tls", "server.pem")),
-        ssl_keyfile=str(state.path("tls", "server.key")),
+        ssl_certfile=certfile,
+        ssl_keyfile=keyfile,
         log_level="warning",
         access_log=False,
         loop="uvloop",
