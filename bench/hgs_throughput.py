@@ -381,6 +381,7 @@ def attest_phase(
         Plan(
             hgs.port, str(hgs.ca), mode, start, end, args.connections,
             None if rate is None else rate / args.clients, index=n, clients=args.clients,
+            stagger=args.stagger,
         )
         for n in range(args.clients)
     ]  # fmt: skip
@@ -459,7 +460,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=2, help="load generator processes")
     parser.add_argument("--connections", type=int, default=8, help="connections per process")
     parser.add_argument("--ak", choices=["ecc", "rsa"], default="ecc", help="the TPM hosts' AK")
-    parser.add_argument("--workers", type=int, default=WORKERS, help="uvicorn worker processes")
+    parser.add_argument("--workers", type=int, default=WORKERS, help="HGS worker processes")
+    parser.add_argument(
+        "--stagger",
+        type=float,
+        default=0.02,
+        help="seconds between two connection opens (0: all at once, a reconnect storm)",
+    )
     parser.add_argument(
         "--phases",
         help="comma-separated subset to run (default: healthz,tpm,host-key; release mode: release)",
