@@ -136,3 +136,16 @@ def test_a_port_held_by_another_socket_is_refused_clearly(served: RunningHgs) ->
         result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode != 0
     assert "cannot listen on 127.0.0.1" in result.stderr
+
+
+def test_a_second_hgs_on_the_same_port_is_refused(served: RunningHgs, tmp_path: Path) -> None:
+    """Workers share their port with SO_REUSEPORT; a second serve must not join them."""
+    other = start_hgs(tmp_path / "other", workers=1)  # a second state directory
+    other.stop()
+    command = [sys.executable, "-m", "guardfab", "hgs", "serve", "--dir", str(other.directory)]
+    command += ["--listen", f"127.0.0.1:{_port(served)}", "--workers", str(WORKERS)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode != 0
+    assert "cannot listen on 127.0.0.1" in result.stderr
+    with served.client() as client:  # the first one still serves
+        assert client.get("/healthz").status_code == 200

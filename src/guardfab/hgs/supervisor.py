@@ -50,24 +50,33 @@ class WorkerSpec:
     keyfile: str
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to (host, port) with SO_REUSEPORT, listening.
+def listening_socket(host: str, port: int, *, share: bool = True) -> socket.socket:
+    """A socket bound to (host, port); with ``share``, SO_REUSEPORT and listening.
+
+    Without ``share`` it is only bound: the supervisor's check that nothing else
+    holds the port -- not even another HGS's SO_REUSEPORT workers, which a second
+    ``serve`` would otherwise join silently, splitting hosts between two services.
 
     Raises:
-        UsageError: the address cannot be bound (in use without SO_REUSEPORT, not local).
+        UsageError: the address cannot be bound (in use, not local).
     """
     family, kind, proto, _name, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     sock = socket.socket(family, kind, proto)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT only
+        if share:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
-        sock.listen(BACKLOG)
+        if share:
+            sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
-        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        raise UsageError(
+            f"cannot listen on {host}:{port}: {exc.strerror}",
+            hint="is another HGS (or anything else) already serving on that address?",
+        ) from exc
     return sock
 
 
@@ -127,7 +136,8 @@ class Supervisor:
         Raises:
             UsageError: a worker died during its startup grace period.
         """
-        listening_socket(self.spec.host, self.spec.port).close()  # a clear error, early
+        # Nothing may hold the port, not even another HGS's workers: a clear error, early.
+        listening_socket(self.spec.host, self.spec.port, share=False).close()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS}
         try:
             self._workers = [self._start() for _ in range(self.count)]
