@@ -23,16 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import atheris
 
 with atheris.instrument_imports():
     from guardfab.formats import jose
-    from guardfab.formats.encoding import b64url_decode
     from guardfab.formats.guardian import GuardianKind, sign_guardian_document
-    from guardfab.formats.health_certificate import HealthCertificate, issue_health_certificate
     from guardfab.formats.shielding_data import (
         SecurityPolicy,
         create_shielding_data,
@@ -42,7 +39,15 @@ with atheris.instrument_imports():
     from guardfab.keyprotection import open_shielding_answer, open_shielding_data
     from guardfab.keyprotection.shielding import OPENING_JWS_TYPE
 
-from fuzz_common import expect_only_invalid_input, fixed_guardian, fixed_key
+from fuzz_common import (
+    fixed_guardian,
+    fixed_key,
+    fuzz_certificate,
+    kps_exchange_seeds,
+    modal_target,
+    run,
+    write_seeds,
+)
 
 NOW = 1_800_000_000
 
@@ -97,45 +102,22 @@ def _answer_signed(rest: bytes) -> object:
 MODES = (_open, _answer, _answer_signed)
 
 
-def test_one_input(data: bytes) -> None:
-    if not data:
-        return
-    expect_only_invalid_input(MODES[data[0] % len(MODES)], data[1:])
+test_one_input = modal_target(MODES)
 
 
 def _certificate() -> str:
-    cert = HealthCertificate(
-        issuer="fuzz-hgs",
-        host_id="host-a",
-        mode="host-key",
-        host_key=jose.public_jwk(HOST),
-        issued_at=NOW - 60,
-        expires_at=NOW + 3600,
-    )
-    return issue_health_certificate(cert, SIGNER)
+    return fuzz_certificate(SIGNER, HOST, NOW)
 
 
 def make_seeds(directory: Path) -> None:
     """Write a granted request, its answer, and the answer's payload."""
-    directory.mkdir(parents=True, exist_ok=True)
     request = _certificate().encode() + b"\x00" + _PDK
     answer = json.dumps(_open(request)).encode()
-    token = json.loads(answer)["opening"]
-    seeds = {
-        "request": b"\x00" + request,
-        "answer": b"\x01" + answer,
-        "payload": b"\x02" + b64url_decode(token.split(".")[1], what="seed"),
-    }
-    for name, seed in seeds.items():
-        (directory / name).write_bytes(seed)
+    write_seeds(directory, kps_exchange_seeds(request, answer, json.loads(answer)["opening"]))
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--make-seeds":
-        make_seeds(Path(sys.argv[2]))
-        return
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
+    run(test_one_input, make_seeds)
 
 
 if __name__ == "__main__":
