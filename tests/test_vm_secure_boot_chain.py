@@ -70,6 +70,8 @@ PROBE_CMDLINE = "console=ttyS0 guardfab.probe=1"
 #: What the serial console shows once the guest's init ran and powered off.
 INIT_STARTED = "Run /init as init process"
 POWERED_OFF = "reboot: Power down"
+#: Seconds QEMU may take to exit after the guest's kernel powered off.
+QEMU_EXIT_GRACE = 15.0
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,10 @@ def boot(disk: Path, firmware: Firmware, accel: Accelerator, *, until: str) -> B
         deadline = started + BOOT_TIMEOUT
         while qemu.poll() is None and until not in _read(serial) and time.monotonic() < deadline:
             time.sleep(0.2)
+        if POWERED_OFF in _read(serial):
+            # The guest powered off: QEMU (-no-reboot) exits, a moment after the kernel says so.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                qemu.wait(timeout=QEMU_EXIT_GRACE)
         exit_status = qemu.poll()
     seconds = time.monotonic() - started
     print(f"\n{disk.name}: {seconds:.1f} s, exit {exit_status}")
