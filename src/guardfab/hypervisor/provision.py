@@ -12,10 +12,10 @@ Order matters, and every check comes before anything is written:
    disk through the signed chain, so a request with a direct kernel is refused
    (:mod:`guardfab.hypervisor.policy`, rule ``firmware-boot``);
 3. the PDK's secrets are revealed by ``reveal_secrets`` -- a guardian's job, not
-   the host's: in the reference the KPS (a fabric guardian) opens the PDK during
-   provisioning. In this slice the caller passes that step in as a callback;
-   wiring the KPS-side unwrap into the HGS is left for later (ADR 0009). A PDK
-   for another fabric fails here, before anything exists;
+   the host's: the host agent passes its ``open_shielding_data``, which has the
+   KPS (a guardian the PDK names) open the PDK for this host's health certificate
+   and answer the secrets sealed to the host key (ADR 0010). A PDK for another
+   fabric fails here, before anything exists;
 4. in a private temporary directory beside the VM: the OS disk (a LUKS copy of
    the template) and the specialization disk (the answer file, built in memory
    and written through a memfd, LUKS-encrypted) under fresh random keys;
