@@ -305,6 +305,35 @@ def test_compact_expired_spreads_large_batches_over_revisions(
     assert store.list("") == []
 
 
+def test_compact_expired_with_a_limit_removes_the_earliest_expired_first(
+    store: Store, clock: FakeClock
+) -> None:
+    store.put("t/a", b"", ttl=3)
+    store.put("t/b", b"", ttl=1)
+    store.put("t/c", b"", ttl=2)
+    store.put("t/d", b"", ttl=60)
+    clock.advance(5)
+    before = store.current_revision()
+    watch = store.watch("t/")
+    assert store.compact_expired(limit=2) == 2
+    assert store.current_revision() == before + 1  # one transaction per call
+    assert [(e.kind, e.key) for e in drain(watch)] == [
+        (EventKind.DELETE, "t/b"),
+        (EventKind.DELETE, "t/c"),
+    ]
+    # Expired but not yet removed: absent to readers all the same.
+    assert [e.key for e in store.list("t/")] == ["t/d"]
+    assert store.compact_expired(limit=2) == 1  # t/a, the last one expired
+    assert store.compact_expired(limit=2) == 0
+    assert store.current_revision() == before + 2
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, 1.5])
+def test_compact_expired_refuses_a_bad_limit(store: Store, limit: object) -> None:
+    with pytest.raises(UsageError, match="limit"):
+        store.compact_expired(limit=limit)  # type: ignore[arg-type]
+
+
 # --- list ------------------------------------------------------------------------
 
 

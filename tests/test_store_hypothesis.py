@@ -99,9 +99,9 @@ class SameAnswers(RuleBasedStateMachine):
     def tick(self, seconds: float) -> None:
         self.clock.now += seconds
 
-    @rule()
-    def compact_expired(self) -> None:
-        self.both(lambda s: s.compact_expired())
+    @rule(limit=st.none() | st.integers(1, 3))
+    def compact_expired(self, limit: int | None) -> None:
+        self.both(lambda s: s.compact_expired(limit=limit))
 
     @rule(prefix=PREFIXES, limit=st.none() | st.integers(1, 3), start=st.none() | KEYS)
     def list_prefix(self, prefix: str, limit: int | None, start: str | None) -> None:

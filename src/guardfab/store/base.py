@@ -208,8 +208,12 @@ class Store(Protocol):
         """
         ...
 
-    def compact_expired(self) -> int:
-        """Remove expired entries (one revision, a delete event each); return how many."""
+    def compact_expired(self, *, limit: int | None = None) -> int:
+        """Remove expired entries, earliest expiry first (a delete event each); return how many.
+
+        ``limit`` removes at most that many in this call, so a caller can spread a
+        large backlog over short transactions instead of one long one.
+        """
         ...
 
     def close(self) -> None:

@@ -209,12 +209,21 @@ class MemoryStore:
             batch = [e for e in self._events[first:last] if e.key.startswith(prefix)]
             return batch, max(revision, upper + 1)
 
-    def compact_expired(self) -> int:
-        """Remove expired entries, at most MAX_TXN_OPS per revision; return how many."""
+    def compact_expired(self, *, limit: int | None = None) -> int:
+        """Remove expired entries, earliest expiry first; return how many.
+
+        At most ``limit`` in this call, at most MAX_TXN_OPS per revision.
+        """
+        limit = check_limit(limit)
         with self._lock:
             self._check_open()
             now = self._clock()
-            expired = sorted(k for k, r in self._rows.items() if not is_live(r.expires_at, now))
+            by_expiry = sorted(
+                (r.expires_at or 0.0, k)
+                for k, r in self._rows.items()
+                if not is_live(r.expires_at, now)
+            )
+            expired = [key for _when, key in by_expiry[:limit]]
             for offset in range(0, len(expired), MAX_TXN_OPS):
                 chunk = expired[offset : offset + MAX_TXN_OPS]
                 new_revision = self._revision + 1

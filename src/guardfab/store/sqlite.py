@@ -330,14 +330,20 @@ class SqliteStore:
             fetch, self._signal, start_revision=start, poll_interval=self._poll_interval
         )
 
-    def compact_expired(self) -> int:
-        """Remove expired entries, at most MAX_TXN_OPS per revision; return how many."""
-        return self._write(self._compact_expired)
+    def compact_expired(self, *, limit: int | None = None) -> int:
+        """Remove expired entries, earliest expiry first; return how many.
 
-    def _compact_expired(self, conn: sqlite3.Connection, now: float) -> int:
+        At most ``limit`` in this call, at most MAX_TXN_OPS per revision.
+        """
+        limit = check_limit(limit)
+        return self._write(lambda conn, now: self._compact_expired(conn, now, limit))
+
+    def _compact_expired(self, conn: sqlite3.Connection, now: float, limit: int | None) -> int:
+        # kv_expiry indexes (expires_at, key): read in that order, no sort, stop at the limit.
         rows = conn.execute(
-            "SELECT key FROM kv WHERE expires_at IS NOT NULL AND expires_at <= ? ORDER BY key",
-            (now,),
+            "SELECT key FROM kv WHERE expires_at IS NOT NULL AND expires_at <= ?"
+            " ORDER BY expires_at, key LIMIT ?",
+            (now, -1 if limit is None else limit),
         ).fetchall()
         expired = [str(row[0]) for row in rows]
         for offset in range(0, len(expired), MAX_TXN_OPS):
