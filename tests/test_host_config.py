@@ -46,6 +46,7 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
     assert config.renewal == RenewalSettings(fraction=0.75, min_validity=30.0)
     assert config.retry == RetrySettings()
     assert config.allowed_uid == 0
+    assert config.direct_boot_dir is None  # no direct kernel boot unless a directory is named
     assert config.sites == (config.primary,)
 
 
@@ -59,6 +60,7 @@ def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
         "mode": "host-key",
         "signing_key": "/etc/guardfab/sign.pem",
         "allowed_uid": 107,
+        "direct_boot_dir": "/var/lib/guardfab/boot",
         "renewal": {"fraction": 0.5, "min_validity": 10},
         "retry": {"initial_delay": 1, "max_delay": 60, "jitter": 0, "failback_after": 5,
                   "http_timeout": 3},
@@ -69,6 +71,7 @@ def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o600
     assert load_config(path) == config
     assert config.fallback == HgsSite("https://hgs2.example", "https://hgs2.example/kps")
+    assert config.direct_boot_dir == Path("/var/lib/guardfab/boot")
 
 
 _URI = "pkcs11:token=host;object=k;type=private?module-path=/m.so&pin-source=/etc/pin"
@@ -111,6 +114,7 @@ def test_signing_key_is_a_path_or_a_pkcs11_uri() -> None:
         ({"retry": {"initial_delay": 10, "max_delay": 1}}, "initial_delay <= max_delay"),
         ({"retry": {"jitter": 2}}, "jitter"),
         ({"tcti": 5}, "tcti"),
+        ({"direct_boot_dir": "boot"}, "direct_boot_dir: 'boot' must be an absolute path"),
     ],
 )
 def test_strict_loading_names_the_problem(change: dict[str, Any], message: str) -> None:

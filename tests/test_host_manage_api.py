@@ -20,6 +20,7 @@ import vm_fabric_harness
 from guardfab.cli.main import cli
 from guardfab.errors import FormatError, NotAuthorizedError, UsageError
 from guardfab.formats.encoding import b64url_encode
+from guardfab.formats.shielding_data import SecurityPolicy
 from guardfab.host.manage.audit import ManagementAudit
 from guardfab.host.manage.client import (
     ManagementClient,
@@ -27,6 +28,7 @@ from guardfab.host.manage.client import (
     ManagementUnavailableError,
 )
 from guardfab.host.manage.material import rotate_token
+from guardfab.hypervisor.provision import load_record
 from guardfab.store.audit_chain import AuditRecord
 from guardfab.store.errors import AuditChainError
 from manage_harness import ManagedHost, managed_host
@@ -375,3 +377,86 @@ def test_the_openapi_document_lists_the_routes(host: ManagedHost) -> None:
     }
     assert expected <= set(paths)
     assert "patch" in paths["/manage/v1/vms/{name}/settings"]
+
+
+# --------------------------------------------------------------------------- direct boot paths
+
+
+def _direct_boot_refused(
+    vm_fabric: VmFabric, host: ManagedHost, name: str, kernel: Path, initrd: Path, reason: str
+) -> None:
+    """An encryption-supported VM asking for ``kernel``/``initrd`` is refused, nothing made."""
+    tenant = vm_fabric.tenant_vm(name, policy=SecurityPolicy.ENCRYPTION_SUPPORTED)
+    body = _body(tenant, kernel=str(kernel), initrd=str(initrd))
+    with host.client("admin") as admin, pytest.raises(NotAuthorizedError, match=reason):
+        admin.provision(body)
+    assert not (host.config.vms_dir / name).exists()
+    assert list(host.config.vms_dir.glob(f".{name}*")) == []
+    record = _last(host)
+    assert (record.actor, record.subject, record.outcome) == ("admin", name, "refused")
+    assert record.details["operation"] == "provision"
+    assert reason in record.details["reason"]
+
+
+def test_direct_boot_is_refused_when_no_directory_is_configured(
+    vm_fabric: VmFabric, host: ManagedHost, tmp_path: Path
+) -> None:
+    """The review's attack: the admin's own VM with the host encryption key as its initrd."""
+    assert host.config.direct_boot_dir is None
+    assert host.service.management is not None
+    assert host.service.management.context.vms.direct_boot_dir is None  # wired from the config
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"kernel")
+    _direct_boot_refused(
+        vm_fabric, host, "api-key-initrd", kernel, host.config.encryption_key,
+        "no direct_boot_dir configured",
+    )  # fmt: skip
+
+
+@pytest.fixture
+def boot_dir(host: ManagedHost, tmp_path: Path) -> Iterator[Path]:
+    """The host allows direct boot from ``tmp_path/boot`` for one test."""
+    allowed = tmp_path / "boot"
+    allowed.mkdir()
+    (allowed / "vmlinuz").write_bytes(b"kernel")
+    (allowed / "initrd.img").write_bytes(b"initrd")
+    assert host.service.management is not None
+    vms = host.service.management.context.vms
+    vms.direct_boot_dir = allowed
+    try:
+        yield allowed
+    finally:
+        vms.direct_boot_dir = None
+
+
+def test_direct_boot_paths_leaving_the_allowed_directory_are_refused(
+    vm_fabric: VmFabric, host: ManagedHost, boot_dir: Path
+) -> None:
+    key = host.config.encryption_key
+    (boot_dir / "initrd-link").symlink_to(key)
+    (boot_dir / "modules").mkdir()
+    kernel = boot_dir / "vmlinuz"
+    attacks = [
+        (key, "outside the allowed directory"),
+        (boot_dir / "initrd-link", "outside the allowed directory"),
+        (boot_dir / ".." / ".." / key.relative_to(key.anchor), "outside the allowed directory"),
+        (boot_dir / "modules", "not a regular file"),
+    ]
+    for number, (initrd, reason) in enumerate(attacks):
+        _direct_boot_refused(vm_fabric, host, f"api-boot-{number}", kernel, initrd, reason)
+
+
+def test_direct_boot_inside_the_allowed_directory_keeps_the_resolved_paths(
+    vm_fabric: VmFabric, host: ManagedHost, boot_dir: Path
+) -> None:
+    (boot_dir / "current").symlink_to("vmlinuz")
+    tenant = vm_fabric.tenant_vm("api-boot-ok", policy=SecurityPolicy.ENCRYPTION_SUPPORTED)
+    body = _body(tenant, kernel=str(boot_dir / "current"), initrd=str(boot_dir / "initrd.img"))
+    with host.client("admin") as admin:
+        admin.provision(body)
+    record = load_record(host.config.vms_dir / "api-boot-ok")
+    assert record.boot is not None
+    assert (record.boot.kernel, record.boot.initrd) == (
+        boot_dir.resolve() / "vmlinuz",
+        boot_dir.resolve() / "initrd.img",
+    )

@@ -7,7 +7,8 @@ CA that HGS's TLS certificate chains to, and how this host proves its health
 how it schedules renewal and retries, where this host's VMs live (``vms_dir``)
 and where the agent's management API listens (``manage_listen``; its TLS
 material, tokens and audit log are under ``manage_dir``, by default
-``state_dir/manage``).
+``state_dir/manage``). ``direct_boot_dir``, if set, is the one directory a VM's
+directly booted kernel and initramfs may come from (absent: none may).
 
 Loading is strict on purpose: an unknown field is a typo that would otherwise
 be silently ignored (a misspelt ``fallback_attestation_url`` would leave the host
@@ -81,6 +82,7 @@ _FIELDS = {
     "vms_dir",
     "manage_listen",
     "manage_dir",
+    "direct_boot_dir",
 }
 
 
@@ -289,6 +291,9 @@ class HostConfig:
     vms_dir: Path = DEFAULT_VMS_DIR
     manage_listen: str = DEFAULT_MANAGE_LISTEN
     manage_dir: Path | None = None
+    #: The only directory a VM's direct kernel/initrd may come from through the
+    #: management API (:mod:`guardfab.hypervisor.bootpaths`); ``None``: none may.
+    direct_boot_dir: Path | None = None
 
     def __post_init__(self) -> None:
         check_listen(self.manage_listen)
@@ -339,6 +344,7 @@ class HostConfig:
             "vms_dir": str(self.vms_dir),
             "manage_listen": self.manage_listen,
             "manage_dir": None if self.manage_dir is None else str(self.manage_dir),
+            "direct_boot_dir": None if self.direct_boot_dir is None else str(self.direct_boot_dir),
         }
 
     @classmethod
@@ -389,6 +395,7 @@ def _fields_from(obj: dict[str, Any]) -> dict[str, Any]:
     signing = obj.get("signing_key")
     ci_policy = obj.get("ci_policy")
     manage_dir = obj.get("manage_dir")
+    boot_dir = obj.get("direct_boot_dir")
     tcti = obj.get("tcti", DEFAULT_TCTI)
     if not isinstance(tcti, str):
         raise FormatError("host configuration: 'tcti' must be a string")
@@ -414,6 +421,7 @@ def _fields_from(obj: dict[str, Any]) -> dict[str, Any]:
         "vms_dir": check_path(obj.get("vms_dir", str(DEFAULT_VMS_DIR)), "vms_dir"),
         "manage_listen": _string(obj, "manage_listen", DEFAULT_MANAGE_LISTEN),
         "manage_dir": None if manage_dir is None else check_path(manage_dir, "manage_dir"),
+        "direct_boot_dir": None if boot_dir is None else check_path(boot_dir, "direct_boot_dir"),
     }
 
 

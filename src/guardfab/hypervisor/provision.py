@@ -50,6 +50,7 @@ from guardfab.formats.shielding_data import SecurityPolicy, ShieldingData, load_
 from guardfab.formats.shielding_secrets import ShieldingSecrets
 from guardfab.formats.template import VerifiedDiskSignature, VolumeIdQualifier
 from guardfab.host.keyrequest import ReleasedKeys
+from guardfab.hypervisor.bootpaths import check_direct_boot
 from guardfab.hypervisor.disk import create_encrypted_copy, create_encrypted_from_bytes
 from guardfab.hypervisor.policy import check_vm_policy
 from guardfab.hypervisor.spec import (
@@ -73,6 +74,11 @@ _LEVELS = {
     SecurityPolicy.SHIELDED: SecurityLevel.SHIELDED,
     SecurityPolicy.ENCRYPTION_SUPPORTED: SecurityLevel.ENCRYPTION_SUPPORTED,
 }
+
+#: Passed as ``direct_boot_dir`` by a caller that is root on this host itself
+#: (its own scripts, tests): any kernel path it names is its own choice. The
+#: management API never passes it: it passes the configured directory or ``None``.
+LOCAL_ROOT_BOOT = Path("/")
 
 #: Opens a PDK's secrets: in the reference, the KPS as a guardian of the PDK.
 RevealSecrets = Callable[[ShieldingData], ShieldingSecrets]
@@ -288,19 +294,30 @@ def provision(
     *,
     reveal_secrets: RevealSecrets,
     key_source: KeySource,
+    direct_boot_dir: Path | None = LOCAL_ROOT_BOOT,
 ) -> VmRecord:
     """Create the VM ``request.name`` under ``vms_dir`` (see the module docstring).
+
+    ``direct_boot_dir`` is the only directory a direct kernel/initrd may come from
+    (:func:`~guardfab.hypervisor.bootpaths.check_direct_boot`; ``None``: none may);
+    the record keeps the resolved paths.
 
     Raises:
         NotAuthorizedError, VerificationError: template, PDK or KP refused (nothing created).
         PolicyError: the VM would break its security policy, e.g. a shielded VM with a
             direct kernel (nothing created, no KP released).
+        DirectBootRefusedError: a direct kernel/initrd outside ``direct_boot_dir`` or
+            not a regular file (checked after the policy; nothing created).
         InvalidInputError, TransportError: the KP's release failed (nothing created).
     """
     vm_dir = Path(vms_dir) / request.name
     pdk = _check_request(request, vm_dir)
     record = _new_record(request, pdk)
     check_vm_policy(record.spec(vm_dir))  # before the PDK is opened or a KP released
+    # After the policy, so a shielded VM's direct kernel is refused as firmware-boot.
+    boot = check_direct_boot(request.boot, direct_boot_dir)
+    record = replace(record, boot=boot)
+    request = replace(request, boot=boot)
     answer = guest_answer_file(reveal_secrets(pdk), default_hostname=request.name)
     vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{request.name}.", dir=vms_dir))

@@ -82,6 +82,8 @@ class VmOperations:
         keys: releases a VM's keys for this host (the agent).
         open_pdk: has the KPS open a PDK's secrets for this host (the agent's
             ``open_shielding_data``).
+        direct_boot_dir: the host configuration's ``direct_boot_dir``: the one
+            directory a direct kernel/initrd may come from (``None``: direct boot refused).
     """
 
     def __init__(
@@ -91,8 +93,11 @@ class VmOperations:
         open_pdk: OpenShieldingData,
         *,
         stream_address: str = "127.0.0.1",
+        direct_boot_dir: Path | None = None,
     ) -> None:
         self.vms_dir = Path(vms_dir)
+        #: Where a direct kernel/initrd may come from (host configuration); ``None``: nowhere.
+        self.direct_boot_dir = direct_boot_dir
         self.keys = keys
         self._open_pdk = open_pdk
         self._locks: dict[str, threading.Lock] = {}
@@ -150,6 +155,7 @@ class VmOperations:
                 self.vms_dir,
                 reveal_secrets=lambda _header: opener(request.pdk),
                 key_source=self.keys,
+                direct_boot_dir=self.direct_boot_dir,
             )
             return summary(record, vm_dir)
 

@@ -36,7 +36,13 @@ class Management:
         audit = ManagementAudit(files.audit_db)
         # A migration destination listens where the API does (reachable from the CLI's side).
         address, _ = check_listen(config.manage_listen)
-        vms = VmOperations(config.vms_dir, agent, agent.open_shielding_data, stream_address=address)
+        vms = VmOperations(
+            config.vms_dir,
+            agent,
+            agent.open_shielding_data,
+            stream_address=address,
+            direct_boot_dir=config.direct_boot_dir,
+        )
         context = ManagementContext(files, audit, vms)
         try:
             server = ManagementServer(create_app(context), config.manage_listen, files).start()
