@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import gc
 import json
 import multiprocessing
 import re
@@ -189,6 +191,8 @@ class Tally:
     cpu: float = 0.0
     worst: tuple[float, float] = (0.0, 0.0)  # the slowest attestation: latency, start time
     checked: int = 0  # release mode: answers unwrapped and checked with the host key
+    lag: float = 0.0  # the generator's own worst event-loop lag inside [start, end], seconds
+    opened: int = 0  # connections opened inside [start, end] (open loop: replacements only)
 
     def add(self, latency: float, error: str | None, started: float) -> None:
         self.worst = max(self.worst, (latency, started))
@@ -270,31 +274,62 @@ async def closed_loop(plan: Plan, tally: Tally) -> None:
     await asyncio.gather(*(run(n) for n in range(plan.connections)))
 
 
+class Warm:
+    """The open loop's connections, opened before the schedule starts and used in turn.
+
+    First in, first out: with ``max_open`` connections each is used every
+    ``max_open / rate`` seconds, so none goes idle long enough to be closed, and none
+    is opened while measuring unless the server closed it. Opening them on demand
+    (round 5 and before) turned any hiccup into a burst of TLS handshakes and new
+    KPs on both sides, which queued the next attestations behind them
+    (bench/README.md, round 6).
+    """
+
+    def __init__(self, plan: Plan, tally: Tally) -> None:
+        self.plan, self.tally = plan, tally
+        self.context = ssl.create_default_context(cafile=plan.ca)
+        self.idle: collections.deque[tuple[Session, float]] = collections.deque()
+
+    async def open_all(self) -> None:
+        for n in range(self.plan.max_open):
+            self.idle.append((await open_session(self.plan, self.context, n), time.time()))
+
+    async def take(self, n: int) -> Session:
+        """The connection idle longest (a new one if none is left young enough)."""
+        while self.idle:
+            session, used = self.idle.popleft()
+            if time.time() - used < _IDLE_LIMIT:
+                return session
+            session.conn.close()
+        if time.time() >= self.plan.start:
+            self.tally.opened += 1
+        return await open_session(self.plan, self.context, n)
+
+    def give_back(self, session: Session) -> None:
+        self.idle.append((session, time.time()))
+
+    def close(self) -> None:
+        for session, _used in self.idle:
+            session.conn.close()
+
+
 async def open_loop(plan: Plan, tally: Tally) -> None:
     """Attestations start every 1/rate s whether or not earlier ones finished."""
     assert plan.rate is not None
-    context = ssl.create_default_context(cafile=plan.ca)
     makers = _makers(plan)
-    idle: list[tuple[Session, float]] = []
+    warm = Warm(plan, tally)
+    await warm.open_all()
     tasks: set[asyncio.Task[None]] = set()
     # At most this many connections: a stall must queue attestations (their latency
     # still counts from the schedule), not set off a storm of new TLS handshakes.
     slots = asyncio.Semaphore(plan.max_open)
 
-    async def connection(n: int) -> Session:
-        while idle:
-            session, used = idle.pop()
-            if time.time() - used < _IDLE_LIMIT:
-                return session
-            session.conn.close()
-        return await open_session(plan, context, n)
-
     async def one(n: int, scheduled: float) -> None:
         async with slots:
             try:
-                session = await connection(n)
+                session = await warm.take(n)
                 error, done = await run_once(session, makers, n)
-                idle.append((session, time.time()))
+                warm.give_back(session)
             except _LOST as exc:
                 error, done = f"connection lost: {type(exc).__name__}: {exc}", time.time()
         if scheduled >= plan.start:
@@ -309,20 +344,49 @@ async def open_loop(plan: Plan, tally: Tally) -> None:
         n += 1
     if tasks:
         await asyncio.wait(tasks, timeout=30)
-    for session, _used in idle:
-        session.conn.close()
+    warm.close()
+
+
+#: How often the generator checks its own event loop for lag.
+_LAG_TICK = 0.005
+
+
+async def watch_lag(plan: Plan, tally: Tally) -> None:
+    """Record the generator's worst event-loop lag while measuring.
+
+    Latency is counted from the schedule, so a generator that falls behind shows up
+    as server latency; this column tells the two apart.
+    """
+    while time.time() < plan.end:
+        asked = time.perf_counter()
+        await asyncio.sleep(_LAG_TICK)
+        late = time.perf_counter() - asked - _LAG_TICK
+        if time.time() >= plan.start:
+            tally.lag = max(tally.lag, late)
+
+
+async def drive(plan: Plan, tally: Tally) -> None:
+    """The plan's loop, with the lag watch beside it."""
+    run = closed_loop if plan.rate is None else open_loop
+    watch = asyncio.create_task(watch_lag(plan, tally))
+    try:
+        await run(plan, tally)
+    finally:
+        watch.cancel()
 
 
 def generator(plan: Plan) -> Tally:
     """Body of one generator process: run the plan, report its tally and its CPU."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate()
+    # The forked heap (hosts, fabric, modules) lives until exit: keep it out of full
+    # collections, which would otherwise pause this loop (65 ms seen).
+    gc.freeze()
     tally = Tally()
     before = resource.getrusage(resource.RUSAGE_SELF)
-    run = closed_loop if plan.rate is None else open_loop
     checked = _release.CHECKED[0]
     try:
-        asyncio.run(asyncio.wait_for(run(plan, tally), timeout=plan.end - time.time() + 40))
+        asyncio.run(asyncio.wait_for(drive(plan, tally), timeout=plan.end - time.time() + 40))
     except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
         tally.errors += 1
         tally.first_error = tally.first_error or f"{type(exc).__name__}: {exc}"
@@ -352,6 +416,8 @@ class Result:
     note: str = ""
     first_error: str = ""
     checked: int = 0
+    load_lag_ms: float | None = None
+    opened: int = 0
 
     def row(self) -> list[str]:
         def ms(value: float | None) -> str:
@@ -367,7 +433,9 @@ class Result:
         per_op_text = "-" if per_op is None else f"{per_op:.2f}"
         return [
             self.name, rate, ms(self.p50_ms), ms(self.p99_ms), self.note or "-",
-            str(self.errors), cores, per_op_text, load, f"{self.other_cpu / self.seconds:.2f}",
+            str(self.errors), cores, per_op_text, load,
+            "-" if self.load_lag_ms is None else f"{self.load_lag_ms:.0f}",
+            f"{self.other_cpu / self.seconds:.2f}",
         ]  # fmt: skip
 
 
@@ -403,6 +471,8 @@ def attest_phase(
         other_cpu=max(0.0, c.machine_busy_seconds() - busy - server_cpu - load_cpu),
         first_error=next((t.first_error for t in tallies if t.first_error), ""),
         checked=sum(t.checked for t in tallies),
+        load_lag_ms=max(t.lag for t in tallies) * 1e3,
+        opened=sum(t.opened for t in tallies),
     )  # fmt: skip
 
 
@@ -523,18 +593,21 @@ def report(args: argparse.Namespace, results: list[Result], notes: list[str]) ->
     rate_header = "releases/s" if args.mode == "release" else "attest/s"
     headers = ["phase", rate_header, "p50 ms", "p99 ms", "slowest", "errors",
                "HGS CPU (cores) worker split", "HGS ms/op", "load CPU (cores)",
-               "others"]  # fmt: skip
+               "load lag ms", "others"]  # fmt: skip
     print(c.table(headers, [r.row() for r in results]))
     for r in results:
         if r.first_error:
             print(f"first error in '{r.name}': {r.first_error}")
         if r.name.startswith("release"):
             print(f"'{r.name}': {r.checked:,} answers unwrapped with the host key and checked")
+        if r.opened:
+            print(f"'{r.name}': {r.opened} connection(s) reopened while measuring")
     print(
         "(each attestation = 2 HTTPS requests: challenge + attest; each release = 1 request "
         "carrying the previous answer's egress KP; CPU columns: seconds and "
         "(average cores); HGS ms/op = HGS CPU milliseconds per attestation or release; "
-        "others = CPU used meanwhile by processes outside this bench)"
+        "load lag ms = the load generator's worst event-loop lag (its own stalls count as "
+        "latency); others = CPU used meanwhile by processes outside this bench)"
     )
     print()
     print(goal_line(args, {r.name.split(" (")[0]: r for r in results}))
