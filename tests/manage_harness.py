@@ -20,6 +20,7 @@ from guardfab.host.service import AgentService, build_agent
 from hgs_harness import free_port
 from host_agent_harness import host_config, register_host_key
 from vm_fabric_harness import VmFabric
+from vm_harness import guest_dir
 
 
 @dataclass
@@ -58,6 +59,8 @@ def managed_host(
         mode=HostMode.HOST_KEY,
         vms_dir=root / "vms",
         manage_listen=f"127.0.0.1:{free_port()}",
+        # Like a host whose administrator allows direct boot of the test guest's kernel.
+        direct_boot_dir=guest_dir(),
     )
     assert config.signing_key is not None
     if registered:

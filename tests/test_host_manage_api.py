@@ -402,15 +402,18 @@ def test_direct_boot_is_refused_when_no_directory_is_configured(
     vm_fabric: VmFabric, host: ManagedHost, tmp_path: Path
 ) -> None:
     """The review's attack: the admin's own VM with the host encryption key as its initrd."""
-    assert host.config.direct_boot_dir is None
     assert host.service.management is not None
-    assert host.service.management.context.vms.direct_boot_dir is None  # wired from the config
+    vms = host.service.management.context.vms
+    assert host.config.direct_boot_dir is not None
+    assert vms.direct_boot_dir == host.config.direct_boot_dir  # wired from the configuration
+    vms.direct_boot_dir = None  # as on a host whose configuration names no directory
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"kernel")
     _direct_boot_refused(
         vm_fabric, host, "api-key-initrd", kernel, host.config.encryption_key,
         "no direct_boot_dir configured",
     )  # fmt: skip
+    vms.direct_boot_dir = host.config.direct_boot_dir
 
 
 @pytest.fixture
@@ -426,7 +429,7 @@ def boot_dir(host: ManagedHost, tmp_path: Path) -> Iterator[Path]:
     try:
         yield allowed
     finally:
-        vms.direct_boot_dir = None
+        vms.direct_boot_dir = host.config.direct_boot_dir
 
 
 def test_direct_boot_paths_leaving_the_allowed_directory_are_refused(
