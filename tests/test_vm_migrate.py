@@ -16,7 +16,10 @@ VM where the one before left it):
    release spent A's committed KP, so B's pair is handed back to A as pending;
    the VM runs on at A (same boot);
 4. A to B: the guest's page keeps answering with the same boot id; B's own
-   release of the pending KP (A's committed one is refused as spent);
+   release of the pending KP (A's committed one is refused as spent). Between
+   the stream and B's finish, step 3's hand-back is replayed to A (it equals
+   A's pending pair): refused, A stays paused and leaves -- resumed, the guest
+   would run twice on the same disks;
 5. B to A, left waiting until A's agent abandons it (its timeout): ``vm migrate
    --abort`` hands A's pair back to B, where the VM can still be stopped and
    started;
@@ -41,7 +44,7 @@ import guardfab.host.manage.migrations as migrations
 import vm_fabric_harness
 import vm_harness
 from guardfab.cli.main import cli
-from guardfab.errors import GuardfabError, NotAuthorizedError, TransportError
+from guardfab.errors import GuardfabError, NotAuthorizedError, TransportError, UsageError
 from guardfab.formats.encoding import b64url_decode, b64url_encode
 from guardfab.formats.key_protector import load_key_protector
 from guardfab.host.manage import orchestrate
@@ -184,7 +187,7 @@ def _loosened_record_refused(fabric: Fabric, boot_id: str) -> None:
     assert running_pid(fabric.vm_dir(fabric.b)) is None
 
 
-def _wrong_psk_then_hand_back(fabric: Fabric, boot_id: str) -> None:
+def _wrong_psk_then_hand_back(fabric: Fabric, boot_id: str) -> dict[str, str]:
     """B released (A's committed KP is spent), the stream fails: B's pair goes back to A."""
     a, b, name = fabric.agent(fabric.a), fabric.agent(fabric.b), fabric.tenant.name
     offer = a.call("POST", f"/vms/{name}/outgoing")
@@ -203,11 +206,33 @@ def _wrong_psk_then_hand_back(fabric: Fabric, boot_id: str) -> None:
     assert running_pid(fabric.vm_dir(fabric.b)) is None
     with pytest.raises(GuardfabError, match="unfinished incoming migration"):
         fabric.b.client().action(name, "start")
+    return {k: pair[k] for k in ("kp", "vault")}
 
 
-def _a_to_b(fabric: Fabric, boot_id: str) -> None:
+@dataclass
+class Replaying(Recorder):
+    """An administrator's client of the source that replays an old hand-back after the stream."""
+
+    name: str = ""
+    old_pair: dict[str, str] = field(default_factory=dict)
+    refused: str = ""
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """After the stream went, hand the old pair back: it must not resume the source."""
+        answer = super().call(method, path, body)
+        if path.endswith("/outgoing/send"):
+            with pytest.raises(UsageError, match="not the hand-back of that stream") as caught:
+                super().call("POST", f"/vms/{self.name}/outgoing/take-back", self.old_pair)
+            self.refused = str(caught.value)
+        return answer
+
+
+def _a_to_b(fabric: Fabric, boot_id: str, old_pair: dict[str, str]) -> None:
+    name = fabric.tenant.name
+    source = Replaying(fabric.a.client("admin"), fabric.log, name, old_pair)
     mark = time.monotonic()
-    report = orchestrate.migrate(fabric.agent(fabric.a), fabric.agent(fabric.b), fabric.tenant.name)
+    report = orchestrate.migrate(source, fabric.agent(fabric.b), name)
+    assert source.refused, "the old hand-back was replayed between the stream and the finish"
     print(f"\nmigrated A->B through two agents in {time.monotonic() - mark:.2f} s: {report}")
     assert report.warnings == []
     page = parse_page(fetch(fabric.port))
@@ -298,8 +323,8 @@ def test_migration_through_two_agents_refused_failed_done_and_abandoned(
     boot_id = parse_page(fetch(fabric.port))["boot_id"]
     _refused_at_c(fabric, boot_id)
     _loosened_record_refused(fabric, boot_id)
-    _wrong_psk_then_hand_back(fabric, boot_id)
-    _a_to_b(fabric, boot_id)
+    old_pair = _wrong_psk_then_hand_back(fabric, boot_id)
+    _a_to_b(fabric, boot_id, old_pair)
     _abandoned_then_aborted(fabric, monkeypatch)
     _nothing_secret_crossed(fabric, vm_fabric)
     roots = [h.config_file.parent for h in (fabric.a, fabric.b, fabric.c)]

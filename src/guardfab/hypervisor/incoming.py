@@ -34,6 +34,7 @@ that pair (or a newer one), since the answer may never reach the source.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -42,10 +43,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guardfab.errors import GuardfabError, PolicyError, TransportError, UsageError
+from guardfab.errors import (
+    GuardfabError,
+    InvalidInputError,
+    PolicyError,
+    TransportError,
+    UsageError,
+)
 from guardfab.formats.key_protector import load_key_protector
 from guardfab.host.keyrequest import ReleasedKeys
 from guardfab.hypervisor.argv import VmPaths
+from guardfab.hypervisor.bootpaths import check_direct_boot
+from guardfab.hypervisor.keyprotector import KpIdentity, held_identity, load_vm_kp
 from guardfab.hypervisor.migrate import (
     SALT_SIZE,
     MigrationOffer,
@@ -66,7 +75,7 @@ from guardfab.hypervisor.power import (
     power_off,
     running_pid,
 )
-from guardfab.hypervisor.provision import KeySource, VmRecord, write_record
+from guardfab.hypervisor.provision import LOCAL_ROOT_BOOT, KeySource, VmRecord, write_record
 from guardfab.hypervisor.vault import VaultContents, VaultStore, open_vault, seal_vault
 from guardfab.hypervisor.vm import QemuVm
 
@@ -137,19 +146,24 @@ class IncomingVm:
         _mark(self.vm_dir, ABANDONED)
 
 
-def _check_destination(vm_dir: Path, offer: MigrationOffer) -> None:
-    """Nothing of the VM here, except its disks or a superseded abandoned migration.
+def _check_destination(vm_dir: Path, offer: MigrationOffer) -> tuple[SealedPair, ...]:
+    """The offered pairs this host may release: nothing of the VM may be here, but its disks.
+
+    An abandoned incoming migration here holds the VM's newest pair until the
+    source shows it holds that pair or a newer one: then only those offered
+    pairs may be released, and the KPS's grant for one of them is the proof
+    that this directory's pair is spent (:func:`receive` removes it only then).
 
     Raises:
         UsageError: the VM exists here, or an unfinished migration holds a pair
             the source has not taken back yet.
     """
     if not vm_dir.exists() and not vm_dir.is_symlink():
-        return
+        return offer.pairs
     if incoming_state(vm_dir) is not None:
-        if running_pid(vm_dir) is None and _superseded(vm_dir, offer):
-            remove_host_state(vm_dir)  # the source took that pair back: it is spent
-            return
+        newer = _not_older_pairs(vm_dir, offer) if running_pid(vm_dir) is None else ()
+        if newer:
+            return newer
         raise UsageError(
             f"VM {offer.name!r}: an unfinished incoming migration here holds its newest "
             "key protector",
@@ -157,23 +171,38 @@ def _check_destination(vm_dir: Path, offer: MigrationOffer) -> None:
         )
     entries = {entry.name for entry in vm_dir.iterdir()}
     if entries == {"disks"} and (vm_dir / "disks").resolve() == offer.disks_dir:
-        return  # this host was the VM's source before: its disks stay where they are
+        return offer.pairs  # this host was the VM's source before: its disks stay where they are
     raise UsageError(f"VM {offer.name!r} exists already on this host ({vm_dir})")
 
 
-def _superseded(vm_dir: Path, offer: MigrationOffer) -> bool:
-    """Whether the offer shows the source holds this directory's pending KP, or a newer one."""
+def _not_older_pairs(vm_dir: Path, offer: MigrationOffer) -> tuple[SealedPair, ...]:
+    """The offered pairs of this directory's pending KP's owner and ``kp_id``, not older than it.
+
+    Anyone can sign a KP of their own with any ``kp_id`` and generation: only
+    the owner's (or its KPS's) KPs can show the pending one is superseded.
+    """
     pending = VaultStore(vm_dir / "keys").pending()
     if pending is None:
-        return True
-    mine = load_key_protector(pending.kp).generation
-    return any(load_key_protector(p.kp).generation >= mine for p in offer.pairs)
+        return offer.pairs  # no pair here to lose
+    mine = load_key_protector(pending.kp)
+    identity = KpIdentity.of(mine)
+    newer: list[SealedPair] = []
+    for pair in offer.pairs:
+        try:
+            kp = load_vm_kp(pair.kp, identity, offer.name)
+        except InvalidInputError:
+            continue
+        if kp.generation >= mine.generation:
+            newer.append(pair)
+    return tuple(newer)
 
 
-def _release(offer: MigrationOffer, key_source: KeySource) -> tuple[SealedPair, ReleasedKeys]:
+def _release(
+    offer: MigrationOffer, pairs: tuple[SealedPair, ...], key_source: KeySource
+) -> tuple[SealedPair, ReleasedKeys]:
     """The keys of the offered committed pair, or of the pending one a failed migration left."""
     refusals: list[GuardfabError] = []
-    for pair in offer.pairs:
+    for pair in pairs:
         try:
             return pair, key_source.release(pair.kp)
         except TransportError:
@@ -213,23 +242,41 @@ def receive(
     address: str,
     port: int,
     factory: DestinationFactory = _qemu,
+    direct_boot_dir: Path | None = LOCAL_ROOT_BOOT,
 ) -> IncomingVm:
     """Release, lay out and listen (see the module docstring).
+
+    Args:
+        direct_boot_dir: where the record's direct kernel/initrd may come from
+            (the host configuration's; ``None`` refuses a direct boot). The
+            default is for a caller that is root on this host itself.
 
     Raises:
         UsageError: the VM is here already, or its disks are out of reach (nothing
             released, nothing written).
         PolicyError: the record breaks its policy (nothing released).
+        DirectBootRefusedError: the record's kernel or initrd lies outside
+            ``direct_boot_dir`` (nothing released).
+        VaultError, NotAuthorizedError: the offered KPs are not of one owner and
+            ``kp_id`` (nothing released).
         MigrationRefusedError: no keys for this host (nothing written).
         TransportError: no KPS answered (nothing written).
         HypervisorError: QEMU did not start or listen: the directory stays,
             abandoned, for its pair to be handed back.
     """
     vm_dir = Path(vms_dir) / offer.name
-    _check_destination(vm_dir, offer)
+    replacing = incoming_state(vm_dir) is not None
+    pairs = _check_destination(vm_dir, offer)
+    held_identity([p.kp for p in offer.pairs], offer.name)  # one owner, one kp_id
     check_disks(offer)
     check_vm_policy(offer.record.spec(vm_dir))
-    pair, released = _release(offer, key_source)
+    # QEMU (root) reads a direct kernel and initrd into the guest: only from the
+    # host's own directory, and by the resolved paths (the record names any path).
+    boot = check_direct_boot(offer.record.boot, direct_boot_dir)
+    offer = dataclasses.replace(offer, record=dataclasses.replace(offer.record, boot=boot))
+    pair, released = _release(offer, pairs, key_source)
+    if replacing:
+        remove_host_state(vm_dir)  # the grant shows the source holds a pair as new: it is spent
     contents = open_vault(pair.vault, released.old_transport_key, vm_name=offer.name)
     sealed = seal_vault(contents, released.new_transport_key, vm_name=offer.name)
     Path(vms_dir).mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ gave this VM, and that is the pair this host wrote last. Hence (ADR 0010):
     highest KP generation; restoring it makes it the committed pair.
 
 An intact pair has both files, a KP that loads and verifies and has the VM's
-``kp_id``, and a vault that is a JWE sealed for this VM (whether it opens only
+``kp_id`` and owner, and a vault that is a JWE sealed for this VM (whether it opens only
 the released key can tell). The restore helps when the committed pointer lags
 behind the newest KP the host holds and the host cannot follow on its own: the
 committed pair or the pointer was lost or damaged (power-on stops at a damaged
@@ -25,8 +25,10 @@ migration (its pair belongs to the migration); when the committed pair is
 already the newest intact one (older pairs are spent); when the newest intact
 pair is older than the committed one (the KPS would refuse it: only the VM's
 owner, a guardian of the KP, can recover then); when the store holds KPs of
-more than one ``kp_id``. Never lowering the committed generation, it cannot
-serve a rollback; the KPS refuses one anyway.
+more than one ``kp_id`` or owner (a KP anyone signed as its own owner, with
+the VM's ``kp_id`` copied and any generation, must not become the committed
+one). Never lowering the committed generation, it cannot serve a rollback; the
+KPS refuses one anyway.
 
 Crash safety: damaged pairs newer than the restored one are first renamed aside
 (one atomic rename each; they are unusable whatever happens next), then the
@@ -36,11 +38,12 @@ pruned. A crash at any point leaves either the old committed pair or the new one
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from guardfab.errors import InvalidInputError, UsageError
-from guardfab.formats.key_protector import load_key_protector
+from guardfab.errors import InvalidInputError, NotAuthorizedError, UsageError
+from guardfab.formats.key_protector import KeyProtector, load_key_protector
 from guardfab.hypervisor.power import refuse_unfinished_incoming, running_pid
 from guardfab.hypervisor.provision import load_record
 from guardfab.hypervisor.vault import VaultError, VaultStore, check_sealed_shape
@@ -58,6 +61,59 @@ class NoLastKnownGoodError(UsageError):
 
 
 @dataclass(frozen=True)
+class KpIdentity:
+    """Who a VM's KP belongs to: its owner (a guardian id) and its ``kp_id``.
+
+    Both stay the same across every generation the owner or a KPS makes. A KP
+    verifies for anyone who signs it as its own owner, so a KP that enters a
+    VM's store must be loaded pinned to the owner of the KP the VM holds, and
+    carry its ``kp_id`` (a stranger can copy a ``kp_id``, not sign as the owner).
+    """
+
+    owner: str
+    kp_id: str
+
+    @classmethod
+    def of(cls, kp: KeyProtector) -> KpIdentity:
+        """The identity of a loaded KP."""
+        return cls(kp.owner, kp.kp_id)
+
+
+def held_identity(kps: Sequence[bytes], vm_name: str) -> KpIdentity:
+    """The one identity of the KPs a VM holds (or was offered).
+
+    Raises:
+        InvalidInputError: a KP does not load, or none is given.
+        VaultError: the KPs belong to more than one owner or ``kp_id``.
+    """
+    identities = {KpIdentity.of(load_key_protector(kp)) for kp in kps}
+    if len(identities) != 1:
+        raise VaultError(
+            f"VM {vm_name!r}: its key protectors belong to {len(identities)} different"
+            " owners or KP ids: nothing to pin a new one to"
+        )
+    return identities.pop()
+
+
+def load_vm_kp(data: bytes, identity: KpIdentity, vm_name: str) -> KeyProtector:
+    """Load a KP that is to enter VM ``vm_name``'s store: its owner's, of its ``kp_id``.
+
+    Raises:
+        NotAuthorizedError: signed for another owner, or of another ``kp_id``.
+        InvalidInputError: the KP does not load or verify.
+    """
+    try:
+        kp = load_key_protector(data, expected_owner=identity.owner)
+    except NotAuthorizedError as exc:
+        raise NotAuthorizedError(f"the key protector is not VM {vm_name!r}'s ({exc})") from exc
+    if kp.kp_id != identity.kp_id:
+        raise NotAuthorizedError(
+            f"the key protector is not VM {vm_name!r}'s (KP id {kp.kp_id}, not {identity.kp_id})"
+        )
+    return kp
+
+
+@dataclass(frozen=True)
 class PairState:
     """One pair of a VM's store as a restore sees it (no key, no KP bytes).
 
@@ -66,12 +122,14 @@ class PairState:
         generation: its KP's generation, if the KP loads.
         kp_id: its KP's id, if the KP loads.
         problem: why the pair is not intact, or ``None``.
+        owner: its KP's owner (a guardian id), if the KP loads.
     """
 
     number: int
     generation: int | None
     kp_id: str | None
     problem: str | None
+    owner: str | None = None
 
     @property
     def intact(self) -> bool:
@@ -117,8 +175,8 @@ def _inspect(store: VaultStore, number: int, vm_name: str) -> PairState:
     try:
         check_sealed_shape(pair.vault, vm_name=vm_name)
     except VaultError as exc:
-        return PairState(number, kp.generation, kp.kp_id, f"pair {number}: {exc}")
-    return PairState(number, kp.generation, kp.kp_id, None)
+        return PairState(number, kp.generation, kp.kp_id, f"pair {number}: {exc}", kp.owner)
+    return PairState(number, kp.generation, kp.kp_id, None, kp.owner)
 
 
 def _committed_number(store: VaultStore) -> int | None:
@@ -135,14 +193,18 @@ def choose_last_known_good(
 
     Raises:
         NoLastKnownGoodError: nothing newer than the committed pair is intact.
-        VaultError: the store holds KPs of more than one ``kp_id``.
+        VaultError: the store holds KPs of more than one ``kp_id`` or owner.
     """
     intact = [s for s in states if s.intact]
     kp_ids = sorted({s.kp_id for s in intact if s.kp_id is not None})
-    if len(kp_ids) > 1:
+    owners = sorted({s.owner for s in intact if s.owner is not None})
+    if len(kp_ids) > 1 or len(owners) > 1:
+        # Anyone can sign a KP of their own with a copied kp_id and a higher
+        # generation: committing it would leave the VM unable to start.
         raise VaultError(
             f"VM {vm_name!r}: its key store holds KPs of {len(kp_ids)} different KP ids"
-            f" ({', '.join(kp_ids)}): a pair was substituted; nothing restored",
+            f" ({', '.join(kp_ids)}) and {len(owners)} owners: a pair was substituted;"
+            " nothing restored",
             hint="find out who wrote into the VM's keys/ directory before anything else",
         )
     if not intact:
@@ -202,10 +264,13 @@ def restore_last_known_good(vm_dir: Path) -> RestoredKeyProtector:
 
 
 __all__ = [
+    "KpIdentity",
     "NoLastKnownGoodError",
     "PairState",
     "RestoredKeyProtector",
     "choose_last_known_good",
+    "held_identity",
     "inspect_pairs",
+    "load_vm_kp",
     "restore_last_known_good",
 ]

@@ -55,6 +55,7 @@ from guardfab.formats.encoding import b64url_decode, b64url_encode
 from guardfab.formats.key_protector import load_key_protector
 from guardfab.hypervisor.argv import VmPaths
 from guardfab.hypervisor.disk import DiskKey, disk_secrets
+from guardfab.hypervisor.keyprotector import held_identity, load_vm_kp
 from guardfab.hypervisor.migration import (
     PSK_SIZE,
     MigrationError,
@@ -79,6 +80,8 @@ SALT_SIZE = 32
 #: The OVMF variable store is 528 KiB; anything far larger is not one.
 MAX_NVRAM_BYTES = 4 * 1024 * 1024
 MAX_PAIRS = 2
+#: A source's QEMU states after a stream that handed (or may have handed) its guest over.
+PAUSED_AFTER_STREAM = frozenset({"paused", "postmigrate", "finish-migrate"})
 
 
 class MigrationRefusedError(NotAuthorizedError):
@@ -312,8 +315,7 @@ def resume_source(source: QemuVm, disk_keys: Mapping[str, DiskKey]) -> bool:
     them back (QEMU reopens them, so it needs their secrets for a moment) and
     runs on. Returns whether it had to be resumed.
     """
-    status = source.status()
-    if status not in {"paused", "postmigrate", "finish-migrate"}:
+    if source.status() not in PAUSED_AFTER_STREAM:
         return False
     with disk_secrets(source.qmp, source.spec.disks, disk_keys):
         source.resume()
@@ -356,37 +358,59 @@ def remove_host_state(vm_dir: Path) -> None:
         vm_dir.rmdir()
 
 
-def take_back(vm_dir: Path, pair: SealedPair) -> int:
+@dataclass(frozen=True)
+class TakenBack:
+    """What :func:`take_back` did.
+
+    Attributes:
+        number: the pending pair's number.
+        generation: its KP's generation.
+        new: whether this call wrote it (``False``: it was the pending pair already,
+            a retry -- or a replay of an older hand-back).
+    """
+
+    number: int
+    generation: int
+    new: bool
+
+
+def take_back(vm_dir: Path, pair: SealedPair) -> TakenBack:
     """Keep the pair a destination hands back as this VM's pending pair.
 
     It is what the KPS now accepts for the VM (the destination's release spent
     the committed KP), so power-on, a later migration or checkpoint fall back to
-    it. Checked first: a vault sealed for this VM, a KP that loads, of this VM's
-    ``kp_id`` and newer than every KP held here. Answers the pending pair's number.
+    it. Checked first: a vault sealed for this VM, a KP that verifies as signed
+    for the owner of the KPs held here (anyone can sign a KP of their own with
+    this VM's ``kp_id`` copied), of this VM's ``kp_id`` and newer than every KP
+    held here.
 
     Raises:
         VaultError, FormatError, VerificationError: not this VM's pair (nothing written).
+        NotAuthorizedError: another owner's or another ``kp_id``'s KP (nothing written).
         UsageError: the pair is not newer than what this host holds (nothing written).
     """
     vm_dir = Path(vm_dir)
     record = load_record(vm_dir)
     check_sealed_shape(pair.vault, vm_name=record.name)
-    handed = load_key_protector(pair.kp)
     store = VaultStore(vm_dir / "keys")
-    held = [load_key_protector(p.kp) for p in store.candidates()]
-    if any(kp.kp_id != handed.kp_id for kp in held):
-        raise NotAuthorizedError(
-            f"the key protector handed back is not VM {record.name!r}'s (another kp_id)"
-        )
+    held_kps = [p.kp for p in store.candidates()]
+    handed = load_vm_kp(pair.kp, held_identity(held_kps, record.name), record.name)
     pending = store.pending()
     if pending is not None and pending.kp == pair.kp:
-        return pending.number
-    if any(kp.generation >= handed.generation for kp in held):
+        return TakenBack(pending.number, handed.generation, new=False)
+    if any(load_key_protector(kp).generation >= handed.generation for kp in held_kps):
         raise UsageError(
             f"the key protector handed back (generation {handed.generation}) is not newer "
             f"than VM {record.name!r}'s here: nothing to take back"
         )
-    return store.write_pending(pair.vault, pair.kp).number
+    number = store.write_pending(pair.vault, pair.kp).number
+    return TakenBack(number, handed.generation, new=True)
+
+
+def newest_generation(vm_dir: Path) -> int:
+    """The highest KP generation the VM's store holds (what an offer carries at most)."""
+    pairs = VaultStore(Path(vm_dir) / "keys").candidates()
+    return max(load_key_protector(pair.kp).generation for pair in pairs)
 
 
 def check_disks(offer: MigrationOffer) -> None:
@@ -405,6 +429,7 @@ def check_disks(offer: MigrationOffer) -> None:
 
 
 __all__ = [
+    "PAUSED_AFTER_STREAM",
     "SALT_SIZE",
     "AttachedVm",
     "MigrationError",
@@ -412,12 +437,14 @@ __all__ = [
     "MigrationRefusedError",
     "SealedPair",
     "StreamEndpoint",
+    "TakenBack",
     "attach",
     "check_disks",
     "disks_directory",
     "leave_source",
     "make_offer",
     "migration_psk",
+    "newest_generation",
     "remove_host_state",
     "resume_source",
     "send_stream",

@@ -19,18 +19,22 @@ import contextlib
 import logging
 import socket
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from guardfab.errors import UsageError
 from guardfab.hypervisor.errors import HypervisorError
 from guardfab.hypervisor.incoming import IncomingVm, hand_back, receive
 from guardfab.hypervisor.migrate import (
+    PAUSED_AFTER_STREAM,
     MigrationOffer,
     SealedPair,
     StreamEndpoint,
+    TakenBack,
     attach,
     leave_source,
     make_offer,
+    newest_generation,
     resume_source,
     send_stream,
     take_back,
@@ -66,6 +70,8 @@ class VmMigrations:
         self._vms = vms
         self._address = stream_address
         self._incoming: dict[str, IncomingVm] = {}
+        #: Per VM, the newest KP generation it held when this agent sent its stream.
+        self._sent: dict[str, int] = {}
         self._timers: dict[str, threading.Timer] = {}
 
     # ------------------------------------------------------------ source
@@ -88,6 +94,9 @@ class VmMigrations:
             contents = self._vms.held.get(name)
             if contents is None:
                 raise UsageError(f"VM {name!r}: no migration offered (offer it first)")
+            # What this host knew to be current when the stream went: only a
+            # hand-back newer than that comes from this stream's destination.
+            self._sent[name] = newest_generation(vm_dir)
             source = attach(vm_dir)
             try:
                 stats = send_stream(source, contents, endpoint)
@@ -110,23 +119,48 @@ class VmMigrations:
             finally:
                 let_go(source)
             self._vms.held.pop(name, None)
+            self._sent.pop(name, None)
             return {"name": name, "left": True}
 
     def take_back(self, name: str, pair: SealedPair) -> dict[str, Any]:
-        """Keep the destination's pair as pending; run the VM again if it waits paused."""
+        """Keep the destination's pair as pending; run the VM again if it waits paused.
+
+        A paused source runs again only for the hand-back of the stream this
+        agent sent last: a pair it had not held before, newer than the newest
+        KP it offered, and only once. A replayed older hand-back (equal to the
+        pending pair, after a later stream went) must not wake a source whose
+        guest may run at the destination now: two guests on the same disks.
+        """
         with self._vms.vm(name) as vm_dir:
             self._vms.record(vm_dir)
-            number = take_back(vm_dir, pair)
+            taken = take_back(vm_dir, pair)
             resumed = False
             if running_pid(vm_dir) is not None:
-                if name not in self._vms.held:
-                    self._vms.held[name] = rekey_running(vm_dir, self._vms.keys)
-                source = attach(vm_dir)
-                try:
-                    resumed = resume_source(source, self._vms.held[name].disks)
-                finally:
-                    let_go(source)
-            return {"name": name, "pending_pair": number, "resumed": resumed}
+                resumed = self._resume_if_handed_back(name, vm_dir, taken)
+            return {"name": name, "pending_pair": taken.number, "resumed": resumed}
+
+    def _resume_if_handed_back(self, name: str, vm_dir: Path, taken: TakenBack) -> bool:
+        source = attach(vm_dir)
+        try:
+            if source.status() not in PAUSED_AFTER_STREAM:
+                return False  # it runs (a retry after a resume, or no stream went)
+            sent = self._sent.get(name)
+            if not taken.new or sent is None or taken.generation <= sent:
+                kept = f"kept as pending pair {taken.number}; " if taken.new else ""
+                raise UsageError(
+                    f"VM {name!r} waits paused after a stream, and this key pair is not the "
+                    f"hand-back of that stream: {kept}not resuming the VM (the destination "
+                    "may run it)",
+                    hint="if the destination does not run the VM, stop it here and start it "
+                    "again (power-on uses the pending pair)",
+                )
+            if name not in self._vms.held:
+                self._vms.held[name] = rekey_running(vm_dir, self._vms.keys)
+            resumed = resume_source(source, self._vms.held[name].disks)
+            self._sent.pop(name, None)  # one resume per stream
+            return resumed
+        finally:
+            let_go(source)
 
     # ------------------------------------------------------------ destination
 
@@ -143,6 +177,7 @@ class VmMigrations:
                 self._vms.keys,
                 address=self._address,
                 port=port if port is not None else free_port(self._address),
+                direct_boot_dir=self._vms.direct_boot_dir,
             )
             self._incoming[name] = incoming
         timer = threading.Timer(INCOMING_TIMEOUT, self._expire, args=(name, incoming))
