@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,11 +13,15 @@ import pytest
 from guardfab.errors import UsageError
 from guardfab.hypervisor.disk import (
     DiskKey,
+    blockdev_options,
+    copy_template_privately,
     create_encrypted_blank,
     create_encrypted_copy,
     create_encrypted_from_bytes,
 )
 from guardfab.hypervisor.errors import HypervisorError
+from guardfab.hypervisor.qmp import QmpClient
+from guardfab.hypervisor.spec import DiskSpec
 from guardfab.hypervisor.template_image import build_marker_template, build_template
 
 pytestmark = pytest.mark.slow
@@ -81,3 +87,84 @@ def test_template_file_names_stay_inside_the_disk(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="inside the disk"):
         build_template(tmp_path / "t.img", {"../escape": b"x"})
     assert not (tmp_path / "t.img").exists()
+
+
+# ------------------------------------------------------------------ the private template copy
+
+
+def test_the_template_copy_is_private_and_exact(tmp_path: Path) -> None:
+    template = tmp_path / "template.img"
+    template.write_bytes(b"signed content" * 10_000)
+    copy_template_privately(template, tmp_path / "copy.raw")
+    assert (tmp_path / "copy.raw").read_bytes() == template.read_bytes()
+    assert (tmp_path / "copy.raw").stat().st_mode & 0o777 == 0o600
+
+
+def _fifo(tmp_path: Path) -> Path:
+    os.mkfifo(tmp_path / "fifo")
+    return tmp_path / "fifo"
+
+
+def _link(tmp_path: Path) -> Path:
+    (tmp_path / "real.img").write_bytes(b"x")
+    (tmp_path / "link.img").symlink_to(tmp_path / "real.img")
+    return tmp_path / "link.img"
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (_link, "cannot open template disk"),  # O_NOFOLLOW: a symlink is not followed
+        (_fifo, "not a regular file"),
+        (lambda t: t, "not a regular file"),  # a directory
+        (lambda t: t / "missing.img", "cannot open template disk"),
+    ],
+)
+def test_the_template_copy_refuses_what_is_not_a_regular_file(
+    tmp_path: Path, make: Callable[[Path], Path], reason: str
+) -> None:
+    source = make(tmp_path)
+    dest = tmp_path / "out" / "copy.raw"
+    dest.parent.mkdir()
+    with pytest.raises(UsageError, match=reason):
+        copy_template_privately(source, dest)
+    assert list(dest.parent.iterdir()) == []
+
+
+# ------------------------------------------------------------------ no backing file, ever
+
+
+def test_blockdev_options_name_no_backing_file(tmp_path: Path) -> None:
+    options = blockdev_options(DiskSpec("os", tmp_path / "os.qcow2"))
+    assert "backing" in options
+    assert options["backing"] is None  # JSON null: QEMU opens no backing file
+
+
+def test_qemu_does_not_open_a_backing_file_named_in_an_edited_image(tmp_path: Path) -> None:
+    """A qcow2 whose header names a host file as backing: QEMU opens the image alone."""
+    secret = tmp_path / "host-secret.raw"
+    secret.write_bytes(b"host-secret-marker".ljust(1024 * 1024, b"\0"))
+    image = tmp_path / "os.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(secret), str(image)],
+        check=True,
+    )
+    assert _info(image)["backing-filename"] == str(secret)  # the attack is in place
+    socket_path = tmp_path / "qmp.sock"
+    qemu = subprocess.Popen(
+        ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none", "-S",
+         "-qmp", f"unix:{socket_path},server=on,wait=off"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        with QmpClient.connect(socket_path) as qmp:
+            qmp.execute("blockdev-add", blockdev_options(DiskSpec("os", image, encrypted=False)))
+            nodes = qmp.execute("query-named-block-nodes")
+    finally:
+        qemu.kill()
+        qemu.wait(timeout=10)
+    opened = {node["file"] for node in nodes}
+    assert str(image) in opened
+    assert str(secret) not in opened
+    assert all(node.get("backing_file_depth", 0) == 0 for node in nodes)

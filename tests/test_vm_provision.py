@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import guardfab.hypervisor.provision as provision_module
 import vm_fabric_harness
-from guardfab.errors import NotAuthorizedError, PolicyError, VerificationError
+from guardfab.errors import NotAuthorizedError, PolicyError, UsageError, VerificationError
 from guardfab.formats.guardian import GuardianKind, KeyAlgorithm, sign_guardian_document
 from guardfab.formats.key_protector import load_key_protector
 from guardfab.formats.shielding_data import SecurityPolicy, ShieldingData
@@ -286,3 +288,72 @@ def test_a_shielded_record_with_a_direct_kernel_is_refused_at_start_spending_not
         power_on(vm_dir, vm_fabric.key_source(), runtime_factory=factory)  # type: ignore[arg-type]
     assert made == []
     assert VaultStore(vm_dir / "keys").numbers() == before, "no KP released, nothing written"
+
+
+# ------------------------------------------------------------- template swapped after its check
+
+
+def test_a_template_swapped_after_verification_does_not_reach_the_vm(
+    vm_fabric: VmFabric, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Security review, issue 6: the check and the conversion must read the same bytes."""
+    tenant = vm_fabric.tenant_vm("vm-swapped")
+    verified = tenant.template.read_bytes()
+    swapped = bytearray(verified)
+    swapped[len(swapped) // 2] ^= 0x01
+    checked: list[Path] = []
+    converted: list[bytes] = []
+
+    def verify_then_swap(path: Path, *args: Any, **kwargs: Any) -> Any:
+        result = real_verify(path, *args, **kwargs)
+        checked.append(Path(path))
+        tenant.template.write_bytes(bytes(swapped))  # the attacker's move, right after the check
+        return result
+
+    def convert_spy(template: Path, dest: Path, key: Any) -> None:
+        converted.append(Path(template).read_bytes())
+        real_convert(template, dest, key)
+
+    real_verify = provision_module.verify_disk
+    real_convert = provision_module.create_encrypted_copy
+    monkeypatch.setattr(provision_module, "verify_disk", verify_then_swap)
+    monkeypatch.setattr(provision_module, "create_encrypted_copy", convert_spy)
+    vm_dir = _provision(vm_fabric, tenant, tmp_path / "vms")
+    assert tenant.template.read_bytes() == bytes(swapped)  # the swap happened
+    assert checked
+    assert checked[0] != tenant.template
+    assert checked[0].parent.parent == tmp_path / "vms"
+    assert converted == [verified]  # ... and exactly the verified bytes were converted
+    assert sorted(p.name for p in vm_dir.iterdir()) == ["disks", "keys", "vm.json"]
+    assert sorted(p.name for p in (tmp_path / "vms").iterdir()) == ["vm-swapped"]
+    assert load_record(vm_dir).template == tenant.template.name
+
+
+def test_the_template_copy_is_gone_after_a_refusal(
+    vm_fabric: VmFabric, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tenant = vm_fabric.tenant_vm("vm-copy-refused")
+    seen: list[Path] = []
+
+    def refuse_after_copy(path: Path, *_args: Any, **_kwargs: Any) -> Any:
+        seen.append(Path(path))
+        assert Path(path).stat().st_mode & 0o777 == 0o600
+        assert Path(path).parent.stat().st_mode & 0o777 == 0o700
+        raise VerificationError("refused for the test")
+
+    monkeypatch.setattr(provision_module, "verify_disk", refuse_after_copy)
+    with pytest.raises(VerificationError, match="refused for the test"):
+        _provision(vm_fabric, tenant, tmp_path / "vms")
+    assert seen
+    assert not seen[0].exists()
+    _nothing_created(tmp_path / "vms")
+
+
+def test_a_template_named_through_a_symlink_is_refused(vm_fabric: VmFabric, tmp_path: Path) -> None:
+    tenant = vm_fabric.tenant_vm("vm-template-link")
+    link = tmp_path / "template-link.img"
+    link.symlink_to(tenant.template)
+    tenant.template = link
+    with pytest.raises(UsageError, match="cannot open template disk"):
+        _provision(vm_fabric, tenant, tmp_path / "vms")
+    _nothing_created(tmp_path / "vms")

@@ -24,6 +24,8 @@ import contextlib
 import hmac
 import os
 import secrets
+import shutil
+import stat
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -151,6 +153,38 @@ def create_encrypted_copy(template: Path, dest: Path, key: DiskKey) -> None:
         _run_qemu_img([*args, str(template), str(dest)], key)
 
 
+def copy_template_privately(template: Path, dest: Path) -> None:
+    """Copy ``template`` once into ``dest`` (new, 0600) for verifying and converting.
+
+    Whoever can write the template's location could otherwise swap the file
+    between its verification and the copy QEMU reads: verifying and converting
+    this private copy closes that window. The source is opened without following
+    a final symlink and must be a regular file (not a FIFO or device that reads
+    differently twice). ``dest`` is removed if the copy fails.
+
+    Raises:
+        UsageError: the template is missing, a symlink, not a regular file or unreadable.
+    """
+    try:
+        source_fd = os.open(template, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise UsageError(f"cannot open template disk {template}: {exc.strerror}") from exc
+    if not stat.S_ISREG(os.fstat(source_fd).st_mode):
+        os.close(source_fd)
+        raise UsageError(f"template disk {template} is not a regular file")
+    # The source is a file descriptor; dest was reserved 0600 by _new_image.
+    with (
+        open(source_fd, "rb") as source,  # noqa: PTH123
+        _new_image(dest),
+        open(dest, "wb") as copy,  # noqa: PTH123
+    ):
+        try:
+            shutil.copyfileobj(source, copy, 1024 * 1024)
+            copy.flush()
+        except OSError as exc:
+            raise UsageError(f"cannot copy template disk {template}: {exc.strerror}") from exc
+
+
 def create_encrypted_blank(dest: Path, size: int, key: DiskKey) -> None:
     """Create an empty LUKS qcow2 image of ``size`` bytes (a data disk)."""
     with _new_image(dest):
@@ -247,6 +281,21 @@ def _open_encrypted(
             remove_disk_secret(qmp, disk.device_id)
 
 
+def blockdev_options(disk: DiskSpec) -> dict[str, Any]:
+    """``blockdev-add``'s arguments for ``disk`` (without its encryption).
+
+    ``"backing": None``: guardfab never makes an image with a backing file, and
+    one named in a header edited on shared storage would have QEMU (root) open
+    that file -- any file of the host -- for the guest to read.
+    """
+    return {
+        "driver": "qcow2",
+        "node-name": node_name(disk.device_id),
+        "file": {"driver": "file", "filename": str(disk.path)},
+        "backing": None,
+    }
+
+
 def attach_disk(
     qmp: QmpClient, disk: DiskSpec, key: DiskKey | None, *, keep_secret: bool = False
 ) -> None:
@@ -261,11 +310,7 @@ def attach_disk(
         UsageError: an encrypted disk came without a key.
         HypervisorError: QEMU refused the disk for another reason (missing, locked, damaged).
     """
-    blockdev: dict[str, Any] = {
-        "driver": "qcow2",
-        "node-name": node_name(disk.device_id),
-        "file": {"driver": "file", "filename": str(disk.path)},
-    }
+    blockdev = blockdev_options(disk)
     if disk.encrypted:
         if key is None:
             raise UsageError(f"disk {disk.device_id} is encrypted and no key was given")

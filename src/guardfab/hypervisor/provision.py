@@ -1,32 +1,38 @@
 """Provision a shielded VM from a signed template disk, its shielding data (PDK) and its KP.
 
-Order matters, and every check comes before anything is written:
+Order matters. Every check comes before anything that outlives a refusal is
+written: the one thing written earlier is a private copy of the template, in a
+0700 temporary directory beside the VM that any failure removes whole.
 
-1. the PDK's owner signature is verified (:func:`load_shielding_data`) and the
-   template disk is checked against the PDK's volume ID qualifiers: the
-   signature file must satisfy one qualifier (publisher, name, version) and the
-   disk must be byte for byte what that publisher signed. A mismatch fails with
-   every qualifier's reason and creates nothing;
+1. the PDK's owner signature is verified (:func:`load_shielding_data`); the
+   template disk is copied once (not through a symlink, a regular file only)
+   into the private directory, and *that copy* is checked against the PDK's
+   volume ID qualifiers: the signature file must satisfy one qualifier
+   (publisher, name, version) and the copy must be byte for byte what that
+   publisher signed. A mismatch fails with every qualifier's reason;
 2. the KP must carry exactly the PDK's guardians (``kp_guardians``), and the
    VM it would make must pass its security policy: a shielded VM boots its own
    disk through the signed chain, so a request with a direct kernel is refused
-   (:mod:`guardfab.hypervisor.policy`, rule ``firmware-boot``);
+   (:mod:`guardfab.hypervisor.policy`, rule ``firmware-boot``); then a direct
+   kernel/initrd of another VM must lie in the host's ``direct_boot_dir``
+   (:mod:`guardfab.hypervisor.bootpaths`);
 3. the PDK's secrets are revealed by ``reveal_secrets`` -- a guardian's job, not
    the host's: the host agent passes its ``open_shielding_data``, which has the
    KPS (a guardian the PDK names) open the PDK for this host's health certificate
    and answer the secrets sealed to the host key (ADR 0010). A PDK for another
    fabric fails here, before anything exists;
-4. in a private temporary directory beside the VM: the OS disk (a LUKS copy of
-   the template) and the specialization disk (the answer file, built in memory
-   and written through a memfd, LUKS-encrypted) under fresh random keys;
+4. in the private directory: the OS disk (a LUKS copy of the verified template
+   copy) and the specialization disk (the answer file, built in memory and
+   written through a memfd, LUKS-encrypted) under fresh random keys;
 5. the KP is released (``key_source``: the host agent, which brings a valid
    health certificate); the vault goes under the *new* transport key with the
    egress KP, committed at once (no QEMU to wait for);
-6. the directory is renamed into place. Any failure removes it: nothing is left.
+6. the template copy is removed and the directory renamed into place. Any
+   failure removes the directory: nothing is left.
 
-The template is verified and then read again to be copied; a host that could
-swap the file in between is a host whose root is hostile, which the shielded
-guarantee does not cover anyway (the guest's disk is what it measures).
+The template is read once from where the administrator named it: verification
+and conversion both read the private copy, so whoever can write the template's
+location cannot swap it between the check and the copy (security review, issue 6).
 """
 
 from __future__ import annotations
@@ -51,7 +57,11 @@ from guardfab.formats.shielding_secrets import ShieldingSecrets
 from guardfab.formats.template import VerifiedDiskSignature, VolumeIdQualifier
 from guardfab.host.keyrequest import ReleasedKeys
 from guardfab.hypervisor.bootpaths import check_direct_boot
-from guardfab.hypervisor.disk import create_encrypted_copy, create_encrypted_from_bytes
+from guardfab.hypervisor.disk import (
+    copy_template_privately,
+    create_encrypted_copy,
+    create_encrypted_from_bytes,
+)
 from guardfab.hypervisor.policy import check_vm_policy
 from guardfab.hypervisor.spec import (
     DEFAULT_MEMORY_MIB,
@@ -66,6 +76,8 @@ from guardfab.hypervisor.vault import VaultContents, VaultStore, seal_vault
 from guardfab.tenant.template import verify_disk
 
 RECORD_FILE = "vm.json"
+#: The private copy of the template disk, verified and converted, then removed.
+TEMPLATE_COPY = "template.raw"
 RECORD_TYPE = "guardfab.vm"
 DISK_IDS = ("os", "spec")
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -272,20 +284,22 @@ class ProvisionRequest:
     memory_mib: int = DEFAULT_MEMORY_MIB
 
 
-def _check_request(request: ProvisionRequest, vm_dir: Path) -> ShieldingData:
+def _check_name(request: ProvisionRequest, vm_dir: Path) -> None:
     if not _NAME_RE.fullmatch(request.name):
         raise UsageError("a VM name is 1-63 lower-case letters, digits and '-'")
     if vm_dir.exists():
         raise UsageError(f"VM {request.name!r} exists already ({vm_dir})")
-    pdk = load_shielding_data(request.pdk)
-    check_template(request.template_disk, request.template_sig, pdk.header.qualifiers)
+
+
+def _check_request(request: ProvisionRequest, pdk: ShieldingData, template: Path) -> None:
+    """The private ``template`` copy is what the PDK admits; the KP is the PDK's."""
+    check_template(template, request.template_sig, pdk.header.qualifiers)
     kp = load_key_protector(request.kp)
     if tuple(sorted(kp.guardian_ids)) != pdk.header.kp_guardians:
         raise NotAuthorizedError(
             "the key protector's guardians are not the shielding data's",
             hint="use the KP made for this VM with the PDK's owner and guardians",
         )
-    return pdk
 
 
 def provision(
@@ -311,18 +325,24 @@ def provision(
         InvalidInputError, TransportError: the KP's release failed (nothing created).
     """
     vm_dir = Path(vms_dir) / request.name
-    pdk = _check_request(request, vm_dir)
-    record = _new_record(request, pdk)
-    check_vm_policy(record.spec(vm_dir))  # before the PDK is opened or a KP released
-    # After the policy, so a shielded VM's direct kernel is refused as firmware-boot.
-    boot = check_direct_boot(request.boot, direct_boot_dir)
-    record = replace(record, boot=boot)
-    request = replace(request, boot=boot)
-    answer = guest_answer_file(reveal_secrets(pdk), default_hostname=request.name)
+    _check_name(request, vm_dir)
+    pdk = load_shielding_data(request.pdk)
     vms_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{request.name}.", dir=vms_dir))
     try:
-        _build(request, record, answer, partial, key_source)
+        template = partial / TEMPLATE_COPY
+        copy_template_privately(request.template_disk, template)
+        _check_request(request, pdk, template)
+        record = _new_record(request, pdk)
+        check_vm_policy(record.spec(vm_dir))  # before the PDK is opened or a KP released
+        # After the policy, so a shielded VM's direct kernel is refused as firmware-boot.
+        boot = check_direct_boot(request.boot, direct_boot_dir)
+        record = replace(record, boot=boot)
+        answer = guest_answer_file(reveal_secrets(pdk), default_hostname=request.name)
+        _build(
+            replace(request, template_disk=template, boot=boot), record, answer, partial, key_source
+        )
+        template.unlink()
         partial.rename(vm_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
