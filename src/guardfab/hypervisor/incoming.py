@@ -29,7 +29,8 @@ pair, drop the marker) or :meth:`IncomingVm.abandon` (stop QEMU, keep the
 directory and its pair, marked abandoned). :func:`hand_back` answers the
 pending pair of an unfinished or abandoned incoming migration, to be taken back
 by the source; the directory stays until a later offer shows the source holds
-that pair (or a newer one), since the answer may never reach the source.
+that pair (or a newer one) -- of the same owner and ``kp_id`` -- and the KPS
+granted its release, since the answer may never reach the source.
 """
 
 from __future__ import annotations
