@@ -238,3 +238,24 @@ def test_an_offer_booting_a_host_file_is_refused_before_any_release(
             )
     assert keys.asked == [], "no release asked"
     assert not dest.exists(), "nothing written"
+
+
+def test_an_offer_mixing_owners_is_refused_before_any_release(
+    tmp_path: Path, chain: Chain, contents: VaultContents
+) -> None:
+    """A forged 'pending' pair beside the VM's honest committed one: not one VM's keys."""
+    (tmp_path / "a").mkdir()
+    source = _vm_dir(tmp_path / "a")
+    store = _store(source, chain, contents, 1)
+    forged = _forged_pair(_kp_id(chain), 1000, contents)
+    disks = tmp_path / "shared"
+    disks.mkdir()
+    for device_id in DISK_IDS:
+        (disks / f"{device_id}.qcow2").write_bytes(b"")
+    offer = _offer(source, [SealedPair.of(store.committed()), forged], disks)
+    dest = tmp_path / "b"
+    keys = RecordingKeys()
+    with pytest.raises(VaultError, match="2 different owners or KP ids"):
+        incoming.receive(offer, dest, keys, address="127.0.0.1", port=1)
+    assert keys.asked == [], "no release asked"
+    assert not dest.exists(), "nothing written"
