@@ -63,14 +63,15 @@ class ActivateRequest(Strict):
 
 
 #: How often a worker removes expired nonces and activation challenges from the store.
-COMPACT_INTERVAL = 60.0
+#: Often, so each sweep is small: removing an entry costs ~40 us of store time (its
+#: delete event included), and a minute's backlog at 1,000 attestations/s is 60,000 keys.
+COMPACT_INTERVAL = 10.0
 #: Expired entries removed per store transaction by the sweep, and the pause after each
-#: full batch. A minute of consumed nonces at 1,000 attestations/s is 60,000 keys: in one
-#: transaction on the event loop that stalled every request of both workers (177 ms for
-#: 34,000 keys measured under load, bench/README.md round 6); in batches on a thread,
-#: requests take the write lock between two.
+#: full batch. In one transaction on the event loop, 34,000 keys stalled every request
+#: of both workers for 177 ms (bench/README.md, round 6); in batches on a thread,
+#: requests take the write lock between two, and the sweep holds it a small share.
 SWEEP_BATCH = MAX_TXN_OPS
-SWEEP_PAUSE = 0.005
+SWEEP_PAUSE = 0.01
 
 
 def sweep_expired(
