@@ -19,7 +19,10 @@ VM where the one before left it):
    release of the pending KP (A's committed one is refused as spent). Between
    the stream and B's finish, step 3's hand-back is replayed to A (it equals
    A's pending pair): refused, A stays paused and leaves -- resumed, the guest
-   would run twice on the same disks;
+   would run twice on the same disks. The OVMF variable store offered to B is
+   zeroed on the way: B's copy is overwritten by the one the (authenticated)
+   stream carries once the guest runs there (QEMU's pflash writes its migrated
+   contents back), so B ends with A's variables;
 5. B to A, left waiting until A's agent abandons it (its timeout): ``vm migrate
    --abort`` hands A's pair back to B, where the VM can still be stopped and
    started;
@@ -49,6 +52,7 @@ from guardfab.formats.encoding import b64url_decode, b64url_encode
 from guardfab.formats.key_protector import load_key_protector
 from guardfab.host.manage import orchestrate
 from guardfab.host.manage.client import ManagementClient
+from guardfab.hypervisor.argv import VmPaths
 from guardfab.hypervisor.migrate import migration_psk
 from guardfab.hypervisor.power import power_off, running_pid
 from guardfab.hypervisor.vault import VaultContents, VaultStore, open_vault
@@ -215,31 +219,52 @@ class Replaying(Recorder):
 
     name: str = ""
     old_pair: dict[str, str] = field(default_factory=dict)
+    vm_dir: Path = Path()
     refused: str = ""
+    nvram_sent: bytes = b""
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         """After the stream went, hand the old pair back: it must not resume the source."""
         answer = super().call(method, path, body)
         if path.endswith("/outgoing/send"):
+            self.nvram_sent = _nvram_file(self.vm_dir).read_bytes()
             with pytest.raises(UsageError, match="not the hand-back of that stream") as caught:
                 super().call("POST", f"/vms/{self.name}/outgoing/take-back", self.old_pair)
             self.refused = str(caught.value)
         return answer
 
 
+@dataclass
+class ZeroingNvram(Recorder):
+    """An administrator's client of the destination that zeroes the offered variable store."""
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """Offer an all-zero OVMF variable store of the same size."""
+        if path.endswith("/incoming") and body is not None and body.get("nvram"):
+            size = len(b64url_decode(body["nvram"], what="NVRAM"))
+            body = {**body, "nvram": b64url_encode(bytes(size))}
+        return super().call(method, path, body)
+
+
+def _nvram_file(vm_dir: Path) -> Path:
+    return VmPaths(work_dir=vm_dir / "state", run_dir=vm_dir).ovmf_vars
+
+
 def _a_to_b(fabric: Fabric, boot_id: str, old_pair: dict[str, str]) -> None:
     name = fabric.tenant.name
-    source = Replaying(fabric.a.client("admin"), fabric.log, name, old_pair)
+    a_dir, b_dir = fabric.vm_dir(fabric.a), fabric.vm_dir(fabric.b)
+    source = Replaying(fabric.a.client("admin"), fabric.log, name, old_pair, a_dir)
     mark = time.monotonic()
-    report = orchestrate.migrate(source, fabric.agent(fabric.b), name)
+    report = orchestrate.migrate(source, ZeroingNvram(fabric.b.client("admin"), fabric.log), name)
     assert source.refused, "the old hand-back was replayed between the stream and the finish"
+    assert source.nvram_sent.strip(b"\0"), "A had variables"
+    assert _nvram_file(b_dir).read_bytes() == source.nvram_sent, "the stream's copy won"
     print(f"\nmigrated A->B through two agents in {time.monotonic() - mark:.2f} s: {report}")
     assert report.warnings == []
     page = parse_page(fetch(fabric.port))
     assert page["boot_id"] == boot_id
     assert page["marker"] == fabric.tenant.marker
     assert page["tpm"].startswith("present"), page
-    a_dir, b_dir = fabric.vm_dir(fabric.a), fabric.vm_dir(fabric.b)
     assert sorted(p.name for p in a_dir.iterdir()) == ["disks"], "A keeps only the disks"
     assert (b_dir / "disks").is_symlink()
     assert (b_dir / "disks").resolve() == a_dir / "disks"
