@@ -233,6 +233,10 @@ def test_the_decision_table() -> None:
         choose_last_known_good(good, 3, "v")  # the committed pair vanished
     with pytest.raises(NoLastKnownGoodError, match="no intact key pair"):
         choose_last_known_good([PairState(1, None, None, "damaged")], 1, "v")
+    owned = [PairState(1, 1, "k", None, "owner"), PairState(2, 2, "k", None, "owner")]
+    forged = PairState(3, 1000, "k", None, "mallory")  # the VM's kp_id, another owner
+    with pytest.raises(VaultError, match="2 owners: a pair was substituted"):
+        choose_last_known_good([*owned, forged], 2, "v")
 
 
 @pytest.fixture
