@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
+import subprocess
+import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 import vm_fabric_harness
 import vm_harness
-from guardfab.errors import VerificationError
+from guardfab.errors import PolicyError, UsageError, VerificationError
+from guardfab.host.keyrequest import ReleasedKeys
 from guardfab.hypervisor.accel import Accelerator
 from guardfab.hypervisor.checkpoint import (
     CHECKPOINT_FILE,
@@ -21,10 +27,10 @@ from guardfab.hypervisor.checkpoint import (
     encrypt_stream,
     restore_vm,
 )
-from guardfab.hypervisor.power import PowerOnRefusedError, power_on, running_pid
-from guardfab.hypervisor.provision import DISK_IDS, provision
+from guardfab.hypervisor.power import INCOMING_FILE, PowerOnRefusedError, power_on, running_pid
+from guardfab.hypervisor.provision import DISK_IDS, load_record, provision, write_record
 from guardfab.hypervisor.spec import VmSpec
-from guardfab.hypervisor.vault import VaultContents
+from guardfab.hypervisor.vault import VaultContents, VaultStore
 from guardfab.hypervisor.vm import QemuVm, VmRuntime
 from vm_fabric_harness import VmFabric
 from vm_harness import Guest, fetch, find_in_files, parse_page
@@ -134,3 +140,93 @@ def test_checkpoint_stop_restore_keeps_the_boot(
     finally:
         for vm in made:
             vm.stop()
+
+
+# ------------------------------------------------------------- restore refused before any release
+
+
+class CountingKeys:
+    """A key source that counts releases and must never be asked here."""
+
+    def __init__(self) -> None:
+        self.releases = 0
+
+    def release(self, kp: bytes) -> ReleasedKeys:
+        self.releases += 1
+        raise AssertionError("restore asked the KPS for keys before its checks")
+
+
+def _never_started(spec: VmSpec, state_dir: Path) -> VmRuntime:
+    raise AssertionError("restore made a runtime before its checks")
+
+
+def _with_process_holding(vm_dir: Path) -> subprocess.Popen[bytes]:
+    """A real process whose argv names the VM's run directory, as its QEMU's does."""
+    run_dir = vm_dir / "run-test"
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(run_dir)])
+    (vm_dir / "run.json").write_text(json.dumps({"pid": process.pid, "run_dir": str(run_dir)}))
+    deadline = time.monotonic() + 10  # /proc/PID/cmdline is empty for a moment after exec
+    while running_pid(vm_dir) != process.pid and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert running_pid(vm_dir) == process.pid
+    return process
+
+
+def _console_on(vm_dir: Path) -> None:
+    write_record(vm_dir, replace(load_record(vm_dir), console=True))  # vm.json edited by hand
+
+
+def _incoming(vm_dir: Path) -> None:
+    (vm_dir / INCOMING_FILE).write_text("{}")
+
+
+@pytest.fixture(scope="module")
+def restorable(vm_fabric: VmFabric, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A provisioned shielded VM (never booted) with a checkpoint file beside it."""
+    vms = tmp_path_factory.mktemp("vms")
+    tenant = vm_fabric.tenant_vm("ckpt-refused")
+    provision(
+        tenant.request(),
+        vms,
+        reveal_secrets=vm_fabric.reveal_secrets,
+        key_source=vm_fabric.key_source(),
+    )
+    (vms / tenant.name / CHECKPOINT_FILE).write_bytes(b"never read: refused before")
+    return vms / tenant.name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case", "error", "reason"),
+    [
+        ("running", UsageError, "is running"),
+        ("incoming", UsageError, "unfinished incoming migration"),
+        ("policy", PolicyError, "console"),
+    ],
+)
+def test_restore_refuses_before_any_release(
+    restorable: Path, case: str, error: type[Exception], reason: str
+) -> None:
+    vm_dir = restorable
+    record_before = (vm_dir / "vm.json").read_bytes()
+    store = VaultStore(vm_dir / "keys")
+    numbers = store.numbers()
+    keys = CountingKeys()
+    process = _with_process_holding(vm_dir) if case == "running" else None
+    try:
+        if case == "incoming":
+            _incoming(vm_dir)
+        if case == "policy":
+            _console_on(vm_dir)
+        with pytest.raises(error, match=reason):
+            restore_vm(vm_dir, keys, _never_started)
+    finally:
+        if process is not None:
+            process.kill()
+            process.wait()
+        (vm_dir / "run.json").unlink(missing_ok=True)
+        (vm_dir / INCOMING_FILE).unlink(missing_ok=True)
+        (vm_dir / "vm.json").write_bytes(record_before)
+    assert keys.releases == 0  # no KP generation spent
+    assert store.numbers() == numbers
+    assert (vm_dir / CHECKPOINT_FILE).exists()

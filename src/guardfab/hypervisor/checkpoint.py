@@ -44,14 +44,17 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from guardfab.errors import UsageError, VerificationError
 from guardfab.hypervisor.errors import HypervisorError
+from guardfab.hypervisor.policy import check_vm_policy
 from guardfab.hypervisor.power import (
     RuntimeFactory,
     StartedVm,
     _record_run,
     _release,
     _seal_pending,
+    refuse_unfinished_incoming,
+    running_pid,
 )
-from guardfab.hypervisor.provision import KeySource, load_record
+from guardfab.hypervisor.provision import KeySource, VmRecord, load_record
 from guardfab.hypervisor.vault import VaultContents, VaultStore, open_vault
 from guardfab.hypervisor.vm import QemuVm
 
@@ -255,6 +258,14 @@ def checkpoint_vm(vm: QemuVm, vm_dir: Path, key_source: KeySource) -> Path:
     return path
 
 
+def _check_restorable(vm_dir: Path, record: VmRecord) -> None:
+    """What a power-on checks, before the release: each refusal spends no KP generation."""
+    if running_pid(vm_dir) is not None:
+        raise UsageError(f"VM {record.name!r} is running: stop it before restoring its checkpoint")
+    refuse_unfinished_incoming(vm_dir, record.name)
+    check_vm_policy(record.spec(vm_dir))
+
+
 def restore_vm(vm_dir: Path, key_source: KeySource, runtime_factory: RuntimeFactory) -> QemuVm:
     """Start the VM of ``vm_dir`` from its checkpoint (through a release); the file is consumed."""
     vm = restore_started(vm_dir, key_source, runtime_factory).runtime
@@ -265,12 +276,20 @@ def restore_vm(vm_dir: Path, key_source: KeySource, runtime_factory: RuntimeFact
 def restore_started(
     vm_dir: Path, key_source: KeySource, runtime_factory: RuntimeFactory
 ) -> StartedVm:
-    """:func:`restore_vm`, answering the vault's contents too (the agent keeps them)."""
+    """:func:`restore_vm`, answering the vault's contents too (the agent keeps them).
+
+    Raises:
+        UsageError: no checkpoint, the VM runs already, or its directory is an
+            unfinished incoming migration (nothing released).
+        PolicyError: its record asks for what its policy forbids (nothing released).
+        PowerOnRefusedError: this host got no keys (nothing started).
+    """
     path = vm_dir / CHECKPOINT_FILE
     if not path.exists():
         raise UsageError(f"VM {vm_dir.name!r} has no checkpoint")
-    contents, store, pending, used = _rekey(vm_dir, key_source)
     record = load_record(vm_dir)
+    _check_restorable(vm_dir, record)
+    contents, store, pending, used = _rekey(vm_dir, key_source)
     vm = runtime_factory(record.spec(vm_dir), vm_dir / "state")
     if not isinstance(vm, QemuVm):
         raise UsageError("restore needs the QEMU runtime")
