@@ -38,7 +38,7 @@ from guardfab.hgs.web import (
     unexpected_error_handler,
     validation_error_handler,
 )
-from guardfab.store.base import MAX_TXN_OPS, Store
+from guardfab.store.base import Store
 
 
 class ChallengeResponse(BaseModel):
@@ -63,14 +63,17 @@ class ActivateRequest(Strict):
 
 
 #: How often a worker removes expired nonces and activation challenges from the store.
-#: Often, so each sweep is small: removing an entry costs ~40 us of store time (its
-#: delete event included), and a minute's backlog at 1,000 attestations/s is 60,000 keys.
-COMPACT_INTERVAL = 10.0
+#: Every second, so the work trickles: removing an entry costs ~40 us of store time (its
+#: delete event included); a minute's backlog at 1,000 attestations/s (60,000 keys) is
+#: 2.4 s of it, and even 10 s worth, swept at once, slowed the requests beside it on a
+#: busy machine (bench/README.md, round 6). With nothing expired a sweep is one read.
+COMPACT_INTERVAL = 1.0
 #: Expired entries removed per store transaction by the sweep, and the pause after each
 #: full batch. In one transaction on the event loop, 34,000 keys stalled every request
 #: of both workers for 177 ms (bench/README.md, round 6); in batches on a thread,
-#: requests take the write lock between two, and the sweep holds it a small share.
-SWEEP_BATCH = MAX_TXN_OPS
+#: requests take the write lock between two. Small batches: a request that finds the
+#: lock taken sleeps in SQLite's busy handler in growing steps, so a short hold matters.
+SWEEP_BATCH = 32
 SWEEP_PAUSE = 0.01
 
 
