@@ -181,7 +181,7 @@ def test_the_egress_is_released_next_and_the_ingress_is_refused_after(world: Wor
     seen: dict[str, int] = {}
     ingress = world.kp()
     first = world.release(world.cert(), ingress, highest_generation_seen=seen)
-    seen[first.kp_id] = first.egress_generation
+    seen[first.counter] = first.egress_generation
     egress = unwrap_release(first.to_response(), world.host_a).egress_kp
     second = world.release(world.cert(), egress, highest_generation_seen=seen.get)
     assert second.egress_generation == 2
@@ -421,7 +421,7 @@ def test_the_owner_recovers_a_kp_whose_egress_was_lost(world: World) -> None:
     """The host lost the answer: the ingress is refused, the owner's next generation is not."""
     ingress = world.kp()
     first = world.release(world.cert(), ingress)
-    seen = {first.kp_id: first.egress_generation}
+    seen = {first.counter: first.egress_generation}
     with pytest.raises(RollbackError):
         world.release(world.cert(), ingress, highest_generation_seen=seen)
     recovery = new_guardian_keys("recovery", KeyAlgorithm.EC_P256)

@@ -254,3 +254,58 @@ def test_tpm_host_gets_the_keys(hgs: RunningHgs, booted_tpm: HostTpm) -> None:
     assert current == load_key_protector(kp).unwrap(tenant.owner)
     assert load_key_protector(egress).generation == 1
     assert releases(hgs)[-1].actor == "host-a"
+
+
+def _copy_of_kp_id(kp: bytes, generation: int) -> bytes:
+    """A KP of the attacker's own (own owner key) that copies ``kp``'s kp_id at ``generation``.
+
+    A kp_id is a label anyone who saw the KP file can copy; the attacker signs as its own owner.
+    """
+    from guardfab.formats import key_protector as kpf  # noqa: PLC0415 -- private minting, for the attack
+
+    victim = load_key_protector(kp)
+    attacker = Tenant().owner
+    own_doc = kpf.sign_guardian_document(attacker.guardian, attacker.signing_key).decode("ascii")
+    members = [kpf._Member(attacker.guardian, own_doc)]
+    for guardian, document in zip(victim.guardians, victim.documents, strict=True):
+        if guardian.id != victim.owner:
+            members = kpf._with_member(members, kpf._Member(guardian, document))
+    draft = kpf._Draft(victim.kp_id, generation, attacker.guardian.id, members)
+    return kpf._mint_as_owner(draft, attacker, kpf.TransportKey.generate())
+
+
+def test_a_copied_kp_id_under_another_owner_cannot_spend_the_real_kps_generations(
+    hgs: RunningHgs,
+) -> None:
+    host, cert = attested_host(hgs, "host-copier")
+    real = Tenant().kp(kps_document(hgs))
+    copy = _copy_of_kp_id(real, 1_000_000)
+    assert load_key_protector(copy).kp_id == load_key_protector(real).kp_id
+    # The copy is a valid KP of its own owner: released, and counted apart ...
+    request_release(hgs.url, Path(hgs.ca), cert, copy, host.encryption)
+    # ... so the real KP's generation 0 is no rollback, and its chain goes on.
+    _current, _new, egress = request_release(hgs.url, Path(hgs.ca), cert, real, host.encryption)
+    assert load_key_protector(egress).generation == 1
+    with pytest.raises(KeyReleaseRefusedError) as refused:
+        request_release(hgs.url, Path(hgs.ca), cert, real, host.encryption)
+    assert (refused.value.status, refused.value.reason) == (409, "rollback")
+
+
+def test_a_counter_written_before_owners_counted_still_refuses_older_generations(
+    hgs: RunningHgs,
+) -> None:
+    """Stores from before the per-owner counter hold kps/generations/<kp_id>: still enforced."""
+    from guardfab.hgs.kps import GENERATIONS  # noqa: PLC0415
+    from guardfab.hgs.registry import encode  # noqa: PLC0415
+    from guardfab.store.sqlite import SqliteStore  # noqa: PLC0415
+
+    host, cert = attested_host(hgs, "host-legacy")
+    kp = Tenant().kp(kps_document(hgs))
+    store = SqliteStore(hgs.directory / "state.db")
+    try:
+        store.put(GENERATIONS + load_key_protector(kp).kp_id, encode({"generation": 3, "at": 0}))
+    finally:
+        store.close()
+    with pytest.raises(KeyReleaseRefusedError) as refused:
+        request_release(hgs.url, Path(hgs.ca), cert, kp, host.encryption)
+    assert (refused.value.status, refused.value.reason) == (409, "rollback")

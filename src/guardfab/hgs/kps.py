@@ -9,15 +9,21 @@ state and records the outcome. Store layout (canonical JSON values)::
     kps/deny-before             {"time"}  refuse certificates issued earlier
     kps/keys/primary            {"id", "key_generation"}  the primary KPS guardian and
                                 its current key generation (else the oldest, newest)
-    kps/generations/<kp_id>     {"generation", "at"}  newest generation issued per KP
-    kps/seen/<kp_id>            {"kps_key", "key_generation", "owner", "generation",
+    kps/generations/<kp_id>/<owner>
+                                {"generation", "at"}  newest generation issued per KP
+                                (per kp_id AND owner: a copied kp_id counts apart)
+    kps/seen/<kp_id>/<owner>    {"kps_key", "key_generation", "owner", "generation",
                                  "host_id", "at"}  the KPS key the last egress is wrapped to
+
+Stores written before the counter included the owner hold ``kps/generations/<kp_id>``
+and ``kps/seen/<kp_id>``: a KP with no counter of its own yet is held to the old
+counter of its kp_id (never weaker than before), and every release writes the new keys.
 
 A shielding data opening (``POST /keyprotection/v1/shielding-data/open``)
 writes its audit record and nothing else, granted or refused: it consumes no
 generation and changes no state (ADR 0010).
 
-Each release is ONE store transaction: it compares ``kps/generations/<kp_id>``
+Each release is ONE store transaction: it compares ``kps/generations/<kp_id>/<owner>``
 with the revision the check read, writes the new generation and the ``seen``
 record, and appends the audit record. Two concurrent releases of the same
 generation cannot both mint an egress KP: the second loses the compare and is
@@ -33,7 +39,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,10 +213,12 @@ class KpsService:
         """
         reads: dict[str, Entry | None] = {}
 
-        def highest(kp_id: str) -> int | None:
-            entry = self.store.get(GENERATIONS + kp_id)
-            reads[kp_id] = entry
-            return None if entry is None else int(decode(entry.value, what=kp_id)["generation"])
+        def highest(counter: str) -> int | None:
+            entry = self.store.get(GENERATIONS + counter)
+            reads[counter] = entry
+            if entry is None:  # no counter of its own yet: the kp_id's pre-owner counter, if any
+                entry = self.store.get(GENERATIONS + counter.partition("/")[0])
+            return None if entry is None else int(decode(entry.value, what=counter)["generation"])
 
         try:
             config = self._release_config()
@@ -227,11 +235,11 @@ class KpsService:
         except GuardfabError as exc:
             self._audit_refusal(exc)
             raise
-        return self._commit(result, reads[result.kp_id])
+        return self._commit(result, reads[result.counter])
 
     def _commit(self, result: ReleaseResult, read: Entry | None) -> ReleaseResult:
         now = int(self.clock())
-        key = GENERATIONS + result.kp_id
+        key = GENERATIONS + result.counter
         txn = Txn().compare(key, ABSENT if read is None else read.revision)
         txn.put(key, encode({"generation": result.egress_generation, "at": now}))
         seen = {
@@ -242,7 +250,7 @@ class KpsService:
             "host_id": result.host_id,
             "at": now,
         }
-        txn.put(SEEN + result.kp_id, encode(seen))
+        txn.put(SEEN + result.counter, encode(seen))
         try:
             self.audit.append(
                 kind=RELEASE_KIND,
@@ -504,13 +512,12 @@ class KpsService:
         primary = (config.ring[0].id, config.primary_generation)
         rows = []
         counts: dict[str, int] = {}
-        for entry in self.store.list(SEEN):
-            record = decode(entry.value, what=entry.key)
+        for kp_id, record in _seen_records(self.store.list(SEEN)):
             where = (record["kps_key"], int(record.get("key_generation", 0)))
             label = f"{where[0]}#{where[1]}"
             counts[label] = counts.get(label, 0) + 1
             if where != primary:
-                rows.append({"kp_id": entry.key.removeprefix(SEEN), "key_generation": 0, **record})
+                rows.append({"kp_id": kp_id, "key_generation": 0, **record})
         return {
             "primary": primary[0],
             "key_generation": primary[1],
@@ -539,3 +546,16 @@ def _decode_pdk(text: str) -> bytes:
 
 def _newest(ring: Sequence[KpsKey]) -> int:
     return ring[0].newest if ring else 0
+
+
+def _seen_records(entries: Iterable[Entry]) -> list[tuple[str, dict[str, Any]]]:
+    """(kp_id, record) of every ``seen`` entry; an old per-kp_id entry only while its
+    (kp_id, owner) has no entry of the current layout yet (it is superseded, not deleted)."""
+    current: list[tuple[str, dict[str, Any]]] = []
+    legacy: list[tuple[str, dict[str, Any]]] = []
+    for entry in entries:
+        record = decode(entry.value, what=entry.key)
+        kp_id, slash, _owner = entry.key.removeprefix(SEEN).partition("/")
+        (current if slash else legacy).append((kp_id, record))
+    known = {(kp_id, record.get("owner")) for kp_id, record in current}
+    return current + [(k, r) for k, r in legacy if (k, r.get("owner")) not in known]

@@ -84,6 +84,17 @@ KEY_ORDER = ("current", "new")
 HighestGeneration = Callable[[str], int | None] | Mapping[str, int]
 
 
+def rollback_counter(kp_id: str, owner: str) -> str:
+    """The key the KPS counts a KP's generations under: its kp_id AND its owner.
+
+    A kp_id is only a random label that anyone can copy into a KP of their own
+    (signed by their own owner key). Counted by kp_id alone, such a copy with a huge
+    generation would make the KPS refuse every real generation as a rollback; counted
+    per owner, it only moves its own counter.
+    """
+    return f"{kp_id}/{owner}"
+
+
 def keys_aad(
     *, kp_id: str, generation: int, egress_generation: int, host_id: str, certificate_id: str
 ) -> bytes:
@@ -128,6 +139,11 @@ class ReleaseResult:
     #: The KPS key generation the ingress was wrapped to, and the egress is.
     ingress_key_generation: int = 0
     key_generation: int = 0
+
+    @property
+    def counter(self) -> str:
+        """Where the KPS counts this KP's generations (:func:`rollback_counter`)."""
+        return rollback_counter(self.kp_id, self.owner)
 
     def to_response(self) -> dict[str, Any]:
         """The JSON body of ``POST /keyprotection/v1/release``."""
@@ -178,7 +194,8 @@ def release(
         now: the current time (Unix seconds).
         deny_before: refuse certificates issued before this time.
         revoked_hosts: host ids the administrator revoked.
-        highest_generation_seen: the newest generation already issued per kp_id.
+        highest_generation_seen: the newest generation already issued per
+            :func:`rollback_counter` (kp_id and owner).
 
     Raises:
         KeyReleaseError: a subclass naming the failed check, annotated with what
@@ -279,7 +296,7 @@ def _highest(lookup: HighestGeneration | None, kp_id: str) -> int | None:
 
 def _check_generation(kp: KeyProtector, lookup: HighestGeneration | None) -> None:
     """Refuse a generation older than the newest this KPS issued for the KP (replay, rollback)."""
-    highest = _highest(lookup, kp.kp_id)
+    highest = _highest(lookup, rollback_counter(kp.kp_id, kp.owner))
     if highest is not None and kp.generation < highest:
         raise RollbackError(
             f"key protector {kp.kp_id} generation {kp.generation} is older than generation"
