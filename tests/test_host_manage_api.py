@@ -463,3 +463,24 @@ def test_direct_boot_inside_the_allowed_directory_keeps_the_resolved_paths(
         boot_dir.resolve() / "vmlinuz",
         boot_dir.resolve() / "initrd.img",
     )
+
+
+def test_start_and_restore_recheck_a_recorded_direct_kernel(
+    vm_fabric: VmFabric, host: ManagedHost, boot_dir: Path
+) -> None:
+    """A record from before ADR 0017, or a narrowed directory: refused before any release."""
+    tenant = vm_fabric.tenant_vm("api-boot-old", policy=SecurityPolicy.ENCRYPTION_SUPPORTED)
+    body = _body(tenant, kernel=str(boot_dir / "vmlinuz"), initrd=str(boot_dir / "initrd.img"))
+    with host.client("admin") as admin:
+        admin.provision(body)
+    vm_dir = host.config.vms_dir / "api-boot-old"
+    keys_before = sorted(p.relative_to(vm_dir) for p in (vm_dir / "keys").rglob("*"))
+    assert host.service.management is not None
+    host.service.management.context.vms.direct_boot_dir = None  # the directory was taken away
+    for operation in ("start", "restore"):
+        with host.client("admin") as admin, pytest.raises(NotAuthorizedError, match="direct_boot"):
+            admin.action("api-boot-old", operation)
+        record = _last(host)
+        assert (record.subject, record.outcome) == ("api-boot-old", "refused")
+        assert record.details["operation"] == operation
+    assert sorted(p.relative_to(vm_dir) for p in (vm_dir / "keys").rglob("*")) == keys_before

@@ -30,6 +30,7 @@ from guardfab.errors import UsageError
 from guardfab.formats.shielding_data import SecurityPolicy
 from guardfab.formats.shielding_secrets import ShieldingSecrets
 from guardfab.host.manage.migrations import VmMigrations, let_go
+from guardfab.hypervisor.bootpaths import check_direct_boot
 from guardfab.hypervisor.checkpoint import checkpoint_vm, restore_started
 from guardfab.hypervisor.console import console_socket
 from guardfab.hypervisor.incoming import incoming_state
@@ -162,11 +163,19 @@ class VmOperations:
     def start(self, name: str) -> dict[str, Any]:
         """Power the VM on with keys the KPS releases to this host."""
         with self.vm(name) as vm_dir:
-            self.record(vm_dir)
+            self._check_boot(vm_dir)
             started = start_vm(vm_dir, self.keys)
             self.held[name] = started.contents
             let_go(started.runtime)
             return {"name": name, "pid": getattr(started.runtime, "pid", None)}
+
+    def _check_boot(self, vm_dir: Path) -> None:
+        """Refuse, before any release, a direct kernel outside ``direct_boot_dir``.
+
+        Provisioning checks it (ADR 0017), but a record written before that check, or
+        since the directory was narrowed, must not make QEMU (root) read any host file.
+        """
+        check_direct_boot(self.record(vm_dir).boot, self.direct_boot_dir)
 
     def stop(self, name: str) -> dict[str, Any]:
         """Power the VM off."""
@@ -190,7 +199,7 @@ class VmOperations:
     def restore(self, name: str) -> dict[str, Any]:
         """Start the VM from its checkpoint."""
         with self.vm(name) as vm_dir:
-            self.record(vm_dir)
+            self._check_boot(vm_dir)
             started = restore_started(vm_dir, self.keys, _qemu)
             self.held[name] = started.contents
             let_go(started.runtime)
