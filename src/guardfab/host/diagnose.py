@@ -32,6 +32,8 @@ from guardfab.host.attester import load_host_key, read_event_log
 from guardfab.host.config import HostConfig, HostMode
 from guardfab.host.identity import tpm_identity
 from guardfab.host.localapi import AgentClient
+from guardfab.host.manage.audit import ManagementAudit
+from guardfab.host.manage.material import ROLES, ManagementFiles
 from guardfab.host.signer import Pkcs11Signer, Pkcs11Uri, detached_jws
 from guardfab.host.status import StateFiles
 from guardfab.host.tpm import HostTpm
@@ -365,6 +367,80 @@ def check_agent(config: HostConfig) -> CheckResult:
     return _ok("agent", detail)
 
 
+# ---------------------------------------------------------------------- management API
+
+#: Warn this long before the management API's certificate expires.
+MANAGE_CERT_WARN_DAYS = 30
+
+
+def _private_files(files: ManagementFiles) -> list[Path]:
+    tokens = [files.token_file(role) for role in ROLES]
+    return [files.server_key, files.access_file, *(t for t in tokens if t.exists())]
+
+
+def check_management(config: HostConfig, now: float) -> Iterator[CheckResult]:
+    """The management API's directory: private files 0600, its certificate, its audit chain."""
+    files = ManagementFiles(config.management_dir)
+    if not files.ready():
+        yield CheckResult(
+            "manage",
+            Outcome.SKIP,
+            f"{files.dir}: no management API set up (guardfab host manage init)",
+        )
+        return
+    wide = [
+        f"{f.name} {f.stat().st_mode & 0o777:04o}"
+        for f in _private_files(files)
+        if f.stat().st_mode & 0o077
+    ]
+    if wide:
+        yield _fail(
+            "manage-files",
+            f"readable by others: {', '.join(wide)}",
+            f"chmod 600 {files.dir}/*.token {files.server_key} {files.access_file}",
+        )
+    else:
+        yield _ok("manage-files", f"{files.dir}: key, tokens and access table are 0600")
+    yield _manage_certificate(files, now)
+    yield _manage_audit(files)
+
+
+def _manage_certificate(files: ManagementFiles, now: float) -> CheckResult:
+    try:
+        leaf = x509.load_pem_x509_certificates(files.server_cert.read_bytes())[0]
+    except (OSError, ValueError, IndexError) as exc:
+        return _fail(
+            "manage-tls",
+            f"{files.server_cert}: unreadable ({exc})",
+            "run 'guardfab host manage init' again",
+        )
+    left = leaf.not_valid_after_utc.timestamp() - now
+    detail = f"certificate valid until {leaf.not_valid_after_utc:%Y-%m-%d}"
+    fix = "issue a new one: move the directory away and run 'guardfab host manage init'"
+    if left < 0:
+        return _fail("manage-tls", detail + " (expired)", fix)
+    if left < MANAGE_CERT_WARN_DAYS * 86400:
+        return _warn("manage-tls", detail, fix)
+    return _ok("manage-tls", detail)
+
+
+def _manage_audit(files: ManagementFiles) -> CheckResult:
+    if not files.audit_db.exists():
+        return CheckResult("manage-audit", Outcome.SKIP, "no audit log yet (the agent creates it)")
+    audit = ManagementAudit(files.audit_db)
+    try:
+        report = audit.verify()
+    except GuardfabError as exc:
+        return _fail(
+            "manage-audit",
+            str(exc),
+            "keep the database for investigation; see 'guardfab host audit list'",
+        )
+    finally:
+        audit.close()
+    return _ok("manage-audit", f"hash chain intact: {report.records} record(s)")
+
+
 # ---------------------------------------------------------------------- all
 
 
@@ -411,6 +487,7 @@ def run_checks(config: HostConfig, now: Callable[[], float]) -> list[CheckResult
         results.append(CheckResult("hgs-fallback", Outcome.SKIP, "no fallback HGS configured"))
     results.append(check_clock(hgs_time, now()))
     results.append(check_agent(config))
+    results += check_management(config, now())
     return results
 
 
