@@ -79,3 +79,13 @@ def test_an_edited_audit_record_fails(managed: tuple[HostConfig, ManagementFiles
             (value.replace(b'"granted"', b'"refused"'), key),
         )
     assert _results(config)["manage-audit"][0] is Outcome.FAIL
+
+
+def test_a_missing_access_table_fails_without_crashing(
+    managed: tuple[HostConfig, ManagementFiles],
+) -> None:
+    config, files = managed
+    files.access_file.unlink()
+    outcome, detail = _results(config)["manage-files"]
+    assert outcome is Outcome.FAIL
+    assert "accepts no token" in detail

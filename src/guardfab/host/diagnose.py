@@ -375,7 +375,7 @@ MANAGE_CERT_WARN_DAYS = 30
 
 def _private_files(files: ManagementFiles) -> list[Path]:
     tokens = [files.token_file(role) for role in ROLES]
-    return [files.server_key, files.access_file, *(t for t in tokens if t.exists())]
+    return [f for f in (files.server_key, files.access_file, *tokens) if f.exists()]
 
 
 def check_management(config: HostConfig, now: float) -> Iterator[CheckResult]:
@@ -388,6 +388,12 @@ def check_management(config: HostConfig, now: float) -> Iterator[CheckResult]:
             f"{files.dir}: no management API set up (guardfab host manage init)",
         )
         return
+    if not files.access_file.exists():
+        yield _fail(
+            "manage-files",
+            f"{files.access_file} is missing: the API accepts no token",
+            "move the directory away and run 'guardfab host manage init' (new tokens and TLS)",
+        )
     wide = [
         f"{f.name} {f.stat().st_mode & 0o777:04o}"
         for f in _private_files(files)
@@ -399,7 +405,7 @@ def check_management(config: HostConfig, now: float) -> Iterator[CheckResult]:
             f"readable by others: {', '.join(wide)}",
             f"chmod 600 {files.dir}/*.token {files.server_key} {files.access_file}",
         )
-    else:
+    elif files.access_file.exists():
         yield _ok("manage-files", f"{files.dir}: key, tokens and access table are 0600")
     yield _manage_certificate(files, now)
     yield _manage_audit(files)
