@@ -17,7 +17,7 @@ def test_b64url_round_trip(data: bytes) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["AR", "A", "AQ==", "+/8", "AQ=", "a b", "Zm9v\n", 1],
+    ["AR", "A", "AQ==", "+/8", "AQ=", "a b", "Zm9v\n", 1, "Zm9v" * 50 + "Zm+v", "Zm9v/w", "Zm9vé"],
     ids=[
         "trailing-bits",
         "lone-char",
@@ -27,11 +27,34 @@ def test_b64url_round_trip(data: bytes) -> None:
         "space",
         "newline",
         "int",
+        "plus-deep-inside",
+        "slash",
+        "non-ascii",
     ],
 )
 def test_b64url_rejects_non_canonical(text: object) -> None:
     with pytest.raises(FormatError):
         b64url_decode(text, what="field")  # type: ignore[arg-type]
+
+
+def test_b64url_maps_the_url_alphabet() -> None:
+    assert b64url_decode("-_8", what="x") == b"\xfb\xff"
+    assert b64url_encode(b"\xfb\xff") == "-_8"
+
+
+class _LyingStr(str):
+    """A str that hides its ``+`` from ``in`` and from replace: must not slip through."""
+
+    def __contains__(self, _item: object) -> bool:  # type: ignore[override]
+        return False
+
+    def replace(self, *_args: object, **_kwargs: object) -> str:  # type: ignore[override]
+        return "Zm9v"
+
+
+def test_b64url_str_subclass_cannot_hide_standard_alphabet() -> None:
+    with pytest.raises(FormatError):
+        b64url_decode(_LyingStr("+/8"), what="field")
 
 
 @pytest.mark.parametrize(
