@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from guardfab.tpm.eventlog import EventLog, parse_event_log
-from guardfab.tpm.events import DigestRule, DigestStatus, measured_bytes
+from guardfab.tpm.events import (
+    DigestRule,
+    DigestStatus,
+    check_digests,
+    digest_matches,
+    measured_bytes,
+)
 from test_eventlog_builder import (
     EFI_GLOBAL,
     EFI_SECURITY_DB,
@@ -107,6 +113,26 @@ def test_every_strict_verified_event_of_a_real_log_fails_when_one_byte_changes(
         check = tampered.digest_check(tampered.events[event.number])
         assert check.status is DigestStatus.MISMATCH, event
         assert not any(check.banks.values())
+
+
+@pytest.mark.parametrize("name", VECTOR_NAMES)
+def test_the_verifiers_one_bank_check_agrees_with_the_full_check(vectors: Path, name: str) -> None:
+    """digest_matches (the verifier's quoted bank) says True exactly where check_digests does.
+
+    Every event of every real log, intact and with one byte of data changed.
+    """
+    data = (vectors / name).read_bytes()
+    log = parse_event_log(data)
+    compared = 0
+    for event in log.events:
+        variants = [event.data] + ([event.data[:-1] + b"\xff"] if event.data else [])
+        for variant in variants:
+            full = check_digests(event.event_type, variant, event.digests).banks
+            for bank, value in event.digests.items():
+                one = digest_matches(event.event_type, variant, bank, value)
+                assert one is (full.get(bank) is True), (event.number, bank)
+                compared += 1
+    assert compared >= len(log.events) - 1
 
 
 def test_tampered_secure_boot_variable_in_a_real_log_removes_the_fact(
@@ -210,13 +236,43 @@ def test_quoted_bank_missing_from_the_event_means_no_fact() -> None:
     assert parsed.facts().secure_boot.value is None  # default: every replayable bank
 
 
-def test_a_wrong_digest_in_another_bank_removes_the_fact() -> None:
+def test_a_wrong_digest_in_an_unquoted_bank_neither_makes_nor_removes_the_fact() -> None:
+    """The quoted bank decides: a SHA-1 digest is attested by nothing in a SHA-256 quote.
+
+    A person's view of the log (no quote, every bank) still refuses the data.
+    """
     log = _secure_boot_log(b"\x01")
     first = log.events[0]
     log.events[0] = Ev(first.pcr, first.type, first.data, {SHA1: bytes(20)})
     parsed = parse_event_log(log.build())
     assert parsed.digest_check(parsed.events[1]).status is DigestStatus.MISMATCH
+    assert parsed.facts(SHA256).secure_boot.value is True
+    assert parsed.facts(SHA1).secure_boot.value is None
+    assert parsed.facts().secure_boot.value is None
+
+
+def _with_sha1_of_altered_data(value: bytes, altered: bytes) -> AgileLog:
+    """SecureBoot logged as ``altered`` (SHA-1 digest to match), SHA-256 of ``value``."""
+    log = _secure_boot_log(value)
+    first = log.events[0]
+    measured = variable(EFI_GLOBAL, "SecureBoot", value)
+    shown = variable(EFI_GLOBAL, "SecureBoot", altered)
+    log.events[0] = Ev(
+        first.pcr, first.type, shown, {SHA1: digest(SHA1, shown), SHA256: digest(SHA256, measured)}
+    )
+    return log
+
+
+def test_data_matching_only_an_unquoted_bank_gives_no_fact() -> None:
+    """Attack: SecureBoot=0 measured, the data rewritten to 1 with a SHA-1 digest to match.
+
+    The SHA-256 digest (what the quote binds) still measures 0, so the quoted
+    bank's check fails and the verifier reads nothing, whatever SHA-1 says.
+    """
+    parsed = parse_event_log(_with_sha1_of_altered_data(b"\x00", b"\x01").build())
     assert parsed.facts(SHA256).secure_boot.value is None
+    assert "does not verify" in parsed.facts(SHA256).secure_boot.note
+    assert parsed.facts().secure_boot.value is None
 
 
 def test_secure_boot_measured_twice_is_ambiguous() -> None:

@@ -43,6 +43,7 @@ from guardfab.tpm.events import (
     SpecIdEvent,
     alg_name,
     check_digests,
+    digest_matches,
     event_type_name,
     parse_spec_id,
 )
@@ -444,14 +445,28 @@ class EventLog:
         return self._events
 
     def events_in(
-        self, pcrs: Container[int], event_types: Container[int] | None = None
+        self,
+        pcrs: Container[int],
+        event_types: Container[int] | None = None,
+        *,
+        every_type_in: Container[int] = (),
     ) -> tuple[Event, ...]:
-        """The events of ``pcrs`` (and of ``event_types``, if given), in log order."""
+        """The events of ``pcrs`` (of ``event_types`` only, if given), in log order.
+
+        Events of the PCRs in ``every_type_in`` are included whatever their type
+        (the facts read PCR 7 whole and only the separators of PCRs 0-6).
+        """
         rows = self._records.rows
         if event_types is None:
             numbers = [n for n, row in enumerate(rows) if row[0] in pcrs]
-        else:
+        elif not every_type_in:
             numbers = [n for n, row in enumerate(rows) if row[0] in pcrs and row[1] in event_types]
+        else:
+            numbers = [
+                n
+                for n, row in enumerate(rows)
+                if row[0] in every_type_in or (row[0] in pcrs and row[1] in event_types)
+            ]
         if self._events is not None:
             return tuple(self._events[n] for n in numbers)
         return self._make_events(numbers)
@@ -591,6 +606,19 @@ class EventLog:
             cached = check_digests(event.event_type, event.data, event.digests)
             self._checks[event.number] = cached
         return cached
+
+    def data_verified(self, event: Event, bank: int) -> bool:
+        """Whether ``event``'s data is what its digest in ``bank`` measured.
+
+        The verifier's check: ``bank`` is the one the quote covers and the replay
+        verified (see :func:`~guardfab.tpm.events.digest_matches`). Not cached:
+        a verifier asks once or twice per event it reads.
+        """
+        full = self._checks[event.number]
+        if full is not None:
+            return full.banks.get(bank) is True
+        digest = event.digests.get(bank)
+        return digest is not None and digest_matches(event.event_type, event.data, bank, digest)
 
     def facts(self, bank: int | None = None) -> logfacts.LogFacts:
         """Derive the attestation facts; see :func:`guardfab.tpm.logfacts.derive_facts`."""

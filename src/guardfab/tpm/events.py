@@ -363,3 +363,27 @@ def check_digests(event_type: int, data: bytes, digests: dict[int, bytes]) -> Di
     else:
         status = DigestStatus.UNCHECKED
     return tuple.__new__(DigestCheck, (status, banks))
+
+
+def digest_matches(event_type: int, data: bytes, bank: int, digest: bytes) -> bool:
+    """Whether ``data`` is what ``digest`` measured in ``bank``, under the rule for its type.
+
+    The verifier's check (:func:`check_digests` checks every bank at once): the
+    one bank a quote covers and the replay verified. A digest in any other bank
+    is attested by nothing, so it can neither make data trusted nor untrusted.
+    True exactly when :func:`check_digests` would say True for ``bank``.
+    """
+    hasher = HASHERS.get(bank)
+    if hasher is None:
+        return False
+    if event_type in _WHOLE_DATA:  # the common case: one candidate, the data itself
+        if len(data) <= _SHORT_DATA:
+            return _short_digest(bank, data) == digest
+        return hasher(data).digest() == digest
+    rule_for = _RULES.get(event_type)
+    if rule_for is None or event_type == EventType.EV_NO_ACTION:
+        return False
+    rule, candidates = rule_for(data)
+    if rule is DigestRule.NONE:
+        return False
+    return any(hasher(candidate).digest() == digest for candidate in candidates)

@@ -8,7 +8,9 @@ Rules every fact here follows (docs/eventlog-facts.md explains them at length):
   and data are not covered by a PCR; only digests are.
 * **Positive facts come from checked data.** A value read from event data (the
   SecureBoot variable, the separator value) is used only if that data hashes to
-  the event's digest in the bank(s) required (:func:`derive_facts`).
+  the event's digest in the quoted bank, the one the replay matched to the quote
+  (a digest in another bank is attested by nothing); a person's view of a log
+  with no quote requires every bank (:func:`derive_facts`).
 * **Negative facts come from digests.** "No UEFI Debug Mode event" is decided by
   looking for the *digest* of that string in PCR 7, whatever the event type or
   data say, because both can be rewritten without changing any PCR.
@@ -153,23 +155,27 @@ _DMA_UNKNOWN = (
 # --------------------------------------------------------------------------- derivation
 
 
-_FACT_PCRS = frozenset(SEPARATOR_PCRS)  # PCR 7 is one of them
+_SEPARATOR_ONLY_PCRS = frozenset(SEPARATOR_PCRS) - {SECURE_BOOT_PCR}
+_SEPARATOR_TYPE = frozenset({_SEPARATOR})
+_WHOLE_PCR7 = frozenset({SECURE_BOOT_PCR})
 _Variables = dict[tuple[bytes, str], list[tuple["Event", uefi.UefiVariable]]]
 
 
 class _Reader:
     """The events facts read (PCR 7, the separators of PCRs 0-7), and whose data may be read.
 
-    Only the events of PCRs 0-7 are made from the log: the facts need no other,
-    and a verifier derives them for every log it has not seen before.
+    Only those events are made from the log: the facts need no other, and a
+    verifier derives them for every log it has not seen before.
     """
 
     def __init__(self, log: EventLog, bank: int | None) -> None:
         self.log = log
-        self.required = (bank,) if bank is not None else log.replayable_banks
+        self.bank = bank
+        self.required = log.replayable_banks
         self.pcr7: list[Event] = []
         self.separators: dict[int, list[Event]] = {pcr: [] for pcr in SEPARATOR_PCRS}
-        for event in log.events_in(_FACT_PCRS):
+        events = log.events_in(_SEPARATOR_ONLY_PCRS, _SEPARATOR_TYPE, every_type_in=_WHOLE_PCR7)
+        for event in events:
             if event.event_type == _SEPARATOR:
                 self.separators[event.pcr].append(event)
             if event.pcr == SECURE_BOOT_PCR:
@@ -177,13 +183,17 @@ class _Reader:
         self.variables = _variables(self.pcr7)
 
     def trusted(self, event: Event) -> bool:
-        """True if the data hashes to the digest in every required bank and the rest."""
+        """True if the data hashes to the digest in the quoted bank (or, with none, every bank).
+
+        A verifier passes the bank its quote covers: a digest in another bank is
+        attested by nothing, so it is not checked (docs/eventlog-facts.md).
+        """
+        if self.bank is not None:
+            return self.log.data_verified(event, self.bank)
         check = self.log.digest_check(event)
         if check.status is not DigestStatus.VERIFIED:
             return False
         banks = check.banks
-        if len(self.required) == 1:  # the verifier's case: the quoted bank
-            return banks.get(self.required[0]) is True
         return all(banks.get(bank) for bank in self.required)
 
 
@@ -307,8 +317,10 @@ def derive_facts(log: EventLog, bank: int | None = None) -> LogFacts:
     Args:
         log: a parsed log; call this after its replay matched a verified quote.
         bank: the quoted bank (TPM_ALG_ID). An event's data is read only if it
-            hashes to the digest in this bank (and in every other bank the event
-            carries). Without it, the event must carry every declared bank.
+            hashes to the event's digest in this bank; digests in other banks
+            are attested by nothing and not checked. Without it (a person's
+            view of a log), the event's data must verify in every bank it
+            carries, and it must carry every declared bank we can compute.
     """
     reader = _Reader(log, bank)
     return LogFacts(
