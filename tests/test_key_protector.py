@@ -334,6 +334,41 @@ def epk_on_another_curve(payload: Payload) -> None:
         r["header"]["epk"] = jose.public_jwk(ECKey.generate_key(other))
 
 
+def edit_epks(edit: Callable[[dict[str, Any]], None]) -> Callable[[Payload], None]:
+    """Apply ``edit`` to every wrapping's ephemeral key (the KP is then re-signed)."""
+
+    def mutate(payload: Payload) -> None:
+        for r in recipients(payload):
+            if "epk" in r["header"]:
+                edit(r["header"]["epk"])
+
+    return mutate
+
+
+def _epk_off_curve(epk: dict[str, Any]) -> None:
+    epk["y"] = epk["x"]  # (x, x) is on none of the curves for these keys
+
+
+def _epk_with_private_part(epk: dict[str, Any]) -> None:
+    epk["d"] = epk["x"]
+
+
+def _epk_of_kind_rsa(epk: dict[str, Any]) -> None:
+    epk["kty"] = "RSA"
+
+
+def _epk_coordinate_too_long(epk: dict[str, Any]) -> None:
+    epk["x"] = b64url_encode(b"\0" + b64url_decode(epk["x"], what="test"))
+
+
+def _epk_not_base64url(epk: dict[str, Any]) -> None:
+    epk["x"] = epk["x"][:-1] + "+"
+
+
+def _epk_coordinate_missing(epk: dict[str, Any]) -> None:
+    del epk["y"]
+
+
 def make_recipient_for(name: str) -> Callable[[Ctx], bytes]:
     """An extra wrapping entry for ``name`` (an attacker cannot wrap the real CEK)."""
 
@@ -603,6 +638,17 @@ ATTACKS = [
         lambda c: forge(c, epk_on_another_curve),
         FormatError,
     ),
+    *(
+        Attack(f"wrapping ephemeral key {label}", lambda c, e=edit: forge(c, edit_epks(e)), error)
+        for label, edit, error in (
+            ("off the curve", _epk_off_curve, FormatError),
+            ("with a private part", _epk_with_private_part, FormatError),
+            ("of kind RSA", _epk_of_kind_rsa, FormatError),
+            ("with a coordinate too long", _epk_coordinate_too_long, FormatError),
+            ("not base64url", _epk_not_base64url, FormatError),
+            ("without its y coordinate", _epk_coordinate_missing, FormatError),
+        )
+    ),
     # the guardian set, changed by someone without the owner's signing key
     Attack("KPS re-wraps without a guardian", kps_rewraps_without("cotenant"), VerificationError),
     Attack("KPS re-wraps without the owner", kps_rewraps_without("owner"), VerificationError),
@@ -675,3 +721,29 @@ def test_aad_binding_holds_even_if_the_loader_check_is_skipped(ctx: Ctx) -> None
     relabelled = dataclasses.replace(kp, generation=7)
     with pytest.raises(VerificationError):
         relabelled.unwrap(ctx.ring["kps1"])
+
+
+def test_an_ephemeral_key_with_a_short_coordinate_still_loads_and_unwraps(ctx: Ctx) -> None:
+    """A JWK import reads a coordinate written without its leading zero bytes; so does
+    the loader's cheaper point check (it pads), and the guardian still unwraps."""
+    ring = ctx.ring
+    for _ in range(2000):
+        data, key = create_key_protector(ring["owner"], [ring.doc("kps1"), ring.doc("cotenant")])
+        _, payload = split(data)
+        leading_zero = [
+            r
+            for r in recipients(payload)
+            if b64url_decode(r["header"]["epk"]["x"], what="t")[0] == 0
+        ]
+        if leading_zero:
+            break
+    else:
+        pytest.fail("no ephemeral key with a leading zero byte in 2000 KPs")
+    epk = leading_zero[0]["header"]["epk"]
+    epk["x"] = b64url_encode(b64url_decode(epk["x"], what="test")[1:])
+    kp = load_key_protector(sign_payload(payload, ring["owner"]), expected_owner=ctx.owner_id)
+    holder = next(
+        n for n in ("owner", "kps1", "cotenant")
+        if ctx.guardian(n).encryption_kid == leading_zero[0]["header"]["kid"]
+    )  # fmt: skip
+    assert kp.unwrap(ring[holder]) == key

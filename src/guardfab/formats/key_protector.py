@@ -364,7 +364,7 @@ def rekey(
     signer = kp.guardian(signer_keys.guardian.id)
     if signer.kind is not GuardianKind.KPS:
         raise NotAuthorizedError(f"{_WHAT}: only a KPS guardian of the KP may re-key it")
-    if jose.thumbprint(signer_keys.signing_key) != signer.id:
+    if _signing_key_id(signer_keys) != signer.id:
         raise NotAuthorizedError(f"{_WHAT}: the signing key is not guardian {signer.id}'s")
     old, new = kp.unwrap(signer_keys), TransportKey.generate()
     members = _members(kp)
@@ -375,6 +375,13 @@ def rekey(
         kp.kp_id, kp.generation + 1, kp.owner, members, kp.guardian_set, version=kp.version
     )
     return _mint(draft, signer_keys, new, reload=False), old, new
+
+
+def _signing_key_id(keys: GuardianKeyPair) -> str:
+    """The id of the key that will sign: a KPS's, computed once per key ring."""
+    if isinstance(keys, KpsKeys):
+        return keys.signing_key_id
+    return jose.thumbprint(keys.signing_key)
 
 
 def egress_key_generation(kp: KeyProtector, signer_keys: GuardianKeyPair) -> int:

@@ -37,6 +37,7 @@ nothing); removing it like any other signer records that it is distrusted.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -107,16 +108,21 @@ class KpsConfig:
     #: The primary's current key generation: egress KPs are wrapped to it.
     primary_generation: int = 0
 
-    def release_keys(self) -> list[KpsKeys]:
+    def release_keys(self) -> tuple[KpsKeys, ...]:
         """The ring as a release uses it: the primary at its current generation first.
 
         Other guardians re-key at their oldest generation, so ``rekey`` never
         moves a KP there (it only moves forward): only the primary rotates KPs.
+        Built once per configuration (a new configuration is a new KpsConfig), so
+        what the keys compute once (the signing key's id) is not redone per release.
         """
+        return self._release_keys
+
+    @functools.cached_property
+    def _release_keys(self) -> tuple[KpsKeys, ...]:
         first, *others = self.ring
-        return [first.kps_keys(self.primary_generation)] + [
-            k.kps_keys(k.generations[0].guardian.key_generation) for k in others
-        ]
+        oldest = [k.kps_keys(k.generations[0].guardian.key_generation) for k in others]
+        return (first.kps_keys(self.primary_generation), *oldest)
 
 
 @dataclass(frozen=True)

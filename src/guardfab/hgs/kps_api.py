@@ -24,6 +24,7 @@ attestation signers, the deny-before date, KPS keys and the rotation report.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, Request
@@ -59,6 +60,8 @@ RELEASE_STATUS: tuple[tuple[type[KeyReleaseError], int], ...] = (
     (ShieldingDataRejectedError, 422),
 )
 _MAX_KP_TEXT = 400 * 1024
+#: JSONResponse's encoder but for ``ensure_ascii`` (see release_body).
+_ASCII_JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 #: base64url of the largest shielding data file.
 _MAX_PDK_TEXT = (MAX_SHIELDING_DATA_BYTES * 4) // 3 + 4
 
@@ -136,14 +139,25 @@ def kps_of(request: Request) -> KpsService:
     return kps_of_app(request.app)
 
 
-def release_answer(kps: KpsService, body: ReleaseRequest) -> JSONResponse:
+def release_answer(kps: KpsService, body: ReleaseRequest) -> Response:
     """The answer of ``POST /keyprotection/v1/release``.
 
-    A JSONResponse, not a dict: FastAPI would validate and re-encode the dict
-    (jsonable_encoder) on every release; ReleaseResponse documents the body.
+    Encoded here, not by FastAPI (which would validate and re-encode a dict
+    with jsonable_encoder on every release); ReleaseResponse documents the body.
     """
     result = kps.release(body.health_certificate, body.key_protector)
-    return JSONResponse(result.to_response())
+    return Response(release_body(result.to_response()), media_type="application/json")
+
+
+def release_body(answer: dict[str, Any]) -> bytes:
+    """The bytes JSONResponse would send for ``answer``, at about half its CPU.
+
+    A granted release is ASCII throughout (base64url, ids, integers), and for
+    ASCII text the C encoder's ``ensure_ascii`` path writes the same bytes as
+    JSONResponse's ``ensure_ascii=False`` one, about twice as fast on the ~10 KB
+    of base64url an answer carries (tests/test_kps_release_path.py holds them equal).
+    """
+    return _ASCII_JSON.encode(answer).encode("ascii")
 
 
 def release_status(exc: KeyReleaseError) -> int:
@@ -185,7 +199,7 @@ def _host_routes(app: FastAPI) -> None:
     # On the event loop, like attest: the thread-pool hop cost ~0.27 ms of ~2 ms per
     # release (measured in process); the store transaction is sub-millisecond.
     # Well-formed requests are answered by LeanRoutes (guardfab.hgs.lean_routes).
-    async def release(request: Request, body: ReleaseRequest) -> JSONResponse:
+    async def release(request: Request, body: ReleaseRequest) -> Response:
         """Release a VM's keys to a host with a valid health certificate; re-key its KP."""
         return release_answer(kps_of(request), body)
 
