@@ -69,6 +69,7 @@ from guardfab.store.errors import (
     WatchCompactedError,
 )
 from guardfab.store.watch import ChangeSignal, PollingWatch
+from guardfab.store.write_gate import WriteGate
 
 #: The schema this code writes. Older files are migrated; newer ones refused.
 SCHEMA_VERSION = 1
@@ -168,6 +169,7 @@ class SqliteStore:
         self._checkpoint_interval = checkpoint_interval
         self._signal = ChangeSignal()
         _prepare_file(self.path)
+        self._gate = WriteGate(self.path.with_name(self.path.name + "-gate"), busy_timeout)
         self._pool = _ConnectionPool(self._connect)
         self._run("open", _init_schema)
         self._checkpointer: _Checkpointer | None = None
@@ -203,7 +205,8 @@ class SqliteStore:
         def transaction(conn: sqlite3.Connection) -> _T:
             return _in_transaction(conn, "BEGIN IMMEDIATE", lambda: body(conn, self._clock()))
 
-        result = self._run("write", transaction)
+        with self._gate.turn():
+            result = self._run("write", transaction)
         self._signal.bump()
         return result
 
@@ -372,6 +375,7 @@ class SqliteStore:
         if self._checkpointer is not None:
             self._checkpointer.stop()
         self._pool.close()
+        self._gate.close()
         self._signal.bump()
 
 
