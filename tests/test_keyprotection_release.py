@@ -154,6 +154,19 @@ def test_release_rekeys_and_only_the_certificate_host_can_unwrap(world: World) -
     assert "egress_kp=" not in repr(result)
 
 
+def test_each_release_is_encrypted_to_its_own_certificate_host_key(world: World) -> None:
+    """Host keys are kept with their ids between releases: alternating hosts, and a
+    second certificate for one host, each get exactly their certificate's key."""
+    for host, other in ((world.host_a, world.host_b), (world.host_b, world.host_a)) * 2:
+        result = world.release(world.cert(host), world.kp())
+        payload = json.loads(b64url_decode(result.release_token.split(".")[1], what="t"))
+        [recipient] = payload["keys"]["recipients"]
+        assert recipient["header"]["kid"] == jose.thumbprint(host)
+        assert unwrap_release(result.to_response(), host).egress_generation == 1
+        with pytest.raises(VerificationError, match="no wrapping for key"):
+            unwrap_release(result.to_response(), other)
+
+
 def test_rsa_host_key_gets_rsa_oaep(world: World) -> None:
     host = RSAKey.generate_key(2048)
     result = release(

@@ -35,6 +35,7 @@ egress KP (anyone can encrypt to a public key; only the KPS can sign).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -340,7 +341,7 @@ def _sign_release(
     egress: bytes,
     transport_keys: tuple[TransportKey, TransportKey],
 ) -> str:
-    host_key = jose.import_known_public_jwk(cert.host_key, what="health certificate cnf key")
+    host_kid, host_key = _host_recipient(cert.host_key)
     binding: dict[str, Any] = {
         "kp_id": kp.kp_id,
         "generation": kp.generation,
@@ -351,7 +352,7 @@ def _sign_release(
     current, new = transport_keys
     wrapped = jose.encrypt_to_recipients(
         current.reveal() + new.reveal(),
-        [(jose.thumbprint(host_key), host_key)],
+        [(host_kid, host_key)],
         aad=keys_aad(**binding),
     )
     payload = {
@@ -363,3 +364,23 @@ def _sign_release(
         "keys": wrapped,
     }
     return jose.sign_compact(canonical_json(payload), keys.signing_key, typ=RELEASE_JWS_TYPE)
+
+
+def _host_recipient(jwk: dict[str, Any]) -> tuple[str, jose.AsymmetricKey]:
+    """The host key a release is encrypted to, and its id (RFC 7638 thumbprint).
+
+    A host presents the same key in every release until it attests anew: its
+    import and thumbprint are kept by the JWK's exact members, like
+    :func:`guardfab.formats.jose.import_known_public_jwk` keeps the key alone.
+    """
+    if all(isinstance(v, str) for v in jwk.values()):
+        return _known_host_recipient(tuple(sorted(jwk.items())))
+    key = jose.import_public_jwk(jwk, what="health certificate cnf key")  # refuses it: not strings
+    return jose.thumbprint(key), key
+
+
+@functools.lru_cache(maxsize=jose.KNOWN_KEYS_CACHE_SIZE)
+def _known_host_recipient(members: tuple[tuple[str, str], ...]) -> tuple[str, jose.AsymmetricKey]:
+    """(thumbprint, key) of a host key; only keys that import are kept (errors propagate)."""
+    key = jose.import_known_public_jwk(dict(members), what="health certificate cnf key")
+    return jose.thumbprint(key), key
