@@ -274,19 +274,50 @@ def test_stored_baselines_are_loaded_strictly() -> None:
             TpmBaseline.from_dict(bad)
 
 
-def test_summary_round_trips_without_raw_event_data() -> None:
+def test_summary_round_trips_through_its_stored_log() -> None:
     summary = summary_of(Boot())
     stored = summary.to_dict()
+    assert set(stored) == {"host_id", "verified_at", "pcrs", "facts", "uintn_size", "event_log"}
     loaded = HostSummary.from_dict(stored)
     assert loaded.to_dict() == stored
+    assert loaded == summary
     assert loaded.pcrs == summary.pcrs
-    assert [e.digest for e in loaded.events] == [e.digest for e in summary.events]
-    assert all(e.data == b"" and e.text for e in loaded.events)
+    assert loaded.events == summary.events
+    assert {e.pcr for e in loaded.events} == set(summary.pcrs)
     assert loaded.events_in(9)[1].describe() == summary.events_in(9)[1].describe()
     with pytest.raises(FormatError):
         HostSummary.from_dict({**stored, "verified_at": "2026-06-01T12:00:00"})
     with pytest.raises(FormatError):
         HostSummary.from_dict(replace_key(stored, "facts", {"secure_boot": {"value": True}}))
+
+
+def test_summary_stored_as_records_still_loads_and_round_trips() -> None:
+    """Records written before the log was stored: one record per event, no raw data."""
+    summary = summary_of(Boot())
+    records = tuple(e._replace(text=e.describe(), data=b"") for e in summary.events)
+    stored = summary.replace(events=records).to_dict()
+    assert "event_log" not in stored
+    assert len(stored["events"]) == len(summary.events)
+    loaded = HostSummary.from_dict(stored)
+    assert loaded.to_dict() == stored
+    assert [e.digest for e in loaded.events] == [e.digest for e in summary.events]
+    assert all(e.data == b"" and e.text for e in loaded.events)
+    assert loaded.events_in(9)[1].describe() == summary.events_in(9)[1].describe()
+
+
+def test_a_stored_log_that_does_not_replay_to_the_stored_pcrs_is_refused() -> None:
+    """An edited record: another boot's log under these PCRs, a cut log, both forms at once."""
+    stored = summary_of(Boot()).to_dict()
+    other = summary_of(Boot(shim=b"shimx64.efi 15.9")).to_dict()
+    swapped = {**stored, "event_log": other["event_log"]}
+    with pytest.raises(FormatError, match="does not replay to PCR"):
+        HostSummary.from_dict(swapped)
+    with pytest.raises(FormatError, match="event log is unusable"):
+        HostSummary.from_dict({**stored, "event_log": stored["event_log"][:-40]})
+    with pytest.raises(FormatError, match="unknown field"):
+        HostSummary.from_dict({**stored, "events": []})
+    with pytest.raises(FormatError):
+        HostSummary.from_dict({**stored, "event_log": "not base64url!"})
 
 
 def replace_key(obj: dict[str, Any], key: str, value: Any) -> dict[str, Any]:

@@ -26,7 +26,6 @@ import datetime
 import functools
 import hmac
 from collections.abc import Iterable, Mapping
-from typing import NamedTuple
 
 from cryptography import x509
 
@@ -46,14 +45,7 @@ from guardfab.attestation.result import (
     CheckFailure,
     Refusal,
 )
-from guardfab.attestation.summary import (
-    EventRecord,
-    FactRecord,
-    HostSummary,
-    events_by_pcr,
-    fact_record,
-    quoted_events,
-)
+from guardfab.attestation.summary import FactRecord, HostSummary, QuotedLog, fact_record
 from guardfab.attestation.trust import AttestationMode, TrustState, ek_digest
 from guardfab.errors import FormatError, GuardfabError, VerificationError
 from guardfab.formats.guardian import VerifiedCache
@@ -273,14 +265,15 @@ class _ParsedLog:
     match, what policies read) is still checked on every attestation.
     """
 
-    __slots__ = ("_facts", "_quoted", "initial", "log", "replayed")
+    __slots__ = ("_facts", "_quoted", "data", "initial", "log", "replayed")
 
-    def __init__(self, log: EventLog) -> None:
+    def __init__(self, data: bytes, log: EventLog) -> None:
+        self.data = data
         self.log = log
         self.replayed: Mapping[int, bytes] = log.replay([_SHA256])[_SHA256]
         self.initial = log.initial_pcrs(_SHA256)
         self._facts: dict[str, FactRecord] | None = None
-        self._quoted: dict[frozenset[int], _QuotedEvents] = {}
+        self._quoted: dict[frozenset[int], QuotedLog] = {}
 
     def facts(self) -> dict[str, FactRecord]:
         """The log's SHA-256 facts as records (a fresh dict: callers add their own)."""
@@ -289,21 +282,15 @@ class _ParsedLog:
             self._facts = dict(zip(facts._fields, map(fact_record, facts), strict=True))
         return dict(self._facts)
 
-    def quoted(self, pcrs: Iterable[int]) -> _QuotedEvents:
-        """The events of the quoted PCRs, and the same grouped by PCR (immutable, shared)."""
+    def quoted(self, pcrs: Iterable[int]) -> QuotedLog:
+        """The log with the quoted PCRs: the summary's events, made when read (shared)."""
         key = frozenset(pcrs)
         found = self._quoted.get(key)
         if found is None:
-            events = quoted_events(self.log, key)
-            found = _QuotedEvents(events, events_by_pcr(events))
+            found = QuotedLog(self.data, self.log, key)
             if len(self._quoted) < _SELECTIONS_PER_LOG:
                 self._quoted[key] = found
         return found
-
-
-class _QuotedEvents(NamedTuple):
-    events: tuple[EventRecord, ...]
-    by_pcr: Mapping[int, tuple[EventRecord, ...]]
 
 
 _PARSED: VerifiedCache[bytes, _ParsedLog] = VerifiedCache(LOG_CACHE_SIZE)
@@ -331,7 +318,7 @@ def _parsed_log(evidence: TpmEvidence) -> _ParsedLog:
             raise Refusal.of("event-log-format", _INVALID, exc) from exc
         if _SHA256 not in log.replayable_banks:
             raise Refusal.of("event-log-format", _INVALID, "the event log has no SHA-256 bank")
-        parsed = _ParsedLog(log)
+        parsed = _ParsedLog(data, log)
         if cacheable:
             _PARSED.put(data, parsed)
     return parsed
@@ -372,7 +359,7 @@ def _summarize(
     """The verified record: quoted PCRs, their events, and the facts policies read."""
     log = parsed.log
     pcrs = quote.pcrs[_SHA256]
-    events, by_pcr = parsed.quoted(pcrs)
+    events = parsed.quoted(pcrs)
     facts = parsed.facts()
     clock = quote.attest.clock_info
     facts["resumed"] = FactRecord(
@@ -385,7 +372,7 @@ def _summarize(
         clock.reset_count, (), "resetCount in the verified quote (TPM resets, not OS boots)"
     )
     ci_pcr = trust.ci_policy_pcr
-    ci_events = by_pcr.get(ci_pcr, ())
+    ci_events = events.events_in(ci_pcr)
     facts["ci_policy"] = (
         FactRecord(
             [e.digest.hex() for e in ci_events],
@@ -396,7 +383,7 @@ def _summarize(
         if ci_pcr in pcrs
         else FactRecord(None, (), f"the quote does not cover PCR {ci_pcr}")
     )
-    return HostSummary(host_id, now, pcrs, events, facts, log.uintn_size, by_pcr)
+    return HostSummary(host_id, now, pcrs, events, facts, uintn_size=log.uintn_size)
 
 
 def verify_tpm_evidence(

@@ -5,54 +5,58 @@ hosts (:mod:`guardfab.hgs.admin_reports`, :mod:`guardfab.hgs.admin_baselines`),
 which decode it as JSON: ``{"result": {...}, "summary": {...} | null}`` with the
 summary in :meth:`HostSummary.to_dict` form.
 
-Plain JSON, not RFC 8785: the record is neither signed nor hashed. Most of a TPM
-host's record is its summary's list of events (100 events: ~20 KB), which is the
-same on every attestation until the host reboots; the verifier keeps one events
-tuple per distinct boot log, so its JSON is kept here per tuple and spliced in.
-The rest (times, PCRs, facts from this quote, the verdicts) is encoded afresh
-every time.
+Plain JSON, not RFC 8785: the record is neither signed nor hashed. The bulk of
+a TPM host's record is its summary's events: the verified boot log itself
+(base64url, ~16 K characters for 100 events; their records and descriptions
+are made when someone reads them, docs/adr/0018), the same for every
+attestation until the host reboots. The verifier shares one events source per
+distinct log and quote selection, so its JSON is kept here per source and
+spliced in. The rest (times, PCRs, facts from this quote, the verdicts) is
+encoded afresh every time.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 from collections import OrderedDict
 from typing import Any
 
 from guardfab.attestation.result import AttestationResult
-from guardfab.attestation.summary import EventRecord, HostSummary
+from guardfab.attestation.summary import HostSummary
 
-#: Event lists whose JSON is kept: about one per distinct boot of the fleet.
+#: Events members whose JSON is kept: about one per distinct boot of the fleet.
 EVENTS_CACHE_SIZE = 256
 #: How a JSON object whose last member is null ends: where a cached member goes.
 _NULL_TAIL = "null}"
 
 
 class _EventsJson:
-    """JSON of event tuples, by the tuple's identity (the verifier shares one per log).
+    """JSON of a summary's events member, by the identity of what it is made from.
 
-    Keyed by ``id()`` and holding the tuple itself, so an id is never reused for
-    another tuple while its entry exists; a hit also checks identity.
+    Keyed by ``id()`` of the summary's events source (the verifier's shared
+    :class:`~guardfab.attestation.summary.QuotedLog`, or a records tuple) and
+    holding the source itself, so an id is never reused for another source
+    while its entry exists; a hit also checks identity.
     """
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._items: OrderedDict[tuple[int, int], tuple[tuple[EventRecord, ...], str]]
-        self._items = OrderedDict()
+        self._items: OrderedDict[tuple[int, int], tuple[object, str]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, events: tuple[EventRecord, ...], uintn_size: int) -> str:
-        key = (id(events), uintn_size)
+    def get(self, summary: HostSummary) -> str:
+        source = summary.events_identity
+        key = (id(source), summary.uintn_size)
         with self._lock:
             found = self._items.get(key)
-            if found is not None and found[0] is events:
+            if found is not None and found[0] is source:
                 self._items.move_to_end(key)
                 return found[1]
-        text = _dumps([event.to_dict(uintn_size) for event in events])
+        member = _dumps(summary.events_dict())
+        text = member[1:-1]  # '"event_log":"..."' or '"events":[...]', without the braces
         with self._lock:
-            self._items[key] = (events, text)
+            self._items[key] = (source, text)
             self._items.move_to_end(key)
             while len(self._items) > self._size:
                 self._items.popitem(last=False)
@@ -71,11 +75,9 @@ def encode_last_record(result: AttestationResult) -> bytes:
 
 
 def _summary_json(summary: HostSummary) -> str:
-    """``summary.to_dict()`` as JSON, its events from the cache (moved to the end)."""
-    fields = dataclasses.replace(summary, events=(), by_pcr={}).to_dict()
-    del fields["events"]
-    fields["events"] = None
-    return _spliced(_with_last_member(fields), _EVENTS.get(summary.events, summary.uintn_size))
+    """``summary.to_dict()`` as JSON, its events member from the cache (placed last)."""
+    head = _dumps(summary.head_dict())
+    return head[:-1] + "," + _EVENTS.get(summary) + "}"
 
 
 def _with_last_member(value: dict[str, Any]) -> str:
