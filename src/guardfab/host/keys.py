@@ -56,6 +56,7 @@ class FileSigner:
         self._key = key
         self._public = jose.import_public_jwk(jose.public_jwk(key), what=description)
         self._alg = jose.signing_alg_for(key)
+        self._key_id = jose.thumbprint(self._public)  # asked at every attestation
         self._description = description
 
     @classmethod
@@ -86,7 +87,7 @@ class FileSigner:
     @property
     def key_id(self) -> str:
         """The RFC 7638 thumbprint."""
-        return jose.thumbprint(self._public)
+        return self._key_id
 
     @property
     def description(self) -> str:
