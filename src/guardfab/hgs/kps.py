@@ -24,11 +24,11 @@ writes its audit record and nothing else, granted or refused: it consumes no
 generation and changes no state (ADR 0010).
 
 Each release is ONE store transaction: it compares ``kps/generations/<kp_id>/<owner>``
-with the revision the check read, writes the new generation and the ``seen``
-record, and appends the audit record. Two concurrent releases of the same
-generation cannot both mint an egress KP: the second loses the compare and is
-refused as a replay. A refused release appends its audit record and writes
-nothing else.
+with the revision the check read (and ``kps/version`` and ``trust/version`` with
+those it was decided under, see :mod:`guardfab.hgs.kps_config`), writes the new
+generation and the ``seen`` record, and appends the audit record. Two concurrent
+releases of one generation cannot both mint an egress KP: the second loses the
+compare and is refused as a replay. A refusal appends its audit record only.
 
 The HGS's own attestation signer is trusted by default without a record (a
 fresh HGS releases to the hosts it attests, and starting a service writes
@@ -37,10 +37,9 @@ nothing); removing it like any other signer records that it is distrusted.
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,10 +47,13 @@ from guardfab.errors import GuardfabError, TransportError, UsageError
 from guardfab.formats import jose
 from guardfab.formats.encoding import b64url_decode
 from guardfab.formats.guardian import KeyAlgorithm
-from guardfab.formats.key_protector import MAX_KP_BYTES, KpsKeys
+from guardfab.formats.key_protector import MAX_KP_BYTES
 from guardfab.formats.shielding_data import MAX_SHIELDING_DATA_BYTES
+from guardfab.hgs.kps_config import STATE_RETRIES, KpsConfig, ReleaseState, StateMovedError
 from guardfab.hgs.kps_keys import KpsKey, KpsKeyDirectory, key_ring, kps_guardian_name
-from guardfab.hgs.registry import Registry, decode, encode
+from guardfab.hgs.kps_report import rotation_report
+from guardfab.hgs.registry import VERSION_KEY as TRUST_VERSION_KEY
+from guardfab.hgs.registry import Registry, decode, encode, version_condition
 from guardfab.hgs.service import HgsService
 from guardfab.keyprotection import (
     KeyProtectorRejectedError,
@@ -99,33 +101,6 @@ class KpsNotFoundError(UsageError):
 
 
 @dataclass(frozen=True)
-class KpsConfig:
-    """What a release checks against, assembled from the store and the key files."""
-
-    signers: dict[str, jose.AsymmetricKey]
-    deny_before: float | None
-    ring: tuple[KpsKey, ...]
-    #: The primary's current key generation: egress KPs are wrapped to it.
-    primary_generation: int = 0
-
-    def release_keys(self) -> tuple[KpsKeys, ...]:
-        """The ring as a release uses it: the primary at its current generation first.
-
-        Other guardians re-key at their oldest generation, so ``rekey`` never
-        moves a KP there (it only moves forward): only the primary rotates KPs.
-        Built once per configuration (a new configuration is a new KpsConfig), so
-        what the keys compute once (the signing key's id) is not redone per release.
-        """
-        return self._release_keys
-
-    @functools.cached_property
-    def _release_keys(self) -> tuple[KpsKeys, ...]:
-        first, *others = self.ring
-        oldest = [k.kps_keys(k.generations[0].guardian.key_generation) for k in others]
-        return (first.kps_keys(self.primary_generation), *oldest)
-
-
-@dataclass(frozen=True)
 class _Change:
     """One audited configuration change: what the audit record says and what is written."""
 
@@ -170,15 +145,18 @@ class KpsService:
 
     def config(self) -> KpsConfig:
         """The current configuration, reloaded only when ``kps/version`` moved."""
+        return self._current_config()[1]
+
+    def _current_config(self) -> tuple[int, KpsConfig]:
+        """The current configuration and its ``kps/version`` (one store read)."""
         entry = self.store.get(VERSION_KEY)
         version = 0 if entry is None else entry.revision
         cached = self._cached
         if cached is not None and cached[0] == version:
-            return cached[1]
+            return cached
         with self._lock:
-            config = self._load_config()
-            self._cached = (version, config)
-        return config
+            self._cached = (version, self._load_config())
+            return self._cached
 
     def _load_config(self) -> KpsConfig:
         signers: dict[str, jose.AsymmetricKey] = {}
@@ -213,10 +191,82 @@ class KpsService:
     def release(self, health_certificate: str, key_protector: str) -> ReleaseResult:
         """Decide one release and record it (see the module docstring).
 
+        Decided under the configuration and trust last loaded, without reading
+        their versions first: the commit compares both (``kps/version``,
+        ``trust/version``), so a grant is never recorded under a configuration or
+        trust that moved meanwhile (a signer removed, a host revoked): it is decided
+        again under the fresh ones. A refusal made under cached state is
+        re-decided the same way if either version moved.
+
         Raises:
             KeyReleaseError: refused (audited; nothing else changed).
             KpsUnavailableError: the KPS keys or configuration do not load (audited).
         """
+        try:
+            state = self._state(fresh=False)
+        except GuardfabError as exc:
+            self._audit_refusal(exc)
+            raise
+        for _ in range(STATE_RETRIES):
+            try:
+                result, read = self._decide(state, health_certificate, key_protector)
+            except GuardfabError as exc:
+                state = self._after_refusal(state, exc)
+                continue
+            try:
+                return self._commit(result, read, state)
+            except StateMovedError:
+                state = self._fresh_state()
+        error = KpsUnavailableError(
+            f"the KPS configuration or trusted state changed {STATE_RETRIES} times during"
+            " one release",
+            hint="retry; something is changing the HGS configuration in a loop",
+        )
+        self._audit_refusal(error)
+        raise error
+
+    def _after_refusal(self, state: ReleaseState, refusal: GuardfabError) -> ReleaseState:
+        """The fresh state to decide again under if ``state`` moved; else audit and raise."""
+        if state.cached and self._moved(state):
+            return self._fresh_state()
+        self._audit_refusal(refusal)
+        raise refusal
+
+    def _fresh_state(self) -> ReleaseState:
+        try:
+            return self._state(fresh=True)
+        except GuardfabError as exc:
+            self._audit_refusal(exc)
+            raise
+
+    def _state(self, *, fresh: bool) -> ReleaseState:
+        """The configuration and trust a release is decided under, with their versions.
+
+        Not fresh: as last loaded (no store read once both are loaded). Fresh:
+        both versions read now, and reloaded if they moved.
+        """
+        cached = None if fresh else self._cached
+        try:
+            version, config = cached if cached is not None else self._current_config()
+        except GuardfabError as exc:
+            raise KpsUnavailableError(f"the KPS configuration does not load: {exc}") from exc
+        if not config.ring:
+            raise KpsUnavailableError("this HGS has no KPS key")
+        trust_version, trust = (
+            self.registry.current_trust() if fresh else self.registry.cached_trust()
+        )
+        return ReleaseState(version, config, trust_version, trust, cached=not fresh)
+
+    def _moved(self, state: ReleaseState) -> bool:
+        """Whether the configuration or trust changed since ``state`` was loaded."""
+        entry = self.store.get(VERSION_KEY)
+        version = 0 if entry is None else entry.revision
+        return version != state.version or self.registry.current_trust()[0] != state.trust_version
+
+    def _decide(
+        self, state: ReleaseState, health_certificate: str, key_protector: str
+    ) -> tuple[ReleaseResult, Entry | None]:
+        """The pure release under ``state``; the counter entry its rollback check read."""
         reads: dict[str, Entry | None] = {}
 
         def highest(counter: str) -> int | None:
@@ -226,27 +276,26 @@ class KpsService:
                 entry = self.store.get(GENERATIONS + counter.partition("/")[0])
             return None if entry is None else int(decode(entry.value, what=counter)["generation"])
 
-        try:
-            config = self._release_config()
-            result = release(
-                health_certificate,
-                _decode_kp(key_protector),
-                kps_keys=config.release_keys(),
-                trusted_signers=config.signers,
-                now=self.clock(),
-                deny_before=config.deny_before,
-                revoked_hosts=self.registry.trust().revoked_hosts,
-                highest_generation_seen=highest,
-            )
-        except GuardfabError as exc:
-            self._audit_refusal(exc)
-            raise
-        return self._commit(result, reads[result.counter])
+        result = release(
+            health_certificate,
+            _decode_kp(key_protector),
+            kps_keys=state.config.release_keys(),
+            trusted_signers=state.config.signers,
+            now=self.clock(),
+            deny_before=state.config.deny_before,
+            revoked_hosts=state.trust.revoked_hosts,
+            highest_generation_seen=highest,
+        )
+        return result, reads[result.counter]
 
-    def _commit(self, result: ReleaseResult, read: Entry | None) -> ReleaseResult:
+    def _commit(
+        self, result: ReleaseResult, read: Entry | None, state: ReleaseState
+    ) -> ReleaseResult:
         now = int(self.clock())
         key = GENERATIONS + result.counter
         txn = Txn().compare(key, ABSENT if read is None else read.revision)
+        txn.compare(VERSION_KEY, version_condition(state.version))
+        txn.compare(TRUST_VERSION_KEY, version_condition(state.trust_version))
         txn.put(key, encode({"generation": result.egress_generation, "at": now}))
         seen = {
             "kps_key": result.kps_guardian,
@@ -267,6 +316,8 @@ class KpsService:
                 txn=txn,
             )
         except ConflictError as exc:
+            if exc.key in (VERSION_KEY, TRUST_VERSION_KEY):
+                raise StateMovedError from exc
             refusal = RollbackError(
                 f"key protector {result.kp_id} generation {result.generation} was released"
                 " by a concurrent request: this one is refused as a replay"
@@ -516,20 +567,7 @@ class KpsService:
         """
         config = self._release_config()
         primary = (config.ring[0].id, config.primary_generation)
-        rows = []
-        counts: dict[str, int] = {}
-        for kp_id, record in _seen_records(self.store.list(SEEN)):
-            where = (record["kps_key"], int(record.get("key_generation", 0)))
-            label = f"{where[0]}#{where[1]}"
-            counts[label] = counts.get(label, 0) + 1
-            if where != primary:
-                rows.append({"kp_id": kp_id, "key_generation": 0, **record})
-        return {
-            "primary": primary[0],
-            "key_generation": primary[1],
-            "kps_by_key": counts,
-            "on_old_keys": rows,
-        }
+        return rotation_report(self.store.list(SEEN), primary, prefix=SEEN)
 
 
 def _decode_kp(text: str) -> bytes:
@@ -552,16 +590,3 @@ def _decode_pdk(text: str) -> bytes:
 
 def _newest(ring: Sequence[KpsKey]) -> int:
     return ring[0].newest if ring else 0
-
-
-def _seen_records(entries: Iterable[Entry]) -> list[tuple[str, dict[str, Any]]]:
-    """(kp_id, record) of every ``seen`` entry; an old per-kp_id entry only while its
-    (kp_id, owner) has no entry of the current layout yet (it is superseded, not deleted)."""
-    current: list[tuple[str, dict[str, Any]]] = []
-    legacy: list[tuple[str, dict[str, Any]]] = []
-    for entry in entries:
-        record = decode(entry.value, what=entry.key)
-        kp_id, slash, _owner = entry.key.removeprefix(SEEN).partition("/")
-        (current if slash else legacy).append((kp_id, record))
-    known = {(kp_id, record.get("owner")) for kp_id, record in current}
-    return current + [(k, r) for k, r in legacy if (k, r.get("owner")) not in known]

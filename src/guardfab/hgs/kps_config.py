@@ -1,0 +1,64 @@
+"""What a KPS release is decided under: its configuration, the trust, and their versions.
+
+:class:`KpsConfig` is assembled by :class:`guardfab.hgs.kps.KpsService` from the
+store and the key files; a release is decided under it and the registry's
+trust as last loaded (:class:`ReleaseState`), and its commit compares both
+versions (``kps/version``, ``trust/version``), so nothing is granted under a
+configuration or trust that moved before the commit (:class:`StateMovedError`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from guardfab.attestation.trust import TrustState
+from guardfab.formats import jose
+from guardfab.formats.key_protector import KpsKeys
+from guardfab.hgs.kps_keys import KpsKey
+
+#: Decisions of one release when the configuration or trust keeps moving under it.
+STATE_RETRIES = 4
+
+
+@dataclass(frozen=True)
+class KpsConfig:
+    """What a release checks against, assembled from the store and the key files."""
+
+    signers: dict[str, jose.AsymmetricKey]
+    deny_before: float | None
+    ring: tuple[KpsKey, ...]
+    #: The primary's current key generation: egress KPs are wrapped to it.
+    primary_generation: int = 0
+
+    def release_keys(self) -> tuple[KpsKeys, ...]:
+        """The ring as a release uses it: the primary at its current generation first.
+
+        Other guardians re-key at their oldest generation, so ``rekey`` never
+        moves a KP there (it only moves forward): only the primary rotates KPs.
+        Built once per configuration (a new configuration is a new KpsConfig), so
+        what the keys compute once (the signing key's id) is not redone per release.
+        """
+        return self._release_keys
+
+    @functools.cached_property
+    def _release_keys(self) -> tuple[KpsKeys, ...]:
+        first, *others = self.ring
+        oldest = [k.kps_keys(k.generations[0].guardian.key_generation) for k in others]
+        return (first.kps_keys(self.primary_generation), *oldest)
+
+
+@dataclass(frozen=True)
+class ReleaseState:
+    """What a release is decided under: the configuration and trust, with their versions."""
+
+    version: int
+    config: KpsConfig
+    trust_version: int
+    trust: TrustState
+    #: As last loaded, versions not read for this release (then checked at commit).
+    cached: bool
+
+
+class StateMovedError(Exception):
+    """The configuration or trust a release was decided under moved before its commit."""
