@@ -163,7 +163,7 @@ def test_an_unexpected_error_is_a_bare_500(
     def broken(self: HgsService, *_args: object) -> None:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(HgsService, "attest", broken)
+    monkeypatch.setattr(HgsService, "attest_batched", broken)
     body = json.dumps({"nonce": "n", "evidence": {}}).encode()
     response = lean.post(ATTEST, content=body, headers=JSON)
     assert response.status_code == 500

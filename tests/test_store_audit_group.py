@@ -22,11 +22,13 @@ from guardfab.store import (
     Condition,
     ConflictError,
     MemoryStore,
+    SqliteStore,
     StoreError,
     StoreUsageError,
     Txn,
     verify,
 )
+from guardfab.store.audit import AppendRequest
 
 
 class GatedStore:
@@ -221,3 +223,36 @@ def test_oversized_or_invalid_caller_transactions_fail_alone() -> None:
             log.append(kind="admin", actor="a", subject="s", outcome="success", txn=txn)
     with pytest.raises(StoreUsageError):
         AuditLog(MemoryStore(), max_batch=0)
+
+
+def test_append_many_shares_one_transaction_and_keeps_separate_fates(tmp_path: Any) -> None:
+    store = SqliteStore(tmp_path / "store.db")
+    log = AuditLog(store)
+    before = store.current_revision()
+    requests = [
+        AppendRequest("attestation", "ok1", "ok1", "success", txn=Txn().put("hosts/ok1", b"1")),
+        AppendRequest(
+            "attestation",
+            "bad",
+            "bad",
+            "success",
+            txn=Txn().compare("hosts/bad", 99).put("hosts/bad", b"x"),
+        ),
+        AppendRequest("Not A Token", "x", "x", "success"),
+        AppendRequest("attestation", "ok2", "ok2", "failure", {"status": "Refused"}),
+    ]
+    results = log.append_many(requests)
+    ok1, bad, malformed, ok2 = results
+    assert isinstance(ok1, AuditRecord)
+    assert ok1.actor == "ok1"
+    assert isinstance(bad, ConflictError)
+    assert bad.key == "hosts/bad"
+    assert isinstance(malformed, StoreUsageError)
+    assert isinstance(ok2, AuditRecord)
+    assert ok2.details == {"status": "Refused"}
+    # Both good requests in one store transaction (the failed compare's retry
+    # without it is the only other commit): one revision for the two records.
+    assert store.current_revision() == before + 1
+    assert store.get("hosts/bad") is None
+    assert verify(store).records == 2
+    store.close()

@@ -37,7 +37,8 @@ def test_a_writer_waits_for_the_gate_and_times_out_without_writing(tmp_path: Pat
     assert "write lock" in str(info.value)
     assert "secret-value" not in str(info.value)
     entry = store.get("k")
-    assert entry is not None and entry.value == b"before"
+    assert entry is not None
+    assert entry.value == b"before"
     assert store.put("k", b"after") == 2  # the gate is free again
     store.close()
 
@@ -59,7 +60,8 @@ def test_a_waiting_writer_goes_once_the_holder_leaves(tmp_path: Path) -> None:
     writer.join(timeout=30)
     assert done.is_set()
     entry = store.get("k")
-    assert entry is not None and entry.value == b"w"
+    assert entry is not None
+    assert entry.value == b"w"
     store.close()
 
 

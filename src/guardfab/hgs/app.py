@@ -122,9 +122,9 @@ def challenge_answer(service: HgsService) -> JSONResponse:
     return JSONResponse({"nonce": nonce.token, "expires_at": nonce.expires_at})
 
 
-def attest_answer(service: HgsService, body: AttestRequest) -> JSONResponse:
+async def attest_answer(service: HgsService, body: AttestRequest) -> JSONResponse:
     """The answer of ``POST /attestation/v1/attest`` (403 when refused)."""
-    outcome = service.attest(body.nonce, body.evidence)
+    outcome = await service.attest_batched(body.nonce, body.evidence)
     refused = not outcome.result.passed and outcome.activation is None
     return JSONResponse(outcome.to_dict(), status_code=403 if refused else 200)
 
@@ -184,7 +184,8 @@ def _host_routes(app: FastAPI) -> None:
     @app.post("/attestation/v1/attest", tags=["attestation"])
     # On the event loop: the hop to the thread pool cost about 200 us per request
     # (measured in process), a third of a host-key attestation. Store lock waits
-    # are short (group commit, sub-millisecond transactions); should they grow,
+    # are short (the store's write gate, sub-millisecond transactions), and the
+    # commits of one loop turn are shared (hgs.audit_batch); should waits grow,
     # run more workers rather than threads.
     async def attest(request: Request, body: AttestRequest) -> JSONResponse:
         """Verify evidence; answer a health certificate, an activation challenge or a refusal.
@@ -192,7 +193,7 @@ def _host_routes(app: FastAPI) -> None:
         200 with ``health_certificate`` when the host passed; 200 with ``activation``
         when its AK must first be bound to its EK; 403 with every verdict otherwise.
         """
-        return attest_answer(service_of(request), body)
+        return await attest_answer(service_of(request), body)
 
     @app.post("/attestation/v1/activate", tags=["attestation"])
     # Rare (first contact only), so it may wait in the thread pool.

@@ -34,9 +34,10 @@ from guardfab.formats import jose
 from guardfab.formats.encoding import b64url_decode
 from guardfab.formats.health_certificate import HealthCertificate, issue_health_certificate
 from guardfab.hgs import registry as reg
+from guardfab.hgs.audit_batch import LoopBatcher
 from guardfab.hgs.last_record import encode_last_record
 from guardfab.hgs.nonce import Nonce, NonceError
-from guardfab.store.audit import AuditLog
+from guardfab.store.audit import AppendRequest, AuditLog
 from guardfab.store.base import ABSENT, Txn
 from guardfab.store.errors import ConflictError, StoreError
 
@@ -51,10 +52,6 @@ _VERIFIERS: dict[type, _Verifier] = {
     HostKeyEvidence: verify_host_key_evidence,
     AdminGroupEvidence: verify_admin_group_evidence,
 }
-
-
-class _TrustMovedError(Exception):
-    """Trusted state changed between loading it and committing a decision made under it."""
 
 
 class ActivationFailedError(VerificationError):
@@ -104,19 +101,40 @@ class Attestor:
         """
         version, trust = self.registry.cached_trust()
         for _ in range(TRUST_RETRIES):
+            decision = self._decide(nonce, evidence, version, trust)
             try:
-                return self._attest_under(nonce, evidence, version, trust)
-            except _TrustMovedError:
+                _append(self.audit, decision.record)
+            except ConflictError as exc:
+                _raise_unless_trust_moved(exc)
                 version, trust = self.registry.current_trust()
-        raise StoreError(
-            f"attestation: trusted state changed {TRUST_RETRIES} times during one attestation",
-            hint="retry; trust is being changed in a loop",
-        )
+                continue
+            return decision.outcome
+        raise _trust_kept_moving()
 
-    def _attest_under(
-        self, nonce: Nonce, evidence: Evidence, version: int, trust: TrustState
+    async def attest_batched(
+        self, nonce: Nonce, evidence: Evidence, batcher: LoopBatcher
     ) -> AttestOutcome:
-        """One attempt under ``trust`` at ``version``; raises _TrustMovedError if it moved."""
+        """:meth:`attest` with the commit queued on ``batcher`` (the event loop's path).
+
+        The same decision and the same commit, shared with the other requests of
+        this loop turn; the same retry when trust moved.
+        """
+        version, trust = self.registry.cached_trust()
+        for _ in range(TRUST_RETRIES):
+            decision = self._decide(nonce, evidence, version, trust)
+            try:
+                await batcher.append(decision.record)
+            except ConflictError as exc:
+                _raise_unless_trust_moved(exc)
+                version, trust = self.registry.current_trust()
+                continue
+            return decision.outcome
+        raise _trust_kept_moving()
+
+    def _decide(
+        self, nonce: Nonce, evidence: Evidence, version: int, trust: TrustState
+    ) -> _Decision:
+        """Judge ``evidence`` under ``trust``; the answer and what must commit for it."""
         now = self.clock()
         when = datetime.datetime.fromtimestamp(now, datetime.UTC)
         verify = _VERIFIERS[type(evidence)]
@@ -127,20 +145,16 @@ class Attestor:
         outcome = self._outcome(result, int(now), txn)
         if result.host_id is not None:
             txn.put(reg.LAST + result.host_id, encode_last_record(result))
-        try:
-            self.audit.append(
-                kind="attestation",
-                actor=result.host_id or "unidentified-host",
-                subject=result.host_id or "unidentified-host",
-                outcome="success" if result.passed else "failure",
-                details=_audit_details(result, outcome),
-                txn=txn,
-            )
-        except ConflictError as exc:
-            if exc.key == reg.VERSION_KEY:
-                raise _TrustMovedError from exc
-            raise NonceError("nonce: already used (replayed request)") from exc
-        return outcome
+        host = result.host_id or "unidentified-host"
+        record = AppendRequest(
+            kind="attestation",
+            actor=host,
+            subject=host,
+            outcome="success" if result.passed else "failure",
+            details=_audit_details(result, outcome),
+            txn=txn,
+        )
+        return _Decision(outcome, record)
 
     def _outcome(self, result: AttestationResult, now: int, txn: Txn) -> AttestOutcome:
         if result.passed and result.host_id is not None and result.host_key is not None:
@@ -194,6 +208,34 @@ class Attestor:
         except ConflictError as exc:
             raise ActivationFailedError("activation: already used") from exc
         return binding
+
+
+@dataclass(frozen=True)
+class _Decision:
+    """An attestation's answer and the audit record (with its state change) it stands on."""
+
+    outcome: AttestOutcome
+    record: AppendRequest
+
+
+def _append(audit: AuditLog, record: AppendRequest) -> None:
+    """Append one record now (raising its error), as the batched path does for many."""
+    (result,) = audit.append_many([record])
+    if isinstance(result, Exception):
+        raise result
+
+
+def _raise_unless_trust_moved(exc: ConflictError) -> None:
+    """A lost compare on trust/version means retry; any other is the nonce's reuse."""
+    if exc.key != reg.VERSION_KEY:
+        raise NonceError("nonce: already used (replayed request)") from exc
+
+
+def _trust_kept_moving() -> StoreError:
+    return StoreError(
+        f"attestation: trusted state changed {TRUST_RETRIES} times during one attestation",
+        hint="retry; trust is being changed in a loop",
+    )
 
 
 def _safe_id(value: str) -> str:

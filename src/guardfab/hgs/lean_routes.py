@@ -33,8 +33,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-#: What a lean route runs: the validated body (None for a route without one) -> answer.
-Handler = Callable[[Any], Response]
+#: What a lean route runs: the validated body (None for a route without one) -> answer
+#: (or an awaitable of it, for a route whose commit is shared with the loop turn's others).
+Handler = Callable[[Any], Response | Awaitable[Response]]
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,16 @@ class _Unparsed:
 async def _lean_answer(route: LeanRoute, scope: Scope, receive: Receive) -> Response | _Unparsed:
     """The route's answer, or what was read of a request the lean path does not take."""
     if route.model is None:  # a route without a body leaves it unread, as FastAPI does
-        return route.handle(None)
+        return await _answered(route.handle(None))
     body, complete = await _read_body(receive)
     parsed = _parsed(route.model, scope, body) if complete else None
     if parsed is None:
         return _Unparsed(body, complete)
-    return route.handle(parsed)
+    return await _answered(route.handle(parsed))
+
+
+async def _answered(answer: Response | Awaitable[Response]) -> Response:
+    return answer if isinstance(answer, Response) else await answer
 
 
 def _parsed(model: type[BaseModel], scope: Scope, body: bytes) -> BaseModel | None:

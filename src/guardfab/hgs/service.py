@@ -15,6 +15,7 @@ from guardfab.attestation.evidence import evidence_from_dict
 from guardfab.attestation.trust import AkBinding
 from guardfab.formats import jose
 from guardfab.hgs.attest import Attestor, AttestOutcome
+from guardfab.hgs.audit_batch import LoopBatcher
 from guardfab.hgs.nonce import Nonce, check_nonce, issue_nonce
 from guardfab.hgs.registry import Registry
 from guardfab.hgs.state import AccessTable, HgsState
@@ -32,6 +33,7 @@ class HgsService:
         self.store = store
         self.clock = clock
         self.audit = AuditLog(store, clock=clock)
+        self.audit_batcher = LoopBatcher(self.audit)
         self.access: AccessTable = state.access()
         self._nonce_key = state.nonce_key()
         self._signing_key = state.attestation_signing_key()
@@ -59,6 +61,13 @@ class HgsService:
         """Check the challenge, load the evidence strictly, and attest."""
         nonce = check_nonce(self._nonce_key, nonce_token, now=self.clock())
         return self.attestor.attest(nonce, evidence_from_dict(evidence))
+
+    async def attest_batched(self, nonce_token: str, evidence: Any) -> AttestOutcome:
+        """:meth:`attest` on the event loop, its commit shared with the loop turn's others."""
+        nonce = check_nonce(self._nonce_key, nonce_token, now=self.clock())
+        return await self.attestor.attest_batched(
+            nonce, evidence_from_dict(evidence), self.audit_batcher
+        )
 
     def activate(self, activation_id: str, secret: str) -> AkBinding:
         """Accept a host's ActivateCredential answer (binds its AK to its EK)."""

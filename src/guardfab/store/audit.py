@@ -31,7 +31,8 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 from guardfab.errors import FormatError
 from guardfab.formats import jose
@@ -70,6 +71,22 @@ DEFAULT_MAX_BATCH = 32
 #: Entries read per store call while walking the log.
 PAGE_SIZE = 512
 _SEQ_DIGITS = 20
+
+
+@dataclass(frozen=True)
+class AppendRequest:
+    """One record to append with :meth:`AuditLog.append_many` (fields as for ``append``)."""
+
+    kind: str
+    actor: str
+    subject: str
+    outcome: str
+    details: dict[str, object] | None = None
+    txn: Txn | None = None
+
+
+#: A place in append_many's results not filled yet (every one is before it returns).
+_NOT_YET = StoreError("the audit append was not committed")
 
 
 class AuditLog:
@@ -144,12 +161,46 @@ class AuditLog:
             StoreError: the store failed, or the head stayed contended for
                 ``max_attempts`` tries.
         """
-        event = AuditEvent(kind, actor, subject, outcome, dict(details or {}))
-        request = _Append(event, Txn() if txn is None else txn.copy())
-        if any(key.startswith(self.prefix) for key in request.compared | request.written):
-            raise StoreUsageError("the caller's transaction must not touch the audit log")
+        request = self._request(AppendRequest(kind, actor, subject, outcome, details, txn))
         self._group.submit(request)
         return request.outcome()
+
+    def append_many(self, requests: Sequence[AppendRequest]) -> list[AuditRecord | Exception]:
+        """Append several records queued together; each result is a record or its error.
+
+        Compatible requests share store transactions (as concurrent :meth:`append`
+        calls do), so an event loop that collected a turn's appends commits them
+        with one ``COMMIT``. Each request keeps :meth:`append`'s guarantees and
+        errors, returned in its place instead of raised: one request's failed
+        compare or bad field fails only that request.
+        """
+        results: list[AuditRecord | Exception] = []
+        queued: list[tuple[int, _Append]] = []
+        for request in requests:
+            try:
+                queued.append((len(results), self._request(request)))
+            except StoreUsageError as exc:
+                results.append(exc)
+            else:
+                results.append(_NOT_YET)
+        self._group.submit_many([pending for _, pending in queued])
+        for index, pending in queued:
+            try:
+                results[index] = pending.outcome()
+            except Exception as exc:  # noqa: BLE001 -- returned in the request's place
+                results[index] = exc
+        return results
+
+    def _request(self, request: AppendRequest) -> _Append:
+        """Validate one request into a queued append (StoreUsageError if malformed)."""
+        event = AuditEvent(
+            request.kind, request.actor, request.subject, request.outcome,
+            dict(request.details or {}),
+        )  # fmt: skip
+        pending = _Append(event, Txn() if request.txn is None else request.txn.copy())
+        if any(key.startswith(self.prefix) for key in pending.compared | pending.written):
+            raise StoreUsageError("the caller's transaction must not touch the audit log")
+        return pending
 
     def _select(self, queue: deque[_Append]) -> list[_Append]:
         """Take the next batch: requests whose keys cannot interfere, within etcd's op limit.

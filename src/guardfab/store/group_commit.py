@@ -70,8 +70,21 @@ class GroupCommit(Generic[_P]):
 
     def submit(self, item: _P) -> None:
         """Queue ``item`` and return once it is resolved, leading commits if needed."""
+        self.submit_many([item])
+
+    def submit_many(self, items: list[_P]) -> None:
+        """Queue ``items`` together and return once every one is resolved.
+
+        Queued at once, they can share the first commit's transaction: a single
+        thread gets the batching that concurrent callers get from each other.
+        """
         with self._cond:
-            self._queue.append(item)
+            self._queue.extend(items)
+        for item in items:
+            self._wait_or_lead(item)
+
+    def _wait_or_lead(self, item: _P) -> None:
+        """Return once ``item`` is resolved, leading commits while nobody else does."""
         while True:
             with self._cond:
                 while self._leading and not item.done:
