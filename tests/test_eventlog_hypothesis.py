@@ -100,11 +100,19 @@ def test_generated_agile_log_round_trips_and_replays(data: st.DataObject) -> Non
 
 
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data(), pcrs=st.frozensets(st.integers(0, 23)))
+@given(
+    data=st.data(),
+    pcrs=st.frozensets(st.integers(0, 23)),
+    whole=st.frozensets(st.integers(0, 23), max_size=3),
+)
 def test_measurements_and_pcr_views_match_the_events(
-    data: st.DataObject, pcrs: frozenset[int]
+    data: st.DataObject, pcrs: frozenset[int], whole: frozenset[int]
 ) -> None:
-    """The verifier's views (read from the parse's rows) say what the event list says."""
+    """The verifier's views (read from the parse's rows) say what the event list says.
+
+    Small PCR sets are found through the log's PCR index, larger ones by a pass
+    over every record: both must give the same events in log order.
+    """
     banks = data.draw(bank_lists())
     events = data.draw(agile_events(banks))
     log = parse_event_log(AgileLog(banks, events).build())
@@ -112,6 +120,7 @@ def test_measurements_and_pcr_views_match_the_events(
     views = {bank: log.measurements(bank, pcrs, Measurement) for bank, _ in banks}
     in_pcrs = log.events_in(pcrs)
     separators = log.events_in(pcrs, {EventType.EV_SEPARATOR})
+    mixed = log.events_in(pcrs, {EventType.EV_SEPARATOR}, every_type_in=whole)
     for bank, measured in views.items():
         expected = [
             (e.number, e.pcr, e.event_type, e.digests[bank], e.data)
@@ -121,6 +130,11 @@ def test_measurements_and_pcr_views_match_the_events(
         assert [tuple(m) for m in measured] == [(*e, None) for e in expected]
     assert in_pcrs == tuple(e for e in log.events if e.pcr in pcrs)
     assert separators == tuple(e for e in in_pcrs if e.event_type == EventType.EV_SEPARATOR)
+    assert mixed == tuple(
+        e
+        for e in log.events
+        if e.pcr in whole or (e.pcr in pcrs and e.event_type == EventType.EV_SEPARATOR)
+    )
 
 
 @settings(max_examples=100)

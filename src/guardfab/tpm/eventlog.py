@@ -28,7 +28,7 @@ import functools
 import operator
 import struct
 from collections.abc import Callable, Collection, Container, Iterable
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeGuard, TypeVar
 
 from guardfab.errors import FormatError, VerificationError
 from guardfab.tpm import logfacts
@@ -156,6 +156,15 @@ class _Layout(NamedTuple):
 
 _PCR_OF = operator.itemgetter(0)
 _SIZE_OF = operator.itemgetter(-1)
+
+
+#: PCR sets this small are looked up in a log's PCR index (:meth:`EventLog._numbers_in`).
+_FEW_PCRS = 8
+
+
+def _few(pcrs: Container[int], already: int = 0) -> TypeGuard[Collection[int]]:
+    """Whether ``pcrs`` is a sized collection small enough for the PCR index."""
+    return isinstance(pcrs, Collection) and already + len(pcrs) <= _FEW_PCRS
 
 
 def _digests_maker(digest_at: dict[int, int]) -> Callable[[_Row], dict[int, bytes]]:
@@ -411,6 +420,7 @@ class EventLog:
     __slots__ = (
         "_checks",
         "_events",
+        "_pcr_index",
         "_records",
         "format",
         "notes",
@@ -433,6 +443,7 @@ class EventLog:
         self.notes = notes
         self._events: tuple[Event, ...] | None = None
         self._checks: list[DigestCheck | None] = [None] * len(records.rows)
+        self._pcr_index: bytes | None = None
         self.startup_locality = self._pcr0_locality()
 
     # ------------------------------------------------------------------ events
@@ -457,7 +468,15 @@ class EventLog:
         (the facts read PCR 7 whole and only the separators of PCRs 0-6).
         """
         rows = self._records.rows
-        if event_types is None:
+        if _few(pcrs) and _few(every_type_in, len(pcrs)):
+            numbers = [
+                n
+                for n in self._numbers_in([*pcrs, *every_type_in])
+                if (row := rows[n])[0] in every_type_in
+                or event_types is None
+                or row[1] in event_types
+            ]
+        elif event_types is None:
             numbers = [n for n, row in enumerate(rows) if row[0] in pcrs]
         elif not every_type_in:
             numbers = [n for n, row in enumerate(rows) if row[0] in pcrs and row[1] in event_types]
@@ -470,6 +489,26 @@ class EventLog:
         if self._events is not None:
             return tuple(self._events[n] for n in numbers)
         return self._make_events(numbers)
+
+    def _numbers_in(self, pcrs: Iterable[int]) -> list[int]:
+        """Numbers of the records of ``pcrs``, in log order, found in the PCR index.
+
+        The index holds each record's PCR as one byte (the parse proved every
+        PCR below 24), made once per log; each PCR's records are then a few C
+        searches instead of a Python pass over every record.
+        """
+        index = self._pcr_index
+        if index is None:
+            index = self._pcr_index = bytes(map(_PCR_OF, self._records.rows))
+        found: list[int] = []
+        for pcr in set(pcrs):
+            if 0 <= pcr < PCR_COUNT:
+                at = index.find(pcr)
+                while at >= 0:
+                    found.append(at)
+                    at = index.find(pcr, at + 1)
+        found.sort()
+        return found
 
     def _make_events(self, numbers: Iterable[int]) -> tuple[Event, ...]:
         buf, layout, rows, starts, irregular = self._records
@@ -499,6 +538,12 @@ class EventLog:
         buf, _layout, rows, starts, _irregular = self._records
         at = self._digest_position(bank)
         no_action, new = _NO_ACTION, tuple.__new__
+        if _few(pcrs):  # e.g. the CI policy's PCR: its few records, found in the index
+            return [
+                new(kind, (n, row[0], row[1], digest, buf[starts[n] : starts[n] + row[-1]], None))
+                for n in self._numbers_in(pcrs)
+                if (row := rows[n])[1] != no_action and (digest := row[at]) is not None
+            ]
         return [
             new(kind, (number, row[0], row[1], digest, buf[start : start + row[-1]], None))
             for number, (row, start) in enumerate(zip(rows, starts, strict=True))
