@@ -369,33 +369,83 @@ async def _one_get(port: int, ca: Path, path: str) -> tuple[int, bytes]:
         conn.close()
 
 
+_CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
+
+
+class _Responses(asyncio.Protocol):
+    """Reads Content-Length framed responses, one awaited at a time.
+
+    A protocol, not asyncio streams: the generator shares the HGS's two cores,
+    and the streams' reader and writer layers cost it CPU on every request.
+    """
+
+    def __init__(self) -> None:
+        self.transport: Any = None  # uvloop's SSL transport is not an asyncio.Transport
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.lost: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._deliver()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = ConnectionError(f"connection closed by the server ({exc})")
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(self.lost)
+
+    def _deliver(self) -> None:
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(self.buffer[: end + 2])
+        match = _CONTENT_LENGTH.search(head)
+        if match is None:
+            waiter.set_exception(ConnectionError("response without Content-Length"))
+            return
+        total = end + 4 + int(match.group(1))
+        if len(self.buffer) < total:
+            return
+        body = bytes(self.buffer[end + 4 : total])
+        del self.buffer[:total]
+        waiter.set_result((int(head[9:12]), body))
+
+
 class Connection:
     """One keep-alive HTTPS connection speaking just enough HTTP/1.1."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+    def __init__(self, protocol: _Responses) -> None:
+        self.protocol = protocol
 
     @classmethod
     async def open(cls, port: int, context: ssl.SSLContext) -> Connection:
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=context, server_hostname="127.0.0.1"
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_connection(
+            _Responses, "127.0.0.1", port, ssl=context, server_hostname="127.0.0.1"
         )
-        return cls(reader, writer)
+        return cls(protocol)
 
     async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
         """Send one request, read one response (Content-Length framed)."""
+        protocol = self.protocol
+        if protocol.lost is not None or protocol.transport is None:
+            raise ConnectionError("connection closed")
         head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         if method == "POST":
             head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        self.writer.write(head.encode() + b"\r\n" + body)
-        response = await self.reader.readuntil(b"\r\n\r\n")
-        match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", response)
-        if match is None:
-            raise ConnectionError("response without Content-Length")
-        return int(response[9:12]), await self.reader.readexactly(int(match.group(1)))
+        protocol.waiter = asyncio.get_running_loop().create_future()
+        protocol.transport.write(head.encode() + b"\r\n" + body)
+        return await protocol.waiter
 
     def close(self) -> None:
-        self.writer.close()
+        if self.protocol.transport is not None:
+            self.protocol.transport.close()
 
 
 def filesystem(path: Path) -> str:
