@@ -187,6 +187,27 @@ def test_malformed_logs(case: str) -> None:
     assert "event" in str(caught.value) or "Spec ID" in str(caught.value)
 
 
+def test_each_log_gets_its_own_spec_id_header() -> None:
+    """Headers are parsed once per exact header bytes: never one log's for another's.
+
+    Same first event after the header, headers differing only in the vendor info
+    (which moves the first event) or in the banks.
+    """
+    events = [Ev(0, EV_POST_CODE, b"same")]
+    plain = parse_event_log(AgileLog(events=events).build())
+    vendor = parse_event_log(AgileLog(events=events, vendor=b"v" * 9).build())
+    one_bank = parse_event_log(AgileLog(banks=[(SHA256, 32)], events=events).build())
+    assert plain.spec_id is not None
+    assert vendor.spec_id is not None
+    assert (plain.spec_id.vendor_info, vendor.spec_id.vendor_info) == (b"", b"v" * 9)
+    assert plain.banks == (SHA1, SHA256)
+    assert one_bank.banks == (SHA256,)
+    for log in (plain, vendor, one_bank):
+        assert [e.data for e in log.events[1:]] == [b"same"]
+    again = parse_event_log(AgileLog(events=events).build())
+    assert again.spec_id == plain.spec_id
+
+
 def test_errors_name_the_event_and_offset() -> None:
     log = AgileLog(events=[Ev(0, EV_POST_CODE, b"a"), Ev(0, EV_POST_CODE, b"b")])
     data = log.build() + event2_record(0, EV_POST_CODE, [(0x0012, bytes(32))], b"")

@@ -36,6 +36,7 @@ from guardfab.tpm.constants import TpmAlg
 from guardfab.tpm.decode import Decoded, decode
 from guardfab.tpm.events import (
     HASHERS,
+    MAX_BANKS,
     MAX_SPEC_ID_BYTES,
     SPEC_ID_SIGNATURE,
     DigestCheck,
@@ -289,9 +290,8 @@ def _walk_regular(buf: bytes, offset: int, records: _Records) -> bool:
     first = len(rows)
     add_row, add_start = rows.append, starts.append
     try:
-        for _ in range(MAX_EVENTS - first):
-            if offset >= total:
-                break
+        # Bounded by the buffer: every record advances by at least its head.
+        while offset < total:
             row = unpack(buf, offset)
             add_row(row)
             offset += head
@@ -302,6 +302,7 @@ def _walk_regular(buf: bytes, offset: int, records: _Records) -> bool:
     new = rows[first:]
     return (
         offset == total
+        and len(rows) <= MAX_EVENTS
         and all(map(layout.shape.__eq__, map(layout.shape_of, new)))
         and (not new or max(map(_PCR_OF, new)) < PCR_COUNT)
         and (not new or max(map(_SIZE_OF, new)) <= MAX_EVENT_DATA)
@@ -728,6 +729,31 @@ def _first_type(buf: bytes) -> int:
     return event_type
 
 
+#: Where the Spec ID header's bank count and (after the banks) vendor info size are.
+_SPEC_ID_COUNT_AT = 24
+_SPEC_ID_BANKS_AT = 28
+
+
+def _spec_id_bytes(buf: bytes, head: int) -> bytes:
+    """The Spec ID header's own bytes (as far as its counts say), at most MAX_SPEC_ID_BYTES."""
+    end = head + MAX_SPEC_ID_BYTES
+    count_at = head + _SPEC_ID_COUNT_AT
+    count = int.from_bytes(buf[count_at : count_at + 4], "little")
+    vendor_at = head + _SPEC_ID_BANKS_AT + 4 * count
+    if count <= MAX_BANKS and vendor_at < len(buf):
+        end = min(end, vendor_at + 1 + buf[vendor_at])
+    return buf[head:end]
+
+
+@functools.lru_cache(maxsize=64)
+def _spec_id(header: bytes) -> SpecIdEvent:
+    """Parse a Spec ID header, once per distinct header (a platform's logs share one).
+
+    A failure raises and is not kept; the parse checks every field as before.
+    """
+    return parse_spec_id(header, exact=False)
+
+
 def _agile_log(buf: bytes) -> EventLog:
     """Parse a crypto-agile log: the Spec ID header record, then TCG_PCR_EVENT2 records."""
     pcr, event_type, digest, declared = _SHA1_EVENT.unpack_from(buf)
@@ -735,7 +761,7 @@ def _agile_log(buf: bytes) -> EventLog:
         raise _malformed(0, 0, "the Spec ID header must be EV_NO_ACTION in PCR 0, digest zero")
     head = _SHA1_EVENT.size
     try:
-        spec = parse_spec_id(buf[head : head + MAX_SPEC_ID_BYTES], exact=False)
+        spec = _spec_id(_spec_id_bytes(buf, head))
     except FormatError as exc:
         raise _malformed(0, 0, str(exc)) from exc
     notes: tuple[str, ...] = ()
