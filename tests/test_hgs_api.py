@@ -81,3 +81,10 @@ def test_malformed_body_is_named_without_echoing_it(running_hgs: RunningHgs) -> 
     assert error["type"] == "InvalidRequestError"
     assert "evidence" in error["message"]
     assert secret_looking not in response.text
+
+
+def test_answers_do_not_name_the_server_software(running_hgs: RunningHgs) -> None:
+    with running_hgs.client() as client:
+        response = client.get("/healthz", headers={"X-Forwarded-Proto": "http"})
+    assert response.status_code == 200
+    assert "server" not in response.headers

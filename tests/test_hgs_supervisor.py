@@ -106,7 +106,9 @@ def test_a_worker_that_dies_while_serving_is_replaced(served: RunningHgs) -> Non
     os.kill(first, signal.SIGKILL)
     _wait_for(lambda: len(_workers(served)) == WORKERS and first not in _workers(served))
     with served.client() as client:
-        assert client.get("/healthz").status_code == 200
+        answer = client.get("/healthz")
+    assert answer.status_code == 200
+    assert "server" not in answer.headers  # the workers' uvicorn settings are the shared ones
 
 
 def test_sigint_stops_every_worker(tmp_path: Path) -> None:

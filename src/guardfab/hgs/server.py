@@ -15,6 +15,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+from guardfab.access.serving import UVICORN_SETTINGS
 from guardfab.errors import UsageError
 from guardfab.hgs.app import create_app
 from guardfab.hgs.deps import service_of_app
@@ -97,8 +98,7 @@ def serve(directory: Path, listen: str | None = None, workers: int = 1) -> None:
         port=port,
         ssl_certfile=certfile,
         ssl_keyfile=keyfile,
-        log_level="warning",
-        access_log=False,
+        **UVICORN_SETTINGS,
         loop="uvloop",
         http="httptools",
     )

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
+from guardfab.access.serving import UVICORN_SETTINGS
 from guardfab.errors import UsageError
 
 LOG = logging.getLogger("guardfab.hgs")
@@ -91,8 +92,7 @@ def run_worker(spec: WorkerSpec) -> None:
         factory=True,
         ssl_certfile=spec.certfile,
         ssl_keyfile=spec.keyfile,
-        log_level="warning",
-        access_log=False,
+        **UVICORN_SETTINGS,
         loop="uvloop",
         http="httptools",
     )

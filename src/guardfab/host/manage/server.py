@@ -15,6 +15,7 @@ import time
 import uvicorn
 from fastapi import FastAPI
 
+from guardfab.access.serving import UVICORN_SETTINGS
 from guardfab.errors import UsageError
 from guardfab.host.config import check_listen
 from guardfab.host.manage.material import ManagementFiles
@@ -31,8 +32,7 @@ class ManagementServer:
             app,
             ssl_certfile=str(files.server_cert),
             ssl_keyfile=str(files.server_key),
-            log_level="warning",
-            access_log=False,
+            **UVICORN_SETTINGS,
             lifespan="off",
             loop="asyncio",
             http="h11",
