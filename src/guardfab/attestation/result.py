@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from guardfab.attestation.baseline import BaselineComparison
 from guardfab.attestation.summary import HostSummary
@@ -63,9 +63,11 @@ class VerdictState(enum.StrEnum):
     NOT_EVALUABLE = "not-evaluable"
 
 
-@dataclass(frozen=True, slots=True)
-class PolicyVerdict:
+class PolicyVerdict(NamedTuple):
     """A policy's verdict: its state, whether it blocks, why, and the evidence read.
+
+    A named tuple: every attestation makes one per policy (a frozen dataclass's
+    per-field setattr cost three times as much).
 
     ``blocking`` is True when this verdict alone refuses the host: a failure of
     an enforced policy, or an enforced policy that could not be evaluated (fail
