@@ -295,7 +295,7 @@ def test_a_counter_written_before_owners_counted_still_refuses_older_generations
     hgs: RunningHgs,
 ) -> None:
     """Stores from before the per-owner counter hold kps/generations/<kp_id>: still enforced."""
-    from guardfab.hgs.kps import GENERATIONS  # noqa: PLC0415
+    from guardfab.hgs.kps_config import GENERATIONS  # noqa: PLC0415
     from guardfab.hgs.registry import encode  # noqa: PLC0415
     from guardfab.store.sqlite import SqliteStore  # noqa: PLC0415
 

@@ -25,7 +25,7 @@ generation and changes no state (ADR 0010).
 
 Each release is ONE store transaction: it compares ``kps/generations/<kp_id>/<owner>``
 with the revision the check read (and ``kps/version`` and ``trust/version`` with
-those it was decided under, see :mod:`guardfab.hgs.kps_config`), writes the new
+those it was decided under, see :mod:`guardfab.hgs.kps_release`), writes the new
 generation and the ``seen`` record, and appends the audit record. Two concurrent
 releases of one generation cannot both mint an egress KP: the second loses the
 compare and is refused as a replay. A refusal appends its audit record only.
@@ -43,57 +43,48 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from guardfab.errors import GuardfabError, TransportError, UsageError
+from guardfab.errors import GuardfabError, UsageError
 from guardfab.formats import jose
 from guardfab.formats.encoding import b64url_decode
 from guardfab.formats.guardian import KeyAlgorithm
-from guardfab.formats.key_protector import MAX_KP_BYTES
 from guardfab.formats.shielding_data import MAX_SHIELDING_DATA_BYTES
-from guardfab.hgs.kps_config import STATE_RETRIES, KpsConfig, ReleaseState, StateMovedError
+from guardfab.hgs.audit_batch import LoopBatcher
+from guardfab.hgs.kps_config import (
+    RELEASE_KIND,
+    SEEN,
+    VERSION_KEY,
+    KpsConfig,
+    KpsUnavailableError,
+    printable,
+)
 from guardfab.hgs.kps_keys import KpsKey, KpsKeyDirectory, key_ring, kps_guardian_name
+from guardfab.hgs.kps_release import KeyReleases
 from guardfab.hgs.kps_report import rotation_report
-from guardfab.hgs.registry import VERSION_KEY as TRUST_VERSION_KEY
-from guardfab.hgs.registry import Registry, decode, encode, version_condition
+from guardfab.hgs.registry import Registry, decode, encode
 from guardfab.hgs.service import HgsService
 from guardfab.keyprotection import (
-    KeyProtectorRejectedError,
     KeyReleaseError,
     OpeningResult,
     ReleaseResult,
-    RollbackError,
     ShieldingDataRejectedError,
     load_signer_keys,
     open_shielding_data,
     public_signer_jwk,
-    release,
 )
 from guardfab.store.audit import AuditLog
-from guardfab.store.base import ABSENT, Entry, Store, Txn
-from guardfab.store.errors import ConflictError
+from guardfab.store.base import Store, Txn
 
-VERSION_KEY = "kps/version"
 SIGNERS = "kps/signers/"
 OWN_DISTRUSTED_KEY = "kps/own-signer-distrusted"
 DENY_BEFORE_KEY = "kps/deny-before"
 PRIMARY_KEY = "kps/keys/primary"
-GENERATIONS = "kps/generations/"
-SEEN = "kps/seen/"
 #: A deny-before date this far in the future is refused: it would deny every certificate.
 MAX_DENY_BEFORE_SKEW = 60
-#: The base64url text of the largest KP file.
-_MAX_KP_TEXT = (MAX_KP_BYTES * 4) // 3 + 4
 #: The base64url text of the largest shielding data file.
 _MAX_PDK_TEXT = (MAX_SHIELDING_DATA_BYTES * 4) // 3 + 4
-#: Audit record kinds of the two host-facing requests.
-RELEASE_KIND = "key-release"
+#: Audit record kind of a shielding data opening (a release's: RELEASE_KIND).
 OPENING_KIND = "shielding-data-open"
 _AUDIT_MESSAGE_CHARS = 500
-
-
-class KpsUnavailableError(TransportError):
-    """The KPS cannot serve releases: its keys or configuration failed to load."""
-
-    hint = "the HGS administrator runs 'guardfab hgs diagnose' and 'guardfab hgs kps key list'"
 
 
 class KpsNotFoundError(UsageError):
@@ -122,11 +113,6 @@ def _config_txn(puts: Sequence[tuple[str, Any]] = (), deletes: Sequence[str] = (
     return txn.put(VERSION_KEY, b"")
 
 
-def _printable(text: str, limit: int = 256) -> str:
-    cleaned = "".join(c if c.isprintable() else "?" for c in text[:limit])
-    return cleaned or "?"
-
-
 class KpsService:
     """Key releases and KPS administration for one HGS (shared by request handlers)."""
 
@@ -140,6 +126,9 @@ class KpsService:
         self._lock = threading.Lock()
         self._cached: tuple[int, KpsConfig] | None = None
         self._own_signer: dict[str, Any] = service.signers()["keys"][0]
+        #: Commits of the releases that reach them in one event-loop turn, shared.
+        self.batcher: LoopBatcher = service.audit_batcher
+        self._releases = KeyReleases(self)
 
     # ----------------------------------------------------------------- configuration
 
@@ -189,147 +178,27 @@ class KpsService:
     # ----------------------------------------------------------------- releases
 
     def release(self, health_certificate: str, key_protector: str) -> ReleaseResult:
-        """Decide one release and record it (see the module docstring).
-
-        Decided under the configuration and trust last loaded, without reading
-        their versions first: the commit compares both (``kps/version``,
-        ``trust/version``), so a grant is never recorded under a configuration or
-        trust that moved meanwhile (a signer removed, a host revoked): it is decided
-        again under the fresh ones. A refusal made under cached state is
-        re-decided the same way if either version moved.
+        """Decide one release and record it (:meth:`KeyReleases.release`).
 
         Raises:
             KeyReleaseError: refused (audited; nothing else changed).
             KpsUnavailableError: the KPS keys or configuration do not load (audited).
         """
-        try:
-            state = self._state(fresh=False)
-        except GuardfabError as exc:
-            self._audit_refusal(exc)
-            raise
-        for _ in range(STATE_RETRIES):
-            try:
-                result, read = self._decide(state, health_certificate, key_protector)
-            except GuardfabError as exc:
-                state = self._after_refusal(state, exc)
-                continue
-            try:
-                return self._commit(result, read, state)
-            except StateMovedError:
-                state = self._fresh_state()
-        error = KpsUnavailableError(
-            f"the KPS configuration or trusted state changed {STATE_RETRIES} times during"
-            " one release",
-            hint="retry; something is changing the HGS configuration in a loop",
-        )
-        self._audit_refusal(error)
-        raise error
+        return self._releases.release(health_certificate, key_protector)
 
-    def _after_refusal(self, state: ReleaseState, refusal: GuardfabError) -> ReleaseState:
-        """The fresh state to decide again under if ``state`` moved; else audit and raise."""
-        if state.cached and self._moved(state):
-            return self._fresh_state()
-        self._audit_refusal(refusal)
-        raise refusal
-
-    def _fresh_state(self) -> ReleaseState:
-        try:
-            return self._state(fresh=True)
-        except GuardfabError as exc:
-            self._audit_refusal(exc)
-            raise
-
-    def _state(self, *, fresh: bool) -> ReleaseState:
-        """The configuration and trust a release is decided under, with their versions.
-
-        Not fresh: as last loaded (no store read once both are loaded). Fresh:
-        both versions read now, and reloaded if they moved.
-        """
-        cached = None if fresh else self._cached
-        try:
-            version, config = cached if cached is not None else self._current_config()
-        except GuardfabError as exc:
-            raise KpsUnavailableError(f"the KPS configuration does not load: {exc}") from exc
-        if not config.ring:
-            raise KpsUnavailableError("this HGS has no KPS key")
-        trust_version, trust = (
-            self.registry.current_trust() if fresh else self.registry.cached_trust()
-        )
-        return ReleaseState(version, config, trust_version, trust, cached=not fresh)
-
-    def _moved(self, state: ReleaseState) -> bool:
-        """Whether the configuration or trust changed since ``state`` was loaded."""
-        entry = self.store.get(VERSION_KEY)
-        version = 0 if entry is None else entry.revision
-        return version != state.version or self.registry.current_trust()[0] != state.trust_version
-
-    def _decide(
-        self, state: ReleaseState, health_certificate: str, key_protector: str
-    ) -> tuple[ReleaseResult, Entry | None]:
-        """The pure release under ``state``; the counter entry its rollback check read."""
-        reads: dict[str, Entry | None] = {}
-
-        def highest(counter: str) -> int | None:
-            entry = self.store.get(GENERATIONS + counter)
-            reads[counter] = entry
-            if entry is None:  # no counter of its own yet: the kp_id's pre-owner counter, if any
-                entry = self.store.get(GENERATIONS + counter.partition("/")[0])
-            return None if entry is None else int(decode(entry.value, what=counter)["generation"])
-
-        result = release(
-            health_certificate,
-            _decode_kp(key_protector),
-            kps_keys=state.config.release_keys(),
-            trusted_signers=state.config.signers,
-            now=self.clock(),
-            deny_before=state.config.deny_before,
-            revoked_hosts=state.trust.revoked_hosts,
-            highest_generation_seen=highest,
-        )
-        return result, reads[result.counter]
-
-    def _commit(
-        self, result: ReleaseResult, read: Entry | None, state: ReleaseState
+    async def release_batched(
+        self, health_certificate: str, key_protector: str, batcher: LoopBatcher
     ) -> ReleaseResult:
-        now = int(self.clock())
-        key = GENERATIONS + result.counter
-        txn = Txn().compare(key, ABSENT if read is None else read.revision)
-        txn.compare(VERSION_KEY, version_condition(state.version))
-        txn.compare(TRUST_VERSION_KEY, version_condition(state.trust_version))
-        txn.put(key, encode({"generation": result.egress_generation, "at": now}))
-        seen = {
-            "kps_key": result.kps_guardian,
-            "key_generation": result.key_generation,
-            "owner": result.owner,
-            "generation": result.egress_generation,
-            "host_id": result.host_id,
-            "at": now,
-        }
-        txn.put(SEEN + result.counter, encode(seen))
-        try:
-            self.audit.append(
-                kind=RELEASE_KIND,
-                actor=_printable(result.host_id),
-                subject=result.kp_id,
-                outcome="granted",
-                details=result.audit_details(),
-                txn=txn,
-            )
-        except ConflictError as exc:
-            if exc.key in (VERSION_KEY, TRUST_VERSION_KEY):
-                raise StateMovedError from exc
-            refusal = RollbackError(
-                f"key protector {result.kp_id} generation {result.generation} was released"
-                " by a concurrent request: this one is refused as a replay"
-            )
-            refusal.annotate(
-                host_id=result.host_id, kp_id=result.kp_id, generation=result.generation
-            )
-            self._audit_refusal(refusal)
-            raise refusal from exc
-        return result
+        """:meth:`release` with its commit shared with the loop turn's others."""
+        return await self._releases.release_batched(health_certificate, key_protector, batcher)
 
-    def _audit_refusal(self, exc: GuardfabError, *, kind: str = RELEASE_KIND) -> None:
+    def loaded_config(self, *, fresh: bool) -> tuple[int, KpsConfig]:
+        """The configuration and its ``kps/version``: as last loaded (no store read),
+        unless ``fresh`` or none is loaded yet."""
+        cached = None if fresh else self._cached
+        return cached if cached is not None else self._current_config()
+
+    def audit_refusal(self, exc: GuardfabError, *, kind: str = RELEASE_KIND) -> None:
         """Audit a refused request: the reason, and the host and KP or PDK if already verified."""
         opening = kind == OPENING_KIND
         actor = "unidentified-host"
@@ -339,7 +208,7 @@ class KpsService:
             details["reason"] = exc.reason
             if exc.generation is not None:
                 details["generation"] = exc.generation
-            actor = _printable(exc.host_id) if exc.host_id else actor
+            actor = printable(exc.host_id) if exc.host_id else actor
             subject = (exc.pdk_id if opening else exc.kp_id) or subject
         details["message"] = str(exc)[:_AUDIT_MESSAGE_CHARS]
         self.audit.append(
@@ -367,11 +236,11 @@ class KpsService:
                 revoked_hosts=self.registry.trust().revoked_hosts,
             )
         except GuardfabError as exc:
-            self._audit_refusal(exc, kind=OPENING_KIND)
+            self.audit_refusal(exc, kind=OPENING_KIND)
             raise
         self.audit.append(
             kind=OPENING_KIND,
-            actor=_printable(result.host_id),
+            actor=printable(result.host_id),
             subject=result.pdk_id,
             outcome="granted",
             details=result.audit_details(),
@@ -526,7 +395,7 @@ class KpsService:
         self.audit.append(
             kind=change.kind,
             actor=actor,
-            subject=_printable(change.subject),
+            subject=printable(change.subject),
             outcome=change.outcome,
             details=change.details,
             txn=_config_txn(change.puts, change.deletes),
@@ -568,15 +437,6 @@ class KpsService:
         config = self._release_config()
         primary = (config.ring[0].id, config.primary_generation)
         return rotation_report(self.store.list(SEEN), primary, prefix=SEEN)
-
-
-def _decode_kp(text: str) -> bytes:
-    if not isinstance(text, str) or len(text) > _MAX_KP_TEXT:
-        raise KeyProtectorRejectedError("key protector: not base64url text of acceptable size")
-    try:
-        return b64url_decode(text, what="key protector")
-    except GuardfabError as exc:
-        raise KeyProtectorRejectedError(f"key protector refused: {exc}") from exc
 
 
 def _decode_pdk(text: str) -> bytes:

@@ -139,13 +139,15 @@ def kps_of(request: Request) -> KpsService:
     return kps_of_app(request.app)
 
 
-def release_answer(kps: KpsService, body: ReleaseRequest) -> Response:
+async def release_answer(kps: KpsService, body: ReleaseRequest) -> Response:
     """The answer of ``POST /keyprotection/v1/release``.
 
-    Encoded here, not by FastAPI (which would validate and re-encode a dict
-    with jsonable_encoder on every release); ReleaseResponse documents the body.
+    Its commit is shared with the other releases and attestations of this event-loop
+    turn (``hgs.audit_batch``). Encoded here, not by FastAPI (which would validate and
+    re-encode a dict with jsonable_encoder on every release); ReleaseResponse
+    documents the body.
     """
-    result = kps.release(body.health_certificate, body.key_protector)
+    result = await kps.release_batched(body.health_certificate, body.key_protector, kps.batcher)
     return Response(release_body(result.to_response()), media_type="application/json")
 
 
@@ -201,7 +203,7 @@ def _host_routes(app: FastAPI) -> None:
     # Well-formed requests are answered by LeanRoutes (guardfab.hgs.lean_routes).
     async def release(request: Request, body: ReleaseRequest) -> Response:
         """Release a VM's keys to a host with a valid health certificate; re-key its KP."""
-        return release_answer(kps_of(request), body)
+        return await release_answer(kps_of(request), body)
 
     @app.post("/keyprotection/v1/shielding-data/open", tags=["key protection"])
     # In the thread pool, unlike release: a PDK of up to 2 MiB takes milliseconds to

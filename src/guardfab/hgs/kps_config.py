@@ -4,7 +4,7 @@
 store and the key files; a release is decided under it and the registry's
 trust as last loaded (:class:`ReleaseState`), and its commit compares both
 versions (``kps/version``, ``trust/version``), so nothing is granted under a
-configuration or trust that moved before the commit (:class:`StateMovedError`).
+configuration or trust that moved before the commit.
 """
 
 from __future__ import annotations
@@ -13,12 +13,33 @@ import functools
 from dataclasses import dataclass
 
 from guardfab.attestation.trust import TrustState
+from guardfab.errors import TransportError
 from guardfab.formats import jose
 from guardfab.formats.key_protector import KpsKeys
 from guardfab.hgs.kps_keys import KpsKey
 
+#: Bumped by every configuration change; its revision is the configuration's version.
+VERSION_KEY = "kps/version"
+#: The newest generation issued per ``<kp_id>/<owner>`` (or, before owners, ``<kp_id>``).
+GENERATIONS = "kps/generations/"
+#: The KPS key the last egress of each KP is wrapped to.
+SEEN = "kps/seen/"
+#: Audit record kind of a key release.
+RELEASE_KIND = "key-release"
 #: Decisions of one release when the configuration or trust keeps moving under it.
 STATE_RETRIES = 4
+
+
+class KpsUnavailableError(TransportError):
+    """The KPS cannot serve releases: its keys or configuration failed to load."""
+
+    hint = "the HGS administrator runs 'guardfab hgs diagnose' and 'guardfab hgs kps key list'"
+
+
+def printable(text: str, limit: int = 256) -> str:
+    """``text`` cut and with non-printable characters replaced: fit for an audit field."""
+    cleaned = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return cleaned or "?"
 
 
 @dataclass(frozen=True)
@@ -58,7 +79,3 @@ class ReleaseState:
     trust: TrustState
     #: As last loaded, versions not read for this release (then checked at commit).
     cached: bool
-
-
-class StateMovedError(Exception):
-    """The configuration or trust a release was decided under moved before its commit."""
