@@ -199,7 +199,8 @@ def add_kps_routes(app: FastAPI) -> None:
 def _host_routes(app: FastAPI) -> None:
     @app.post(RELEASE_PATH, tags=["key protection"], response_model=ReleaseResponse)
     # On the event loop, like attest: the thread-pool hop cost ~0.27 ms of ~2 ms per
-    # release (measured in process); the store transaction is sub-millisecond.
+    # release (measured in process); the store transaction is sub-millisecond and
+    # shared with the loop turn's other commits (hgs.audit_batch).
     # Well-formed requests are answered by LeanRoutes (guardfab.hgs.lean_routes).
     async def release(request: Request, body: ReleaseRequest) -> Response:
         """Release a VM's keys to a host with a valid health certificate; re-key its KP."""
