@@ -282,3 +282,26 @@ def test_close_stops_the_checkpointer(tmp_path: Path) -> None:
     assert thread.is_alive()
     store.close()
     assert not thread.is_alive()
+
+
+def test_history_without_values_keeps_the_event_but_not_the_value(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    store = SqliteStore(path, history_without_values=("hosts/last/",))
+    watch = store.watch("", start_revision=1)
+    store.put("hosts/last/h1", b"x" * 20_000)
+    store.put("hosts/h1", b"registration")
+    events = [watch.next_event(timeout=5) for _ in range(2)]
+    watch.cancel()
+    assert [(e.kind, e.key, e.value) for e in events if e is not None] == [
+        (EventKind.PUT, "hosts/last/h1", None),  # the event, without the 20 KB
+        (EventKind.PUT, "hosts/h1", b"registration"),
+    ]
+    entry = store.get("hosts/last/h1")
+    assert entry is not None
+    assert entry.value == b"x" * 20_000  # the key itself keeps its value
+    store.close()
+    with sqlite3.connect(path) as raw:
+        stored = raw.execute("SELECT key, length(value) FROM changes ORDER BY id").fetchall()
+    assert stored == [("hosts/last/h1", None), ("hosts/h1", 12)]
+    with pytest.raises(StoreUsageError):
+        SqliteStore(path, history_without_values=("bad prefix with spaces",))

@@ -136,6 +136,11 @@ class SqliteStore:
         busy_timeout: Seconds a write waits for another writer before failing.
         checkpoint_interval: Seconds between background WAL checkpoints; ``None``
             (default) leaves checkpoints to SQLite, inside the committing call.
+        history_without_values: Key prefixes whose puts the watch history records
+            without the value (a watcher sees ``value=None`` and reads the key if
+            it needs it). For large values rewritten on every request that nobody
+            watches: each would otherwise be written twice, kept for ``history``
+            revisions and pruned again.
 
     Raises:
         StoreSchemaError: the file is not a guardfab store, is from a newer
@@ -153,6 +158,7 @@ class SqliteStore:
         synchronous: Synchronous = "NORMAL",
         busy_timeout: float = 10.0,
         checkpoint_interval: float | None = None,
+        history_without_values: Sequence[str] = (),
     ) -> None:
         if history < 1:
             raise StoreUsageError("history must keep at least one revision")
@@ -167,6 +173,7 @@ class SqliteStore:
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout
         self._checkpoint_interval = checkpoint_interval
+        self._valueless = tuple(check_prefix(prefix) for prefix in history_without_values)
         self._signal = ChangeSignal()
         _prepare_file(self.path)
         self._gate = WriteGate(self.path.with_name(self.path.name + "-gate"), busy_timeout)
@@ -294,7 +301,8 @@ class SqliteStore:
         for key, value, ttl in txn.puts:
             expires_at = None if ttl is None else now + ttl
             conn.execute(_UPSERT, (key, value, new, new, expires_at, now))
-            changes.append((new, key, EventKind.PUT.value, value))
+            kept = None if self._valueless and key.startswith(self._valueless) else value
+            changes.append((new, key, EventKind.PUT.value, kept))
         deleted = 0
         for key in txn.deletes:
             cursor = conn.execute(_SQL_DELETE_LIVE, (key, now))
