@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import datetime
 import hashlib
+import json
 import os
 import platform
 import re
@@ -272,10 +273,15 @@ class Hgs:
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
-    def init(self, puts: list[tuple[str, Any]]) -> None:
-        """``guardfab hgs init``, then the trusted state written to its store."""
+    def init(self, puts: list[tuple[str, Any]], *, nonce_ttl: int | None = None) -> None:
+        """``guardfab hgs init`` (nonces living ``nonce_ttl`` s if given), then trusted state."""
         cli = [sys.executable, "-m", "guardfab", "hgs", "init", "--dir", str(self.dir)]
         subprocess.run([*cli, "--name", "bench-hgs"], check=True, capture_output=True)
+        if nonce_ttl is not None:
+            config_path = self.dir / "hgs.json"
+            config = json.loads(config_path.read_text())
+            config["nonce_ttl"] = nonce_ttl
+            config_path.write_text(json.dumps(config, indent=2))
         store = SqliteStore(HgsState(self.dir).store_path())
         try:
             reg.Registry.trust_txn(puts).commit(store)
