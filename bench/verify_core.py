@@ -625,9 +625,12 @@ def print_goal(rates: dict[str, dict[str, float]], vectors_ok: bool, count: int)
     if "keylime" in rates:
         speedup = min(ours[k] / rates["keylime"][k] for k in KINDS)
         vs_keylime = f"{c.verdict(speedup >= 50)} (worst {speedup:.0f}x)"
+    # Both readings of "the full evidence check": a host re-attesting with the log it
+    # sent before (parse and replay cached, ADR 0012), and a log seen for the first time.
     print(
         f"goal (issue 3): >= 50x Keylime: {vs_keylime}; within 3x of the floor: "
-        f"{c.verdict(slowdown <= 3)} (worst {slowdown:.2f}x; a new log: {new_log:.2f}x); "
+        f"a known log {c.verdict(slowdown <= 3)} (worst {slowdown:.2f}x), "
+        f"a new log {c.verdict(new_log <= 3)} (worst {new_log:.2f}x); "
         f"every vector log handled: {c.verdict(vectors_ok)} ({count} logs)"
     )
 
