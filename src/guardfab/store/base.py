@@ -109,7 +109,8 @@ class WatchEvent:
 
     kind: EventKind
     key: str
-    #: The new value for a put; ``None`` for a delete.
+    #: The new value for a put; ``None`` for a delete, and for a put under a prefix
+    #: the store keeps in its history without values (SqliteStore history_without_values).
     value: bytes | None
     revision: int
 
