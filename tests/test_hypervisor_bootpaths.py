@@ -5,6 +5,7 @@ Real files and symlinks on disk: the check is about what the filesystem resolves
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,8 @@ import pytest
 
 from guardfab.errors import NotAuthorizedError
 from guardfab.hypervisor.bootpaths import DirectBootRefusedError, check_direct_boot
+from guardfab.hypervisor.incoming import receive
+from guardfab.hypervisor.provision import provision
 from guardfab.hypervisor.spec import DirectKernel
 
 
@@ -93,3 +96,12 @@ def test_allowed_dir_given_through_a_symlink_still_works(boot_dir: Path) -> None
     checked = check_direct_boot(_boot(alias / "vmlinuz", alias / "initrd.img"), alias)
     assert checked is not None
     assert checked.kernel == Path(os.path.realpath(boot_dir / "vmlinuz"))
+
+
+@pytest.mark.parametrize("entry", [provision, receive])
+def test_the_library_entry_points_have_no_permissive_default(entry: Callable[..., object]) -> None:
+    # A caller that forgets the host's direct_boot_dir must not get "any file" (the
+    # old default): it must name the directory, None, or LOCAL_ROOT_BOOT on purpose.
+    parameter = inspect.signature(entry).parameters["direct_boot_dir"]
+    assert parameter.default is inspect.Parameter.empty
+    assert parameter.kind is inspect.Parameter.KEYWORD_ONLY

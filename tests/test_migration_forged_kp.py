@@ -40,7 +40,7 @@ from guardfab.hypervisor import incoming
 from guardfab.hypervisor.bootpaths import DirectBootRefusedError
 from guardfab.hypervisor.keyprotector import NoLastKnownGoodError, restore_last_known_good
 from guardfab.hypervisor.migrate import MigrationOffer, SealedPair, take_back
-from guardfab.hypervisor.provision import DISK_IDS, load_record
+from guardfab.hypervisor.provision import DISK_IDS, LOCAL_ROOT_BOOT, load_record
 from guardfab.hypervisor.spec import DirectKernel
 from guardfab.hypervisor.vault import VaultContents, VaultError, VaultStore, seal_vault
 from test_key_protector_keyring import keyring
@@ -183,7 +183,7 @@ def test_a_forged_offer_does_not_remove_an_abandoned_migrations_pair(
     with pytest.raises(UsageError, match="unfinished incoming migration here holds"):
         incoming.receive(
             _offer(vm_dir, [forged], Path("/nonexistent")),
-            tmp_path, keys, address="127.0.0.1", port=1,
+            tmp_path, keys, address="127.0.0.1", port=1, direct_boot_dir=LOCAL_ROOT_BOOT,
         )  # fmt: skip
     assert keys.asked == [], "no release asked"
     assert _files(vm_dir) == before, "the only copy of the newest pair stays"
@@ -204,7 +204,7 @@ def test_an_honest_newer_offer_removes_nothing_until_the_kps_grants(
     with pytest.raises(GuardfabError, match="got no keys from the KPS"):
         incoming.receive(
             _offer(vm_dir, [SealedPair(kp, vault)], disks),
-            tmp_path, keys, address="127.0.0.1", port=1,
+            tmp_path, keys, address="127.0.0.1", port=1, direct_boot_dir=LOCAL_ROOT_BOOT,
         )  # fmt: skip
     assert keys.asked == [kp], "the release was asked for the pair the source holds"
     assert _files(vm_dir) == before, "refused: the pair here stays"
@@ -256,6 +256,8 @@ def test_an_offer_mixing_owners_is_refused_before_any_release(
     dest = tmp_path / "b"
     keys = RecordingKeys()
     with pytest.raises(VaultError, match="2 different owners or KP ids"):
-        incoming.receive(offer, dest, keys, address="127.0.0.1", port=1)
+        incoming.receive(
+            offer, dest, keys, address="127.0.0.1", port=1, direct_boot_dir=LOCAL_ROOT_BOOT
+        )
     assert keys.asked == [], "no release asked"
     assert not dest.exists(), "nothing written"

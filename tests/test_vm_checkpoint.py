@@ -28,7 +28,13 @@ from guardfab.hypervisor.checkpoint import (
     restore_vm,
 )
 from guardfab.hypervisor.power import INCOMING_FILE, PowerOnRefusedError, power_on, running_pid
-from guardfab.hypervisor.provision import DISK_IDS, load_record, provision, write_record
+from guardfab.hypervisor.provision import (
+    DISK_IDS,
+    LOCAL_ROOT_BOOT,
+    load_record,
+    provision,
+    write_record,
+)
 from guardfab.hypervisor.spec import VmSpec
 from guardfab.hypervisor.vault import VaultContents, VaultStore
 from guardfab.hypervisor.vm import QemuVm, VmRuntime
@@ -110,6 +116,7 @@ def test_checkpoint_stop_restore_keeps_the_boot(
         tmp_path / "vms",
         reveal_secrets=vm_fabric.reveal_secrets,
         key_source=vm_fabric.key_source(),
+        direct_boot_dir=LOCAL_ROOT_BOOT,
     )
     made: list[QemuVm] = []
 
@@ -190,6 +197,7 @@ def restorable(vm_fabric: VmFabric, tmp_path_factory: pytest.TempPathFactory) ->
         vms,
         reveal_secrets=vm_fabric.reveal_secrets,
         key_source=vm_fabric.key_source(),
+        direct_boot_dir=LOCAL_ROOT_BOOT,
     )
     (vms / tenant.name / CHECKPOINT_FILE).write_bytes(b"never read: refused before")
     return vms / tenant.name

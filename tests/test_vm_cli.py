@@ -26,7 +26,7 @@ from guardfab.cli.main import cli
 from guardfab.formats.shielding_data import SecurityPolicy
 from guardfab.hypervisor.accel import Accelerator
 from guardfab.hypervisor.power import power_off, running_pid
-from guardfab.hypervisor.provision import provision
+from guardfab.hypervisor.provision import LOCAL_ROOT_BOOT, provision
 from guardfab.hypervisor.vault import VaultStore
 from manage_harness import ManagedHost, managed_host
 from vm_fabric_harness import TenantVm, VmFabric
@@ -190,6 +190,7 @@ def test_a_host_that_fails_attestation_cannot_start_the_vm(
         vms,
         reveal_secrets=vm_fabric.reveal_secrets,
         key_source=vm_fabric.key_source(),
+        direct_boot_dir=LOCAL_ROOT_BOOT,
     )
     before = VaultStore(vms / "cli-rogue" / "keys").numbers()
     out = _vm(hosts.c, "start", "cli-rogue", code=1)

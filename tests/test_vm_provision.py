@@ -24,7 +24,7 @@ from guardfab.host.keyrelease import KeyReleaseRefusedError
 from guardfab.host.keyrequest import ReleasedKeys
 from guardfab.hypervisor.policy import check_vm_policy
 from guardfab.hypervisor.power import PowerOnRefusedError, power_on
-from guardfab.hypervisor.provision import load_record, provision, write_record
+from guardfab.hypervisor.provision import LOCAL_ROOT_BOOT, load_record, provision, write_record
 from guardfab.hypervisor.spec import DirectKernel, VmSpec
 from guardfab.hypervisor.vault import VaultStore
 from guardfab.hypervisor.vm import VmKeys
@@ -86,6 +86,7 @@ def _provision(fabric: VmFabric, tenant: TenantVm, vms: Path) -> Path:
         vms,
         reveal_secrets=fabric.reveal_secrets,
         key_source=fabric.key_source(),
+        direct_boot_dir=LOCAL_ROOT_BOOT,
     )
     return vms / tenant.name
 
@@ -209,6 +210,7 @@ def test_provisioning_on_a_host_without_keys_creates_nothing(
             tmp_path / "vms",
             reveal_secrets=vm_fabric.reveal_secrets,
             key_source=vm_fabric.key_source(expired),
+            direct_boot_dir=LOCAL_ROOT_BOOT,
         )
     _nothing_created(tmp_path / "vms")
 
@@ -242,6 +244,7 @@ def test_a_shielded_vm_with_a_direct_kernel_is_refused_before_anything_happens(
             tmp_path / "vms",
             reveal_secrets=watched.reveal_secrets,
             key_source=watched,
+            direct_boot_dir=LOCAL_ROOT_BOOT,
         )
     assert watched.calls == [], "the PDK stays closed and no KP generation is spent"
     _nothing_created(tmp_path / "vms")
@@ -258,6 +261,7 @@ def test_an_encryption_supported_vm_may_boot_a_direct_kernel(
         tmp_path / "vms",
         reveal_secrets=watched.reveal_secrets,
         key_source=watched,
+        direct_boot_dir=LOCAL_ROOT_BOOT,
     )
     assert watched.calls == ["reveal", "release"]
     vm_dir = tmp_path / "vms" / tenant.name

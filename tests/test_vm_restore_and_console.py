@@ -48,7 +48,7 @@ from guardfab.hypervisor.console import console_socket, relay
 from guardfab.hypervisor.errors import HypervisorError
 from guardfab.hypervisor.keyprotector import NoLastKnownGoodError, restore_last_known_good
 from guardfab.hypervisor.power import power_on, running_pid
-from guardfab.hypervisor.provision import load_record, provision
+from guardfab.hypervisor.provision import LOCAL_ROOT_BOOT, load_record, provision
 from guardfab.hypervisor.settings import change_settings
 from guardfab.hypervisor.spec import VmSpec
 from guardfab.hypervisor.vault import VaultError, VaultStore
@@ -115,6 +115,7 @@ class Lab:
             self.vms,
             reveal_secrets=self.fabric.reveal_secrets,
             key_source=self.fabric.key_source(),
+            direct_boot_dir=LOCAL_ROOT_BOOT,
         )
         return self.vms / tenant.name
 

@@ -31,7 +31,7 @@ from guardfab.errors import UsageError
 from guardfab.formats.key_protector import load_key_protector
 from guardfab.hypervisor.accel import Accelerator
 from guardfab.hypervisor.power import power_on, running_pid
-from guardfab.hypervisor.provision import provision
+from guardfab.hypervisor.provision import LOCAL_ROOT_BOOT, provision
 from guardfab.hypervisor.spec import VmSpec
 from guardfab.hypervisor.vault import VaultStore
 from guardfab.hypervisor.vm import QemuVm, VmRuntime
@@ -71,6 +71,7 @@ def booted(
         vms,
         reveal_secrets=vm_fabric.reveal_secrets,
         key_source=vm_fabric.key_source(),
+        direct_boot_dir=LOCAL_ROOT_BOOT,
     )
     timings["provision"] = time.monotonic() - mark
     made: list[QemuVm] = []
@@ -174,6 +175,7 @@ def test_a_signed_template_with_a_changed_kernel_does_not_boot(
         tmp_path / "vms",
         reveal_secrets=vm_fabric.reveal_secrets,
         key_source=vm_fabric.key_source(),
+        direct_boot_dir=LOCAL_ROOT_BOOT,
     )
     made: list[QemuVm] = []
 

@@ -76,7 +76,7 @@ from guardfab.hypervisor.power import (
     power_off,
     running_pid,
 )
-from guardfab.hypervisor.provision import LOCAL_ROOT_BOOT, KeySource, VmRecord, write_record
+from guardfab.hypervisor.provision import KeySource, VmRecord, write_record
 from guardfab.hypervisor.vault import VaultContents, VaultStore, open_vault, seal_vault
 from guardfab.hypervisor.vm import QemuVm
 
@@ -243,14 +243,15 @@ def receive(
     address: str,
     port: int,
     factory: DestinationFactory = _qemu,
-    direct_boot_dir: Path | None = LOCAL_ROOT_BOOT,
+    direct_boot_dir: Path | None,
 ) -> IncomingVm:
     """Release, lay out and listen (see the module docstring).
 
     Args:
         direct_boot_dir: where the record's direct kernel/initrd may come from
-            (the host configuration's; ``None`` refuses a direct boot). The
-            default is for a caller that is root on this host itself.
+            (the host configuration's; ``None`` refuses a direct boot). No
+            default: only a caller that is root on this host itself passes
+            ``LOCAL_ROOT_BOOT``.
 
     Raises:
         UsageError: the VM is here already, or its disks are out of reach (nothing

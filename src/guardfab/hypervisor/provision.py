@@ -308,13 +308,14 @@ def provision(
     *,
     reveal_secrets: RevealSecrets,
     key_source: KeySource,
-    direct_boot_dir: Path | None = LOCAL_ROOT_BOOT,
+    direct_boot_dir: Path | None,
 ) -> VmRecord:
     """Create the VM ``request.name`` under ``vms_dir`` (see the module docstring).
 
     ``direct_boot_dir`` is the only directory a direct kernel/initrd may come from
     (:func:`~guardfab.hypervisor.bootpaths.check_direct_boot`; ``None``: none may);
-    the record keeps the resolved paths.
+    the record keeps the resolved paths. It has no default: a caller chooses,
+    and only one that is root on this host itself passes :data:`LOCAL_ROOT_BOOT`.
 
     Raises:
         NotAuthorizedError, VerificationError: template, PDK or KP refused (nothing created).
