@@ -103,6 +103,7 @@ def main() -> int:
                 root / "vms",
                 reveal_secrets=fabric.reveal_secrets,
                 key_source=fabric.key_source(),
+                direct_boot_dir=None,  # no direct kernel may be named
             )
             vm_dir = root / "vms" / record.name
             plain = _plain_spec(load_record(vm_dir).spec(vm_dir), root, tenant.template)
