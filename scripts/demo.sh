@@ -3,7 +3,9 @@
 # directory (the same commands the README shows, extracted from it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+# --dev: the demo's software hosts (swtpm manufacture, a simulated measured boot) come
+# from the test harness, whose modules import pytest.
+scripts/setup.sh --dev
 workdir=$(mktemp -d /tmp/guardfab-demo.XXXXXX)
 echo "demo: working in $workdir"
 .venv/bin/python scripts/walkthrough.py README.md > "$workdir/walkthrough.sh"

@@ -3,8 +3,9 @@
 # virtualenv (.venv) with hash-pinned Python dependencies. Safe to run again:
 # it installs only what is missing or changed.
 #
-#   scripts/setup.sh          runtime only (what the demo needs)
-#   scripts/setup.sh --dev    also the test and lint tools
+#   scripts/setup.sh          runtime only (what a guardfab node needs)
+#   scripts/setup.sh --dev    also the test and lint tools (the tests, and the demo,
+#                             whose software hosts come from the test harness)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
