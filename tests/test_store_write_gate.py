@@ -11,6 +11,7 @@ import fcntl
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -83,4 +84,30 @@ def test_the_gate_file_is_private_and_never_followed(tmp_path: Path) -> None:
     store = SqliteStore(other)
     with pytest.raises(StoreError, match="write lock"):
         store.put("k", b"v")
+    store.close()
+
+
+def test_a_forked_child_queues_behind_its_parent(tmp_path: Path) -> None:
+    # The child inherits the parent's descriptor (which shares the parent's flock) and
+    # its thread lock as held at the fork; it must get its own of both, and wait.
+    db = tmp_path / "store.db"
+    store = SqliteStore(db, busy_timeout=10)
+    store.put("k", b"parent")  # the gate's descriptor is open in the parent
+    released = tmp_path / "released"
+    with store._gate.turn():
+        pid = os.fork()
+        if pid == 0:  # the child: write, then say whether the parent had let go first
+            code = 1
+            try:
+                store.put("k", b"child")
+                code = 0 if released.exists() else 3
+            finally:
+                os._exit(code)
+        time.sleep(0.3)
+        released.touch()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    entry = store.get("k")
+    assert entry is not None
+    assert entry.value == b"child"
     store.close()

@@ -54,6 +54,8 @@ class WriteGate:
             StoreError: another writer kept it longer than the timeout.
         """
         deadline = time.monotonic() + self._timeout
+        if self._pid != -1 and self._pid != os.getpid():
+            self._forked()
         if not self._thread_lock.acquire(timeout=self._timeout):
             raise self._timed_out()
         try:
@@ -65,6 +67,16 @@ class WriteGate:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             self._thread_lock.release()
+
+    def _forked(self) -> None:
+        """In a forked child: a fresh thread lock (another thread may have held the
+        parent's at the fork, and it never runs here) and a descriptor of its own (an
+        inherited one shares the parent's ``flock``, so it would not exclude it)."""
+        self._thread_lock = threading.Lock()
+        if self._fd is not None:
+            os.close(self._fd)  # the parent's lock is untouched: it unlocks with LOCK_UN
+        self._fd = None
+        self._pid = -1
 
     def _file(self) -> int:
         """This process's descriptor of the lock file (reopened after a fork)."""
