@@ -23,6 +23,7 @@ from guardfab.attestation.trust import HostKey
 from guardfab.formats import jose
 from guardfab.hgs import registry as reg
 from guardfab.hgs.attest import AttestOutcome
+from guardfab.hgs.audit_batch import run_now
 from guardfab.hgs.nonce import NonceError
 from guardfab.host.attestation import host_key_evidence
 from guardfab.store import verify
@@ -101,3 +102,20 @@ def test_a_revocation_by_another_process_reaches_the_whole_batch(fleet: Fleet) -
     assert [o.health_certificate is not None for o in outcomes] == [True, True, False, True]
     assert not outcomes[2].result.passed
     assert verify(fleet.other).records == 2 * HOSTS
+
+
+def test_run_now_finishes_an_operation_that_never_waits_and_refuses_one_that_does() -> None:
+    async def committed() -> int:
+        return 7
+
+    async def at_once() -> int:
+        return await committed()  # it awaits, but nothing it awaits suspends
+
+    assert run_now(at_once()) == 7
+
+    async def waits() -> int:
+        await asyncio.sleep(0)
+        return 7
+
+    with pytest.raises(RuntimeError, match="waited for an event loop"):
+        run_now(waits())

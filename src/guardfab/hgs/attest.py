@@ -34,7 +34,7 @@ from guardfab.formats import jose
 from guardfab.formats.encoding import b64url_decode
 from guardfab.formats.health_certificate import HealthCertificate, issue_health_certificate
 from guardfab.hgs import registry as reg
-from guardfab.hgs.audit_batch import LoopBatcher
+from guardfab.hgs.audit_batch import Commit, LoopBatcher, commit_now, run_now
 from guardfab.hgs.last_record import encode_last_record
 from guardfab.hgs.nonce import Nonce, NonceError
 from guardfab.store.audit import AppendRequest, AuditLog
@@ -91,7 +91,17 @@ class Attestor:
     clock: Callable[[], float]
 
     def attest(self, nonce: Nonce, evidence: Evidence) -> AttestOutcome:
-        """Verify ``evidence`` bound to the checked ``nonce``; record and answer.
+        """Verify ``evidence`` bound to ``nonce``, record and answer at once (:meth:`_attest`)."""
+        return run_now(self._attest(nonce, evidence, commit_now(self.audit)))
+
+    async def attest_batched(
+        self, nonce: Nonce, evidence: Evidence, batcher: LoopBatcher
+    ) -> AttestOutcome:
+        """:meth:`attest` with its commit shared with the other requests of this loop turn."""
+        return await self._attest(nonce, evidence, batcher.append)
+
+    async def _attest(self, nonce: Nonce, evidence: Evidence, commit: Commit) -> AttestOutcome:
+        """Judge, commit, answer; judge again if trust moved before the commit.
 
         The evidence is judged under the cached trust (no store read), and the
         commit requires ``trust/version`` unchanged since that trust was loaded:
@@ -103,27 +113,7 @@ class Attestor:
         for _ in range(TRUST_RETRIES):
             decision = self._decide(nonce, evidence, version, trust)
             try:
-                _append(self.audit, decision.record)
-            except ConflictError as exc:
-                _raise_unless_trust_moved(exc)
-                version, trust = self.registry.current_trust()
-                continue
-            return decision.outcome
-        raise _trust_kept_moving()
-
-    async def attest_batched(
-        self, nonce: Nonce, evidence: Evidence, batcher: LoopBatcher
-    ) -> AttestOutcome:
-        """:meth:`attest` with the commit queued on ``batcher`` (the event loop's path).
-
-        The same decision and the same commit, shared with the other requests of
-        this loop turn; the same retry when trust moved.
-        """
-        version, trust = self.registry.cached_trust()
-        for _ in range(TRUST_RETRIES):
-            decision = self._decide(nonce, evidence, version, trust)
-            try:
-                await batcher.append(decision.record)
+                await commit(decision.record)
             except ConflictError as exc:
                 _raise_unless_trust_moved(exc)
                 version, trust = self.registry.current_trust()
@@ -216,13 +206,6 @@ class _Decision:
 
     outcome: AttestOutcome
     record: AppendRequest
-
-
-def _append(audit: AuditLog, record: AppendRequest) -> None:
-    """Append one record now (raising its error), as the batched path does for many."""
-    (result,) = audit.append_many([record])
-    if isinstance(result, Exception):
-        raise result
 
 
 def _raise_unless_trust_moved(exc: ConflictError) -> None:

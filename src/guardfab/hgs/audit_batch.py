@@ -16,9 +16,15 @@ every guarantee of :meth:`AuditLog.append` (its own compares, its own error).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from guardfab.store.audit import AppendRequest, AuditLog
 from guardfab.store.audit_chain import AuditRecord
+
+#: How an operation commits its record: queued on the loop turn, or at once.
+Commit = Callable[[AppendRequest], Awaitable[object]]
+_T = TypeVar("_T")
 
 
 class LoopBatcher:
@@ -50,3 +56,33 @@ class LoopBatcher:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+
+def commit_now(audit: AuditLog) -> Commit:
+    """A :data:`Commit` that appends at once, raising the request's error (no event loop)."""
+
+    async def commit(request: AppendRequest) -> AuditRecord:
+        (result,) = audit.append_many([request])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    return commit
+
+
+def run_now(operation: Coroutine[Any, Any, _T]) -> _T:
+    """Run an operation whose every await completes at once (it commits with :func:`commit_now`).
+
+    One decide-and-commit loop then serves both the event loop's path (commits
+    queued on a :class:`LoopBatcher`) and the synchronous one, instead of two
+    copies that differ only in an ``await``.
+
+    Raises:
+        RuntimeError: the operation waited for something (a programming error).
+    """
+    try:
+        operation.send(None)
+    except StopIteration as finished:
+        return finished.value  # type: ignore[no-any-return]
+    operation.close()
+    raise RuntimeError("a synchronous HGS operation waited for an event loop")

@@ -19,7 +19,7 @@ from guardfab.errors import GuardfabError
 from guardfab.formats.encoding import b64url_decode
 from guardfab.formats.key_protector import MAX_KP_BYTES
 from guardfab.hgs import registry as reg
-from guardfab.hgs.audit_batch import LoopBatcher
+from guardfab.hgs.audit_batch import Commit, LoopBatcher, commit_now, run_now
 from guardfab.hgs.kps_config import (
     GENERATIONS,
     RELEASE_KIND,
@@ -67,6 +67,25 @@ class KeyReleases:
         self._kps = kps
 
     def release(self, health_certificate: str, key_protector: str) -> ReleaseResult:
+        """Decide one release and record it at once (see :meth:`_release`)."""
+        return run_now(
+            self._release(health_certificate, key_protector, commit_now(self._kps.audit))
+        )
+
+    async def release_batched(
+        self, health_certificate: str, key_protector: str, batcher: LoopBatcher
+    ) -> ReleaseResult:
+        """:meth:`release` with its commit queued on ``batcher`` (the event loop's path).
+
+        The same decision and the same transaction, committed with the other
+        requests that reached their commit in this loop turn (``hgs.audit_batch``);
+        a replay of the same KP in the same turn loses its counter's compare.
+        """
+        return await self._release(health_certificate, key_protector, batcher.append)
+
+    async def _release(
+        self, health_certificate: str, key_protector: str, commit: Commit
+    ) -> ReleaseResult:
         """Decide one release and record it (see the module docstring).
 
         Decided under the configuration and trust last loaded, without reading
@@ -87,33 +106,8 @@ class KeyReleases:
                 state = decided
                 continue
             result, record = decided
-            (committed,) = self._kps.audit.append_many([record])
-            if isinstance(committed, ConflictError):
-                state = self._after_conflict(committed, result)
-                continue
-            if isinstance(committed, Exception):
-                raise committed
-            return result
-        raise self._kept_moving()
-
-    async def release_batched(
-        self, health_certificate: str, key_protector: str, batcher: LoopBatcher
-    ) -> ReleaseResult:
-        """:meth:`release` with its commit queued on ``batcher`` (the event loop's path).
-
-        The same decision and the same transaction, committed with the other
-        requests that reached their commit in this loop turn (``hgs.audit_batch``);
-        a replay of the same KP in the same turn loses its counter's compare.
-        """
-        state = self._first_state()
-        for _ in range(STATE_RETRIES):
-            decided = self._decision(state, health_certificate, key_protector)
-            if isinstance(decided, ReleaseState):
-                state = decided
-                continue
-            result, record = decided
             try:
-                await batcher.append(record)
+                await commit(record)
             except ConflictError as exc:
                 state = self._after_conflict(exc, result)
                 continue
