@@ -48,7 +48,6 @@ from guardfab.errors import (
     GuardfabError,
     InvalidInputError,
     PolicyError,
-    TransportError,
     UsageError,
 )
 from guardfab.formats.key_protector import load_key_protector
@@ -74,6 +73,7 @@ from guardfab.hypervisor.power import (
     _record_run,
     bind_policy,
     power_off,
+    release_first,
     running_pid,
 )
 from guardfab.hypervisor.provision import KeySource, VmRecord, write_record
@@ -202,15 +202,10 @@ def _release(
     offer: MigrationOffer, pairs: tuple[SealedPair, ...], key_source: KeySource
 ) -> tuple[SealedPair, ReleasedKeys]:
     """The keys of the offered committed pair, or of the pending one a failed migration left."""
-    refusals: list[GuardfabError] = []
-    for pair in pairs:
-        try:
-            return pair, key_source.release(pair.kp)
-        except TransportError:
-            raise
-        except GuardfabError as exc:
-            refusals.append(exc)
-    first = refusals[0]
+    released = release_first(pairs, key_source)
+    if isinstance(released, tuple):
+        return released
+    first = released[0]  # the offer holds a pair at least (checked on arrival)
     raise MigrationRefusedError(
         f"VM {offer.name!r} not migrated: the destination got no keys from the KPS ({first}); "
         "nothing was sent and the VM keeps running at the source",

@@ -39,9 +39,10 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from guardfab.errors import (
     GuardfabError,
@@ -99,20 +100,42 @@ def _qemu_factory(spec: VmSpec, state_dir: Path) -> VmRuntime:
     return QemuVm(spec, state_dir)
 
 
-def _release(store: VaultStore, key_source: KeySource, name: str) -> tuple[KeyPair, ReleasedKeys]:
-    """The keys of the committed pair, or of the pending one if the committed is refused."""
-    candidates = store.candidates()
+class _HasKp(Protocol):
+    @property
+    def kp(self) -> bytes: ...
+
+
+_Pair = TypeVar("_Pair", bound=_HasKp)
+
+
+def release_first(
+    pairs: Iterable[_Pair], key_source: KeySource
+) -> tuple[_Pair, ReleasedKeys] | list[GuardfabError]:
+    """The first pair, in order, whose KP the KPS releases; else every refusal, in order.
+
+    A committed pair comes before the pending one a failed re-key or migration
+    left. A transport error is raised, not counted as a refusal: the KPS said
+    nothing about the next pair either.
+    """
     refusals: list[GuardfabError] = []
-    for pair in candidates:
+    for pair in pairs:
         try:
             return pair, key_source.release(pair.kp)
         except TransportError:
             raise
         except GuardfabError as exc:
             refusals.append(exc)
-    if not refusals:
+    return refusals
+
+
+def _release(store: VaultStore, key_source: KeySource, name: str) -> tuple[KeyPair, ReleasedKeys]:
+    """The keys of the committed pair, or of the pending one if the committed is refused."""
+    released = release_first(store.candidates(), key_source)
+    if isinstance(released, tuple):
+        return released
+    if not released:
         raise PowerOnRefusedError(f"VM {name!r} has no key protector stored")
-    first = refusals[0]
+    first = released[0]
     raise PowerOnRefusedError(
         f"VM {name!r} cannot start on this host: no keys were released ({first})",
         hint=first.hint or "make this host attest (guardfab host attest) and check its health",
