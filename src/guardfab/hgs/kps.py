@@ -45,16 +45,16 @@ from typing import Any
 
 from guardfab.errors import GuardfabError, UsageError
 from guardfab.formats import jose
-from guardfab.formats.encoding import b64url_decode
 from guardfab.formats.guardian import KeyAlgorithm
-from guardfab.formats.shielding_data import MAX_SHIELDING_DATA_BYTES
 from guardfab.hgs.audit_batch import LoopBatcher
 from guardfab.hgs.kps_config import (
+    MAX_PDK_TEXT,
     RELEASE_KIND,
     SEEN,
     VERSION_KEY,
     KpsConfig,
     KpsUnavailableError,
+    decode_request_file,
     printable,
 )
 from guardfab.hgs.kps_keys import KpsKey, KpsKeyDirectory, key_ring, kps_guardian_name
@@ -81,7 +81,6 @@ PRIMARY_KEY = "kps/keys/primary"
 #: A deny-before date this far in the future is refused: it would deny every certificate.
 MAX_DENY_BEFORE_SKEW = 60
 #: The base64url text of the largest shielding data file.
-_MAX_PDK_TEXT = (MAX_SHIELDING_DATA_BYTES * 4) // 3 + 4
 #: Audit record kind of a shielding data opening (a release's: RELEASE_KIND).
 OPENING_KIND = "shielding-data-open"
 _AUDIT_MESSAGE_CHARS = 500
@@ -440,12 +439,9 @@ class KpsService:
 
 
 def _decode_pdk(text: str) -> bytes:
-    if not isinstance(text, str) or len(text) > _MAX_PDK_TEXT:
-        raise ShieldingDataRejectedError("shielding data: not base64url text of acceptable size")
-    try:
-        return b64url_decode(text, what="shielding data")
-    except GuardfabError as exc:
-        raise ShieldingDataRejectedError(f"shielding data refused: {exc}") from exc
+    return decode_request_file(
+        text, max_text=MAX_PDK_TEXT, what="shielding data", rejected=ShieldingDataRejectedError
+    )
 
 
 def _newest(ring: Sequence[KpsKey]) -> int:

@@ -34,9 +34,9 @@ from pydantic import BaseModel, Field
 from guardfab.errors import FormatError
 from guardfab.formats.guardian import KeyAlgorithm
 from guardfab.formats.health_certificate import MAX_TOKEN_BYTES
-from guardfab.formats.shielding_data import MAX_SHIELDING_DATA_BYTES
 from guardfab.hgs.deps import ADMIN, READER, Strict, service_of_app
 from guardfab.hgs.kps import KpsNotFoundError, KpsService
+from guardfab.hgs.kps_config import MAX_KP_TEXT, MAX_PDK_TEXT
 from guardfab.hgs.web import error_body
 from guardfab.keyprotection import (
     CertificateRejectedError,
@@ -59,18 +59,15 @@ RELEASE_STATUS: tuple[tuple[type[KeyReleaseError], int], ...] = (
     (ForeignShieldingDataError, 404),
     (ShieldingDataRejectedError, 422),
 )
-_MAX_KP_TEXT = 400 * 1024
 #: JSONResponse's encoder but for ``ensure_ascii`` (see release_body).
 _ASCII_JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
-#: base64url of the largest shielding data file.
-_MAX_PDK_TEXT = (MAX_SHIELDING_DATA_BYTES * 4) // 3 + 4
 
 
 class ReleaseRequest(Strict):
     """A host's health certificate and the VM's key protector (its file, base64url)."""
 
     health_certificate: str = Field(max_length=MAX_TOKEN_BYTES)
-    key_protector: str = Field(max_length=_MAX_KP_TEXT)
+    key_protector: str = Field(max_length=MAX_KP_TEXT)
 
 
 class ReleaseResponse(BaseModel):
@@ -88,7 +85,7 @@ class OpenShieldingDataRequest(Strict):
     """A host's health certificate and a VM's shielding data (the PDK file, base64url)."""
 
     health_certificate: str = Field(max_length=MAX_TOKEN_BYTES)
-    shielding_data: str = Field(max_length=_MAX_PDK_TEXT)
+    shielding_data: str = Field(max_length=MAX_PDK_TEXT)
 
 
 class SignerRequest(Strict):

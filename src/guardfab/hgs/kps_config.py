@@ -13,9 +13,11 @@ import functools
 from dataclasses import dataclass
 
 from guardfab.attestation.trust import TrustState
-from guardfab.errors import TransportError
+from guardfab.errors import GuardfabError, TransportError
 from guardfab.formats import jose
-from guardfab.formats.key_protector import KpsKeys
+from guardfab.formats.encoding import b64url_decode
+from guardfab.formats.key_protector import MAX_KP_BYTES, KpsKeys
+from guardfab.formats.shielding_data import MAX_SHIELDING_DATA_BYTES
 from guardfab.hgs.kps_keys import KpsKey
 
 #: Bumped by every configuration change; its revision is the configuration's version.
@@ -79,3 +81,25 @@ class ReleaseState:
     trust: TrustState
     #: As last loaded, versions not read for this release (then checked at commit).
     cached: bool
+
+
+def base64url_text_limit(max_bytes: int) -> int:
+    """Characters of unpadded base64url text that encode at most ``max_bytes`` bytes."""
+    return (max_bytes * 4) // 3 + 4
+
+
+#: The request fields carrying a KP file and a shielding data file (base64url).
+MAX_KP_TEXT = base64url_text_limit(MAX_KP_BYTES)
+MAX_PDK_TEXT = base64url_text_limit(MAX_SHIELDING_DATA_BYTES)
+
+
+def decode_request_file(
+    text: str, *, max_text: int, what: str, rejected: type[GuardfabError]
+) -> bytes:
+    """A file sent in a request as base64url text: size-bounded first, refused as ``rejected``."""
+    if not isinstance(text, str) or len(text) > max_text:
+        raise rejected(f"{what}: not base64url text of acceptable size")
+    try:
+        return b64url_decode(text, what=what)
+    except GuardfabError as exc:
+        raise rejected(f"{what} refused: {exc}") from exc

@@ -16,12 +16,11 @@ from collections.abc import Callable
 from typing import Protocol
 
 from guardfab.errors import GuardfabError
-from guardfab.formats.encoding import b64url_decode
-from guardfab.formats.key_protector import MAX_KP_BYTES
 from guardfab.hgs import registry as reg
 from guardfab.hgs.audit_batch import Commit, LoopBatcher, commit_now, run_now
 from guardfab.hgs.kps_config import (
     GENERATIONS,
+    MAX_KP_TEXT,
     RELEASE_KIND,
     SEEN,
     STATE_RETRIES,
@@ -29,6 +28,7 @@ from guardfab.hgs.kps_config import (
     KpsConfig,
     KpsUnavailableError,
     ReleaseState,
+    decode_request_file,
     printable,
 )
 from guardfab.hgs.registry import decode, encode, version_condition
@@ -42,8 +42,6 @@ from guardfab.store.audit import AppendRequest, AuditLog
 from guardfab.store.base import ABSENT, Entry, Store, Txn
 from guardfab.store.errors import ConflictError
 
-#: The base64url text of the largest KP file.
-_MAX_KP_TEXT = (MAX_KP_BYTES * 4) // 3 + 4
 TRUST_VERSION_KEY = reg.VERSION_KEY
 
 
@@ -246,9 +244,6 @@ class KeyReleases:
 
 def decode_kp(text: str) -> bytes:
     """The KP file from the request's base64url text (size-bounded first)."""
-    if not isinstance(text, str) or len(text) > _MAX_KP_TEXT:
-        raise KeyProtectorRejectedError("key protector: not base64url text of acceptable size")
-    try:
-        return b64url_decode(text, what="key protector")
-    except GuardfabError as exc:
-        raise KeyProtectorRejectedError(f"key protector refused: {exc}") from exc
+    return decode_request_file(
+        text, max_text=MAX_KP_TEXT, what="key protector", rejected=KeyProtectorRejectedError
+    )
