@@ -23,10 +23,11 @@ from guardfab.attestation.trust import HostKey
 from guardfab.formats import jose
 from guardfab.hgs import registry as reg
 from guardfab.hgs.attest import AttestOutcome
-from guardfab.hgs.audit_batch import run_now
+from guardfab.hgs.audit_batch import LoopBatcher, run_now
 from guardfab.hgs.nonce import NonceError
 from guardfab.host.attestation import host_key_evidence
-from guardfab.store import verify
+from guardfab.store import AuditLog, AuditRecord, SqliteStore, verify
+from guardfab.store.audit import AppendRequest
 from test_hgs_attest_trust import Fabric
 
 HOSTS = 4
@@ -119,3 +120,23 @@ def test_run_now_finishes_an_operation_that_never_waits_and_refuses_one_that_doe
 
     with pytest.raises(RuntimeError, match="waited for an event loop"):
         run_now(waits())
+
+
+def test_a_loop_that_stopped_before_its_commit_does_not_stall_the_next(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "store.db")
+    batcher = LoopBatcher(AuditLog(store))
+    first = asyncio.new_event_loop()
+    abandoned = first.create_task(batcher.append(AppendRequest("attestation", "a", "a", "success")))
+    first.call_soon(first.stop)  # runs before the commit the append schedules
+    first.run_forever()
+    assert not abandoned.done()  # it waits for a commit that will never run
+    first.close()
+
+    async def next_append() -> AuditRecord:
+        request = AppendRequest("attestation", "b", "b", "success")
+        return await asyncio.wait_for(batcher.append(request), timeout=10)
+
+    record = asyncio.run(next_append())
+    assert record.actor == "b"
+    assert verify(store).records == 1  # the abandoned request was never committed
+    store.close()

@@ -33,12 +33,18 @@ class LoopBatcher:
     def __init__(self, audit: AuditLog) -> None:
         self._audit = audit
         self._queued: list[tuple[AppendRequest, asyncio.Future[AuditRecord]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def append(self, request: AppendRequest) -> AuditRecord:
         """Append ``request``'s record in this turn's batch; raise its error as ``append`` would."""
         loop = asyncio.get_running_loop()
+        if self._queued and self._loop is not loop:
+            # Left by a loop that stopped before its commit ran: nobody awaits
+            # those requests any more, and nothing would ever commit this one.
+            self._queued = []
         future: asyncio.Future[AuditRecord] = loop.create_future()
         if not self._queued:
+            self._loop = loop
             loop.call_soon(self._commit)
         self._queued.append((request, future))
         return await future
