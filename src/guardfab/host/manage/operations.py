@@ -138,13 +138,6 @@ class VmOperations:
         vm_dir = self.vms_dir / name
         return summary(self.record(vm_dir), vm_dir)
 
-    def policy_of(self, name: str) -> SecurityPolicy | None:
-        """The VM's security policy, or ``None`` if there is no such VM (for the audit)."""
-        try:
-            return self.record(self.vms_dir / name).policy if _NAME.fullmatch(name) else None
-        except Exception:  # noqa: BLE001 - a best-effort fact for the audit record
-            return None
-
     # ------------------------------------------------------------------ lifecycle
 
     def provision(self, request: ProvisionRequest) -> dict[str, Any]:
