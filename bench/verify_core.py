@@ -18,7 +18,12 @@ ECC P-256 AKs), one core each, it times:
   Its parser shells out to ``tpm2_eventlog`` (Debian tpm2-tools), which this bench
   installs if missing, with libefivar1 and python3-gpg that Keylime also loads;
 * **floor**: one ``cryptography`` signature verify of the quote + a hashlib
-  SHA-256 replay of the log's 100 digests (already extracted), nothing else.
+  SHA-256 replay of the log, read from the same log bytes the engines get: one
+  precompiled ``struct`` call per record (the bench log's layout, derived from
+  its header before timing) and one extend, nothing else (no bounds, no checks);
+* **floor, digests pre-extracted**: the same with the 100 SHA-256 digests handed
+  over already extracted (no walk of the log at all), shown for comparison; it
+  is not on the same input as the others, so the goal line judges the floor above.
 
 The engines take turns in short rounds (best of each shown), so that load from
 other processes falls on all of them alike. Each engine is first shown to refuse
@@ -72,7 +77,7 @@ VECTORS = c.REPO.parent / "shared" / "vectors" / "eventlogs"
 KINDS = {"rsa": "RSA-2048 AK", "ecc": "ECC P-256 AK"}
 #: Table rows: engine key and its label.
 ENGINES = {"guardfab": "guardfab", "guardfab-new-log": "guardfab new log", "keylime": "keylime"}
-ENGINES |= {"floor": "floor"}
+ENGINES |= {"floor": "floor", "floor-digests": "floor, digests pre-extracted,"}
 _BANKS = {"sha1": 0x0004, "sha256": 0x000B, "sha384": 0x000C, "sha512": 0x000D}
 _SHA256 = 0x000B
 _DEBIAN_PYTHON = "/usr/bin/python3"
@@ -297,8 +302,47 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def floor_check(case: Case, digests: list[tuple[int, bytes]]) -> Callable[[], object]:
-    """One signature verify + a hashlib replay of the log's SHA-256 digests."""
+def floor_check(case: Case, log: bytes) -> Callable[[], object]:
+    """One signature verify + a hashlib replay of the log's SHA-256 bank, read from its bytes.
+
+    The minimal direct replay of the input every engine gets: the layout of a
+    record head (PCR, type, digest count, each bank's id and digest, data size)
+    is derived from the log's header beforehand, then each record is one
+    ``unpack_from`` and, unless it is EV_NO_ACTION, one extend. It trusts the
+    log entirely: no bound, shape or PCR index is checked.
+    """
+    first, head, at = _raw_layout(log)
+    unpack, size, total = head.unpack_from, head.size, len(log)
+    zero, sha256, no_action = bytes(32), hashlib.sha256, int(EventType.EV_NO_ACTION)
+
+    def check() -> object:
+        case.verify_signature()
+        pcrs: dict[int, bytes] = {}
+        offset = first
+        while offset < total:
+            row = unpack(log, offset)
+            offset += size + row[-1]
+            if row[1] != no_action:
+                pcr = row[0]
+                pcrs[pcr] = sha256(pcrs.get(pcr, zero) + row[at]).digest()
+        return pcrs
+
+    return check
+
+
+def _raw_layout(log: bytes) -> tuple[int, struct.Struct, int]:
+    """Where the first TCG_PCR_EVENT2 record starts, its head's ``struct``, the SHA-256 field."""
+    spec = parse_event_log(log).spec_id
+    if spec is None:
+        raise SystemExit("the bench log is not crypto-agile")
+    sizes = spec.digest_sizes
+    fields = "".join(f"H{size}s" for _, size in sizes)
+    at = 4 + 2 * [alg for alg, _ in sizes].index(_SHA256)
+    return 32 + spec.size, struct.Struct(f"<III{fields}I"), at
+
+
+def floor_digests_check(case: Case, digests: list[tuple[int, bytes]]) -> Callable[[], object]:
+    """One signature verify + a hashlib replay of the log's SHA-256 digests, already extracted."""
     zero, sha256 = bytes(32), hashlib.sha256
 
     def check() -> object:
@@ -508,7 +552,8 @@ def report_rows(rates: dict[str, dict[str, float]]) -> list[list[str]]:
                 continue
             keylime = rates.get("keylime", {}).get(kind)
             vs_keylime = f"{rate / keylime:.1f}x" if keylime else "n/a"
-            vs_floor = f"{rates['floor'][kind] / rate:.2f}x slower"
+            ratio = rates["floor"][kind] / rate
+            vs_floor = f"{ratio:.2f}x slower" if ratio >= 1 else f"{1 / ratio:.2f}x faster"
             rows.append([name, f"{rate:,.0f}", f"{1e6 / rate:,.1f}", vs_keylime, vs_floor])
     return rows
 
@@ -542,13 +587,16 @@ def main() -> None:
     digests = log_digests(log)
     vectors = vector_inputs()
     busy, own, began = c.machine_busy_seconds(), c.own_cpu_seconds(), time.monotonic()
-    rates: dict[str, dict[str, float]] = {"guardfab": {}, "guardfab-new-log": {}, "floor": {}}
+    rates: dict[str, dict[str, float]] = {name: {} for name in ENGINES if name != "keylime"}
     for case in cases:
         calls = {
             "guardfab": guardfab_check(case),
-            "floor": floor_check(case, digests),
+            "floor": floor_check(case, log),
             "guardfab-new-log": guardfab_new_log_check(case),
+            "floor-digests": floor_digests_check(case, digests),
         }
+        if calls["floor"]() != calls["floor-digests"]():
+            raise SystemExit("the two floors replay the bench log to different PCRs")
         for engine, rate in c.interleaved_best_rates(calls, args.seconds, args.repeat).items():
             rates[engine][case.kind] = rate
     keylime, reason = None, ""
@@ -563,7 +611,7 @@ def main() -> None:
     notes.append(
         f"other processes used {max(0.0, others) / (time.monotonic() - began):.2f} cores on "
         f"average while this ran (of {os.cpu_count()}); rows are the best of {args.repeat} "
-        "rounds in which guardfab, its new-log variant and the floor took turns"
+        "rounds in which guardfab, its new-log variant and the two floors took turns"
     )
     print_report(args, rates, cases, tampered, keylime, reason, notes, vectors, len(digests))
 
@@ -621,6 +669,7 @@ def print_goal(rates: dict[str, dict[str, float]], vectors_ok: bool, count: int)
     ours, floor = rates["guardfab"], rates["floor"]
     slowdown = max(floor[k] / ours[k] for k in KINDS)
     new_log = max(floor[k] / rates["guardfab-new-log"][k] for k in KINDS)
+    pre_extracted = max(rates["floor-digests"][k] / rates["guardfab-new-log"][k] for k in KINDS)
     vs_keylime = "NOT MEASURED"
     if "keylime" in rates:
         speedup = min(ours[k] / rates["keylime"][k] for k in KINDS)
@@ -630,7 +679,8 @@ def print_goal(rates: dict[str, dict[str, float]], vectors_ok: bool, count: int)
     print(
         f"goal (issue 3): >= 50x Keylime: {vs_keylime}; within 3x of the floor: "
         f"a known log {c.verdict(slowdown <= 3)} (worst {slowdown:.2f}x), "
-        f"a new log {c.verdict(new_log <= 3)} (worst {new_log:.2f}x); "
+        f"a new log {c.verdict(new_log <= 3)} (worst {new_log:.2f}x; {pre_extracted:.2f}x of "
+        f"the floor given pre-extracted digests); "
         f"every vector log handled: {c.verdict(vectors_ok)} ({count} logs)"
     )
 
