@@ -2,11 +2,10 @@
 
 Everything a real host would send is built here with software keys: EK and AK
 public areas (``test_tpm_credential.soft_ek`` / ``test_tpm_quote.soft_ak``), a
-PFP-shaped crypto-agile boot log written by the independent serializer in
-``test_eventlog_builder`` (policy variables and separators, firmware and boot
-loader images, GRUB's PCR 8 commands and PCR 9 files, among them the CI policy
-file), PCR values replayed by that module's independent ``reference_replay``,
-and a TPMS_ATTEST marshalled and signed like TPM2_Quote. The tests at the
+PFP-shaped crypto-agile boot log from :class:`guardfab.softhost.boot.Boot` (policy
+variables and separators, firmware and boot loader images, GRUB's PCR 8 commands
+and PCR 9 files, among them the CI policy file) with PCR values by its independent
+reference replay, and a TPMS_ATTEST marshalled and signed like TPM2_Quote. The tests at the
 bottom check the host itself: its log parses, replays to its PCRs, and it
 passes attestation against the trust state made for it.
 """
@@ -35,6 +34,8 @@ from guardfab.attestation.result import AttestationStatus
 from guardfab.attestation.tpm_mode import verify_tpm_evidence
 from guardfab.attestation.trust import AkBinding, CiPolicy, TpmHost, TrustState, ek_digest
 from guardfab.formats import jose
+from guardfab.softhost.boot import CI_POLICY_FILE, QUOTED_PCRS, Boot
+from guardfab.softhost.eventlog import SHA256
 from guardfab.tpm.constants import TpmAlg
 from guardfab.tpm.eventlog import parse_event_log
 from guardfab.tpm.quote import pcr_digest
@@ -47,22 +48,6 @@ from guardfab.tpm.structures import (
     object_name,
     pcr_selection,
 )
-from test_eventlog_builder import (
-    EFI_GLOBAL,
-    EFI_SECURITY_DB,
-    EV_EFI_ACTION,
-    EV_EFI_PLATFORM_FIRMWARE_BLOB,
-    EV_EFI_VARIABLE_BOOT,
-    EV_EFI_VARIABLE_DRIVER_CONFIG,
-    EV_IPL,
-    EV_SEPARATOR,
-    SHA1,
-    SHA256,
-    AgileLog,
-    Ev,
-    reference_replay,
-    variable,
-)
 from test_tpm_credential import SoftEk, soft_ek
 from test_tpm_quote import SoftAk, soft_ak, soft_sign
 
@@ -70,11 +55,6 @@ from test_tpm_quote import SoftAk, soft_ak, soft_sign
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
 NOW = datetime.datetime(2026, 6, 1, 12, 0, tzinfo=datetime.UTC)
 NONCE = b"challenge-nonce-0123456789abcdef"
-EV_EFI_BOOT_SERVICES_APPLICATION = 0x80000003
-#: The CI policy file GRUB loads and measures into PCR 9 (an IMA policy).
-CI_POLICY_FILE = b"measure func=BPRM_CHECK\nappraise func=BPRM_CHECK appraise_type=imasig\n"
-CI_POLICY_PATH = b"(hd0,gpt2)/boot/ima-policy\0"
-QUOTED_PCRS = tuple(range(10))
 
 
 def vectors_dir() -> Path:
@@ -82,86 +62,6 @@ def vectors_dir() -> Path:
     if not (VECTORS / "eventlogs" / "event-gce-ubuntu-2104-log.bin").is_file():
         pytest.fail(f"shared vectors not found under {VECTORS}: clone shared/ beside the repo")
     return VECTORS
-
-
-def _file(pcr: int, path: bytes, content: bytes) -> Ev:
-    """A GRUB file measurement: EV_IPL, data = path, digest = H(file content)."""
-    digests = {SHA1: hashlib.sha1(content).digest(), SHA256: hashlib.sha256(content).digest()}
-    return Ev(pcr, EV_IPL, path, digests)
-
-
-def _image(pcr: int, event_type: int, name: bytes) -> Ev:
-    """An image load: the digest is H(image), which the log does not hold."""
-    image = b"PE image of " + name
-    digests = {SHA1: hashlib.sha1(image).digest(), SHA256: hashlib.sha256(image).digest()}
-    return Ev(pcr, event_type, b"device path of " + name, digests)
-
-
-@dataclass(frozen=True)
-class Boot:
-    """What the host booted; each field changes a known set of events."""
-
-    secure_boot: bytes = b"\x01"
-    db: bytes = b"db: vendor CA"
-    dbx: bytes = b"dbx: revoked hashes"
-    debug: bool = False
-    dma_disabled: bool = False
-    ci_policy: bytes | None = CI_POLICY_FILE
-    shim: bytes = b"shimx64.efi 15.8"
-    extra_app: bytes | None = None
-    boot_order: bytes = b"\x01\x00\x02\x00"
-    grub_commands: int = 80
-
-    def events(self) -> list[Ev]:
-        """The log's events, PFP order: firmware, policy, boot variables, loaders, GRUB."""
-        events = [
-            Ev(0, EV_EFI_PLATFORM_FIRMWARE_BLOB, b"\x00" * 8 + b"\x00\x10" + b"\x00" * 6),
-            Ev(
-                7,
-                EV_EFI_VARIABLE_DRIVER_CONFIG,
-                variable(EFI_GLOBAL, "SecureBoot", self.secure_boot),
-            ),
-            Ev(7, EV_EFI_VARIABLE_DRIVER_CONFIG, variable(EFI_GLOBAL, "PK", b"pk: platform key")),
-            Ev(7, EV_EFI_VARIABLE_DRIVER_CONFIG, variable(EFI_GLOBAL, "KEK", b"kek: exchange")),
-            Ev(7, EV_EFI_VARIABLE_DRIVER_CONFIG, variable(EFI_SECURITY_DB, "db", self.db)),
-            Ev(7, EV_EFI_VARIABLE_DRIVER_CONFIG, variable(EFI_SECURITY_DB, "dbx", self.dbx)),
-        ]
-        if self.debug:
-            events.append(Ev(7, EV_EFI_ACTION, b"UEFI Debug Mode"))
-        if self.dma_disabled:
-            events.append(Ev(7, EV_EFI_ACTION, b"DMA Protection Disabled"))
-        events.append(
-            Ev(1, EV_EFI_VARIABLE_BOOT, variable(EFI_GLOBAL, "BootOrder", self.boot_order))
-        )
-        events += [Ev(pcr, EV_SEPARATOR, bytes(4)) for pcr in range(8)]
-        events.append(_image(4, EV_EFI_BOOT_SERVICES_APPLICATION, self.shim))
-        if self.extra_app is not None:
-            events.append(_image(4, EV_EFI_BOOT_SERVICES_APPLICATION, self.extra_app))
-        events.append(_image(4, EV_EFI_BOOT_SERVICES_APPLICATION, b"grubx64.efi 2.12"))
-        events.append(_file(9, b"(hd0,gpt2)/boot/grub/grub.cfg\0", b"set timeout=0\n"))
-        if self.ci_policy is not None:
-            events.append(_file(9, CI_POLICY_PATH, self.ci_policy))
-        events += [
-            Ev(8, EV_IPL, f"grub_cmd: set option_{n}=value_{n}".encode() + b"\0")
-            for n in range(self.grub_commands)
-        ]
-        events.append(_file(9, b"/boot/vmlinuz-6.12\0", b"kernel image 6.12"))
-        events.append(_file(9, b"/boot/initrd.img-6.12\0", b"initrd 6.12"))
-        return events
-
-    def log(self) -> AgileLog:
-        """The crypto-agile log (SHA-1 and SHA-256 banks)."""
-        return AgileLog(events=self.events())
-
-    def log_bytes(self) -> bytes:
-        """The serialized log."""
-        return self.log().build()
-
-    def pcrs(self, quoted: Iterable[int] = QUOTED_PCRS) -> dict[int, bytes]:
-        """SHA-256 PCR values by the independent reference replay (untouched PCRs: zero)."""
-        log = self.log()
-        values = reference_replay(log.banks, log.events)[SHA256]
-        return {pcr: values.get(pcr, bytes(32)) for pcr in quoted}
 
 
 def make_quote(
