@@ -281,7 +281,7 @@ def test_host_key_host_on_a_token_attests_through_the_cli(
     assert (root / "state" / "health-certificate.json").exists()
 
     diagnosed = invoke("host", "diagnose", "--config", str(config)).output
-    assert "[PASS] host-signing-key: PKCS#11 token 'guardfab' object 'host-ec'" in diagnosed
+    assert "OK   host-signing-key: PKCS#11 token 'guardfab' object 'host-ec'" in diagnosed
 
     written = [p.read_bytes() for p in root.rglob("*") if p.is_file()]
     assert all(token.pin.encode() not in data for data in written)

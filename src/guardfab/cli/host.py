@@ -17,13 +17,14 @@ from typing import Any
 import click
 from cryptography import x509
 
+from guardfab import diagnostics as diag
 from guardfab.cli.host_manage import audit as audit_group
 from guardfab.cli.host_manage import manage as manage_group
 from guardfab.cli.output import EXIT_INVALID, EXIT_TRANSPORT, emit, handle_errors, json_option
 from guardfab.errors import FormatError, GuardfabError, UsageError
 from guardfab.files import PUBLIC, atomic_write
 from guardfab.formats.guardian import KeyAlgorithm
-from guardfab.host import diagnose as diag
+from guardfab.host import diagnose as host_diag
 from guardfab.host import signer as key_backends
 from guardfab.host.attester import load_host_key, read_event_log, tpm_opener
 from guardfab.host.config import (
@@ -566,29 +567,14 @@ def diagnose(config_file: Path | None, as_json: bool) -> None:
     try:
         config = load_config(path)
     except GuardfabError as exc:
-        results = [diag.CheckResult("config", diag.Outcome.FAIL, str(exc), exc.hint)]
+        checks = [diag.fail("config", str(exc), exc.hint)]
     else:
-        results = [diag.CheckResult("config", diag.Outcome.PASS, f"{path} is valid")]
-        results += diag.run_checks(config, time.time)
-    report = diag.summary(results)
-    data = {**report, "checks": [r.to_dict() for r in results]}
-    emit(as_json, data, lambda: _diagnose_text(results, report))
+        checks = [diag.ok("config", f"{path} is valid")]
+        checks += host_diag.run_checks(config, time.time)
+    report = diag.report_dict(checks, config=str(path))
+    emit(as_json, report, lambda: diag.report_text(f"host diagnose: {path}", checks))
     if not report["ok"]:
         sys.exit(EXIT_INVALID)
-
-
-def _diagnose_text(results: list[diag.CheckResult], report: dict[str, Any]) -> str:
-    lines = []
-    for result in results:
-        lines.append(f"[{result.outcome.value}] {result.name}: {result.detail}")
-        if result.fix and result.outcome in (diag.Outcome.FAIL, diag.Outcome.WARN):
-            lines.append(f"       fix: {result.fix}")
-    counts = report["counts"]
-    lines.append(
-        f"{counts['PASS']} passed, {counts['WARN']} warnings, {counts['FAIL']} failed, "
-        f"{counts['SKIP']} skipped"
-    )
-    return "\n".join(lines)
 
 
 @host.command("agent")

@@ -15,7 +15,6 @@ opened only if its file exists).
 from __future__ import annotations
 
 import datetime
-import enum
 import ipaddress
 import sqlite3
 import ssl
@@ -31,9 +30,11 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
+from guardfab import diagnostics as diag
 from guardfab.attestation.admin_group_mode import DEPRECATION_WARNING
 from guardfab.attestation.policies import effective_state, policy_named
 from guardfab.attestation.trust import AttestationMode, PolicyState, TrustState
+from guardfab.diagnostics import Check, Status
 from guardfab.errors import GuardfabError
 from guardfab.formats import jose
 from guardfab.hgs.client import url_for_listen
@@ -91,34 +92,6 @@ FIX = {
 }
 
 
-class Status(enum.StrEnum):
-    """The outcome of one check."""
-
-    OK = "OK"
-    WARN = "WARN"
-    FAIL = "FAIL"
-    SKIP = "SKIP"
-
-
-@dataclass(frozen=True)
-class Check:
-    """One check's outcome, and the fix when it is not OK."""
-
-    name: str
-    status: Status
-    message: str
-    fix: str = ""
-
-    def to_dict(self) -> dict[str, str]:
-        """JSON form."""
-        return {
-            "check": self.name,
-            "status": self.status.value,
-            "message": self.message,
-            "fix": self.fix,
-        }
-
-
 @dataclass(frozen=True)
 class DiagnoseReport:
     """Every check of one run."""
@@ -129,34 +102,19 @@ class DiagnoseReport:
     @property
     def ok(self) -> bool:
         """True when no check failed (warnings allowed)."""
-        return all(check.status is not Status.FAIL for check in self.checks)
+        return diag.passed(self.checks)
 
     def failures(self) -> list[Check]:
         """The failed checks."""
         return [check for check in self.checks if check.status is Status.FAIL]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form."""
-        counts = {status.value: 0 for status in Status}
-        for check in self.checks:
-            counts[check.status.value] += 1
-        return {
-            "directory": str(self.directory),
-            "ok": self.ok,
-            "counts": counts,
-            "checks": [check.to_dict() for check in self.checks],
-        }
+        """JSON form (the shape every diagnose command prints, :mod:`guardfab.diagnostics`)."""
+        return diag.report_dict(self.checks, directory=str(self.directory))
 
     def explain(self) -> str:
         """One line per check, the fix under each that is not OK, and a summary."""
-        lines = [f"HGS diagnose: {self.directory}"]
-        for check in self.checks:
-            lines.append(f"{check.status.value:<4} {check.name}: {check.message}")
-            if check.fix and check.status is not Status.OK:
-                lines.append(f"     fix: {check.fix}")
-        failed, warned = len(self.failures()), sum(c.status is Status.WARN for c in self.checks)
-        lines.append(f"{len(self.checks)} checks: {failed} failed, {warned} warnings")
-        return "\n".join(lines)
+        return diag.report_text(f"HGS diagnose: {self.directory}", self.checks)
 
 
 @dataclass
@@ -170,36 +128,20 @@ class _Context:
     store: Store | None = None
 
 
-def _ok(name: str, message: str) -> Check:
-    return Check(name, Status.OK, message)
-
-
-def _fail(name: str, message: str, fix: str) -> Check:
-    return Check(name, Status.FAIL, message, fix)
-
-
-def _warn(name: str, message: str, fix: str) -> Check:
-    return Check(name, Status.WARN, message, fix)
-
-
-def _skip(name: str, why: str) -> Check:
-    return Check(name, Status.SKIP, f"not checked: {why}")
-
-
 # --------------------------------------------------------------------- files and config
 
 
 def check_files(ctx: _Context) -> Iterator[Check]:
     """The state directory exists and holds every file, private ones 0600."""
     if not ctx.directory.is_dir():
-        yield _fail("state-directory", f"{ctx.directory} is not a directory", FIX["dir"])
+        yield diag.fail("state-directory", f"{ctx.directory} is not a directory", FIX["dir"])
         return
-    yield _ok("state-directory", f"{ctx.directory} exists")
+    yield diag.ok("state-directory", f"{ctx.directory} exists")
     missing = [(name, fix) for name, _private, fix in FILES if not (ctx.directory / name).is_file()]
     for name, fix in missing:
-        yield _fail(f"file {name}", "missing", fix)
+        yield diag.fail(f"file {name}", "missing", fix)
     if not missing:
-        yield _ok("files", f"all {len(FILES)} files are present")
+        yield diag.ok("files", f"all {len(FILES)} files are present")
     yield from _check_modes(ctx)
 
 
@@ -214,14 +156,14 @@ def _check_modes(ctx: _Context) -> Iterator[Check]:
         if path.is_file() and stat.S_IMODE(path.stat().st_mode) & 0o077:
             loose.append((name, stat.S_IMODE(path.stat().st_mode)))
     for name, mode in loose:
-        yield _fail(
+        yield diag.fail(
             f"mode {name}",
             f"mode {mode:04o}: readable or writable by group or others",
             f"chmod 600 {ctx.directory / name} (and find out who could read it: "
             "a leaked key or token must be replaced)",
         )
     if not loose:
-        yield _ok("file-modes", "private files are 0600")
+        yield diag.ok("file-modes", "private files are 0600")
 
 
 def check_config(ctx: _Context) -> Iterator[Check]:
@@ -229,12 +171,12 @@ def check_config(ctx: _Context) -> Iterator[Check]:
     try:
         ctx.state = HgsState(ctx.directory)
     except GuardfabError as exc:
-        yield _fail("config", f"hgs.json: {exc}", exc.hint or "fix hgs.json")
+        yield diag.fail("config", f"hgs.json: {exc}", exc.hint or "fix hgs.json")
         return
     config = ctx.state.config
     if ctx.url is None:
         ctx.url = url_for_listen(config.listen)
-    yield _ok(
+    yield diag.ok(
         "config", f"hgs.json is valid (service {config.service_name!r}, listen {config.listen})"
     )
 
@@ -270,7 +212,7 @@ def check_tls(ctx: _Context) -> Iterator[Check]:
         chain = x509.load_pem_x509_certificates(server.read_bytes())
         ca = x509.load_pem_x509_certificate(ca_file.read_bytes())
     except (OSError, ValueError) as exc:
-        yield _fail("tls-certificate", f"cannot load the TLS certificates ({exc})", FIX["tls"])
+        yield diag.fail("tls-certificate", f"cannot load the TLS certificates ({exc})", FIX["tls"])
         return
     yield _validity(chain[0], ctx.now)
     yield _names(ctx, chain[0])
@@ -282,21 +224,21 @@ def _validity(leaf: x509.Certificate, now: datetime.datetime) -> Check:
     name, until = "tls-validity", leaf.not_valid_after_utc
     renew = FIX["renew"]
     if now < leaf.not_valid_before_utc:
-        return _fail(name, f"not valid before {leaf.not_valid_before_utc}", renew)
+        return diag.fail(name, f"not valid before {leaf.not_valid_before_utc}", renew)
     if now > until:
-        return _fail(name, f"expired on {until.isoformat()}", renew)
+        return diag.fail(name, f"expired on {until.isoformat()}", renew)
     if until - now < EXPIRY_WARNING:
-        return _warn(name, f"expires on {until.isoformat()} ({(until - now).days} days)", renew)
-    return _ok(name, f"valid until {until.isoformat()}")
+        return diag.warn(name, f"expires on {until.isoformat()} ({(until - now).days} days)", renew)
+    return diag.ok(name, f"valid until {until.isoformat()}")
 
 
 def _names(ctx: _Context, leaf: x509.Certificate) -> Check:
     if ctx.url is None:
-        return _skip("tls-names", "no URL (hgs.json did not load)")
+        return diag.skip("tls-names", "no URL (hgs.json did not load)")
     host = _url_host(ctx.url)
     if _names_cover(leaf, host):
-        return _ok("tls-names", f"the certificate names {host}")
-    return _fail(
+        return diag.ok("tls-names", f"the certificate names {host}")
+    return diag.fail(
         "tls-names",
         f"the certificate does not name {host} (from {ctx.url})",
         f"issue a certificate whose subjectAltName includes {host}, or listen on / "
@@ -311,8 +253,8 @@ def _chain(chain: list[x509.Certificate], ca: x509.Certificate) -> Check:
         if issuer is not ca and issuer != ca:
             issuer.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature) as exc:
-        return _fail("tls-chain", f"it does not chain to tls/ca.pem ({exc})", FIX["chain"])
-    return _ok("tls-chain", "the certificate chains to tls/ca.pem")
+        return diag.fail("tls-chain", f"it does not chain to tls/ca.pem ({exc})", FIX["chain"])
+    return diag.ok("tls-chain", "the certificate chains to tls/ca.pem")
 
 
 def _key_match(key_file: Path, leaf: x509.Certificate) -> Check:
@@ -323,18 +265,18 @@ def _key_match(key_file: Path, leaf: x509.Certificate) -> Check:
             leaf.public_key().public_bytes(serialization.Encoding.DER, spki)
         )
     except (OSError, ValueError, TypeError) as exc:
-        return _fail(
+        return diag.fail(
             "tls-key",
             f"tls/server.key does not load ({exc})",
             "restore tls/server.key (unencrypted PEM) from backup",
         )
     if not same:
-        return _fail(
+        return diag.fail(
             "tls-key",
             "tls/server.key is not the certificate's key",
             "put the key that belongs to tls/server.pem in tls/server.key",
         )
-    return _ok("tls-key", "tls/server.key matches the certificate")
+    return diag.ok("tls-key", "tls/server.key matches the certificate")
 
 
 # --------------------------------------------------------------------- keys and tokens
@@ -343,23 +285,23 @@ def _key_match(key_file: Path, leaf: x509.Certificate) -> Check:
 def check_keys(ctx: _Context) -> Iterator[Check]:
     """The attestation signing key and the nonce key load; the token files match access.json."""
     if ctx.state is None:
-        yield _skip("keys", "hgs.json did not load")
+        yield diag.skip("keys", "hgs.json did not load")
         return
     try:
         key = ctx.state.attestation_signing_key()
-        yield _ok(
+        yield diag.ok(
             "signing-key",
             f"the attestation signing key loads ({jose.signing_alg_for(key)}, "
             f"kid {jose.thumbprint(key)[:16]}...)",
         )
     except GuardfabError as exc:
-        yield _fail("signing-key", f"the attestation signing key: {exc}", FILES[1][2])
+        yield diag.fail("signing-key", f"the attestation signing key: {exc}", FILES[1][2])
     try:
         size = len(ctx.state.nonce_key())
         status = Status.OK if size >= 32 else Status.FAIL
         yield Check("nonce-key", status, f"the nonce MAC key has {size} bytes", FILES[2][2])
     except GuardfabError as exc:
-        yield _fail("nonce-key", f"the nonce key: {exc}", FILES[2][2])
+        yield diag.fail("nonce-key", f"the nonce key: {exc}", FILES[2][2])
     yield from _tokens(ctx.state)
 
 
@@ -367,7 +309,7 @@ def _tokens(state: HgsState) -> Iterator[Check]:
     try:
         table = state.access()
     except (GuardfabError, ValueError, KeyError, TypeError) as exc:
-        yield _fail(
+        yield diag.fail(
             "access-tokens",
             f"access.json does not load ({type(exc).__name__})",
             FILES[-1][2],
@@ -380,14 +322,14 @@ def _tokens(state: HgsState) -> Iterator[Check]:
         except OSError:
             continue  # reported as a missing file
         if table.entries.get(token_digest(token)) != role:
-            yield _fail(
+            yield diag.fail(
                 f"token {role}",
                 f"tokens/{role}.token is not the {role} token of access.json",
                 "restore the token file, or put its SHA-256 with this role in access.json "
                 "and restart 'hgs serve'",
             )
         else:
-            yield _ok(f"token {role}", f"tokens/{role}.token is the {role} token")
+            yield diag.ok(f"token {role}", f"tokens/{role}.token is the {role} token")
 
 
 # --------------------------------------------------------------------- store and audit
@@ -405,12 +347,12 @@ def _schema_version(path: Path) -> int | None:
 def check_store(ctx: _Context) -> Iterator[Check]:
     """The store opens, its schema is current, and the audit chain verifies."""
     if ctx.state is None:
-        yield _skip("store", "hgs.json did not load")
+        yield diag.skip("store", "hgs.json did not load")
         return
     path = ctx.state.store_path()
     if not path.exists():
         ctx.store = MemoryStore()
-        yield _warn(
+        yield diag.warn(
             "store",
             f"{path.name} does not exist yet (nothing registered)",
             f"'guardfab hgs serve --dir {ctx.directory}' creates it",
@@ -421,12 +363,12 @@ def check_store(ctx: _Context) -> Iterator[Check]:
         version = _schema_version(path)
     except (GuardfabError, sqlite3.Error) as exc:
         hint = getattr(exc, "hint", "") or "restore the store file from backup"
-        yield _fail("store", f"the store does not open: {exc}", hint)
+        yield diag.fail("store", f"the store does not open: {exc}", hint)
         return
     if version == SCHEMA_VERSION:
-        yield _ok("store", f"{path.name} opens, schema version {version} (current)")
+        yield diag.ok("store", f"{path.name} opens, schema version {version} (current)")
     else:
-        yield _warn(
+        yield diag.warn(
             "store",
             f"schema version {version}; this guardfab writes {SCHEMA_VERSION}",
             "'hgs serve' migrates it on start",
@@ -438,14 +380,14 @@ def _audit(store: Store) -> Check:
     try:
         report = AuditLog(store).verify()
     except GuardfabError as exc:
-        return _fail("audit-chain", str(exc), exc.hint)
+        return diag.fail("audit-chain", str(exc), exc.hint)
     except Exception as exc:  # noqa: BLE001 - a corrupt store must be reported, not crash diagnose
-        return _fail(
+        return diag.fail(
             "audit-chain",
             f"the audit log does not read ({type(exc).__name__})",
             "the store file was edited outside guardfab: compare it with a backup",
         )
-    return _ok("audit-chain", f"{report.records} records verify (head {report.head.hash[:16]})")
+    return diag.ok("audit-chain", f"{report.records} records verify (head {report.head.hash[:16]})")
 
 
 # --------------------------------------------------------------------- attestation config
@@ -458,18 +400,18 @@ def _enforced(trust: TrustState, name: str) -> bool:
 def check_attestation(ctx: _Context) -> Iterator[Check]:
     """At least one mode is active and each active mode has what it needs registered."""
     if ctx.store is None:
-        yield _skip("attestation", "the store did not open")
+        yield diag.skip("attestation", "the store did not open")
         return
     try:
         trust = Registry(ctx.store).trust()
     except GuardfabError as exc:
-        yield _fail("trust-state", f"the stored trust state does not load: {exc}", FIX["store"])
+        yield diag.fail("trust-state", f"the stored trust state does not load: {exc}", FIX["store"])
         return
     modes = sorted(trust.modes)
     if not modes:
-        yield _fail("modes", "no attestation mode is active", "guardfab hgs mode set tpm")
+        yield diag.fail("modes", "no attestation mode is active", "guardfab hgs mode set tpm")
         return
-    yield _ok("modes", "active: " + ", ".join(m.value for m in modes))
+    yield diag.ok("modes", "active: " + ", ".join(m.value for m in modes))
     checks: dict[AttestationMode, Callable[[TrustState], Iterator[Check]]] = {
         AttestationMode.TPM: _tpm_mode,
         AttestationMode.HOST_KEY: _host_key_mode,
@@ -481,41 +423,47 @@ def check_attestation(ctx: _Context) -> Iterator[Check]:
 
 def _tpm_mode(trust: TrustState) -> Iterator[Check]:
     if trust.tpm_hosts:
-        yield _ok("tpm-hosts", f"{len(trust.tpm_hosts)} TPM host(s) registered")
+        yield diag.ok("tpm-hosts", f"{len(trust.tpm_hosts)} TPM host(s) registered")
     elif trust.admit_certified_eks and trust.ek_roots:
-        yield _ok("tpm-hosts", f"TPMs certified by {len(trust.ek_roots)} vendor CA(s) are admitted")
+        yield diag.ok(
+            "tpm-hosts", f"TPMs certified by {len(trust.ek_roots)} vendor CA(s) are admitted"
+        )
     else:
-        yield _fail("tpm-hosts", "no TPM host is registered or admitted", FIX["tpm-hosts"])
+        yield diag.fail("tpm-hosts", "no TPM host is registered or admitted", FIX["tpm-hosts"])
     if trust.admit_certified_eks and not trust.ek_roots:
-        yield _warn("ek-cas", "admit_certified_eks is on; no vendor CA is trusted", FIX["ek-cas"])
+        yield diag.warn(
+            "ek-cas", "admit_certified_eks is on; no vendor CA is trusted", FIX["ek-cas"]
+        )
     if not _enforced(trust, "Hgs_PcrBaseline"):
-        yield _ok("tpm-baselines", "Hgs_PcrBaseline is disabled")
+        yield diag.ok("tpm-baselines", "Hgs_PcrBaseline is disabled")
     elif trust.baselines:
-        yield _ok("tpm-baselines", f"{len(trust.baselines)} baseline(s) registered")
+        yield diag.ok("tpm-baselines", f"{len(trust.baselines)} baseline(s) registered")
     else:
-        yield _fail("tpm-baselines", "no TPM baseline: TPM hosts fail Hgs_PcrBaseline", FIX["base"])
+        yield diag.fail(
+            "tpm-baselines", "no TPM baseline: TPM hosts fail Hgs_PcrBaseline", FIX["base"]
+        )
     if not _enforced(trust, "Hgs_CiPolicy"):
-        yield _ok("ci-policies", "Hgs_CiPolicy is disabled")
+        yield diag.ok("ci-policies", "Hgs_CiPolicy is disabled")
     elif trust.ci_policies:
-        yield _ok("ci-policies", f"{len(trust.ci_policies)} CI policy(ies) registered")
+        yield diag.ok("ci-policies", f"{len(trust.ci_policies)} CI policy(ies) registered")
     else:
-        yield _fail("ci-policies", "no CI policy: TPM hosts fail Hgs_CiPolicy", FIX["ci"])
+        yield diag.fail("ci-policies", "no CI policy: TPM hosts fail Hgs_CiPolicy", FIX["ci"])
 
 
 def _host_key_mode(trust: TrustState) -> Iterator[Check]:
     usable = [k for k in trust.host_keys if not k.revoked]
     if usable:
-        yield _ok("host-keys", f"{len(usable)} host key(s) registered")
+        yield diag.ok("host-keys", f"{len(usable)} host key(s) registered")
     else:
-        yield _fail("host-keys", "no usable host key is registered", FIX["host-keys"])
+        yield diag.fail("host-keys", "no usable host key is registered", FIX["host-keys"])
 
 
 def _admin_group_mode(trust: TrustState) -> Iterator[Check]:
-    yield _warn("admin-group", DEPRECATION_WARNING, FIX["admin-group"])
+    yield diag.warn("admin-group", DEPRECATION_WARNING, FIX["admin-group"])
     if not trust.host_groups or not trust.group_roots:
-        yield _fail("host-groups", "no host group or no host CA is registered", FIX["groups"])
+        yield diag.fail("host-groups", "no host group or no host CA is registered", FIX["groups"])
     else:
-        yield _ok(
+        yield diag.ok(
             "host-groups", f"{len(trust.host_groups)} group(s), {len(trust.group_roots)} host CA(s)"
         )
 
@@ -526,14 +474,14 @@ def _admin_group_mode(trust: TrustState) -> Iterator[Check]:
 def check_service(ctx: _Context, timeout: float = 5.0) -> Iterator[Check]:
     """The service answers /healthz over HTTPS at its URL, verified with the HGS CA."""
     if ctx.url is None:
-        yield _skip("service", "no URL (hgs.json did not load)")
+        yield diag.skip("service", "no URL (hgs.json did not load)")
         return
     try:
         context = ssl.create_default_context(cafile=str(ctx.directory / "tls" / "ca.pem"))
         with httpx.Client(verify=context, timeout=timeout) as client:
             response = client.get(ctx.url.rstrip("/") + "/healthz")
     except (OSError, ssl.SSLError) as exc:
-        yield _fail("service", f"cannot load tls/ca.pem ({exc})", FILES[3][2])
+        yield diag.fail("service", f"cannot load tls/ca.pem ({exc})", FILES[3][2])
         return
     except httpx.ConnectError as exc:
         tls = "certificate" in str(exc).lower()
@@ -543,23 +491,23 @@ def check_service(ctx: _Context, timeout: float = 5.0) -> Iterator[Check]:
             else f"start it: guardfab hgs serve --dir {ctx.directory} (check hgs.json 'listen' "
             "and the firewall)"
         )
-        yield _fail("service", f"{ctx.url} does not answer over HTTPS ({exc})", fix)
+        yield diag.fail("service", f"{ctx.url} does not answer over HTTPS ({exc})", fix)
         return
     except httpx.HTTPError as exc:
-        yield _fail(
+        yield diag.fail(
             "service",
             f"{ctx.url}: {type(exc).__name__}",
             "check the service's log; restart 'hgs serve'",
         )
         return
     if response.status_code != 200:
-        yield _fail(
+        yield diag.fail(
             "service",
             f"{ctx.url}/healthz answered {response.status_code}",
             "check that this URL is the HGS and look at its log",
         )
         return
-    yield _ok("service", f"{ctx.url} answers over HTTPS, verified with tls/ca.pem")
+    yield diag.ok("service", f"{ctx.url} answers over HTTPS, verified with tls/ca.pem")
 
 
 _CHECKS: tuple[Callable[[_Context], Iterator[Check]], ...] = (

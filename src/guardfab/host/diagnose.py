@@ -15,18 +15,17 @@ would create the same one at its first attestation).
 from __future__ import annotations
 
 import email.utils
-import enum
 import hashlib
 import ssl
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 from cryptography import x509
 
+from guardfab import diagnostics as diag
 from guardfab.attestation.signing import verify_binding
+from guardfab.diagnostics import Check, Status
 from guardfab.errors import GuardfabError
 from guardfab.host.attester import load_host_key, read_event_log
 from guardfab.host.config import HostConfig, HostMode
@@ -45,81 +44,41 @@ MAX_SKEW = 60.0
 WARN_SKEW = 10.0
 
 
-class Outcome(enum.StrEnum):
-    """The result of one check."""
-
-    PASS = "PASS"  # noqa: S105 - a check result, not a password
-    WARN = "WARN"
-    FAIL = "FAIL"
-    SKIP = "SKIP"
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """One check: its name, outcome, what was found and (unless it passed) the fix."""
-
-    name: str
-    outcome: Outcome
-    detail: str
-    fix: str = ""
-
-    def to_dict(self) -> dict[str, str]:
-        """JSON form."""
-        return {
-            "check": self.name,
-            "result": self.outcome.value,
-            "detail": self.detail,
-            "fix": self.fix,
-        }
-
-
-def _ok(name: str, detail: str) -> CheckResult:
-    return CheckResult(name, Outcome.PASS, detail)
-
-
-def _fail(name: str, detail: str, fix: str) -> CheckResult:
-    return CheckResult(name, Outcome.FAIL, detail, fix)
-
-
-def _warn(name: str, detail: str, fix: str) -> CheckResult:
-    return CheckResult(name, Outcome.WARN, detail, fix)
-
-
 # ---------------------------------------------------------------------- files
 
 
-def check_ca(config: HostConfig, now: float) -> CheckResult:
+def check_ca(config: HostConfig, now: float) -> Check:
     """The HGS CA file exists, holds certificates, and they are within their validity."""
     try:
         certs = x509.load_pem_x509_certificates(config.ca_file.read_bytes())
     except (OSError, ValueError) as exc:
-        return _fail(
+        return diag.fail(
             "hgs-ca",
             f"{config.ca_file}: not a readable PEM CA file ({exc})",
             "copy the HGS's tls/ca.pem here, or set 'ca_file' with 'host configure --ca'",
         )
     expired = [c for c in certs if c.not_valid_after_utc.timestamp() < now]
     if expired:
-        return _fail(
+        return diag.fail(
             "hgs-ca",
             f"{len(expired)} certificate(s) in {config.ca_file} expired",
             "get the HGS's current CA certificate from the HGS administrator",
         )
-    return _ok("hgs-ca", f"{config.ca_file}: {len(certs)} CA certificate(s)")
+    return diag.ok("hgs-ca", f"{config.ca_file}: {len(certs)} CA certificate(s)")
 
 
-def check_key(path: Path, what: str) -> CheckResult:
+def check_key(path: Path, what: str) -> Check:
     """A host key exists, is 0600 (owner only) and loads."""
     name = what.replace(" ", "-")
     try:
         load_host_key(path, what)
     except GuardfabError as exc:
-        return _fail(name, str(exc), exc.hint or "run 'guardfab host configure' to create it")
+        return diag.fail(name, str(exc), exc.hint or "run 'guardfab host configure' to create it")
     mode = path.stat().st_mode & 0o777
-    return _ok(name, f"{path} (mode {mode:04o})")
+    return diag.ok(name, f"{path} (mode {mode:04o})")
 
 
-def check_token_key(uri: Pkcs11Uri) -> CheckResult:
+def check_token_key(uri: Pkcs11Uri) -> Check:
     """The token opens with the PIN file, the key is found, and it signs verifiably."""
     name = "host-signing-key"
     try:
@@ -128,11 +87,11 @@ def check_token_key(uri: Pkcs11Uri) -> CheckResult:
         verify_binding(token, signer.public_key, b"guardfab diagnose", typ="guardfab-diagnose+jws")
     except GuardfabError as exc:
         fix = exc.hint or "check the token, the module and the URI in 'signing_key'"
-        return _fail(name, str(exc), fix)
-    return _ok(name, f"{signer.description} opened, signs {signer.alg} (kid {signer.key_id})")
+        return diag.fail(name, str(exc), fix)
+    return diag.ok(name, f"{signer.description} opened, signs {signer.alg} (kid {signer.key_id})")
 
 
-def check_signing_key(config: HostConfig) -> CheckResult:
+def check_signing_key(config: HostConfig) -> Check:
     """The host signing key: a key file (0600, loads) or a key on a PKCS#11 token."""
     if isinstance(config.signing_key, Pkcs11Uri):
         return check_token_key(config.signing_key)
@@ -140,15 +99,15 @@ def check_signing_key(config: HostConfig) -> CheckResult:
     return check_key(config.signing_key, "host signing key")
 
 
-def check_state_dir(config: HostConfig) -> CheckResult:
+def check_state_dir(config: HostConfig) -> Check:
     """The agent's state directory exists and is private."""
     directory = config.state_dir
     if not directory.exists():
-        return _warn("state-dir", f"{directory} does not exist yet", "the agent creates it")
+        return diag.warn("state-dir", f"{directory} does not exist yet", "the agent creates it")
     mode = directory.stat().st_mode & 0o777
     if mode & 0o077:
-        return _fail("state-dir", f"{directory} is mode {mode:04o}", f"chmod 700 {directory}")
-    return _ok("state-dir", f"{directory} (mode {mode:04o})")
+        return diag.fail("state-dir", f"{directory} is mode {mode:04o}", f"chmod 700 {directory}")
+    return diag.ok("state-dir", f"{directory} (mode {mode:04o})")
 
 
 # ---------------------------------------------------------------------- TPM and log
@@ -163,13 +122,13 @@ def _tpm_fix(tcti: str) -> str:
     )
 
 
-def _check_tpm_contents(tpm: HostTpm, config: HostConfig, last_ak: str | None) -> list[CheckResult]:
+def _check_tpm_contents(tpm: HostTpm, config: HostConfig, last_ak: str | None) -> list[Check]:
     results = []
     ek = tpm.read_ek()
     identity = tpm_identity(ek)
     if ek.certificate is None:
         results.append(
-            _warn(
+            diag.warn(
                 "ek",
                 f"{ek.profile} readable, no EK certificate in NV",
                 "register the host at the HGS by its EK public key",
@@ -177,7 +136,7 @@ def _check_tpm_contents(tpm: HostTpm, config: HostConfig, last_ak: str | None) -
         )
     elif identity.details["ek_certificate_matches"] is False:
         results.append(
-            _fail(
+            diag.fail(
                 "ek",
                 "the EK certificate is for another key",
                 "ask the TPM vendor; register by EK public key meanwhile",
@@ -185,7 +144,7 @@ def _check_tpm_contents(tpm: HostTpm, config: HostConfig, last_ak: str | None) -
         )
     else:
         results.append(
-            _ok(
+            diag.ok(
                 "ek",
                 f"{ek.profile}, certificate present; EK sha256:{identity.details['ek_digest']}",
             )
@@ -194,85 +153,87 @@ def _check_tpm_contents(tpm: HostTpm, config: HostConfig, last_ak: str | None) -
     detail = f"AK at 0x{config.ak_handle:08x} is a restricted signing key (Name {ak.name.hex()})"
     if last_ak is not None and last_ak != ak.name.hex():
         results.append(
-            _warn(
+            diag.warn(
                 "ak",
                 detail + " but not the one that attested last",
                 "expected after a TPM clear; the HGS activates the new AK once",
             )
         )
     else:
-        results.append(_ok("ak", detail))
+        results.append(diag.ok("ak", detail))
     if TpmAlg.SHA256 not in tpm.pcr_banks():
         results.append(
-            _fail(
+            diag.fail(
                 "pcr-bank",
                 "the SHA-256 PCR bank is not allocated",
                 "allocate the SHA-256 bank in the firmware's TPM settings",
             )
         )
     else:
-        results.append(_ok("pcr-bank", "SHA-256 bank allocated"))
+        results.append(diag.ok("pcr-bank", "SHA-256 bank allocated"))
     return results
 
 
-def check_tpm(config: HostConfig, last_ak: str | None) -> tuple[list[CheckResult], HostTpm | None]:
+def check_tpm(config: HostConfig, last_ak: str | None) -> tuple[list[Check], HostTpm | None]:
     """TCTI opens, EK readable, AK present and fit, SHA-256 bank; returns the open TPM."""
     try:
         tpm = HostTpm(config.tcti, ak_handle=config.ak_handle, ek_profile=config.ek_profile)
     except GuardfabError as exc:
         return [
-            _fail("tpm", f"cannot open the TPM at '{config.tcti}': {exc}", _tpm_fix(config.tcti))
+            diag.fail(
+                "tpm", f"cannot open the TPM at '{config.tcti}': {exc}", _tpm_fix(config.tcti)
+            )
         ], None
-    results = [_ok("tpm", f"TCTI '{config.tcti}' opened")]
+    results = [diag.ok("tpm", f"TCTI '{config.tcti}' opened")]
     try:
         results += _check_tpm_contents(tpm, config, last_ak)
     except GuardfabError as exc:
-        results.append(_fail("tpm-use", str(exc), exc.hint or _tpm_fix(config.tcti)))
+        results.append(diag.fail("tpm-use", str(exc), exc.hint or _tpm_fix(config.tcti)))
     return results, tpm
 
 
-def check_event_log(config: HostConfig) -> tuple[CheckResult, EventLog | None]:
+def check_event_log(config: HostConfig) -> tuple[Check, EventLog | None]:
     """The log is readable, parses and has a SHA-256 bank."""
     try:
         log = parse_event_log(read_event_log(config.event_log))
     except GuardfabError as exc:
-        return _fail("event-log", str(exc), exc.hint or "the log is corrupt: report it"), None
+        return diag.fail("event-log", str(exc), exc.hint or "the log is corrupt: report it"), None
     if TpmAlg.SHA256 not in log.replayable_banks:
-        return _fail(
+        return diag.fail(
             "event-log",
             f"{config.event_log} has no SHA-256 bank",
             "enable the SHA-256 PCR bank in the firmware",
         ), log
-    return _ok("event-log", f"{config.event_log}: {len(log.events)} events"), log
+    return diag.ok("event-log", f"{config.event_log}: {len(log.events)} events"), log
 
 
-def check_replay(tpm: HostTpm, log: EventLog) -> CheckResult:
+def check_replay(tpm: HostTpm, log: EventLog) -> Check:
     """The log replays to the TPM's SHA-256 PCRs (else the HGS answers InvalidEvidence)."""
     replayed = log.replay([TpmAlg.SHA256])[TpmAlg.SHA256]
     try:
         actual = tpm.read_pcrs(sorted(replayed))
     except GuardfabError as exc:
-        return _fail("log-replay", str(exc), exc.hint)
+        return diag.fail("log-replay", str(exc), exc.hint)
     wrong = sorted(pcr for pcr, value in replayed.items() if actual.get(pcr) != value)
     if wrong:
-        return _fail(
+        return diag.fail(
             "log-replay",
             f"PCR(s) {wrong} differ from the log's replay",
             "something was measured that the log does not show (or the log is not "
             "this boot's): the HGS will refuse with InvalidEvidence; reboot, and "
             "report it if it persists",
         )
-    return _ok("log-replay", f"the log replays to the TPM's PCRs {sorted(replayed)}")
+    return diag.ok("log-replay", f"the log replays to the TPM's PCRs {sorted(replayed)}")
 
 
-def check_ci_policy(config: HostConfig, log: EventLog | None) -> CheckResult:
+def check_ci_policy(config: HostConfig, log: EventLog | None) -> Check:
     """The configured CI policy file is readable and was measured at boot."""
     if config.ci_policy is None:
-        return CheckResult("ci-policy", Outcome.SKIP, "no CI policy file configured")
+        return Check("ci-policy", Status.SKIP, "no CI policy file configured")
     try:
         digest = hashlib.sha256(config.ci_policy.read_bytes()).digest()
     except OSError as exc:
-        return _fail(
+        return diag.fail(
             "ci-policy",
             f"{config.ci_policy}: {exc.strerror}",
             "fix 'ci_policy' in the configuration (host configure --ci-policy)",
@@ -281,13 +242,13 @@ def check_ci_policy(config: HostConfig, log: EventLog | None) -> CheckResult:
         event.digests.get(TpmAlg.SHA256) == digest for event in log.events
     )
     if not measured:
-        return _warn(
+        return diag.warn(
             "ci-policy",
             f"sha256:{digest.hex()} is not in this boot's event log",
             "the boot loader must measure the policy (GRUB's tpm module) and the "
             "HGS must register it ('hgs ci-policy add'); reboot after changing it",
         )
-    return _ok("ci-policy", f"sha256:{digest.hex()} measured at boot (register it at the HGS)")
+    return diag.ok("ci-policy", f"sha256:{digest.hex()} measured at boot (register it at the HGS)")
 
 
 # ---------------------------------------------------------------------- HGS and clock
@@ -301,18 +262,18 @@ def _tls_failure(exc: BaseException) -> ssl.SSLError | None:
     return None
 
 
-def probe_hgs(url: str, config: HostConfig, name: str) -> tuple[CheckResult, float | None]:
+def probe_hgs(url: str, config: HostConfig, name: str) -> tuple[Check, float | None]:
     """TLS to ``url`` with the configured CA, then /healthz; returns the HGS's Date."""
     try:
         context = ssl.create_default_context(cafile=str(config.ca_file))
         with httpx.Client(verify=context, timeout=config.retry.http_timeout) as client:
             response = client.get(url.rstrip("/") + "/healthz")
     except (OSError, ssl.SSLError, ValueError) as exc:
-        return _fail(name, f"cannot use the CA file ({exc})", "fix 'ca_file'"), None
+        return diag.fail(name, f"cannot use the CA file ({exc})", "fix 'ca_file'"), None
     except httpx.HTTPError as exc:
         tls = _tls_failure(exc)
         if isinstance(tls, ssl.SSLCertVerificationError):
-            return _fail(
+            return diag.fail(
                 name,
                 f"{url}: TLS verification failed ({tls.verify_message})",
                 "the HGS's certificate does not chain to the configured CA, or its "
@@ -320,51 +281,51 @@ def probe_hgs(url: str, config: HostConfig, name: str) -> tuple[CheckResult, flo
                 "and use a URL whose host name the certificate lists",
             ), None
         if tls is not None:
-            return _fail(
+            return diag.fail(
                 name,
                 f"{url}: TLS handshake failed ({tls})",
                 "the URL may point at a non-TLS port or a proxy",
             ), None
-        return _fail(
+        return diag.fail(
             name,
             f"{url}: unreachable ({type(exc).__name__})",
             "check the URL, the network and firewall, and that the HGS runs",
         ), None
     if response.status_code != 200:
-        return _fail(
+        return diag.fail(
             name,
             f"{url}: /healthz answered {response.status_code}",
             "the HGS is unhealthy: ask its administrator ('hgs diagnose')",
         ), None
     date = response.headers.get("date")
     when = email.utils.parsedate_to_datetime(date).timestamp() if date else None
-    return _ok(name, f"{url}: TLS verified with {config.ca_file}, healthy"), when
+    return diag.ok(name, f"{url}: TLS verified with {config.ca_file}, healthy"), when
 
 
-def check_clock(hgs_time: float | None, now: float) -> CheckResult:
+def check_clock(hgs_time: float | None, now: float) -> Check:
     """This host's clock against the HGS's (the KPS tolerates a minute)."""
     if hgs_time is None:
-        return CheckResult("clock", Outcome.SKIP, "no HGS answered with its time")
+        return Check("clock", Status.SKIP, "no HGS answered with its time")
     skew = now - hgs_time
     detail = f"this host's clock is {skew:+.0f} s from the HGS's"
     fix = "synchronize the clock with NTP (timedatectl set-ntp true; chronyc tracking)"
     if abs(skew) > MAX_SKEW:
-        return _fail("clock", detail, fix)
+        return diag.fail("clock", detail, fix)
     if abs(skew) > WARN_SKEW:
-        return _warn("clock", detail, fix)
-    return _ok("clock", detail)
+        return diag.warn("clock", detail, fix)
+    return diag.ok("clock", detail)
 
 
-def check_agent(config: HostConfig) -> CheckResult:
+def check_agent(config: HostConfig) -> Check:
     """Whether the agent answers on its socket, and its attestation status."""
     try:
         status = AgentClient(config.socket, timeout=5).status()
     except GuardfabError as exc:
-        return _warn("agent", str(exc), "start it: systemctl enable --now guardfab-host-agent")
+        return diag.warn("agent", str(exc), "start it: systemctl enable --now guardfab-host-agent")
     detail = f"running; attestation status {status.attestation_status}"
     if status.attestation_status != "Passed":
-        return _warn("agent", detail, "see 'guardfab host status' for the failed policies")
-    return _ok("agent", detail)
+        return diag.warn("agent", detail, "see 'guardfab host status' for the failed policies")
+    return diag.ok("agent", detail)
 
 
 # ---------------------------------------------------------------------- management API
@@ -378,18 +339,18 @@ def _private_files(files: ManagementFiles) -> list[Path]:
     return [f for f in (files.server_key, files.access_file, *tokens) if f.exists()]
 
 
-def check_management(config: HostConfig, now: float) -> Iterator[CheckResult]:
+def check_management(config: HostConfig, now: float) -> Iterator[Check]:
     """The management API's directory: private files 0600, its certificate, its audit chain."""
     files = ManagementFiles(config.management_dir)
     if not files.ready():
-        yield CheckResult(
+        yield Check(
             "manage",
-            Outcome.SKIP,
+            Status.SKIP,
             f"{files.dir}: no management API set up (guardfab host manage init)",
         )
         return
     if not files.access_file.exists():
-        yield _fail(
+        yield diag.fail(
             "manage-files",
             f"{files.access_file} is missing: the API accepts no token",
             "move the directory away and run 'guardfab host manage init' (new tokens and TLS)",
@@ -400,22 +361,22 @@ def check_management(config: HostConfig, now: float) -> Iterator[CheckResult]:
         if f.stat().st_mode & 0o077
     ]
     if wide:
-        yield _fail(
+        yield diag.fail(
             "manage-files",
             f"readable by others: {', '.join(wide)}",
             f"chmod 600 {files.dir}/*.token {files.server_key} {files.access_file}",
         )
     elif files.access_file.exists():
-        yield _ok("manage-files", f"{files.dir}: key, tokens and access table are 0600")
+        yield diag.ok("manage-files", f"{files.dir}: key, tokens and access table are 0600")
     yield _manage_certificate(files, now)
     yield _manage_audit(files)
 
 
-def _manage_certificate(files: ManagementFiles, now: float) -> CheckResult:
+def _manage_certificate(files: ManagementFiles, now: float) -> Check:
     try:
         leaf = x509.load_pem_x509_certificates(files.server_cert.read_bytes())[0]
     except (OSError, ValueError, IndexError) as exc:
-        return _fail(
+        return diag.fail(
             "manage-tls",
             f"{files.server_cert}: unreadable ({exc})",
             "run 'guardfab host manage init' again",
@@ -424,33 +385,33 @@ def _manage_certificate(files: ManagementFiles, now: float) -> CheckResult:
     detail = f"certificate valid until {leaf.not_valid_after_utc:%Y-%m-%d}"
     fix = "issue a new one: move the directory away and run 'guardfab host manage init'"
     if left < 0:
-        return _fail("manage-tls", detail + " (expired)", fix)
+        return diag.fail("manage-tls", detail + " (expired)", fix)
     if left < MANAGE_CERT_WARN_DAYS * 86400:
-        return _warn("manage-tls", detail, fix)
-    return _ok("manage-tls", detail)
+        return diag.warn("manage-tls", detail, fix)
+    return diag.ok("manage-tls", detail)
 
 
-def _manage_audit(files: ManagementFiles) -> CheckResult:
+def _manage_audit(files: ManagementFiles) -> Check:
     if not files.audit_db.exists():
-        return CheckResult("manage-audit", Outcome.SKIP, "no audit log yet (the agent creates it)")
+        return Check("manage-audit", Status.SKIP, "no audit log yet (the agent creates it)")
     audit = ManagementAudit(files.audit_db)
     try:
         report = audit.verify()
     except GuardfabError as exc:
-        return _fail(
+        return diag.fail(
             "manage-audit",
             str(exc),
             "keep the database for investigation; see 'guardfab host audit list'",
         )
     finally:
         audit.close()
-    return _ok("manage-audit", f"hash chain intact: {report.records} record(s)")
+    return diag.ok("manage-audit", f"hash chain intact: {report.records} record(s)")
 
 
 # ---------------------------------------------------------------------- all
 
 
-def _host_checks(config: HostConfig, last_ak: str | None) -> Iterator[CheckResult]:
+def _host_checks(config: HostConfig, last_ak: str | None) -> Iterator[Check]:
     if config.mode is HostMode.HOST_KEY:
         yield check_signing_key(config)
         return
@@ -459,7 +420,7 @@ def _host_checks(config: HostConfig, last_ak: str | None) -> Iterator[CheckResul
     try:
         log_result, log = check_event_log(config)
         yield log_result
-        if tpm is not None and log is not None and log_result.outcome is Outcome.PASS:
+        if tpm is not None and log is not None and log_result.status is Status.OK:
             yield check_replay(tpm, log)
         yield check_ci_policy(config, log)
     finally:
@@ -475,7 +436,7 @@ def _last_ak(config: HostConfig) -> str | None:
     return None if status is None else status.ak_name
 
 
-def run_checks(config: HostConfig, now: Callable[[], float]) -> list[CheckResult]:
+def run_checks(config: HostConfig, now: Callable[[], float]) -> list[Check]:
     """Every check for ``config``, in the order an attestation needs them."""
     results = [
         check_ca(config, now()),
@@ -490,16 +451,8 @@ def run_checks(config: HostConfig, now: Callable[[], float]) -> list[CheckResult
         results.append(fallback)
         hgs_time = hgs_time if hgs_time is not None else fallback_time
     else:
-        results.append(CheckResult("hgs-fallback", Outcome.SKIP, "no fallback HGS configured"))
+        results.append(Check("hgs-fallback", Status.SKIP, "no fallback HGS configured"))
     results.append(check_clock(hgs_time, now()))
     results.append(check_agent(config))
     results += check_management(config, now())
     return results
-
-
-def summary(results: list[CheckResult]) -> dict[str, Any]:
-    """Counts by outcome and whether any check failed."""
-    counts = {outcome.value: 0 for outcome in Outcome}
-    for result in results:
-        counts[result.outcome.value] += 1
-    return {"ok": counts[Outcome.FAIL.value] == 0, "counts": counts}
