@@ -6,7 +6,8 @@ TPM's PCRs and into the event log at
 script manufactures an swtpm with an EK certificate (its own local CA, like a
 TPM vendor's), starts it on 127.0.0.1, replays a synthetic UEFI boot into its
 PCRs and writes that boot's event log where the host configuration points. It is
-a demo and test aid, not part of the product.
+a demo aid, not part of the product; what it uses comes from guardfab.softhost,
+so it runs from the runtime virtualenv (no pytest, nothing from tests/).
 
     python scripts/demo_host.py start DIR [--boot golden|tampered]   # prints the TCTI
     python scripts/demo_host.py stop DIR
@@ -20,32 +21,19 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from guardfab.host.tpm import HostTpm  # noqa: E402
-from swtpm_harness import _write_configs, manufacture, simulate_measured_boot  # noqa: E402
-from test_attestation_fixtures import CI_POLICY_FILE, Boot  # noqa: E402
+from guardfab.host.tpm import HostTpm
+from guardfab.softhost.boot import CI_POLICY_FILE, Boot
+from guardfab.softhost.swtpm import (
+    free_port_pair,
+    manufacture,
+    simulate_measured_boot,
+    write_configs,
+)
 
 BOOTS = {"golden": Boot(), "tampered": Boot(extra_app=b"unexpected.efi")}
-
-
-def _free_port_pair() -> int:
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = int(a.getsockname()[1])
-        try:
-            with socket.socket() as b:
-                b.bind(("127.0.0.1", port + 1))
-        except OSError:
-            continue
-        return port
-    raise SystemExit("no free port pair on 127.0.0.1")
 
 
 def start(directory: Path, boot: str) -> None:
@@ -53,9 +41,9 @@ def start(directory: Path, boot: str) -> None:
     # swtpm --daemon changes to /, so every path it is given must be absolute.
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=False)
-    setup, _ca = _write_configs(directory / "vendor")
+    setup, _ca = write_configs(directory / "vendor")
     manufacture(directory / "tpm", setup, directory / "swtpm-setup.log")
-    port = _free_port_pair()
+    port = free_port_pair()
     subprocess.run(
         ["swtpm", "socket", "--tpm2", "--daemon", "--pid", f"file={directory / 'swtpm.pid'}",
          "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",

@@ -1,9 +1,9 @@
 """Test helper (not a test module): manufactured swtpm TPMs for guarded-host tests.
 
 A guarded host's TPM in tests is a real swtpm, manufactured the way a TPM maker
-would: ``swtpm_setup --create-ek-cert --create-platform-cert`` with a local CA that
-belongs to the test session (never ``/var/lib/swtpm-localca``), so the HGS side can
-verify EK certificates against that CA's root and intermediate.
+would (:mod:`guardfab.softhost.swtpm`, which the demo's host uses too) with a local
+CA that belongs to the test session (never ``/var/lib/swtpm-localca``), so the HGS
+side can verify EK certificates against that CA's root and intermediate.
 
 Manufacturing costs about a second, so it happens once per session and per
 distinct TPM (:class:`TpmFactory`); each test copies the manufactured state into its
@@ -29,89 +29,33 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from guardfab.host.tpm import TpmDevice
+from guardfab.softhost.swtpm import (
+    free_port_pair,
+    manufacture,
+    simulate_measured_boot,
+    write_configs,
+)
 from guardfab.tpm.eventlog import parse_event_log
-from guardfab.tpm.events import EventType
+
+#: What the tests use; ``simulate_measured_boot`` is re-exported from
+#: guardfab.softhost.swtpm so that it comes from here with the fixtures.
+__all__ = [
+    "Swtpm",
+    "TpmFactory",
+    "expected_pcrs",
+    "simulate_measured_boot",
+    "start_swtpm",
+    "swtpm",
+    "tpm_factory",
+]
 
 #: Seconds to wait for swtpm to listen, and to exit after SIGTERM.
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
-#: PCR banks the test TPMs allocate: SHA-1 and SHA-256, like most firmware TPMs.
-PCR_BANKS = "sha1,sha256"
-
-
-@dataclass(frozen=True)
-class LocalCa:
-    """The session's swtpm-localca: what an HGS admin would trust for EK certificates."""
-
-    directory: Path
-
-    @property
-    def root_pem(self) -> bytes:
-        """The self-signed root certificate (PEM)."""
-        return (self.directory / "swtpm-localca-rootca-cert.pem").read_bytes()
-
-    @property
-    def intermediate_pem(self) -> bytes:
-        """The issuing CA certificate that signs the EK certificates (PEM)."""
-        return (self.directory / "issuercert.pem").read_bytes()
-
-
-def _write_configs(workdir: Path) -> tuple[Path, LocalCa]:
-    """Write swtpm_setup and swtpm-localca configs whose CA lives under ``workdir``."""
-    ca_dir = workdir / "ca"
-    ca_dir.mkdir(parents=True)
-    localca = workdir / "swtpm-localca.conf"
-    localca.write_text(
-        f"statedir = {ca_dir}\n"
-        f"signingkey = {ca_dir / 'signkey.pem'}\n"
-        f"issuercert = {ca_dir / 'issuercert.pem'}\n"
-        f"certserial = {ca_dir / 'certserial'}\n"
-    )
-    options = workdir / "swtpm-localca.options"
-    options.write_text(
-        "--platform-manufacturer guardfab-test\n--platform-version 2.1\n--platform-model swtpm\n"
-    )
-    setup = workdir / "swtpm_setup.conf"
-    setup.write_text(
-        "create_certs_tool = /usr/bin/swtpm_localca\n"
-        f"create_certs_tool_config = {localca}\n"
-        f"create_certs_tool_options = {options}\n"
-        f"active_pcr_banks = {PCR_BANKS}\n"
-    )
-    return setup, LocalCa(ca_dir)
-
-
-def manufacture(state_dir: Path, setup_config: Path, log: Path) -> None:
-    """Manufacture a TPM 2.0 into ``state_dir``: EKs, EK and platform certificates, locked NV.
-
-    Raises:
-        RuntimeError: swtpm_setup failed (its log is quoted).
-    """
-    state_dir.mkdir(parents=True)
-    argv = [
-        "swtpm_setup",
-        "--tpm2",
-        "--create-ek-cert",
-        "--create-platform-cert",
-        "--lock-nvram",
-        "--pcr-banks",
-        PCR_BANKS,
-        "--tpmstate",
-        str(state_dir),
-        "--config",
-        str(setup_config),
-        "--logfile",
-        str(log),
-    ]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"swtpm_setup failed ({result.returncode}): {log.read_text()}")
 
 
 class TpmFactory:
@@ -123,7 +67,7 @@ class TpmFactory:
 
     def __init__(self, workdir: Path) -> None:
         self._workdir = workdir
-        self._setup, self.ca = _write_configs(workdir)
+        self._setup, self.ca = write_configs(workdir)
         self._states: dict[str, Path] = {}
 
     def state(self, name: str = "host-a") -> Path:
@@ -133,23 +77,6 @@ class TpmFactory:
             manufacture(path, self._setup, self._workdir / f"{name}-setup.log")
             self._states[name] = path
         return self._states[name]
-
-
-def _free_port_pair() -> int:
-    """Return a port P such that P and P + 1 were both free on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            port = int(first.getsockname()[1])
-            if port >= 65535:
-                continue
-            with socket.socket() as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no two consecutive free ports on 127.0.0.1")
 
 
 def _die_with_parent() -> None:
@@ -181,7 +108,7 @@ class Swtpm:
         other ports are tried.
         """
         for _ in range(5):
-            self.port = _free_port_pair()
+            self.port = free_port_pair()
             self._process = subprocess.Popen(
                 self._argv(),
                 stdin=subprocess.DEVNULL,
@@ -240,31 +167,6 @@ class Swtpm:
     def running(self) -> bool:
         """Whether the swtpm process is alive."""
         return self._process is not None and self._process.poll() is None
-
-
-def simulate_measured_boot(tpm: TpmDevice, event_log: bytes) -> dict[int, dict[int, bytes]]:
-    """Extend the TPM's PCRs as the firmware that wrote ``event_log`` did.
-
-    Every event but EV_NO_ACTION (never extended) is extended with its digests in
-    every bank the TPM has allocated, using guardfab's own parser, so afterwards
-    the TPM's PCRs equal the log's replay. Returns that replay for the banks the
-    TPM and the log share.
-
-    Raises:
-        ValueError: the log starts PCR 0 at a locality other than 0, which an
-            extend from software cannot reproduce.
-    """
-    log = parse_event_log(event_log)
-    if log.startup_locality:
-        raise ValueError(f"the log starts at locality {log.startup_locality}; cannot simulate")
-    banks = set(tpm.pcr_banks())
-    for event in log.events:
-        if event.event_type == EventType.EV_NO_ACTION:
-            continue
-        digests = {bank: digest for bank, digest in event.digests.items() if bank in banks}
-        if digests:
-            tpm.extend(event.pcr, digests)
-    return log.replay([bank for bank in log.replayable_banks if bank in banks])
 
 
 def expected_pcrs(event_log: bytes, bank: int) -> dict[int, bytes]:
