@@ -3,9 +3,9 @@
 # directory (the same commands the README shows, extracted from it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# --dev: the demo's software hosts (swtpm manufacture, a simulated measured boot) come
-# from the test harness, whose modules import pytest.
-scripts/setup.sh --dev
+# Runtime only: the demo's software hosts (scripts/demo_host.py) use guardfab.softhost,
+# which needs nothing from requirements-dev.lock or tests/.
+scripts/setup.sh
 workdir=$(mktemp -d /tmp/guardfab-demo.XXXXXX)
 echo "demo: working in $workdir"
 .venv/bin/python scripts/walkthrough.py README.md > "$workdir/walkthrough.sh"

@@ -4,8 +4,8 @@
 # it installs only what is missing or changed.
 #
 #   scripts/setup.sh          runtime only (what a guardfab node needs)
-#   scripts/setup.sh --dev    also the test and lint tools (the tests, and the demo,
-#                             whose software hosts come from the test harness)
+#   scripts/setup.sh --dev    also the test and lint tools (for scripts/test.sh; the demo
+#                             needs only the runtime: its software hosts are guardfab.softhost)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
