@@ -376,20 +376,32 @@ class BaselineSet:
     for some set, the tuple of its quoted values is a key.
     """
 
-    __slots__ = ("_by_name", "_by_secure_boot", "_index")
+    __slots__ = ("_by_name", "_by_secure_boot", "_by_secure_boot_hex", "_index", "_matched")
 
     def __init__(self, baselines: Iterable[TpmBaseline] = ()) -> None:
         self._by_name: dict[str, TpmBaseline] = {}
-        self._index: dict[tuple[int, ...], dict[tuple[bytes, ...], TpmBaseline]] = {}
+        # PCR set -> the set's values -> baseline; a host's key may hold None (unquoted).
+        self._index: dict[tuple[int, ...], dict[tuple[bytes | None, ...], TpmBaseline]] = {}
         self._by_secure_boot: dict[tuple[bytes, ...], TpmBaseline] = {}
+        # The same table keyed by the digests' lower-case hex: what a fact carries.
+        self._by_secure_boot_hex: dict[tuple[str, ...], TpmBaseline] = {}
+        # A match is the same immutable comparison every time; one per baseline and
+        # UINTN size a log can declare (4 or 8), made here rather than per attestation.
+        self._matched: dict[tuple[str, int], BaselineComparison] = {}
         for baseline in baselines:
             if baseline.name in self._by_name:
                 raise UsageError(f"two baselines are named {baseline.name!r}")
             self._by_name[baseline.name] = baseline
             self._index.setdefault(baseline.pcr_set, {}).setdefault(baseline.values, baseline)
+            for uintn in (4, 8):
+                self._matched[baseline.name, uintn] = BaselineComparison(
+                    baseline, True, host_uintn=uintn
+                )
             if baseline.secure_boot_variables is not None:
                 key = _secure_boot_key(baseline.secure_boot_variables)
                 self._by_secure_boot.setdefault(key, baseline)
+                hex_key = tuple(digest.hex() for digest in key)
+                self._by_secure_boot_hex.setdefault(hex_key, baseline)
 
     def __len__(self) -> int:
         return len(self._by_name)
@@ -410,10 +422,28 @@ class BaselineSet:
         """A baseline that recorded exactly these PK/KEK/db/dbx measurement digests."""
         return self._by_secure_boot.get(_secure_boot_key(digests))
 
+    def with_secure_boot_fact(self, value: Any) -> TpmBaseline | None:
+        """:meth:`with_secure_boot` for a ``secure_boot_variables`` fact's value, unparsed.
+
+        Every attestation asks this, and the verifier writes the digests as
+        lower-case hex: looking the four strings up as they are spares parsing
+        them. Hex is one-to-one with the digests, so a hit is the baseline the
+        parsed digests find. None means only "no hit": a value spelled otherwise
+        (upper case) or unreadable is for :func:`secure_boot_digests` to judge.
+        """
+        if not isinstance(value, dict):
+            return None
+        try:
+            key = tuple([value[name]["sha256"] for name in SECURE_BOOT_VARIABLE_NAMES])
+            return self._by_secure_boot_hex.get(key)
+        except (KeyError, TypeError):  # a part missing, not indexable, or not hashable
+            return None
+
     def exact(self, pcrs: Mapping[int, bytes]) -> TpmBaseline | None:
         """The baseline whose PCR values the host has exactly, if any (the fast path)."""
         for pcr_set, table in self._index.items():
-            found = table.get(tuple(pcrs.get(pcr, b"") for pcr in pcr_set))
+            # A PCR the quote does not cover reads as None, which no baseline value equals.
+            found = table.get(tuple(map(pcrs.get, pcr_set)))
             if found is not None:
                 return found
         return None
@@ -422,7 +452,10 @@ class BaselineSet:
         """The matching baseline, else the closest with its diff; None when there are none."""
         found = self.exact(summary.pcrs)
         if found is not None:
-            return BaselineComparison(found, True, host_uintn=summary.uintn_size)
+            matched = self._matched.get((found.name, summary.uintn_size))
+            if matched is None:  # a UINTN size no log declares (a hand-made summary)
+                matched = BaselineComparison(found, True, host_uintn=summary.uintn_size)
+            return matched
         comparisons = [compare(summary, baseline) for baseline in self._by_name.values()]
         return min(comparisons, key=lambda c: c.rank, default=None)
 

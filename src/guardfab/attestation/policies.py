@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, Protocol
 
 from guardfab.attestation.baseline import BaselineComparison, TpmBaseline, secure_boot_digests
 from guardfab.attestation.result import PolicyVerdict, VerdictState
-from guardfab.attestation.summary import HostSummary
+from guardfab.attestation.summary import FactRecord, HostSummary
 from guardfab.attestation.trust import PolicyState, TrustState
 from guardfab.errors import PolicyError, UsageError
 
@@ -161,12 +161,22 @@ class SecureBootSettingsPolicy:
     def verify(self, ctx: PolicyContext) -> Finding:
         """Pass if some baseline recorded exactly these four measurements."""
         fact = ctx.summary.fact("secure_boot_variables")
+        # Every attestation gets here: the fact's hex digests are looked up as they
+        # are, and parsed only when they are not a registered baseline's.
+        match = ctx.trust.baseline_set.with_secure_boot_fact(fact.value)
+        if match is None:
+            match = self._parsed_match(ctx, fact)
+        return Finding(f"PK, KEK, db and dbx match baseline '{match.name}'", fact.events)
+
+    @staticmethod
+    def _parsed_match(ctx: PolicyContext, fact: FactRecord) -> TpmBaseline:
+        """The baseline with the fact's parsed digests; raise why there is none."""
         host = secure_boot_digests(fact.value)
         if host is None:
             raise NotEvaluable(fact.note, fact.events)
         match = ctx.trust.baseline_set.with_secure_boot(host)
         if match is not None:
-            return Finding(f"PK, KEK, db and dbx match baseline '{match.name}'", fact.events)
+            return match
         recorded = [b for b in ctx.trust.baseline_set if b.secure_boot_variables is not None]
         if not recorded:
             raise NotEvaluable("no registered baseline records the secure boot variables")
@@ -377,9 +387,12 @@ class PolicySet:
 
     def evaluate(self, ctx: PolicyContext) -> tuple[PolicyVerdict, ...]:
         """Evaluate every policy; enforced policies that fail or cannot be evaluated block."""
+        # A list made in one go, then a tuple: a generator would be resumed per policy.
         return tuple(
-            self._verdict(policy, state, ctx) if verdict is None else verdict
-            for policy, state, verdict in self._plan(ctx.trust)
+            [
+                self._verdict(policy, state, ctx) if verdict is None else verdict
+                for policy, state, verdict in self._plan(ctx.trust)
+            ]
         )
 
     def _plan(self, trust: TrustState) -> tuple[_Step, ...]:

@@ -162,6 +162,11 @@ def overall_status(
     failures: tuple[CheckFailure, ...], verdicts: tuple[PolicyVerdict, ...]
 ) -> AttestationStatus:
     """The status of the most fundamental failure; Passed if nothing failed or blocks."""
+    if not failures:  # every verified attestation: only the verdicts can refuse
+        for verdict in verdicts:
+            if verdict.blocking:
+                return AttestationStatus.INSECURE_HOST_CONFIGURATION
+        return AttestationStatus.PASSED
     statuses = {failure.status for failure in failures}
     if any(verdict.blocking for verdict in verdicts):
         statuses.add(AttestationStatus.INSECURE_HOST_CONFIGURATION)
