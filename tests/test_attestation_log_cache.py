@@ -2,12 +2,13 @@
 
 A host sends the same boot log on every attestation, so its decoding is kept by
 its exact base64url text, and its parse, SHA-256 replay, facts and quoted
-events by its exact bytes. These tests attack the caches: the quote must still
-match the cached replay, a log seen before with a quote that does not match it
-is still refused, the trust's required PCRs are still applied, a copy of loaded
-evidence with another log is judged on that log, a string or bytes subclass
-that claims to equal a cached log is not served from the cache, and a refused
-log or text is never kept.
+events with that decoding (the bytes are a pure function of the text). These
+tests attack the caches: the quote must still match the cached replay, a log
+seen before with a quote that does not match it is still refused, the trust's
+required PCRs are still applied, a copy of loaded evidence with another log
+(or evidence whose bytes are not the loader's) is judged on its own log, a
+string or bytes subclass that claims to equal a cached log is not served from
+the cache, and a refused log or text is never kept.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 from guardfab.attestation import evidence as evidence_module
 from guardfab.attestation import tpm_mode
 from guardfab.attestation.binding import quote_qualifying_data
-from guardfab.attestation.evidence import evidence_from_dict
+from guardfab.attestation.evidence import TpmEvidence, evidence_from_dict
 from guardfab.attestation.result import AttestationStatus
 from guardfab.attestation.tpm_mode import verify_tpm_evidence
 from guardfab.errors import FormatError
@@ -42,9 +43,17 @@ HOST = SoftHost()
 
 @pytest.fixture(autouse=True)
 def empty_cache() -> Iterator[None]:
-    tpm_mode._PARSED.clear()
+    tpm_mode.forget_logs()
     yield
-    tpm_mode._PARSED.clear()
+    tpm_mode.forget_logs()
+
+
+def _loaded(evidence: TpmEvidence | None = None) -> TpmEvidence:
+    """Evidence as the HGS gets it: loaded from JSON, with a new copy of the log text."""
+    body = (evidence or HOST.evidence()).to_dict()
+    loaded = evidence_from_dict({**body, "event_log": "".join(body["event_log"])})
+    assert isinstance(loaded, TpmEvidence)
+    return loaded
 
 
 def _parses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -64,20 +73,31 @@ def test_a_repeated_log_is_parsed_once_and_still_passes(monkeypatch: pytest.Monk
     calls = _parses(monkeypatch)
     trust = trust_for(HOST)
     for _ in range(3):
-        result = verify_tpm_evidence(HOST.evidence(), trust, nonce=NONCE, now=NOW)
+        result = verify_tpm_evidence(_loaded(), trust, nonce=NONCE, now=NOW)
         assert result.status is S.PASSED, result.explain()
     assert len(calls) == 1
 
 
+def test_evidence_built_without_the_loader_is_parsed_every_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nothing links hand-built evidence to a decoded text: its log is parsed, and passes."""
+    calls = _parses(monkeypatch)
+    trust = trust_for(HOST)
+    for _ in range(2):
+        assert verify_tpm_evidence(HOST.evidence(), trust, nonce=NONCE, now=NOW).passed
+    assert len(calls) == 2
+
+
 def test_a_cached_log_with_a_quote_it_does_not_replay_to_is_refused() -> None:
     trust = trust_for(HOST)
-    assert verify_tpm_evidence(HOST.evidence(), trust, nonce=NONCE, now=NOW).status is S.PASSED
+    assert verify_tpm_evidence(_loaded(), trust, nonce=NONCE, now=NOW).status is S.PASSED
     pcrs = {**HOST.boot.pcrs(), 7: b"\x07" * 32}  # the quote says something else booted
     attest = make_quote(quote_qualifying_data(NONCE, host_key_jwk()), pcrs)
     evidence = replace(
         HOST.evidence(), pcrs=pcrs, quote_attest=attest, quote_signature=soft_sign(HOST.ak, attest)
     )
-    result = verify_tpm_evidence(evidence, trust, nonce=NONCE, now=NOW)
+    result = verify_tpm_evidence(_loaded(evidence), trust, nonce=NONCE, now=NOW)
     assert result.status is S.INVALID_EVIDENCE
     assert "PCR 7" in result.failures[0].reason
 
@@ -85,40 +105,67 @@ def test_a_cached_log_with_a_quote_it_does_not_replay_to_is_refused() -> None:
 def test_another_hosts_cached_log_does_not_pass_for_this_quote() -> None:
     """A golden log cached from one host, sent by a host whose quote says secure boot is off."""
     golden = SoftHost("host-b", index=1)
-    assert verify_tpm_evidence(golden.evidence(), trust_for(golden), nonce=NONCE, now=NOW).passed
+    assert verify_tpm_evidence(
+        _loaded(golden.evidence()), trust_for(golden), nonce=NONCE, now=NOW
+    ).passed
     off = SoftHost(boot=Boot(secure_boot=b"\x00"))
-    evidence = replace(off.evidence(), event_log=Boot().log_bytes())
+    evidence = _loaded(replace(off.evidence(), event_log=Boot().log_bytes()))
     result = verify_tpm_evidence(evidence, trust_for(off), nonce=NONCE, now=NOW)
     assert result.status is S.INVALID_EVIDENCE
 
 
 def test_a_log_that_does_not_parse_is_refused_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _parses(monkeypatch)
-    evidence = replace(HOST.evidence(), event_log=HOST.boot.log_bytes()[:-7])
+    cut = replace(HOST.evidence(), event_log=HOST.boot.log_bytes()[:-7])
     for _ in range(2):
+        evidence = _loaded(cut)
         result = verify_tpm_evidence(evidence, trust_for(HOST), nonce=NONCE, now=NOW)
         assert result.status is S.INVALID_EVIDENCE
+        assert evidence.decoded is not None
+        assert evidence.decoded.derived is None  # the text stays decoded, nothing parsed is kept
     assert len(calls) == 2
-    assert not tpm_mode._PARSED._items
 
 
 def test_the_cache_is_bounded_and_skips_large_logs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tpm_mode, "_PARSED", tpm_mode.VerifiedCache(1))
+    calls = _parses(monkeypatch)
+    monkeypatch.setattr(evidence_module, "_DECODED_LOGS", evidence_module.VerifiedCache(1))
     trust = trust_for(HOST)
-    verify_tpm_evidence(HOST.evidence(), trust, nonce=NONCE, now=NOW)
+    assert verify_tpm_evidence(_loaded(), trust, nonce=NONCE, now=NOW).passed
     other = SoftHost(boot=Boot(debug=True))
-    verify_tpm_evidence(other.evidence(), trust_for(other), nonce=NONCE, now=NOW)
-    assert len(tpm_mode._PARSED._items) == 1
-    monkeypatch.setattr(tpm_mode, "LOG_CACHE_MAX_BYTES", 10)
-    tpm_mode._PARSED.clear()
-    assert verify_tpm_evidence(HOST.evidence(), trust, nonce=NONCE, now=NOW).passed
-    assert not tpm_mode._PARSED._items
+    verify_tpm_evidence(_loaded(other.evidence()), trust_for(other), nonce=NONCE, now=NOW)
+    assert len(evidence_module._DECODED_LOGS._items) == 1
+    assert verify_tpm_evidence(_loaded(), trust, nonce=NONCE, now=NOW).passed  # evicted: again
+    assert len(calls) == 3
+    monkeypatch.setattr(evidence_module, "LOG_TEXT_CACHE_MAX_CHARS", 10)
+    tpm_mode.forget_logs()
+    for _ in range(2):
+        assert verify_tpm_evidence(_loaded(), trust, nonce=NONCE, now=NOW).passed
+    assert not evidence_module._DECODED_LOGS._items
+    assert len(calls) == 5
+
+
+def test_bytes_that_are_not_the_loaders_are_parsed_for_what_they_are() -> None:
+    """Loaded evidence whose log was swapped under its decoded entry is judged on its own log.
+
+    (A frozen dataclass cannot be changed by honest code; the identity check is
+    what ties the entry's parse to exactly the bytes being verified.)
+    """
+    trust = trust_for(HOST)
+    assert verify_tpm_evidence(_loaded(), trust, nonce=NONCE, now=NOW).passed
+    evidence = _loaded()
+    assert evidence.decoded is not None
+    assert evidence.decoded.derived is not None  # the golden log's parse is at hand
+    object.__setattr__(evidence, "event_log", Boot(boot_order=b"\x02\x00").log_bytes())
+    result = verify_tpm_evidence(evidence, trust, nonce=NONCE, now=NOW)
+    assert [f.check for f in result.failures] == ["event-log-replay"]
 
 
 def test_facts_handed_out_are_copies() -> None:
     trust = trust_for(HOST)
-    first = verify_tpm_evidence(HOST.evidence(), trust, nonce=NONCE, now=NOW)
-    second = verify_tpm_evidence(HOST.evidence(restart_count=3), trust, nonce=NONCE, now=NOW)
+    first = verify_tpm_evidence(_loaded(), trust, nonce=NONCE, now=NOW)
+    second = verify_tpm_evidence(
+        _loaded(HOST.evidence(restart_count=3)), trust, nonce=NONCE, now=NOW
+    )
     assert first.summary is not None
     assert second.summary is not None
     assert first.summary.facts is not second.summary.facts
@@ -196,11 +243,15 @@ class _ClaimsEqualText(str):
 
 def test_bytes_claiming_to_be_a_cached_log_are_parsed_for_what_they_are() -> None:
     trust = trust_for(HOST)
-    assert verify_tpm_evidence(HOST.evidence(), trust, nonce=NONCE, now=NOW).passed
+    assert verify_tpm_evidence(_loaded(), trust, nonce=NONCE, now=NOW).passed
     edited = _ClaimsEqualBytes(Boot(boot_order=b"\x02\x00").log_bytes())
-    result = verify_tpm_evidence(
-        replace(HOST.evidence(), event_log=edited), trust, nonce=NONCE, now=NOW
-    )
+    copied = replace(_loaded(), event_log=edited)
+    assert copied.decoded is None  # a copy does not carry the loaded log's entry
+    result = verify_tpm_evidence(copied, trust, nonce=NONCE, now=NOW)
+    assert [f.check for f in result.failures] == ["event-log-replay"]
+    swapped = _loaded()
+    object.__setattr__(swapped, "event_log", edited)  # under the golden log's entry
+    result = verify_tpm_evidence(swapped, trust, nonce=NONCE, now=NOW)
     assert [f.check for f in result.failures] == ["event-log-replay"]
 
 
@@ -239,8 +290,10 @@ def test_a_bad_log_text_is_refused_every_time_and_never_kept(
 def test_quoted_events_follow_each_quotes_selection() -> None:
     """The cached log keeps events per selection: a narrower quote gets only its PCRs."""
     trust = trust_for(HOST)
-    wide = verify_tpm_evidence(HOST.evidence(), trust, nonce=NONCE, now=NOW)
-    narrow = verify_tpm_evidence(HOST.evidence(quoted=range(8)), trust, nonce=NONCE, now=NOW)
+    wide = verify_tpm_evidence(_loaded(), trust, nonce=NONCE, now=NOW)
+    narrow = verify_tpm_evidence(
+        _loaded(HOST.evidence(quoted=range(8))), trust, nonce=NONCE, now=NOW
+    )
     assert wide.summary is not None
     assert narrow.summary is not None
     assert {e.pcr for e in wide.summary.events} == {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}

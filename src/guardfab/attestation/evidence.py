@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -54,6 +54,11 @@ MAX_JWS_CHARS = 4096
 _DETACHED_JWS = re.compile(r"[A-Za-z0-9_-]+\.\.[A-Za-z0-9_-]+")
 _JWK_MEMBERS = {"EC": {"kty", "crv", "x", "y"}, "RSA": {"kty", "n", "e"}}
 _THUMBPRINT = re.compile(r"[A-Za-z0-9_-]{43}")
+_TPM_FIELDS = frozenset(
+    {"mode", "ek_public", "ek_certificate", "ak_public", "quote", "pcrs", "event_log", "host_key"}
+)
+_QUOTE_FIELDS = frozenset({"attest", "signature"})
+_PCR_BANKS = frozenset({"sha256"})
 
 
 def _b64(obj: Mapping[str, Any], key: str, *, what: str, max_bytes: int) -> bytes:
@@ -69,6 +74,25 @@ def _b64(obj: Mapping[str, Any], key: str, *, what: str, max_bytes: int) -> byte
     return value
 
 
+class DecodedLog:
+    """An event log decoded from its base64url text, and what a verifier derived from it.
+
+    The loader keeps one per distinct text (:data:`_DECODED_LOGS`) and hands it
+    out with the evidence (:attr:`TpmEvidence.decoded`). ``derived`` is where
+    the verifier keeps the parse and replay of ``data``
+    (:mod:`guardfab.attestation.tpm_mode`): a pure function of the bytes, which
+    are a pure function of the text, so a log seen again is found by its text
+    alone, with no second lookup keyed by (and no hash of) the bytes. Set once,
+    by the verifier, after the bytes parsed.
+    """
+
+    __slots__ = ("data", "derived")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.derived: object = None
+
+
 #: Decoded event logs kept by their exact base64url text: a host sends the same
 #: log at every attestation until it reboots, and decoding it costs several times
 #: more than finding the text (Python hashes a new string once, ~2 us for 16 K
@@ -76,26 +100,26 @@ def _b64(obj: Mapping[str, Any], key: str, *, what: str, max_bytes: int) -> byte
 #: kept; longer ones are decoded every time.
 LOG_TEXT_CACHE_SIZE = 64
 LOG_TEXT_CACHE_MAX_CHARS = 700 * 1024
-_DECODED_LOGS: VerifiedCache[str, bytes] = VerifiedCache(LOG_TEXT_CACHE_SIZE)
+_DECODED_LOGS: VerifiedCache[str, DecodedLog] = VerifiedCache(LOG_TEXT_CACHE_SIZE)
 
 
-def _event_log(obj: Mapping[str, Any], what: str) -> bytes:
-    """The decoded ``event_log`` field (the same bytes object for the same text).
+def _event_log(obj: Mapping[str, Any], what: str) -> DecodedLog:
+    """The decoded ``event_log`` field (the same entry for the same text).
 
     Only a plain ``str`` is looked up: a subclass could redefine equality.
     """
     text = obj.get("event_log")
     if type(text) is not str or len(text) > LOG_TEXT_CACHE_MAX_CHARS:
-        return _b64(obj, "event_log", what=what, max_bytes=MAX_EVENT_LOG_BYTES)
+        return DecodedLog(_b64(obj, "event_log", what=what, max_bytes=MAX_EVENT_LOG_BYTES))
     log = _DECODED_LOGS.get(text)
     if log is None:
-        log = _b64(obj, "event_log", what=what, max_bytes=MAX_EVENT_LOG_BYTES)
+        log = DecodedLog(_b64(obj, "event_log", what=what, max_bytes=MAX_EVENT_LOG_BYTES))
         _DECODED_LOGS.put(text, log)
     return log
 
 
 def forget_decoded_logs() -> None:
-    """Drop every decoded log text (the next load of any log decodes it)."""
+    """Drop every decoded log text, and what was derived from it (the next load decodes)."""
     _DECODED_LOGS.clear()
 
 
@@ -184,6 +208,10 @@ class TpmEvidence:
     pcrs: Mapping[int, bytes]
     event_log: bytes
     host_key: Mapping[str, Any]
+    #: The loader's entry for the log text (``decoded.data is event_log``), where
+    #: the verifier finds the log's parse; None for evidence built otherwise
+    #: (and for a copy: :func:`dataclasses.replace` does not carry it over).
+    decoded: DecodedLog | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pcrs", MappingProxyType(dict(self.pcrs)))
@@ -209,30 +237,29 @@ class TpmEvidence:
     @classmethod
     def from_dict(cls, obj: Any) -> TpmEvidence:
         """Load TPM evidence (strict). Raises FormatError naming the bad field."""
-        what = "TPM evidence"
+        what, in_quote = "TPM evidence", "TPM evidence quote"
         obj = require_dict(obj, what=what)
-        allowed = {"mode", "ek_public", "ek_certificate", "ak_public", "quote", "pcrs"}
-        reject_unknown_fields(obj, allowed | {"event_log", "host_key"}, what=what)
+        reject_unknown_fields(obj, _TPM_FIELDS, what=what)
         _mode(obj, cls.mode, what)
-        quote = require_dict(obj.get("quote"), what=f"{what} quote")
-        reject_unknown_fields(quote, {"attest", "signature"}, what=f"{what} quote")
+        quote = require_dict(obj.get("quote"), what=in_quote)
+        reject_unknown_fields(quote, _QUOTE_FIELDS, what=in_quote)
         pcrs = require_dict(obj.get("pcrs"), what=f"{what} pcrs")
-        reject_unknown_fields(pcrs, {"sha256"}, what=f"{what} pcrs (only sha256 is accepted)")
+        reject_unknown_fields(pcrs, _PCR_BANKS, what=f"{what} pcrs (only sha256 is accepted)")
         cert = None
         if obj.get("ek_certificate") is not None:
             cert = _b64(obj, "ek_certificate", what=what, max_bytes=MAX_EK_CERTIFICATE_BYTES)
-        return cls(
-            ek_public=_b64(obj, "ek_public", what=what, max_bytes=MAX_TPM_PUBLIC_BYTES),
-            ek_certificate=cert,
-            ak_public=_b64(obj, "ak_public", what=what, max_bytes=MAX_TPM_PUBLIC_BYTES),
-            quote_attest=_b64(quote, "attest", what=f"{what} quote", max_bytes=MAX_ATTEST_BYTES),
-            quote_signature=_b64(
-                quote, "signature", what=f"{what} quote", max_bytes=MAX_TPM_SIGNATURE_BYTES
-            ),
-            pcrs=pcr_map_from_dict(pcrs.get("sha256"), what=f"{what} pcrs"),
-            event_log=_event_log(obj, what),
-            host_key=load_host_key(obj.get("host_key")),
+        ek_public = _b64(obj, "ek_public", what=what, max_bytes=MAX_TPM_PUBLIC_BYTES)
+        ak_public = _b64(obj, "ak_public", what=what, max_bytes=MAX_TPM_PUBLIC_BYTES)
+        attest = _b64(quote, "attest", what=in_quote, max_bytes=MAX_ATTEST_BYTES)
+        signature = _b64(quote, "signature", what=in_quote, max_bytes=MAX_TPM_SIGNATURE_BYTES)
+        values = pcr_map_from_dict(pcrs.get("sha256"), what=f"{what} pcrs")
+        decoded = _event_log(obj, what)
+        host_key = load_host_key(obj.get("host_key"))
+        evidence = cls(
+            ek_public, cert, ak_public, attest, signature, values, decoded.data, host_key
         )
+        object.__setattr__(evidence, "decoded", decoded)
+        return evidence
 
 
 @dataclass(frozen=True)

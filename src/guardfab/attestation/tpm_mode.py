@@ -48,7 +48,6 @@ from guardfab.attestation.result import (
 from guardfab.attestation.summary import FactRecord, HostSummary, QuotedLog, fact_record
 from guardfab.attestation.trust import AttestationMode, TrustState, ek_digest
 from guardfab.errors import FormatError, GuardfabError, VerificationError
-from guardfab.formats.guardian import VerifiedCache
 from guardfab.tpm.constants import TpmAlg, TpmaObject
 from guardfab.tpm.eventlog import EventLog, parse_event_log
 from guardfab.tpm.quote import (
@@ -245,13 +244,6 @@ def _verify_quote(
         raise
 
 
-#: Parsed logs kept, keyed by their exact bytes (a host sends the same log on
-#: every attestation until it reboots; the loader hands out one bytes object per
-#: log text, whose hash Python keeps); larger logs are parsed every time.
-LOG_CACHE_SIZE = 64
-LOG_CACHE_MAX_BYTES = 512 * 1024
-
-
 #: Quote selections remembered per cached log (a host quotes the same PCRs every time).
 _SELECTIONS_PER_LOG = 4
 
@@ -293,34 +285,39 @@ class _ParsedLog:
         return found
 
 
-_PARSED: VerifiedCache[bytes, _ParsedLog] = VerifiedCache(LOG_CACHE_SIZE)
-
-
 def forget_logs() -> None:
-    """Drop every cached log (decoded texts and parsed logs).
+    """Drop every cached log (decoded texts and what was parsed from them).
 
     The next check of any log pays its full decode, parse, replay and facts:
     what a benchmark of a host's first attestation after a reboot measures.
     """
     forget_decoded_logs()
-    _PARSED.clear()
 
 
 def _parsed_log(evidence: TpmEvidence) -> _ParsedLog:
-    """Parse and replay the evidence's log, or find it already parsed (the very same bytes)."""
+    """Parse and replay the evidence's log, or find it parsed with its decoded text.
+
+    A log is kept where the loader keeps its text (``evidence.decoded``, ADR
+    0012): the bytes are a pure function of the exact text, so a log seen again
+    costs no second lookup and no hash of its bytes. Evidence built without the
+    loader (or a copy with another log) is parsed every time; the identity check
+    is the link from the entry to exactly these bytes.
+    """
     data = evidence.event_log
-    cacheable = type(data) is bytes and len(data) <= LOG_CACHE_MAX_BYTES
-    parsed = _PARSED.get(data) if cacheable else None
-    if parsed is None:
-        try:
-            log = parse_event_log(data)
-        except FormatError as exc:
-            raise Refusal.of("event-log-format", _INVALID, exc) from exc
-        if _SHA256 not in log.replayable_banks:
-            raise Refusal.of("event-log-format", _INVALID, "the event log has no SHA-256 bank")
-        parsed = _ParsedLog(data, log)
-        if cacheable:
-            _PARSED.put(data, parsed)
+    decoded = evidence.decoded
+    if decoded is not None and decoded.data is not data:
+        decoded = None  # not the loader's bytes: nothing to find or keep there
+    if decoded is not None and isinstance(decoded.derived, _ParsedLog):
+        return decoded.derived
+    try:
+        log = parse_event_log(data)
+    except FormatError as exc:
+        raise Refusal.of("event-log-format", _INVALID, exc) from exc
+    if _SHA256 not in log.replayable_banks:
+        raise Refusal.of("event-log-format", _INVALID, "the event log has no SHA-256 bank")
+    parsed = _ParsedLog(data, log)
+    if decoded is not None:
+        decoded.derived = parsed  # kept only once it parsed and replayed
     return parsed
 
 

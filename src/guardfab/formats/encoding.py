@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import rfc8785
@@ -168,8 +169,10 @@ def require_int(obj: dict[str, Any], key: str, *, what: str) -> int:
     return value
 
 
-def reject_unknown_fields(obj: dict[str, Any], allowed: set[str], *, what: str) -> None:
+def reject_unknown_fields(obj: dict[str, Any], allowed: AbstractSet[str], *, what: str) -> None:
     """Reject fields this version does not know, so nothing unsigned rides along."""
+    if obj.keys() <= allowed:  # one C call when every field is known (every request)
+        return
     unknown = sorted(set(obj) - allowed)
     if unknown:
         raise FormatError(f"{what}: unknown field(s) {', '.join(unknown)}")
