@@ -217,6 +217,17 @@ def test_pcr_digest_rejects_values_of_the_wrong_size() -> None:
         pcr_digest(selection, {SHA256: {0: bytes(20)}}, SHA256)
 
 
+def test_pcr_digest_rejects_one_wrong_size_among_right_ones() -> None:
+    """Values are size-checked together (the fast path): one short and one long value
+    among right ones, whose total length is right, still name the first wrong PCR."""
+    selection = [pcr_selection(SHA256, [0, 1, 2, 3])]
+    values = {0: bytes(32), 1: bytes(32), 2: bytes(31), 3: bytes(33)}
+    with pytest.raises(FormatError, match="PCR sha256:2: 31 bytes, expected 32"):
+        pcr_digest(selection, {SHA256: values}, SHA256)
+    with pytest.raises(PcrSelectionError, match="selects PCR sha256:1 but no expected value"):
+        pcr_digest(selection, {SHA256: {0: bytes(32), 2: bytes(32), 3: bytes(32)}}, SHA256)
+
+
 def test_pcr_digest_rejects_an_unknown_hash() -> None:
     with pytest.raises(FormatError, match="sm3_256 is not a supported hash"):
         pcr_digest([], {}, TpmAlg.SM3_256)

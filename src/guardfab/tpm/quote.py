@@ -210,15 +210,26 @@ def _verify_signature(message: bytes, signature: TpmtSignature, ak: AttestationK
 
 
 def _parse_quote(message: bytes) -> TpmsAttest:
-    """Parse signed TPMS_ATTEST bytes, telling a wrong kind of attestation apart."""
-    magic, attest_type = attest_header(message)
-    if magic != TPM_GENERATED_VALUE:
-        raise QuoteTypeError(
-            f"the signed data is not TPM-generated (magic 0x{magic:08x}, expected 0xff544347)"
-        )
-    if attest_type != TpmSt.ATTEST_QUOTE:
-        raise QuoteTypeError(f"the signed data is a {st_name(attest_type)}, not a quote")
-    return unmarshal_attest(message)
+    """Parse signed TPMS_ATTEST bytes, telling a wrong kind of attestation apart.
+
+    The parser checks the magic and the type itself; the header is read again
+    only when it refuses the bytes, to say whether they are another attestation.
+    """
+    try:
+        return unmarshal_attest(message)
+    except FormatError as exc:
+        if len(message) < 6:  # too short for a header: the parser said so
+            raise
+        magic, attest_type = attest_header(message)
+        if magic != TPM_GENERATED_VALUE:
+            raise QuoteTypeError(
+                f"the signed data is not TPM-generated (magic 0x{magic:08x}, expected 0xff544347)"
+            ) from exc
+        if attest_type != TpmSt.ATTEST_QUOTE:
+            raise QuoteTypeError(
+                f"the signed data is a {st_name(attest_type)}, not a quote"
+            ) from exc
+        raise
 
 
 #: A quote's selection as (bank, ascending PCR indices) pairs, in selection order.
@@ -230,28 +241,47 @@ def _banks(selection: Sequence[TpmsPcrSelection]) -> _Banks:
 
 
 def _selected_values(banks: _Banks, pcr_values: PcrValues) -> dict[int, dict[int, bytes]]:
-    """The expected value of every selected PCR, by bank, checked for presence and size."""
+    """The expected value of every selected PCR, by bank, checked for presence and size.
+
+    A quote is checked at every attestation: each bank's values are gathered in
+    one comprehension and their sizes checked together; only a failure goes
+    through them one by one to say which PCR is wrong.
+    """
     out: dict[int, dict[int, bytes]] = {}
     for hash_alg, indices in banks:
         bank = HASH_ALGS.get(hash_alg)
         if bank is None:
             raise FormatError(f"PCR selection: {alg_name(hash_alg)} is not a supported bank")
         values = pcr_values.get(hash_alg, {})
-        chosen = out.setdefault(hash_alg, {})
-        for index in indices:
-            value = values.get(index)
-            if value is None:
-                raise PcrSelectionError(
-                    f"the quote selects PCR {alg_name(hash_alg)}:{index} "
-                    "but no expected value was given for it"
-                )
-            if len(value) != bank.digest_size:
-                raise FormatError(
-                    f"PCR {alg_name(hash_alg)}:{index}: {len(value)} bytes, "
-                    f"expected {bank.digest_size}"
-                )
-            chosen[index] = value
+        try:
+            chosen = {index: values[index] for index in indices}
+        except KeyError:
+            chosen = {}
+        sizes = set(map(len, chosen.values()))
+        if len(chosen) != len(indices) or sizes - {bank.digest_size}:
+            _explain_values(hash_alg, indices, values, bank.digest_size)
+        if hash_alg in out:  # a bank listed twice (a caller's selection, never a quote's)
+            out[hash_alg].update(chosen)
+        else:
+            out[hash_alg] = chosen
     return out
+
+
+def _explain_values(
+    hash_alg: int, indices: tuple[int, ...], values: Mapping[int, bytes], size: int
+) -> None:
+    """Raise the error for the first selected PCR without a value, or of the wrong size."""
+    for index in indices:
+        value = values.get(index)
+        if value is None:
+            raise PcrSelectionError(
+                f"the quote selects PCR {alg_name(hash_alg)}:{index} "
+                "but no expected value was given for it"
+            )
+        if len(value) != size:
+            raise FormatError(
+                f"PCR {alg_name(hash_alg)}:{index}: {len(value)} bytes, expected {size}"
+            )
 
 
 def _digest(banks: _Banks, selected: dict[int, dict[int, bytes]], hash_alg: int) -> bytes:
@@ -259,7 +289,7 @@ def _digest(banks: _Banks, selected: dict[int, dict[int, bytes]], hash_alg: int)
     digest_info = HASH_ALGS.get(hash_alg)
     if digest_info is None:
         raise FormatError(f"PCR digest: {alg_name(hash_alg)} is not a supported hash")
-    values = (selected[bank][index] for bank, indices in banks for index in indices)
+    values = [selected[bank][index] for bank, indices in banks for index in indices]
     return digest_info.new(b"".join(values)).digest()
 
 
@@ -283,19 +313,21 @@ def pcr_digest(
 
 def _check_coverage(banks: _Banks, required: PcrValues) -> None:
     """Every PCR the verifier has a value for must be in the quote's selection."""
-    if not any(indices for _bank, indices in banks):
-        raise PcrSelectionError("the quote covers no PCRs at all")
     selected: dict[int, set[int]] = {}
     for bank, indices in banks:
         selected.setdefault(bank, set()).update(indices)
+    if not any(selected.values()):
+        raise PcrSelectionError("the quote covers no PCRs at all")
+    # One C-level subset test per bank; the missing PCRs are listed only on failure.
+    if all(values.keys() <= selected.get(bank, set()) for bank, values in required.items()):
+        return
     missing = [
         f"{alg_name(bank)}:{index}"
         for bank, values in required.items()
         for index in sorted(values)
         if index not in selected.get(bank, ())
     ]
-    if missing:
-        raise PcrSelectionError(f"the quote does not cover required PCR(s) {', '.join(missing)}")
+    raise PcrSelectionError(f"the quote does not cover required PCR(s) {', '.join(missing)}")
 
 
 def verify_quote(

@@ -227,8 +227,15 @@ def _u16(data: bytes, off: int, end: int, what: str) -> tuple[int, int]:
 
 
 def _tpm2b(data: bytes, off: int, end: int, what: str, max_size: int) -> tuple[bytes, int]:
-    """Read a TPM2B (UINT16 size + bytes) whose size may not exceed ``max_size``."""
-    size, start = _u16(data, off, end, f"{what}.size")
+    """Read a TPM2B (UINT16 size + bytes) whose size may not exceed ``max_size``.
+
+    The size is read inline (not by :func:`_u16`): every quote reads several,
+    and the field name for an error is only built when there is one.
+    """
+    if end - off < 2:
+        raise _truncated(f"{what}.size", off, 2, end - off)
+    (size,) = _U16.unpack_from(data, off)
+    start = off + 2
     if size > max_size:
         raise FormatError(f"{what} at offset {off}: size {size} exceeds the maximum {max_size}")
     if size > end - start:
@@ -482,13 +489,15 @@ def _pcr_selections(data: bytes, off: int, end: int) -> tuple[tuple[TpmsPcrSelec
         raise FormatError(f"{what}.count at offset {off}: {count} banks (maximum {MAX_PCR_BANKS})")
     off += 4
     selections: list[TpmsPcrSelection] = []
+    banks: list[int] = []
     for _ in range(count):
         if end - off < 3:
             raise _truncated("TPMS_PCR_SELECTION", off, 3, end - off)
         hash_alg, size = _PCR_SEL_HEAD.unpack_from(data, off)
         _hash_alg(hash_alg, "TPMS_PCR_SELECTION.hash", off)
-        if any(s.hash_alg == hash_alg for s in selections):
+        if hash_alg in banks:
             raise FormatError(f"TPMS_PCR_SELECTION at offset {off}: bank listed twice")
+        banks.append(hash_alg)
         if size > MAX_PCR_SELECT_BYTES:
             raise FormatError(
                 f"TPMS_PCR_SELECTION.sizeofSelect at offset {off + 2}: {size} "
