@@ -6,6 +6,8 @@ import contextlib
 import hashlib
 import json
 import string
+from dataclasses import replace
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -292,3 +294,15 @@ def test_the_host_key_checks_and_digests_are_cached_only_for_string_members() ->
     for value in (1, True, None):
         with pytest.raises(FormatError, match="must be a string"):
             load_host_key({**jwk, "crv": value})
+
+
+def test_the_loaders_host_key_digest_is_that_keys_and_follows_a_swap() -> None:
+    """The loader keeps the host key's binding digest, found with the key's check; a copy
+    with another key, or another key set under it, gets that key's digest."""
+    loaded = evidence_from_dict(tpm_body())
+    assert isinstance(loaded, TpmEvidence)
+    assert loaded.key_digest() == host_key_digest(host_key_jwk())
+    other = host_key_jwk(9)
+    assert replace(loaded, host_key=other).key_digest() == host_key_digest(other)
+    object.__setattr__(loaded, "host_key", MappingProxyType(other))
+    assert loaded.key_digest() == host_key_digest(other)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from types import MappingProxyType
 
 import pytest
 
@@ -158,6 +159,18 @@ def test_bytes_that_are_not_the_loaders_are_parsed_for_what_they_are() -> None:
     object.__setattr__(evidence, "event_log", Boot(boot_order=b"\x02\x00").log_bytes())
     result = verify_tpm_evidence(evidence, trust, nonce=NONCE, now=NOW)
     assert [f.check for f in result.failures] == ["event-log-replay"]
+
+
+def test_a_host_key_swapped_in_loaded_evidence_is_refused() -> None:
+    """The loader's host-key digest (kept with the key's check) binds only its own key."""
+    trust = trust_for(HOST)
+    assert verify_tpm_evidence(_loaded(), trust, nonce=NONCE, now=NOW).passed
+    copied = replace(_loaded(), host_key=host_key_jwk(9))
+    swapped = _loaded()
+    object.__setattr__(swapped, "host_key", MappingProxyType(host_key_jwk(9)))
+    for evidence in (copied, swapped):
+        result = verify_tpm_evidence(evidence, trust, nonce=NONCE, now=NOW)
+        assert [f.check for f in result.failures] == ["quote-nonce"]
 
 
 def test_facts_handed_out_are_copies() -> None:

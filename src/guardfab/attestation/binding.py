@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 from guardfab.formats.encoding import canonical_json
@@ -23,29 +24,47 @@ QUOTE_DOMAIN = b"guardfab/attestation/quote/v1\x00"
 HOST_KEY_DOMAIN = b"guardfab/attestation/host-key/v1\x00"
 
 
-def host_key_digest(host_key_jwk: dict[str, Any]) -> bytes:
+def host_key_digest(host_key_jwk: Mapping[str, Any]) -> bytes:
     """SHA-256 of the canonical public JWK of the host encryption key.
 
     Computed once per exact JWK when every member is a string (a JWK always
     is; the key is its sorted members, so no two JWKs share one); anything
     else is canonicalized every time.
     """
-    if all(type(k) is str and type(v) is str for k, v in host_key_jwk.items()):
-        return _digest_of_members(tuple(sorted(host_key_jwk.items())))
-    return hashlib.sha256(canonical_json(host_key_jwk)).digest()
+    members = string_members(host_key_jwk)
+    if members is not None:
+        return digest_of_members(members)
+    return hashlib.sha256(canonical_json(dict(host_key_jwk))).digest()
+
+
+def string_members(jwk: Mapping[str, Any]) -> tuple[tuple[str, str], ...] | None:
+    """A JWK's sorted members if every name and value is a ``str``, else None.
+
+    The key of the caches of a JWK's checks and digest: ``1`` and ``True`` are
+    equal as Python keys but not as JSON, so only all-string JWKs are cached.
+    """
+    if all(type(k) is str and type(v) is str for k, v in jwk.items()):
+        return tuple(sorted(jwk.items()))
+    return None
 
 
 @functools.lru_cache(maxsize=4096)
-def _digest_of_members(members: tuple[tuple[str, str], ...]) -> bytes:
+def digest_of_members(members: tuple[tuple[str, str], ...]) -> bytes:
+    """:func:`host_key_digest` of the all-string JWK with these sorted members."""
     return hashlib.sha256(canonical_json(dict(members))).digest()
 
 
-def quote_qualifying_data(nonce: bytes, host_key_jwk: dict[str, Any]) -> bytes:
+def quote_qualifying_data(nonce: bytes, host_key_jwk: Mapping[str, Any]) -> bytes:
     """The 32 bytes a host passes as the quote's qualifying data."""
-    return hashlib.sha256(QUOTE_DOMAIN + nonce + host_key_digest(host_key_jwk)).digest()
+    return qualifying_data(nonce, host_key_digest(host_key_jwk))
 
 
-def host_key_binding(nonce: bytes, host_key_jwk: dict[str, Any], claims: bytes) -> bytes:
+def qualifying_data(nonce: bytes, key_digest: bytes) -> bytes:
+    """:func:`quote_qualifying_data` from the host key's :func:`host_key_digest`."""
+    return hashlib.sha256(QUOTE_DOMAIN + nonce + key_digest).digest()
+
+
+def host_key_binding(nonce: bytes, host_key_jwk: Mapping[str, Any], claims: bytes) -> bytes:
     """The bytes a host signs with its registered host key in host-key mode.
 
     ``claims`` is the canonical JSON of whatever else the host asserts (may be ``b"{}"``).

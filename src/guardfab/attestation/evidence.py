@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
+from guardfab.attestation.binding import digest_of_members, host_key_digest, string_members
 from guardfab.attestation.summary import pcr_map_from_dict, pcr_map_to_dict
 from guardfab.attestation.trust import AttestationMode
 from guardfab.errors import FormatError
@@ -134,18 +135,29 @@ def load_host_key(value: Any, *, what: str = "host_key") -> dict[str, Any]:
         FormatError: not an EC or RSA public JWK with exactly its RFC 7638 members,
             or a key too weak to wrap VM keys to.
     """
+    return _loaded_host_key(value, what)[0]
+
+
+def _loaded_host_key(value: Any, what: str) -> tuple[dict[str, Any], bytes | None]:
+    """:func:`load_host_key`, with the key's binding digest when it was cached with it."""
     jwk = require_dict(value, what=what)
-    if all(type(k) is str and type(v) is str for k, v in jwk.items()):
-        _checked_key(tuple(sorted(jwk.items())), what)
-    else:
+    members = string_members(jwk)
+    if members is None:
         _check_key(jwk, what)
-    return dict(jwk)
+        return dict(jwk), None
+    return dict(jwk), _checked_key(members, what)
 
 
 @functools.lru_cache(maxsize=4096)
-def _checked_key(items: tuple[tuple[str, str], ...], what: str) -> None:
-    """:func:`_check_key` once per exact JWK (a failure raises and is never cached)."""
-    _check_key(dict(items), what)
+def _checked_key(members: tuple[tuple[str, str], ...], what: str) -> bytes:
+    """:func:`_check_key` once per exact JWK, and its binding digest (failures are not kept).
+
+    The digest (:func:`~guardfab.attestation.binding.host_key_digest`) is kept
+    with the check: the verifier needs it at every attestation, and finding it
+    here spares a second sort of the members and a second lookup.
+    """
+    _check_key(dict(members), what)
+    return digest_of_members(members)
 
 
 def _check_key(jwk: dict[str, Any], what: str) -> None:
@@ -212,10 +224,26 @@ class TpmEvidence:
     #: the verifier finds the log's parse; None for evidence built otherwise
     #: (and for a copy: :func:`dataclasses.replace` does not carry it over).
     decoded: DecodedLog | None = field(default=None, init=False, repr=False, compare=False)
+    #: ``host_key`` and its binding digest, as the loader found them with the
+    #: key's check (see :meth:`key_digest`); None when built otherwise.
+    _key_digest: tuple[Mapping[str, Any], bytes] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pcrs", MappingProxyType(dict(self.pcrs)))
         object.__setattr__(self, "host_key", MappingProxyType(dict(self.host_key)))
+
+    def key_digest(self) -> bytes:
+        """:func:`~guardfab.attestation.binding.host_key_digest` of ``host_key``.
+
+        The loader found it with the key's check; it is used only while
+        ``host_key`` is the very mapping it was found for.
+        """
+        known = self._key_digest
+        if known is not None and known[0] is self.host_key:
+            return known[1]
+        return host_key_digest(self.host_key)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON body a host sends."""
@@ -254,11 +282,13 @@ class TpmEvidence:
         signature = _b64(quote, "signature", what=in_quote, max_bytes=MAX_TPM_SIGNATURE_BYTES)
         values = pcr_map_from_dict(pcrs.get("sha256"), what=f"{what} pcrs")
         decoded = _event_log(obj, what)
-        host_key = load_host_key(obj.get("host_key"))
+        host_key, key_digest = _loaded_host_key(obj.get("host_key"), "host_key")
         evidence = cls(
             ek_public, cert, ak_public, attest, signature, values, decoded.data, host_key
         )
         object.__setattr__(evidence, "decoded", decoded)
+        if key_digest is not None:
+            object.__setattr__(evidence, "_key_digest", (evidence.host_key, key_digest))
         return evidence
 
 

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 
 from cryptography import x509
 
-from guardfab.attestation.binding import quote_qualifying_data
+from guardfab.attestation.binding import qualifying_data
 from guardfab.attestation.certchain import (
     UntrustedCertificateError,
     load_der_certificate,
@@ -223,11 +223,11 @@ def _verify_quote(
     evidence: TpmEvidence, ak: AttestationKey, trust: TrustState, nonce: bytes
 ) -> VerifiedQuote:
     """Verify the quote over the exact bytes, bound to the nonce and the host key."""
-    missing = sorted(trust.quote_pcrs - evidence.pcrs.keys())
-    if missing:
+    if not evidence.pcrs.keys() >= trust.quote_pcrs:
+        missing = sorted(trust.quote_pcrs - evidence.pcrs.keys())
         error = PcrSelectionError(f"the quote does not cover required PCR(s) {missing}")
         raise Refusal.of("quote-pcr-selection", _INVALID, error)
-    expected = quote_qualifying_data(nonce, dict(evidence.host_key))
+    expected = qualifying_data(nonce, evidence.key_digest())
     try:
         return verify_quote(
             evidence.quote_attest,
