@@ -18,7 +18,7 @@ import datetime
 import functools
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
 from guardfab.errors import FormatError, VerificationError
 from guardfab.formats.encoding import (
@@ -163,29 +163,32 @@ def pcr_map_to_dict(values: Mapping[int, bytes]) -> dict[str, str]:
     return {str(index): values[index].hex() for index in sorted(values)}
 
 
-class FactRecord(NamedTuple):
-    """A fact as stored: its JSON value (None: not shown), event numbers and a note."""
+#: A fact as a summary holds it: the log's own :class:`~guardfab.tpm.logfacts.Fact`
+#: (its JSON value, None when not shown; event numbers; a note). A verifier hands a
+#: log's facts on as they are (a record type of its own cost a copy per fact per new
+#: log) and makes the quote's facts as the same type; stored by :func:`fact_to_dict`.
+FactRecord = Fact
 
-    value: Any
-    events: tuple[int, ...]
-    note: str
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form."""
-        return {"value": self.value, "events": list(self.events), "note": self.note}
+def fact_to_dict(fact: FactRecord) -> dict[str, Any]:
+    """A fact's stored (JSON) form."""
+    return {"value": fact.value, "events": list(fact.events), "note": fact.note}
 
-    @classmethod
-    def from_dict(cls, obj: Any, *, what: str) -> FactRecord:
-        """Load a stored fact."""
-        obj = require_dict(obj, what=what)
-        reject_unknown_fields(obj, {"value", "events", "note"}, what=what)
-        events = obj.get("events")
-        if not isinstance(events, list) or not all(
-            isinstance(n, int) and not isinstance(n, bool) for n in events
-        ):
-            raise FormatError(f"{what}: 'events' must be a list of integers")
-        note = require_str(obj, "note", what=what)
-        return cls(obj.get("value"), tuple(events), note)
+
+def fact_from_dict(obj: Any, *, what: str) -> FactRecord:
+    """Load a stored fact."""
+    obj = require_dict(obj, what=what)
+    reject_unknown_fields(obj, _FACT_FIELDS, what=what)
+    events = obj.get("events")
+    if not isinstance(events, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) for n in events
+    ):
+        raise FormatError(f"{what}: 'events' must be a list of integers")
+    note = require_str(obj, "note", what=what)
+    return FactRecord(obj.get("value"), tuple(events), note)
+
+
+_FACT_FIELDS = frozenset(FactRecord._fields)
 
 
 class QuotedLog:
@@ -353,7 +356,7 @@ class HostSummary:
             "host_id": self.host_id,
             "verified_at": self.verified_at.isoformat(),
             "pcrs": {"sha256": pcr_map_to_dict(self.pcrs)},
-            "facts": {name: fact.to_dict() for name, fact in self.facts.items()},
+            "facts": {name: fact_to_dict(fact) for name, fact in self.facts.items()},
             "uintn_size": self.uintn_size,
         }
 
@@ -404,7 +407,7 @@ class HostSummary:
             pcrs=pcrs,
             events=events,
             facts={
-                str(name): FactRecord.from_dict(fact, what=f"{what} fact {name}")
+                str(name): fact_from_dict(fact, what=f"{what} fact {name}")
                 for name, fact in facts.items()
             },
             uintn_size=uintn_size,
@@ -454,8 +457,3 @@ def events_by_pcr(events: Iterable[EventRecord]) -> Mapping[int, tuple[EventReco
     for event in events:
         groups.setdefault(event.pcr, []).append(event)
     return MappingProxyType({pcr: tuple(group) for pcr, group in groups.items()})
-
-
-def fact_record(fact: Fact) -> FactRecord:
-    """A log fact as a stored record (the same three fields, so one C-level copy)."""
-    return tuple.__new__(FactRecord, fact)

@@ -45,7 +45,7 @@ from guardfab.attestation.result import (
     CheckFailure,
     Refusal,
 )
-from guardfab.attestation.summary import FactRecord, HostSummary, QuotedLog, fact_record
+from guardfab.attestation.summary import FactRecord, HostSummary, QuotedLog
 from guardfab.attestation.trust import AttestationMode, TrustState, ek_digest
 from guardfab.errors import FormatError, GuardfabError, VerificationError
 from guardfab.tpm.constants import TpmAlg, TpmaObject
@@ -270,8 +270,7 @@ class _ParsedLog:
     def facts(self) -> dict[str, FactRecord]:
         """The log's SHA-256 facts as records (a fresh dict: callers add their own)."""
         if self._facts is None:
-            facts = self.log.facts(_SHA256)
-            self._facts = dict(zip(facts._fields, map(fact_record, facts), strict=True))
+            self._facts = self.log.facts(_SHA256)._asdict()
         return dict(self._facts)
 
     def quoted(self, pcrs: Iterable[int]) -> QuotedLog:
