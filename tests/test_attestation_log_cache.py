@@ -184,6 +184,15 @@ def test_facts_handed_out_are_copies() -> None:
     assert first.summary.facts is not second.summary.facts
     assert first.summary.facts["resumed"].value is False
     assert second.summary.facts["resumed"].value is True
+    assert "restartCount = 3" in second.summary.facts["resumed"].note
+    # The CI digests are kept per log, but each result gets a list of its own.
+    shown = first.summary.facts["ci_policy"].value
+    assert shown == [e.digest.hex() for e in first.summary.events_in(9)] != []
+    shown.append("00" * 32)
+    third = verify_tpm_evidence(_loaded(), trust, nonce=NONCE, now=NOW)
+    assert third.summary is not None
+    assert third.summary.facts["ci_policy"].value == shown[:-1]
+    assert third.summary.facts["ci_policy"].events == first.summary.facts["ci_policy"].events
 
 
 # ------------------------------------------------------- the decoded-text cache

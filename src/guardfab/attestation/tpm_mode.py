@@ -257,7 +257,7 @@ class _ParsedLog:
     match, what policies read) is still checked on every attestation.
     """
 
-    __slots__ = ("_facts", "_quoted", "data", "initial", "log", "replayed")
+    __slots__ = ("_facts", "_measured", "_quoted", "data", "initial", "log", "replayed")
 
     def __init__(self, data: bytes, log: EventLog) -> None:
         self.data = data
@@ -266,12 +266,26 @@ class _ParsedLog:
         self.initial = log.initial_pcrs(_SHA256)
         self._facts: dict[str, FactRecord] | None = None
         self._quoted: dict[frozenset[int], QuotedLog] = {}
+        self._measured: dict[int, tuple[tuple[str, ...], tuple[int, ...]]] = {}
 
     def facts(self) -> dict[str, FactRecord]:
         """The log's SHA-256 facts as records (a fresh dict: callers add their own)."""
         if self._facts is None:
             self._facts = self.log.facts(_SHA256)._asdict()
         return dict(self._facts)
+
+    def measured_in(self, events: QuotedLog, pcr: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """The hex SHA-256 digests and numbers of a quoted PCR's events (kept per PCR).
+
+        What the CI policy fact shows at every attestation; the events come
+        from (and stay in) the quoted log, where the CI policy reads them.
+        """
+        found = self._measured.get(pcr)
+        if found is None:
+            records = events.events_in(pcr)
+            found = (tuple(e.digest.hex() for e in records), tuple(e.number for e in records))
+            self._measured[pcr] = found
+        return found
 
     def quoted(self, pcrs: Iterable[int]) -> QuotedLog:
         """The log with the quoted PCRs: the summary's events, made when read (shared)."""
@@ -345,6 +359,17 @@ def _replayed_log(
 # --------------------------------------------------------------------------- facts
 
 
+@functools.lru_cache(maxsize=64)
+def _resumed(restart_count: int) -> FactRecord:
+    """The quote's resume fact (immutable, so one per counter value is shared)."""
+    return FactRecord(
+        restart_count != 0,
+        (),
+        f"restartCount = {restart_count} in the verified quote's TPMS_CLOCK_INFO "
+        "(0: no S3 resume or TPM restart since the last full boot)",
+    )
+
+
 def _summarize(
     host_id: str,
     parsed: _ParsedLog,
@@ -358,27 +383,21 @@ def _summarize(
     events = parsed.quoted(pcrs)
     facts = parsed.facts()
     clock = quote.attest.clock_info
-    facts["resumed"] = FactRecord(
-        clock.restart_count != 0,
-        (),
-        f"restartCount = {clock.restart_count} in the verified quote's TPMS_CLOCK_INFO "
-        "(0: no S3 resume or TPM restart since the last full boot)",
-    )
+    facts["resumed"] = _resumed(clock.restart_count)
     facts["boot_count"] = FactRecord(
         clock.reset_count, (), "resetCount in the verified quote (TPM resets, not OS boots)"
     )
     ci_pcr = trust.ci_policy_pcr
-    ci_events = events.events_in(ci_pcr)
-    facts["ci_policy"] = (
-        FactRecord(
-            [e.digest.hex() for e in ci_events],
-            tuple(e.number for e in ci_events),
+    if ci_pcr in pcrs:
+        digests, numbers = parsed.measured_in(events, ci_pcr)
+        facts["ci_policy"] = FactRecord(
+            list(digests),  # a list of its own: a fact's value is handed to callers
+            numbers,
             f"digests measured into PCR {ci_pcr}, where GRUB measures each file it loads; "
             "Hgs_CiPolicy compares them with the registered CI policies",
         )
-        if ci_pcr in pcrs
-        else FactRecord(None, (), f"the quote does not cover PCR {ci_pcr}")
-    )
+    else:
+        facts["ci_policy"] = FactRecord(None, (), f"the quote does not cover PCR {ci_pcr}")
     return HostSummary(host_id, now, pcrs, events, facts, uintn_size=log.uintn_size)
 
 
