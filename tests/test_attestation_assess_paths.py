@@ -180,6 +180,16 @@ def test_an_unquoted_pcr_never_matches() -> None:
     assert match.unquoted == (3,)
 
 
+def test_a_match_is_reported_with_its_own_baseline_name_and_pcrs() -> None:
+    summary, _ = verified()
+    for name, pcrs in (("golden-2026", range(8)), ("wider", range(10)), ("golden-2026", range(10))):
+        baseline = baseline_from_log(name, GOLDEN.log_bytes(), pcrs=pcrs)
+        trust = trust_for(SoftHost(), baselines=(baseline,))
+        pcr = {v.policy: v for v in assess_summary(summary, trust, host_key=None, now=NOW).verdicts}
+        assert pcr["Hgs_PcrBaseline"].reason == f"PCRs {list(pcrs)} match baseline '{name}'"
+        assert pcr["Hgs_PcrBaseline"].state is VerdictState.PASSED
+
+
 # ------------------------------------------------------------ overall status
 
 

@@ -19,6 +19,7 @@ that enabling one is a deliberate choice that refuses such hosts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -132,7 +133,7 @@ class PcrBaselinePolicy:
             raise PolicyViolation("no TPM baseline is registered (hgs baseline add)")
         name = match.baseline.name
         if match.matched:
-            return Finding(f"PCRs {list(match.baseline.pcr_set)} match baseline '{name}'")
+            return _baseline_matched(name, match.baseline.pcr_set)
         events = tuple(d.host_event.number for d in match.differences if d.host_event)
         if match.unquoted:
             raise NotEvaluable(
@@ -143,6 +144,12 @@ class PcrBaselinePolicy:
             f"differing event(s) in PCR(s) {list(match.pcr_mismatches)}",
             events,
         )
+
+
+@functools.lru_cache(maxsize=256)
+def _baseline_matched(name: str, pcr_set: tuple[int, ...]) -> Finding:
+    """The finding of a host that matches a baseline: the same for every such attestation."""
+    return Finding(f"PCRs {list(pcr_set)} match baseline '{name}'")
 
 
 @dataclass(frozen=True)
