@@ -306,3 +306,35 @@ def test_the_loaders_host_key_digest_is_that_keys_and_follows_a_swap() -> None:
     assert replace(loaded, host_key=other).key_digest() == host_key_digest(other)
     object.__setattr__(loaded, "host_key", MappingProxyType(other))
     assert loaded.key_digest() == host_key_digest(other)
+
+
+class _LyingText(str):
+    """A text that says it equals any text and hashes like another."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __hash__(self) -> int:
+        return hash(tpm_body()["ak_public"])
+
+
+def test_identity_fields_are_decoded_once_per_exact_text() -> None:
+    """The EK and AK texts repeat at every attestation: one bytes object per text."""
+    body = tpm_body()
+    first, second = (
+        evidence_from_dict({**body, "ak_public": "".join(body["ak_public"])}) for _ in range(2)
+    )
+    assert isinstance(first, TpmEvidence)
+    assert isinstance(second, TpmEvidence)
+    assert first.ak_public is second.ak_public
+    assert first.ek_public is second.ek_public
+    # Another AK's text is decoded for itself; a bad one is refused every time, never kept.
+    another_ak = first.ak_public + b"\x01"
+    other = b64url_encode(another_ak)
+    assert evidence_from_dict({**body, "ak_public": other}).ak_public == another_ak
+    for _ in range(2):
+        with pytest.raises(FormatError, match="ak_public"):
+            evidence_from_dict({**body, "ak_public": body["ak_public"] + "="})
+    # A str subclass is never looked up: it is decoded for what it holds.
+    lying = _LyingText(other)
+    assert evidence_from_dict({**body, "ak_public": lying}).ak_public == another_ak

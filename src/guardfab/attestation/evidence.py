@@ -75,6 +75,29 @@ def _b64(obj: Mapping[str, Any], key: str, *, what: str, max_bytes: int) -> byte
     return value
 
 
+#: Identity fields decoded once per exact text: a host presents the same EK, EK
+#: certificate and AK at every attestation, and the identity checks downstream
+#: are cached by these bytes (one bytes object per text keeps its hash).
+IDENTITY_TEXT_CACHE_SIZE = 4096
+
+
+def _identity_b64(obj: Mapping[str, Any], key: str, *, what: str, max_bytes: int) -> bytes:
+    """:func:`_b64` of an identity field, decoded once per exact text.
+
+    Only a plain ``str`` is looked up: a subclass could redefine equality.
+    """
+    text = obj.get(key)
+    if type(text) is not str:
+        return _b64(obj, key, what=what, max_bytes=max_bytes)
+    return _decoded_identity(text, key, what, max_bytes)
+
+
+@functools.lru_cache(maxsize=IDENTITY_TEXT_CACHE_SIZE)
+def _decoded_identity(text: str, key: str, what: str, max_bytes: int) -> bytes:
+    """The field decoded and checked (a failure raises and is never kept)."""
+    return _b64({key: text}, key, what=what, max_bytes=max_bytes)
+
+
 class DecodedLog:
     """An event log decoded from its base64url text, and what a verifier derived from it.
 
@@ -275,9 +298,11 @@ class TpmEvidence:
         reject_unknown_fields(pcrs, _PCR_BANKS, what=f"{what} pcrs (only sha256 is accepted)")
         cert = None
         if obj.get("ek_certificate") is not None:
-            cert = _b64(obj, "ek_certificate", what=what, max_bytes=MAX_EK_CERTIFICATE_BYTES)
-        ek_public = _b64(obj, "ek_public", what=what, max_bytes=MAX_TPM_PUBLIC_BYTES)
-        ak_public = _b64(obj, "ak_public", what=what, max_bytes=MAX_TPM_PUBLIC_BYTES)
+            cert = _identity_b64(
+                obj, "ek_certificate", what=what, max_bytes=MAX_EK_CERTIFICATE_BYTES
+            )
+        ek_public = _identity_b64(obj, "ek_public", what=what, max_bytes=MAX_TPM_PUBLIC_BYTES)
+        ak_public = _identity_b64(obj, "ak_public", what=what, max_bytes=MAX_TPM_PUBLIC_BYTES)
         attest = _b64(quote, "attest", what=in_quote, max_bytes=MAX_ATTEST_BYTES)
         signature = _b64(quote, "signature", what=in_quote, max_bytes=MAX_TPM_SIGNATURE_BYTES)
         values = pcr_map_from_dict(pcrs.get("sha256"), what=f"{what} pcrs")
