@@ -22,11 +22,14 @@ from guardfab.attestation.baseline import (
 )
 from guardfab.attestation.evaluation import assess_summary
 from guardfab.attestation.policies import (
+    POLICIES,
     Finding,
     NotEvaluable,
     PolicyContext,
+    PolicySet,
     PolicyViolation,
     SecureBootSettingsPolicy,
+    effective_state,
 )
 from guardfab.attestation.result import (
     AttestationStatus,
@@ -188,6 +191,42 @@ def test_a_match_is_reported_with_its_own_baseline_name_and_pcrs() -> None:
         pcr = {v.policy: v for v in assess_summary(summary, trust, host_key=None, now=NOW).verdicts}
         assert pcr["Hgs_PcrBaseline"].reason == f"PCRs {list(pcrs)} match baseline '{name}'"
         assert pcr["Hgs_PcrBaseline"].state is VerdictState.PASSED
+
+
+# ------------------------------------------------------------ policies not evaluated
+
+
+def states_configurations() -> list[dict[str, PolicyState]]:
+    return [
+        {},
+        {"Hgs_UefiDebugDisabled": PolicyState.DISABLED},
+        {"Hgs_UefiDebugDisabled": PolicyState.ENABLED},
+        {"Hgs_HibernationDisabled": PolicyState.ENABLED, "Hgs_CiPolicy": PolicyState.LOCKED},
+        {"Hgs_SecureBootEnabled": PolicyState.DISABLED, "Hgs_DumpsDisabled": PolicyState.DISABLED},
+    ]
+
+
+def test_not_evaluated_verdicts_follow_each_policy_state() -> None:
+    """The plan's verdicts for disabled policies, the reason given for every other one."""
+    policies = PolicySet()
+    for _ in range(2):  # the second round reads the kept plans
+        for states in states_configurations():
+            trust = TrustState(policy_states=states)
+            for reason in ("not evaluated: check 'quote' failed first", "host-key: TPM only"):
+                got = policies.not_evaluated(trust, reason)
+                assert [v.policy for v in got] == [p.name for p in POLICIES]
+                for verdict, policy in zip(got, POLICIES, strict=True):
+                    state = effective_state(trust, policy)
+                    assert verdict.policy_state is state
+                    assert not verdict.blocking
+                    assert verdict.evidence == policy.evidence
+                    if state is PolicyState.DISABLED:
+                        assert verdict.state is VerdictState.DISABLED
+                        explicit = policy.name in states
+                        assert ("by an administrator" in verdict.reason) is explicit
+                    else:
+                        assert verdict.state is VerdictState.NOT_EVALUABLE
+                        assert verdict.reason == reason
 
 
 # ------------------------------------------------------------ overall status

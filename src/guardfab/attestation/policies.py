@@ -453,15 +453,17 @@ class PolicySet:
         measurements (host-key and admin-group modes). They never block by themselves:
         the failed check (if any) already decides the status.
         """
-        out = []
-        for policy in self.policies:
-            state = effective_state(trust, policy)
-            if state is PolicyState.DISABLED:
-                verdict, why = VerdictState.DISABLED, _disabled_reason(trust, policy)
-            else:
-                verdict, why = VerdictState.NOT_EVALUABLE, reason
-            out.append(PolicyVerdict(policy.name, verdict, state, False, why, policy.evidence))
-        return tuple(out)
+        # Disabled policies' verdicts come from the plan, as in :meth:`evaluate`.
+        return tuple(
+            [
+                PolicyVerdict(
+                    policy.name, VerdictState.NOT_EVALUABLE, state, False, reason, policy.evidence
+                )
+                if verdict is None
+                else verdict
+                for policy, state, verdict in self._plan(trust)
+            ]
+        )
 
     def catalog(self, trust: TrustState) -> list[dict[str, Any]]:
         """Every policy with its state, evidence and Linux gap (``hgs policy list``)."""
