@@ -338,3 +338,31 @@ def test_identity_fields_are_decoded_once_per_exact_text() -> None:
     # A str subclass is never looked up: it is decoded for what it holds.
     lying = _LyingText(other)
     assert evidence_from_dict({**body, "ak_public": lying}).ak_public == another_ak
+
+
+class _LyingPcr(str):
+    """A PCR value that says it equals any text and hashes like PCR 0's."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __hash__(self) -> int:
+        return hash(tpm_body()["pcrs"]["sha256"]["0"])
+
+
+def test_pcr_values_are_read_once_per_exact_text_and_never_on_a_claim() -> None:
+    body = tpm_body()
+    values = body["pcrs"]["sha256"]
+    first, second = (
+        evidence_from_dict(_set(body, "pcrs.sha256.0", "".join(values["0"]))) for _ in range(2)
+    )
+    assert isinstance(first, TpmEvidence)
+    assert isinstance(second, TpmEvidence)
+    assert first.pcrs[0] is second.pcrs[0] == bytes.fromhex(values["0"])
+    for _ in range(2):  # refused every time: a failure is never kept
+        with pytest.raises(FormatError, match="lower-case hex"):
+            evidence_from_dict(_set(body, "pcrs.sha256.0", values["0"].upper()))
+    for other in ("ab" * 32, "cd" * 32):  # each claims to equal the other (and PCR 0)
+        lying = evidence_from_dict(_set(body, "pcrs.sha256.0", _LyingPcr(other)))
+        assert isinstance(lying, TpmEvidence)
+        assert lying.pcrs[0] == bytes.fromhex(other)

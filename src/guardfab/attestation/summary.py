@@ -143,19 +143,34 @@ def pcr_map_from_dict(obj: Any, *, what: str) -> dict[int, bytes]:
     return values
 
 
+#: Canonical PCR values kept by their exact text: a host reports the same values at
+#: every attestation until it reboots, and hosts of one build share most of them.
+PCR_VALUE_CACHE_SIZE = 4096
+
+
 def _sha256_hex(text: Any) -> bytes | None:
     """The value of a canonical SHA-256 hex string (a plain ``str``), else None.
 
     Every attestation reads a dozen PCR values: this is :func:`hex_digest`'s
-    check without its per-field error context, which is built only on failure.
+    check without its per-field error context, which is built only on
+    failure, and read once per exact text (only a plain ``str`` is looked up:
+    a subclass could redefine equality).
     """
     if type(text) is not str or len(text) != _SHA256_HEX_CHARS:
         return None
     try:
-        value = bytes.fromhex(text)
+        return _canonical_sha256(text)
     except ValueError:
         return None
-    return value if value.hex() == text else None
+
+
+@functools.lru_cache(maxsize=PCR_VALUE_CACHE_SIZE)
+def _canonical_sha256(text: str) -> bytes:
+    """The 32 bytes of 64 lower-case hex characters (ValueError, never kept, if not)."""
+    value = bytes.fromhex(text)
+    if value.hex() != text:
+        raise ValueError("not canonical lower-case hex")
+    return value
 
 
 def pcr_map_to_dict(values: Mapping[int, bytes]) -> dict[str, str]:
