@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from guardfab.tpm import uefi
 from guardfab.tpm.eventlog import EventLog, parse_event_log
 from guardfab.tpm.events import (
     DigestRule,
@@ -19,6 +20,7 @@ from guardfab.tpm.events import (
     digest_matches,
     measured_bytes,
 )
+from guardfab.tpm.logfacts import SECURE_BOOT_VARIABLES
 from test_eventlog_builder import (
     EFI_GLOBAL,
     EFI_SECURITY_DB,
@@ -297,3 +299,68 @@ def test_facts_to_dict_lists_values_and_evidence() -> None:
     assert out["hibernation_disabled"] is None
     assert out["evidence"]["secure_boot"] == {"events": [1], "note": "SecureBoot = 1 (enabled)"}
     assert "hibernation" in out["evidence"]["hibernation_disabled"]["note"]
+
+
+_FACT_VARIABLES = ((EFI_GLOBAL, "SecureBoot"), *SECURE_BOOT_VARIABLES)
+
+
+def _parsed_key(data: bytes) -> tuple[tuple[bytes, str], bytes] | None:
+    """What the facts read from ``data`` through the full parse: a known key and contents."""
+    try:
+        var = uefi.parse_variable(data)
+    except uefi.UndecodableError:
+        return None
+    key = (var.guid, var.name)
+    return (key, var.data) if key in _FACT_VARIABLES else None
+
+
+def _variable_variants(data: bytes) -> list[bytes]:
+    """``data``, then with one byte changed in each header field, the name and the end."""
+    variants = [data, data[:-1], data + b"\0"]
+    for at in (0, 15, 16, 23, 24, 31, 32, 33, len(data) - 1):
+        if 0 <= at < len(data):
+            variants.append(data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :])
+    return variants
+
+
+@pytest.mark.parametrize("name", VECTOR_NAMES)
+def test_the_facts_find_variables_exactly_where_the_full_parse_names_them(
+    vectors: Path, name: str
+) -> None:
+    """The raw-byte match of the facts' five variables agrees with parse_variable.
+
+    Every event of every real log, intact and with a byte changed in each field.
+    """
+    log = parse_event_log((vectors / name).read_bytes())
+    known = uefi.KnownVariables(_FACT_VARIABLES)
+    found = 0
+    for event in log.events:
+        for variant in _variable_variants(event.data):
+            assert known.match(variant) == _parsed_key(variant), (event.number, variant.hex())
+        found += known.match(event.data) is not None
+    # The four UEFI logs measure all five; the short test logs none.
+    assert found in (0, len(_FACT_VARIABLES))
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ([(EFI_GLOBAL, "")], "16-byte GUID and a name"),
+        ([(EFI_GLOBAL[:15], "PK")], "16-byte GUID and a name"),
+        ([(EFI_GLOBAL, "PK"), (EFI_GLOBAL, "XY")], "share a head"),
+    ],
+)
+def test_known_variables_refuse_keys_they_cannot_tell_apart(
+    keys: list[tuple[bytes, str]], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        uefi.KnownVariables(keys)
+
+
+def test_a_variable_named_with_a_trailing_nul_is_another_variable() -> None:
+    """UEFI names are counted, not NUL-terminated: "SecureBoot\\0" is not SecureBoot."""
+    log = _secure_boot_log(b"\x00")
+    log.events[0] = Ev(
+        7, EV_EFI_VARIABLE_DRIVER_CONFIG, variable(EFI_GLOBAL, "SecureBoot\0", b"\x01")
+    )
+    assert parse_event_log(log.build()).facts(SHA256).secure_boot.value is None

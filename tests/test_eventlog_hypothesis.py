@@ -13,12 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guardfab.errors import InvalidInputError
+from guardfab.tpm import uefi
 from guardfab.tpm.decode import decode
 from guardfab.tpm.eventlog import LogFormat, Measurement, parse_event_log
 from guardfab.tpm.events import EventType
 from test_eventlog_builder import (
     EV_EFI_HCRTM_EVENT,
     EV_NO_ACTION,
+    EV_SEPARATOR,
     SHA1,
     SHA256,
     SHA384,
@@ -103,24 +105,28 @@ def test_generated_agile_log_round_trips_and_replays(data: st.DataObject) -> Non
 @given(
     data=st.data(),
     pcrs=st.frozensets(st.integers(0, 23)),
-    whole=st.frozensets(st.integers(0, 23), max_size=3),
+    one=st.integers(0, 9),
+    below=st.integers(0, 9),
 )
 def test_measurements_and_pcr_views_match_the_events(
-    data: st.DataObject, pcrs: frozenset[int], whole: frozenset[int]
+    data: st.DataObject, pcrs: frozenset[int], one: int, below: int
 ) -> None:
     """The verifier's views (read from the parse's rows) say what the event list says.
 
-    Small PCR sets are found through the log's PCR index, larger ones by a pass
-    over every record: both must give the same events in log order.
+    Measurements of small PCR sets are found through the log's PCR index, larger
+    ones by a pass over every record; the facts' events by one pass comparing
+    ints: all must give the same events in log order.
     """
     banks = data.draw(bank_lists())
     events = data.draw(agile_events(banks))
+    for pcr in data.draw(st.lists(st.integers(0, 9), max_size=4)):  # separators, as the facts read
+        events.insert(data.draw(st.integers(0, len(events))), Ev(pcr, EV_SEPARATOR, bytes(4)))
     log = parse_event_log(AgileLog(banks, events).build())
     # Read the views before the event list exists: they must not depend on it.
     views = {bank: log.measurements(bank, pcrs, Measurement) for bank, _ in banks}
     in_pcrs = log.events_in(pcrs)
     separators = log.events_in(pcrs, {EventType.EV_SEPARATOR})
-    mixed = log.events_in(pcrs, {EventType.EV_SEPARATOR}, every_type_in=whole)
+    for_facts = log.pcr_and_separators(one, below)
     for bank, measured in views.items():
         expected = [
             (e.number, e.pcr, e.event_type, e.digests[bank], e.data)
@@ -130,11 +136,12 @@ def test_measurements_and_pcr_views_match_the_events(
         assert [tuple(m) for m in measured] == [(*e, None) for e in expected]
     assert in_pcrs == tuple(e for e in log.events if e.pcr in pcrs)
     assert separators == tuple(e for e in in_pcrs if e.event_type == EventType.EV_SEPARATOR)
-    assert mixed == tuple(
+    assert for_facts == tuple(
         e
         for e in log.events
-        if e.pcr in whole or (e.pcr in pcrs and e.event_type == EventType.EV_SEPARATOR)
+        if e.pcr == one or (e.pcr < below and e.event_type == EventType.EV_SEPARATOR)
     )
+    assert log.pcr_and_separators(one, below) == for_facts  # again, from the event list
 
 
 @settings(max_examples=100)
@@ -194,3 +201,52 @@ def test_arbitrary_bytes_parse_or_raise_invalid_input(data: bytes) -> None:
     except InvalidInputError:
         return
     json.dumps(log.to_dict())
+
+
+_KEYS = [(uefi.EFI_GLOBAL_VARIABLE, n) for n in ("SecureBoot", "PK", "KEK")] + [
+    (uefi.EFI_IMAGE_SECURITY_DATABASE, n) for n in ("db", "dbx")
+]
+_NEAR_KEYS = [
+    (uefi.EFI_IMAGE_SECURITY_DATABASE, "PK"),
+    (uefi.EFI_GLOBAL_VARIABLE, "Pk"),
+    (uefi.EFI_GLOBAL_VARIABLE, "SecureBoo"),
+    (bytes(16), "db"),
+]
+
+
+@st.composite
+def variable_data(draw: st.DrawFn) -> bytes:
+    """UEFI_VARIABLE_DATA of a known or nearly known variable; a field may lie, the end be cut."""
+    guid, name = draw(
+        st.sampled_from(_KEYS + _NEAR_KEYS)
+        | st.tuples(st.binary(min_size=16, max_size=16), st.text(max_size=12))
+    )
+    encoded = name.encode("utf-16-le", "surrogatepass")
+    contents = draw(st.binary(max_size=24))
+    name_chars, data_len, extra, cut = len(name), len(contents), b"", None
+    fault = draw(st.sampled_from(["none", "name length", "data length", "extra", "cut"]))
+    if fault == "name length":
+        name_chars = draw(st.sampled_from([name_chars + 1, max(name_chars - 1, 0), 2**63]))
+    elif fault == "data length":
+        data_len = draw(st.sampled_from([data_len + 1, max(data_len - 1, 0), 2**64 - 1]))
+    elif fault == "extra":
+        extra = draw(st.binary(min_size=1, max_size=2))
+    head = guid + name_chars.to_bytes(8, "little") + data_len.to_bytes(8, "little")
+    whole = head + encoded + contents + extra
+    if fault == "cut":
+        cut = draw(st.integers(0, max(len(whole) - 1, 0)))
+    return whole[:cut]
+
+
+@settings(max_examples=400)
+@given(data=variable_data())
+def test_known_variables_match_exactly_what_parse_variable_names(data: bytes) -> None:
+    """The facts' raw-byte match finds a key (and contents) iff the full parse names it."""
+    try:
+        var = uefi.parse_variable(data)
+    except uefi.UndecodableError:
+        expected = None
+    else:
+        key = (var.guid, var.name)
+        expected = (key, var.data) if key in _KEYS else None
+    assert uefi.KnownVariables(_KEYS).match(data) == expected

@@ -44,7 +44,6 @@ from guardfab.tpm.events import (
     SpecIdEvent,
     alg_name,
     check_digests,
-    digest_matches,
     event_type_name,
     parse_spec_id,
 )
@@ -59,6 +58,7 @@ PCR_COUNT = 24
 
 _NO_ACTION = int(EventType.EV_NO_ACTION)
 _HCRTM = int(EventType.EV_EFI_HCRTM_EVENT)
+_SEPARATOR = int(EventType.EV_SEPARATOR)
 _SHA1 = int(TpmAlg.SHA1)
 _SHA1_EVENT = struct.Struct("<II20sI")
 _EVENT2_HEADER = struct.Struct("<III")
@@ -163,9 +163,9 @@ _SIZE_OF = operator.itemgetter(-1)
 _FEW_PCRS = 8
 
 
-def _few(pcrs: Container[int], already: int = 0) -> TypeGuard[Collection[int]]:
+def _few(pcrs: Container[int]) -> TypeGuard[Collection[int]]:
     """Whether ``pcrs`` is a sized collection small enough for the PCR index."""
-    return isinstance(pcrs, Collection) and already + len(pcrs) <= _FEW_PCRS
+    return isinstance(pcrs, Collection) and len(pcrs) <= _FEW_PCRS
 
 
 def _digests_maker(digest_at: dict[int, int]) -> Callable[[_Row], dict[int, bytes]]:
@@ -300,12 +300,14 @@ def _walk_regular(buf: bytes, offset: int, records: _Records) -> bool:
     except struct.error:  # a record head cut short: let the careful walk name it
         return False
     new = rows[first:]
+    # Records end exactly at the buffer's end, so no size exceeds the buffer:
+    # the per-record size bound needs checking only in a log larger than it.
     return (
         offset == total
         and len(rows) <= MAX_EVENTS
         and all(map(layout.shape.__eq__, map(layout.shape_of, new)))
         and (not new or max(map(_PCR_OF, new)) < PCR_COUNT)
-        and (not new or max(map(_SIZE_OF, new)) <= MAX_EVENT_DATA)
+        and (total <= MAX_EVENT_DATA or not new or max(map(_SIZE_OF, new)) <= MAX_EVENT_DATA)
     )
 
 
@@ -457,36 +459,31 @@ class EventLog:
         return self._events
 
     def events_in(
-        self,
-        pcrs: Container[int],
-        event_types: Container[int] | None = None,
-        *,
-        every_type_in: Container[int] = (),
+        self, pcrs: Container[int], event_types: Container[int] | None = None
     ) -> tuple[Event, ...]:
-        """The events of ``pcrs`` (of ``event_types`` only, if given), in log order.
-
-        Events of the PCRs in ``every_type_in`` are included whatever their type
-        (the facts read PCR 7 whole and only the separators of PCRs 0-6).
-        """
+        """The events of ``pcrs`` (of ``event_types`` only, if given), in log order."""
         rows = self._records.rows
-        if _few(pcrs) and _few(every_type_in, len(pcrs)):
-            numbers = [
-                n
-                for n in self._numbers_in([*pcrs, *every_type_in])
-                if (row := rows[n])[0] in every_type_in
-                or event_types is None
-                or row[1] in event_types
-            ]
-        elif event_types is None:
+        if event_types is None:
             numbers = [n for n, row in enumerate(rows) if row[0] in pcrs]
-        elif not every_type_in:
-            numbers = [n for n, row in enumerate(rows) if row[0] in pcrs and row[1] in event_types]
         else:
-            numbers = [
-                n
-                for n, row in enumerate(rows)
-                if row[0] in every_type_in or (row[0] in pcrs and row[1] in event_types)
-            ]
+            numbers = [n for n, row in enumerate(rows) if row[0] in pcrs and row[1] in event_types]
+        if self._events is not None:
+            return tuple(self._events[n] for n in numbers)
+        return self._make_events(numbers)
+
+    def pcr_and_separators(self, pcr: int, separators_below: int) -> tuple[Event, ...]:
+        """Every event of ``pcr`` and the EV_SEPARATOR events of PCRs below ``separators_below``.
+
+        What the facts read (PCR 7 whole, the separators of PCRs 0-7), in log
+        order. A verifier asks for them in every log it has not seen before: one
+        pass comparing each row's PCR and type as ints costs less than finding
+        eight PCRs' records in the PCR index and then their types.
+        """
+        numbers = [
+            n
+            for n, row in enumerate(self._records.rows)
+            if row[0] == pcr or (row[1] == _SEPARATOR and row[0] < separators_below)
+        ]
         if self._events is not None:
             return tuple(self._events[n] for n in numbers)
         return self._make_events(numbers)
@@ -653,19 +650,6 @@ class EventLog:
             self._checks[event.number] = cached
         return cached
 
-    def data_verified(self, event: Event, bank: int) -> bool:
-        """Whether ``event``'s data is what its digest in ``bank`` measured.
-
-        The verifier's check: ``bank`` is the one the quote covers and the replay
-        verified (see :func:`~guardfab.tpm.events.digest_matches`). Not cached:
-        a verifier asks once or twice per event it reads.
-        """
-        full = self._checks[event.number]
-        if full is not None:
-            return full.banks.get(bank) is True
-        digest = event.digests.get(bank)
-        return digest is not None and digest_matches(event.event_type, event.data, bank, digest)
-
     def facts(self, bank: int | None = None) -> logfacts.LogFacts:
         """Derive the attestation facts; see :func:`guardfab.tpm.logfacts.derive_facts`."""
         return logfacts.derive_facts(self, bank)
@@ -745,13 +729,25 @@ def _spec_id_bytes(buf: bytes, head: int) -> bytes:
     return buf[head:end]
 
 
+class _AgileHeader(NamedTuple):
+    """What a Spec ID header alone decides: its fields, the record layout, the header's row."""
+
+    spec: SpecIdEvent
+    layout: _Layout
+    row: _Row
+
+
 @functools.lru_cache(maxsize=64)
-def _spec_id(header: bytes) -> SpecIdEvent:
+def _agile_header(header: bytes) -> _AgileHeader:
     """Parse a Spec ID header, once per distinct header (a platform's logs share one).
 
     A failure raises and is not kept; the parse checks every field as before.
+    The layout and the header record's row follow from the header alone, so
+    they are kept with it (the row is a tuple: logs can share it).
     """
-    return parse_spec_id(header, exact=False)
+    spec = parse_spec_id(header, exact=False)
+    layout = _agile_layout(spec.digest_sizes)
+    return _AgileHeader(spec, layout, _row_of(0, _NO_ACTION, {}, spec.size, layout.algs))
 
 
 def _agile_log(buf: bytes) -> EventLog:
@@ -761,7 +757,7 @@ def _agile_log(buf: bytes) -> EventLog:
         raise _malformed(0, 0, "the Spec ID header must be EV_NO_ACTION in PCR 0, digest zero")
     head = _SHA1_EVENT.size
     try:
-        spec = _spec_id(_spec_id_bytes(buf, head))
+        spec, layout, header = _agile_header(_spec_id_bytes(buf, head))
     except FormatError as exc:
         raise _malformed(0, 0, str(exc)) from exc
     notes: tuple[str, ...] = ()
@@ -770,8 +766,6 @@ def _agile_log(buf: bytes) -> EventLog:
             f"the Spec ID header record says {declared} bytes but its fields take {spec.size}; "
             "the next event is read after the fields, as tpm2-tools does",
         )
-    layout = _agile_layout(spec.digest_sizes)
-    header = _row_of(0, event_type, {}, spec.size, layout.algs)
     records = _Records(buf, layout, [header], [head], {0: (0, {_SHA1: digest})})
     _agile_walk(buf, head + spec.size, spec, records)
     return EventLog(LogFormat.CRYPTO_AGILE, spec, records, notes=notes)

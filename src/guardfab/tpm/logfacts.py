@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from guardfab.tpm import uefi
-from guardfab.tpm.events import HASHERS, DigestStatus, EventType, alg_name
+from guardfab.tpm.events import HASHERS, DigestStatus, EventType, alg_name, digest_matches
 
 if TYPE_CHECKING:
     from guardfab.tpm.eventlog import Event, EventLog
@@ -155,10 +155,10 @@ _DMA_UNKNOWN = (
 # --------------------------------------------------------------------------- derivation
 
 
-_SEPARATOR_ONLY_PCRS = frozenset(SEPARATOR_PCRS) - {SECURE_BOOT_PCR}
-_SEPARATOR_TYPE = frozenset({_SEPARATOR})
-_WHOLE_PCR7 = frozenset({SECURE_BOOT_PCR})
-_Variables = dict[tuple[bytes, str], list[tuple["Event", uefi.UefiVariable]]]
+#: The variables the facts read, recognised by their raw bytes (no decoding).
+_KNOWN_VARIABLES = uefi.KnownVariables((_SECURE_BOOT, *SECURE_BOOT_VARIABLES))
+#: Each known variable's PCR 7 measurements: the event and the variable's contents.
+_Variables = dict[uefi.VariableKey, list[tuple["Event", bytes]]]
 
 
 class _Reader:
@@ -168,19 +168,25 @@ class _Reader:
     verifier derives them for every log it has not seen before.
     """
 
+    __slots__ = ("bank", "log", "pcr7", "pcr7_digests", "required", "separators", "variables")
+
     def __init__(self, log: EventLog, bank: int | None) -> None:
         self.log = log
         self.bank = bank
         self.required = log.replayable_banks
         self.pcr7: list[Event] = []
         self.separators: dict[int, list[Event]] = {pcr: [] for pcr in SEPARATOR_PCRS}
-        events = log.events_in(_SEPARATOR_ONLY_PCRS, _SEPARATOR_TYPE, every_type_in=_WHOLE_PCR7)
-        for event in events:
+        for event in log.pcr_and_separators(SECURE_BOOT_PCR, SEPARATOR_PCRS.stop):
             if event.event_type == _SEPARATOR:
                 self.separators[event.pcr].append(event)
             if event.pcr == SECURE_BOOT_PCR:
                 self.pcr7.append(event)
         self.variables = _variables(self.pcr7)
+        #: Every digest PCR 7's events carry, in any bank: the negative facts
+        #: look for a string's digest here first, and at each event only if found.
+        self.pcr7_digests = frozenset(
+            digest for event in self.pcr7 for digest in event.digests.values()
+        )
 
     def trusted(self, event: Event) -> bool:
         """True if the data hashes to the digest in the quoted bank (or, with none, every bank).
@@ -188,8 +194,10 @@ class _Reader:
         A verifier passes the bank its quote covers: a digest in another bank is
         attested by nothing, so it is not checked (docs/eventlog-facts.md).
         """
-        if self.bank is not None:
-            return self.log.data_verified(event, self.bank)
+        bank = self.bank
+        if bank is not None:  # EventLog.data_verified's answer, without its cache lookup
+            digest = event.digests.get(bank)
+            return digest is not None and digest_matches(event.event_type, event.data, bank, digest)
         check = self.log.digest_check(event)
         if check.status is not DigestStatus.VERIFIED:
             return False
@@ -198,42 +206,41 @@ class _Reader:
 
 
 def _variables(pcr7: Iterable[Event]) -> _Variables:
-    """PCR 7 EV_EFI_VARIABLE_DRIVER_CONFIG events whose data parses, by (GUID, name)."""
+    """PCR 7 EV_EFI_VARIABLE_DRIVER_CONFIG measurements of the variables facts read, by key.
+
+    Keys are (GUID, name) as :func:`guardfab.tpm.uefi.parse_variable` reads them;
+    data that does not parse, or names another variable, is not listed.
+    """
     found: _Variables = {}
+    match = _KNOWN_VARIABLES.match
     for event in pcr7:
-        if event.event_type != _DRIVER_CONFIG:
-            continue
-        try:
-            var = uefi.parse_variable(event.data)
-        except uefi.UndecodableError:
-            continue
-        found.setdefault((var.guid, var.name), []).append((event, var))
+        if event.event_type == _DRIVER_CONFIG and (known := match(event.data)) is not None:
+            key, contents = known
+            found.setdefault(key, []).append((event, contents))
     return found
 
 
-def _one_measurement(
-    reader: _Reader, key: tuple[bytes, str]
-) -> tuple[Event | None, uefi.UefiVariable | None, str]:
-    """The single verified measurement of variable ``key``, or None and why not."""
+def _one_measurement(reader: _Reader, key: uefi.VariableKey) -> tuple[Event | None, bytes, str]:
+    """The single verified measurement of variable ``key`` and its contents, or None and why not."""
     matches = reader.variables.get(key, ())
     name = key[1]
     if not matches:
-        return None, None, f"no {name} measurement in PCR 7"
+        return None, b"", f"no {name} measurement in PCR 7"
     if len(matches) > 1:
-        return None, None, f"{name} is measured {len(matches)} times in PCR 7"
-    event, var = matches[0]
+        return None, b"", f"{name} is measured {len(matches)} times in PCR 7"
+    event, contents = matches[0]
     if not reader.trusted(event):
-        return None, None, f"event {event.number} ({name}): data does not verify against its digest"
-    return event, var, ""
+        return None, b"", f"event {event.number} ({name}): data does not verify against its digest"
+    return event, contents, ""
 
 
 def _secure_boot(reader: _Reader) -> Fact:
     """SecureBoot = 1 in its verified PCR 7 measurement (UEFI: 1 enabled, 0 disabled)."""
-    event, var, why = _one_measurement(reader, _SECURE_BOOT)
-    if event is None or var is None:
+    event, contents, why = _one_measurement(reader, _SECURE_BOOT)
+    if event is None:
         return _gap(why)
-    enabled = var.data == b"\x01"
-    state = "1 (enabled)" if enabled else f"{var.data.hex() or 'empty'} (disabled)"
+    enabled = contents == b"\x01"
+    state = "1 (enabled)" if enabled else f"{contents.hex() or 'empty'} (disabled)"
     return Fact(enabled, (event.number,), f"SecureBoot = {state}")
 
 
@@ -243,7 +250,7 @@ def _secure_boot_variables(reader: _Reader) -> Fact:
     indexes: list[int] = []
     problems: list[str] = []
     for key in SECURE_BOOT_VARIABLES:
-        event, _var, why = _one_measurement(reader, key)
+        event, _contents, why = _one_measurement(reader, key)
         if event is None:
             problems.append(why)
             continue
@@ -263,6 +270,8 @@ def _pcr7_separator(reader: _Reader) -> Event | None:
 
 def _measured_in_pcr7(reader: _Reader, digests: frozenset[bytes]) -> tuple[int, ...]:
     """Indexes of PCR 7 events carrying one of ``digests`` in any bank, whatever their type."""
+    if digests.isdisjoint(reader.pcr7_digests):
+        return ()
     return tuple(
         event.number for event in reader.pcr7 if not digests.isdisjoint(event.digests.values())
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 
@@ -127,6 +127,49 @@ def parse_variable(data: bytes) -> UefiVariable:
     except UnicodeDecodeError as exc:
         raise UndecodableError("variable name is not UTF-16") from exc
     return UefiVariable(guid, name, data[name_end:])
+
+
+VariableKey = tuple[bytes, str]
+
+
+class KnownVariables:
+    """Recognise a few variables, by (GUID, name), in UEFI_VARIABLE_DATA.
+
+    A verifier reads the facts from a handful of variables in every log it has
+    not seen before; matching their raw bytes (GUID and name length, name in
+    UTF-16LE, lengths adding up) costs a fraction of :func:`parse_variable` and
+    decodes nothing. :meth:`match` finds a key exactly when ``parse_variable``
+    would return that GUID and name (strict UTF-16LE: one byte string per name).
+    """
+
+    __slots__ = ("_by_head",)
+
+    def __init__(self, keys: Iterable[VariableKey]) -> None:
+        #: GUID + UnicodeNameLength (the first 24 bytes) -> key and its encoded name.
+        self._by_head: dict[bytes, tuple[VariableKey, bytes]] = {}
+        for guid, name in keys:
+            if len(guid) != 16 or not name:
+                # An empty name would match data too short for its own header.
+                raise ValueError("a variable key is a 16-byte GUID and a name")
+            head = guid + len(name).to_bytes(8, "little")
+            if head in self._by_head:
+                raise ValueError(
+                    f"variables {name!r} and {self._by_head[head][0][1]!r} share a head"
+                )
+            self._by_head[head] = ((guid, name), name.encode("utf-16-le"))
+
+    def match(self, data: bytes) -> tuple[VariableKey, bytes] | None:
+        """The key ``data`` names and the variable's contents, or None for any other data."""
+        known = self._by_head.get(data[:24])
+        if known is None:
+            return None
+        key, name = known
+        name_end = _VAR_HEADER.size + len(name)
+        if data[_VAR_HEADER.size : name_end] != name:
+            return None
+        if name_end + int.from_bytes(data[24:32], "little") != len(data):
+            return None
+        return key, data[name_end:]
 
 
 def signature_lists(data: bytes) -> list[dict[str, Any]]:
