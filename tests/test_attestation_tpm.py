@@ -13,6 +13,7 @@ import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import pytest
 
@@ -386,6 +387,38 @@ def test_a_quoted_pcr_the_log_does_not_touch_is_allowed() -> None:
     assert result.status is S.PASSED, result.explain()
     assert result.summary is not None
     assert result.summary.pcrs[10] == b"\x10" * 32
+
+
+def _quoting(pcrs: dict[int, bytes]) -> TpmEvidence:
+    attest = make_quote(quote_qualifying_data(NONCE, host_key_jwk()), pcrs)
+    return replace(
+        HOST.evidence(), pcrs=pcrs, quote_attest=attest, quote_signature=soft_sign(HOST.ak, attest)
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "change", "refused"),
+    [
+        ("every PCR as replayed", {}, None),
+        ("two PCRs swapped", {4: "5", 5: "4"}, "PCR 4"),
+        ("the last quoted PCR off", {9: b"\x09" * 32}, "PCR 9"),
+        ("a PCR the log does not touch", {10: b"\x10" * 32}, None),
+        ("that one plus a wrong one", {10: b"\x10" * 32, 0: bytes(32)}, "PCR 0"),
+    ],
+)
+def test_the_log_is_compared_with_every_quoted_pcr(
+    case: str, change: dict[int, Any], refused: str | None
+) -> None:
+    """Every quoted PCR the log extends must equal its replay (a swap of two is caught);
+    one the log does not touch is not compared, but does not hide a wrong one."""
+    pcrs = dict(HOST.boot.pcrs())
+    pcrs.update({pcr: pcrs[int(v)] if isinstance(v, str) else v for pcr, v in change.items()})
+    result = verify_tpm_evidence(_quoting(pcrs), trust_for(HOST), nonce=NONCE, now=NOW)
+    if refused is None:
+        assert result.status is S.PASSED, result.explain()
+    else:
+        assert [f.check for f in result.failures] == ["event-log-replay"], case
+        assert refused in result.failures[0].reason
 
 
 def test_an_untouched_required_pcr_must_hold_its_reset_value() -> None:
