@@ -32,6 +32,7 @@ from guardfab.attestation.policies import (
     effective_state,
 )
 from guardfab.attestation.result import (
+    AttestationResult,
     AttestationStatus,
     CheckFailure,
     PolicyVerdict,
@@ -40,7 +41,7 @@ from guardfab.attestation.result import (
 )
 from guardfab.attestation.summary import HostSummary
 from guardfab.attestation.tpm_mode import verify_tpm_evidence
-from guardfab.attestation.trust import PolicyState, TrustState
+from guardfab.attestation.trust import AttestationMode, PolicyState, TrustState
 from test_attestation_fixtures import GOLDEN, NONCE, NOW, Boot, SoftHost, golden_baseline, trust_for
 
 S = AttestationStatus
@@ -265,3 +266,32 @@ def test_a_revoked_host_with_a_clean_boot_is_unauthorized() -> None:
     result = assess_summary(summary, trust, host_key=None, now=NOW)
     assert result.status is S.UNAUTHORIZED_HOST
     assert not result.failed_policies
+
+
+# ------------------------------------------------------------ JSON form
+
+
+@pytest.mark.parametrize("state", list(VerdictState))
+@pytest.mark.parametrize("policy_state", list(PolicyState))
+def test_a_verdicts_json_states_are_plain_strings_of_the_values(
+    state: VerdictState, policy_state: PolicyState
+) -> None:
+    as_json = PolicyVerdict("P", state, policy_state, False, "why", "what", (3,)).to_dict()
+    assert type(as_json["verdict"]) is str
+    assert as_json["verdict"] == state.value
+    assert type(as_json["policy_state"]) is str
+    assert as_json["policy_state"] == policy_state.value
+    assert as_json["events"] == [3]
+
+
+@pytest.mark.parametrize("status", list(AttestationStatus))
+@pytest.mark.parametrize("mode", list(AttestationMode))
+def test_a_results_json_status_and_mode_are_plain_strings_of_the_values(
+    status: AttestationStatus, mode: AttestationMode
+) -> None:
+    result = AttestationResult(status, mode, "h", NOW, ())
+    as_json = result.to_dict()
+    assert type(as_json["status"]) is str
+    assert as_json["status"] == status.value
+    assert type(as_json["mode"]) is str
+    assert as_json["mode"] == mode.value

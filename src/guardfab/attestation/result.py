@@ -83,11 +83,16 @@ class PolicyVerdict(NamedTuple):
     events: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form."""
+        """JSON form.
+
+        ``str()`` of a StrEnum member is its value as a plain ``str``, in one C
+        call; ``.value`` is a Python-level property, and every result the HGS
+        answers and stores turns ten verdicts into JSON, twice.
+        """
         return {
             "policy": self.policy,
-            "verdict": self.state.value,
-            "policy_state": self.policy_state.value,
+            "verdict": str(self.state),
+            "policy_state": str(self.policy_state),
             "blocking": self.blocking,
             "reason": self.reason,
             "evidence": self.evidence,
@@ -221,8 +226,8 @@ class AttestationResult:
     def to_dict(self) -> dict[str, Any]:
         """The API/audit JSON form."""
         return {
-            "status": self.status.value,
-            "mode": self.mode.value,
+            "status": str(self.status),  # the value, as in PolicyVerdict.to_dict
+            "mode": str(self.mode),
             "host_id": self.host_id,
             "verified_at": self.verified_at.isoformat(),
             "failed_policies": list(self.failed_policies),
