@@ -170,6 +170,8 @@ class AttestationKey:
     key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey = field(repr=False, compare=False)
     algorithm: hashes.HashAlgorithm = field(repr=False, compare=False)
     padding: padding.AsymmetricPadding | None = field(repr=False, compare=False)
+    #: The ECDSA signature algorithm object (ECC AKs), made once like the padding.
+    ecdsa: ec.ECDSA | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, public: TpmtPublic | bytes) -> AttestationKey:
@@ -179,12 +181,15 @@ class AttestationKey:
         scheme = ak.parameters.scheme
         algorithm = HASH_ALGS[scheme.hash_alg].algorithm()
         pad: padding.AsymmetricPadding | None = None
+        ecdsa = None
         if scheme.scheme == TpmAlg.RSASSA:
             pad = padding.PKCS1v15()
         elif scheme.scheme == TpmAlg.RSAPSS:
             # TPMs salt with the digest size, older ones with the maximum: AUTO reads it.
             pad = padding.PSS(mgf=padding.MGF1(algorithm), salt_length=padding.PSS.AUTO)
-        return cls(ak, public_key(ak), algorithm, pad)
+        else:
+            ecdsa = ec.ECDSA(algorithm)
+        return cls(ak, public_key(ak), algorithm, pad, ecdsa)
 
 
 def _verify_signature(message: bytes, signature: TpmtSignature, ak: AttestationKey) -> None:
@@ -203,8 +208,10 @@ def _verify_signature(message: bytes, signature: TpmtSignature, ak: AttestationK
                 raise AttestationKeyError("the AK's RSA signing scheme has no padding")
             key.verify(signature.sig, message, ak.padding, ak.algorithm)
         else:
-            r, s = (int.from_bytes(v, "big") for v in (signature.r, signature.s))
-            key.verify(encode_dss_signature(r, s), message, ec.ECDSA(ak.algorithm))
+            der = encode_dss_signature(
+                int.from_bytes(signature.r, "big"), int.from_bytes(signature.s, "big")
+            )
+            key.verify(der, message, ak.ecdsa or ec.ECDSA(ak.algorithm))
     except InvalidSignature as exc:
         raise QuoteSignatureError("the quote signature does not verify with the AK") from exc
 
