@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import json
 import string
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, fields, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -366,3 +366,17 @@ def test_pcr_values_are_read_once_per_exact_text_and_never_on_a_claim() -> None:
         lying = evidence_from_dict(_set(body, "pcrs.sha256.0", _LyingPcr(other)))
         assert isinstance(lying, TpmEvidence)
         assert lying.pcrs[0] == bytes.fromhex(other)
+
+
+def test_loaded_tpm_evidence_has_every_field_read_only() -> None:
+    """The loader fills the instance without __init__: it must set every dataclass field,
+    as read-only mappings, and equal the evidence built the usual way."""
+    built = SoftHost().evidence()
+    loaded = evidence_from_dict(built.to_dict())
+    assert isinstance(loaded, TpmEvidence)
+    assert set(vars(loaded)) == {f.name for f in fields(TpmEvidence)}
+    assert loaded == built
+    assert type(loaded.pcrs) is MappingProxyType
+    assert type(loaded.host_key) is MappingProxyType
+    with pytest.raises(FrozenInstanceError):
+        loaded.event_log = b""  # type: ignore[misc]

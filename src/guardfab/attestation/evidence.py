@@ -308,12 +308,23 @@ class TpmEvidence:
         values = pcr_map_from_dict(pcrs.get("sha256"), what=f"{what} pcrs")
         decoded = _event_log(obj, what)
         host_key, key_digest = _loaded_host_key(obj.get("host_key"), "host_key")
-        evidence = cls(
-            ek_public, cert, ak_public, attest, signature, values, decoded.data, host_key
+        # Every field was just made here, and both mappings are fresh: the frozen
+        # dataclass's __init__ would set each field through object.__setattr__ and copy
+        # the mappings again (per request), so the instance is filled in one update.
+        evidence = object.__new__(cls)
+        host = MappingProxyType(host_key)
+        evidence.__dict__.update(
+            ek_public=ek_public,
+            ek_certificate=cert,
+            ak_public=ak_public,
+            quote_attest=attest,
+            quote_signature=signature,
+            pcrs=MappingProxyType(values),
+            event_log=decoded.data,
+            host_key=host,
+            decoded=decoded,
+            _key_digest=None if key_digest is None else (host, key_digest),
         )
-        object.__setattr__(evidence, "decoded", decoded)
-        if key_digest is not None:
-            object.__setattr__(evidence, "_key_digest", (evidence.host_key, key_digest))
         return evidence
 
 
