@@ -148,7 +148,11 @@ class PcrBaselinePolicy:
 
 @functools.lru_cache(maxsize=256)
 def _baseline_matched(name: str, pcr_set: tuple[int, ...]) -> Finding:
-    """The finding of a host that matches a baseline: the same for every such attestation."""
+    """The finding of a host that matches a baseline.
+
+    The same text for every host that matches it, so it is formatted once per
+    baseline name and PCR set rather than at every attestation.
+    """
     return Finding(f"PCRs {list(pcr_set)} match baseline '{name}'")
 
 
