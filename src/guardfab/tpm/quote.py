@@ -247,14 +247,20 @@ def _banks(selection: Sequence[TpmsPcrSelection]) -> _Banks:
     return [(sel.hash_alg, sel.indices()) for sel in selection]
 
 
-def _selected_values(banks: _Banks, pcr_values: PcrValues) -> dict[int, dict[int, bytes]]:
-    """The expected value of every selected PCR, by bank, checked for presence and size.
+def _selected_values(
+    banks: _Banks, pcr_values: PcrValues
+) -> tuple[dict[int, dict[int, bytes]], list[bytes]]:
+    """The expected value of every selected PCR, by bank, checked for presence and size,
+    and all of them in the order the TPM hashes them.
 
-    A quote is checked at every attestation: each bank's values are gathered in
-    one comprehension and their sizes checked together; only a failure goes
-    through them one by one to say which PCR is wrong.
+    That order is selection by selection, ascending index within each: the
+    values of each selection are gathered from its indices, in one
+    comprehension, and their sizes checked together (a quote is checked at
+    every attestation); only a failure goes through them one by one to say
+    which PCR is wrong.
     """
     out: dict[int, dict[int, bytes]] = {}
+    ordered: list[bytes] = []
     for hash_alg, indices in banks:
         bank = HASH_ALGS.get(hash_alg)
         if bank is None:
@@ -267,11 +273,12 @@ def _selected_values(banks: _Banks, pcr_values: PcrValues) -> dict[int, dict[int
         sizes = set(map(len, chosen.values()))
         if len(chosen) != len(indices) or sizes - {bank.digest_size}:
             _explain_values(hash_alg, indices, values, bank.digest_size)
+        ordered += chosen.values()
         if hash_alg in out:  # a bank listed twice (a caller's selection, never a quote's)
             out[hash_alg].update(chosen)
         else:
             out[hash_alg] = chosen
-    return out
+    return out, ordered
 
 
 def _explain_values(
@@ -291,13 +298,12 @@ def _explain_values(
             )
 
 
-def _digest(banks: _Banks, selected: dict[int, dict[int, bytes]], hash_alg: int) -> bytes:
-    """H(the values bank by bank in selection order, ascending index within a bank)."""
+def _digest(ordered: list[bytes], hash_alg: int) -> bytes:
+    """H(the selected values in the TPM's order, as :func:`_selected_values` lists them)."""
     digest_info = HASH_ALGS.get(hash_alg)
     if digest_info is None:
         raise FormatError(f"PCR digest: {alg_name(hash_alg)} is not a supported hash")
-    values = [selected[bank][index] for bank, indices in banks for index in indices]
-    return digest_info.new(b"".join(values)).digest()
+    return digest_info.new(b"".join(ordered)).digest()
 
 
 def pcr_digest(
@@ -314,19 +320,22 @@ def pcr_digest(
     """
     if hash_alg not in HASH_ALGS:
         raise FormatError(f"PCR digest: {alg_name(hash_alg)} is not a supported hash")
-    banks = _banks(selection)
-    return _digest(banks, _selected_values(banks, pcr_values), hash_alg)
+    return _digest(_selected_values(_banks(selection), pcr_values)[1], hash_alg)
 
 
-def _check_coverage(banks: _Banks, required: PcrValues) -> None:
-    """Every PCR the verifier has a value for must be in the quote's selection."""
-    selected: dict[int, set[int]] = {}
-    for bank, indices in banks:
-        selected.setdefault(bank, set()).update(indices)
-    if not any(selected.values()):
+def _check_coverage(
+    banks: _Banks, required: PcrValues, selected: dict[int, dict[int, bytes]]
+) -> None:
+    """Every PCR the verifier has a value for must be in the quote's selection.
+
+    ``selected`` is :func:`_selected_values`' answer: it holds only PCRs that
+    have a required value, so a bank's required PCRs are all selected exactly
+    when there are as many of them as selected values; the missing ones are
+    worked out only to name them.
+    """
+    if not any(indices for _bank, indices in banks):
         raise PcrSelectionError("the quote covers no PCRs at all")
-    # One C-level subset test per bank; the missing PCRs are listed only on failure.
-    if all(values.keys() <= selected.get(bank, set()) for bank, values in required.items()):
+    if all(len(values) == len(selected.get(bank, ())) for bank, values in required.items()):
         return
     missing = [
         f"{alg_name(bank)}:{index}"
@@ -371,9 +380,9 @@ def verify_quote(
     if not hmac.compare_digest(attest.extra_data, expected_nonce):
         raise NonceMismatchError("the quote's qualifying data is not the expected nonce")
     banks = _banks(attest.quote.pcr_select)
-    _check_coverage(banks, pcr_values)
-    pcrs = _selected_values(banks, pcr_values)
-    if not hmac.compare_digest(_digest(banks, pcrs, signature.hash_alg), attest.quote.pcr_digest):
+    pcrs, ordered = _selected_values(banks, pcr_values)
+    _check_coverage(banks, pcr_values, pcrs)
+    if not hmac.compare_digest(_digest(ordered, signature.hash_alg), attest.quote.pcr_digest):
         raise PcrDigestMismatchError(
             "the quoted PCR digest does not match the digest of the expected PCR values"
         )
