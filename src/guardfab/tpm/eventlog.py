@@ -28,6 +28,7 @@ import functools
 import operator
 import struct
 from collections.abc import Callable, Collection, Container, Iterable
+from operator import countOf
 from typing import Any, NamedTuple, Protocol, TypeGuard, TypeVar, cast
 
 from guardfab.errors import FormatError, VerificationError
@@ -151,8 +152,12 @@ class _Layout(NamedTuple):
 
     A row is regular (lists every bank in header order, so its unpacked size is
     the record's) when ``shape_of(row) == shape``: ``(count, alg0, alg1, ...)``
-    read by one C call. ``digests`` makes a regular row's digest dict (literal
-    dicts for 1-2 banks are a third of the cost of a comprehension).
+    read by one C call; ``shape_columns`` pairs each of those positions with
+    its value, to check many rows a column at a time. ``digests`` makes a
+    regular row's digest dict (literal dicts for 1-2 banks are a third of the
+    cost of a comprehension). ``sizes`` (digest size per bank) and
+    ``replayable`` (the banks this host can hash) follow from the header too,
+    so a log need not rebuild them.
     """
 
     head: struct.Struct
@@ -161,6 +166,9 @@ class _Layout(NamedTuple):
     digests: Callable[[_Row], dict[int, bytes]]
     shape: tuple[int, ...]
     shape_of: Callable[[_Row], Any]
+    shape_columns: tuple[tuple[Callable[[_Row], Any], int], ...]
+    sizes: dict[int, int]
+    replayable: tuple[int, ...]
 
 
 _PCR_OF = operator.itemgetter(0)
@@ -199,13 +207,35 @@ def _agile_layout(digest_sizes: tuple[tuple[int, int], ...]) -> _Layout:
     fields = "".join(f"H{size}s" for _, size in digest_sizes)
     algs = tuple(alg for alg, _ in digest_sizes)
     at = {alg: 4 + 2 * k for k, alg in enumerate(algs)}
-    shape_of = operator.itemgetter(2, *(3 + 2 * k for k in range(len(algs))))
+    positions = (2, *(3 + 2 * k for k in range(len(algs))))
+    shape = (len(algs), *algs)
+    columns = tuple(zip(map(operator.itemgetter, positions), shape, strict=True))
     head = struct.Struct(f"<III{fields}I")
-    return _Layout(head, algs, at, _digests_maker(at), (len(algs), *algs), shape_of)
+    return _Layout(
+        head,
+        algs,
+        at,
+        _digests_maker(at),
+        shape,
+        operator.itemgetter(*positions),
+        columns,
+        dict(digest_sizes),
+        tuple(alg for alg in algs if alg in HASHERS),
+    )
 
 
 #: SHA-1 records have one layout; their walk never asks for a shape.
-_SHA1_LAYOUT = _Layout(_SHA1_EVENT, (_SHA1,), {_SHA1: 2}, _digests_maker({_SHA1: 2}), (), tuple)
+_SHA1_LAYOUT = _Layout(
+    _SHA1_EVENT,
+    (_SHA1,),
+    {_SHA1: 2},
+    _digests_maker({_SHA1: 2}),
+    (),
+    tuple,
+    (),
+    {_SHA1: 20},
+    (_SHA1,),
+)
 
 
 class _Records(NamedTuple):
@@ -313,7 +343,10 @@ def _walk_regular(buf: bytes, offset: int, records: _Records) -> bool:
     return (
         offset == total
         and len(rows) <= MAX_EVENTS
-        and all(map(layout.shape.__eq__, map(layout.shape_of, new)))
+        # Column by column (no tuple per row): each holds its one value in every row.
+        and all(
+            countOf(map(column, new), value) == len(new) for column, value in layout.shape_columns
+        )
         and (not new or max(map(_PCR_OF, new)) < PCR_COUNT)
         and (total <= MAX_EVENT_DATA or not new or max(map(_SIZE_OF, new)) <= MAX_EVENT_DATA)
     )
@@ -566,7 +599,7 @@ class EventLog:
     @property
     def replayable_banks(self) -> tuple[int, ...]:
         """Declared banks this host has a hash implementation for."""
-        return tuple(alg for alg in self.banks if alg in HASHERS)
+        return self._records.layout.replayable
 
     @property
     def uintn_size(self) -> int:
@@ -575,7 +608,7 @@ class EventLog:
 
     def initial_pcrs(self, bank: int) -> tuple[bytes, ...]:
         """Values the PCRs of ``bank`` held before this log's first extend, by index."""
-        size = dict(self.spec_id.digest_sizes)[bank] if self.spec_id else 20
+        size = self._records.layout.sizes[bank] if self.spec_id else 20
         return _initial_values(size, self.startup_locality)
 
     def replay(self, banks: Iterable[int] | None = None) -> dict[int, dict[int, bytes]]:
