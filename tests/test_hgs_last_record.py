@@ -14,11 +14,14 @@ import datetime
 import json
 from dataclasses import replace
 
+from fastapi.responses import JSONResponse
+
 from guardfab.attestation.result import AttestationResult
 from guardfab.attestation.summary import HostSummary, _describe
 from guardfab.attestation.tpm_mode import verify_tpm_evidence
 from guardfab.formats.encoding import b64url_decode
-from guardfab.hgs.last_record import encode_last_record
+from guardfab.hgs.attest import AttestOutcome
+from guardfab.hgs.last_record import encode_last_record, json_text
 from test_attestation_fixtures import NONCE, NOW, Boot, SoftHost, trust_for
 
 
@@ -98,3 +101,39 @@ def test_the_attestation_path_describes_no_event() -> None:
     assert summary.source is not None
     assert summary.source._events is None  # the records were never made
     assert b64url_decode(record["summary"]["event_log"], what="log") == host.evidence().event_log
+
+
+def test_a_result_json_made_once_gives_the_same_record() -> None:
+    result = _attest(SoftHost())
+    made_once = json_text(result.to_dict())
+    assert encode_last_record(result, made_once) == encode_last_record(result)
+
+
+def _outcomes(result: AttestationResult) -> list[AttestOutcome]:
+    text = json_text(result.to_dict())
+    activation = {"activation_id": "a-1", "credential_blob": 'x\u00e9"}', "secret": "y"}
+    return [
+        AttestOutcome(result, text, "header.payload.signature", 1_800_000_000),
+        AttestOutcome(result, text),
+        AttestOutcome(result, text, activation=activation),
+    ]
+
+
+def test_the_answer_body_is_what_json_response_sends_for_the_outcome() -> None:
+    """The HGS splices the result's JSON (made once) into its answer: same bytes as before."""
+    passed, refused = _attest(SoftHost()), _attest(SoftHost(boot=Boot(secure_boot=b"\x00")))
+    assert passed.passed
+    assert not refused.passed
+    for result in (passed, refused):
+        for outcome in _outcomes(result):
+            assert outcome.body() == JSONResponse(outcome.to_dict()).body
+            assert json.loads(outcome.body()) == outcome.to_dict()
+
+
+def test_the_answer_carries_the_result_it_was_made_with() -> None:
+    """The body comes from ``result_json``: a stale text would show (the HGS passes its own)."""
+    first = _attest(SoftHost())
+    later = _attest(SoftHost(), NOW + datetime.timedelta(hours=1))
+    stale = AttestOutcome(later, json_text(first.to_dict()))
+    assert json.loads(stale.body())["verified_at"] == first.to_dict()["verified_at"]
+    assert json.loads(stale.body())["verified_at"] != later.to_dict()["verified_at"]

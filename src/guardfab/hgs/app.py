@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from guardfab import __version__
@@ -122,11 +122,15 @@ def challenge_answer(service: HgsService) -> JSONResponse:
     return JSONResponse({"nonce": nonce.token, "expires_at": nonce.expires_at})
 
 
-async def attest_answer(service: HgsService, body: AttestRequest) -> JSONResponse:
+#: The answer's media type (what JSONResponse sends).
+_JSON = "application/json"
+
+
+async def attest_answer(service: HgsService, body: AttestRequest) -> Response:
     """The answer of ``POST /attestation/v1/attest`` (403 when refused)."""
     outcome = await service.attest_batched(body.nonce, body.evidence)
     refused = not outcome.result.passed and outcome.activation is None
-    return JSONResponse(outcome.to_dict(), status_code=403 if refused else 200)
+    return Response(outcome.body(), status_code=403 if refused else 200, media_type=_JSON)
 
 
 def _lean_routes(app: FastAPI) -> dict[str, LeanRoute]:
@@ -187,7 +191,7 @@ def _host_routes(app: FastAPI) -> None:
     # are short (the store's write gate, sub-millisecond transactions), and the
     # commits of one loop turn are shared (hgs.audit_batch); should waits grow,
     # run more workers rather than threads.
-    async def attest(request: Request, body: AttestRequest) -> JSONResponse:
+    async def attest(request: Request, body: AttestRequest) -> Response:
         """Verify evidence; answer a health certificate, an activation challenge or a refusal.
 
         200 with ``health_certificate`` when the host passed; 200 with ``activation``

@@ -35,7 +35,7 @@ from guardfab.formats.encoding import b64url_decode
 from guardfab.formats.health_certificate import HealthCertificate, issue_health_certificate
 from guardfab.hgs import registry as reg
 from guardfab.hgs.audit_batch import Commit, LoopBatcher, commit_now, run_now
-from guardfab.hgs.last_record import encode_last_record
+from guardfab.hgs.last_record import encode_last_record, json_text
 from guardfab.hgs.nonce import Nonce, NonceError
 from guardfab.store.audit import AppendRequest, AuditLog
 from guardfab.store.base import ABSENT, Txn
@@ -62,21 +62,42 @@ class ActivationFailedError(VerificationError):
 
 @dataclass(frozen=True)
 class AttestOutcome:
-    """What the API answers: the result, and a certificate or activation challenge."""
+    """What the API answers: the result, and a certificate or activation challenge.
+
+    ``result_json`` is the result's JSON text (:func:`json_text` of its
+    ``to_dict()``), made once per attestation for both the stored last record
+    and this answer.
+    """
 
     result: AttestationResult
+    result_json: str
     health_certificate: str | None = None
     expires_at: int | None = None
     activation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON body for the host."""
+        """The JSON body for the host, as an object."""
         body = self.result.to_dict()
-        body["health_certificate"] = self.health_certificate
-        body["expires_at"] = self.expires_at
-        if self.activation is not None:
-            body["activation"] = self.activation
+        body.update(self._added())
         return body
+
+    def body(self) -> bytes:
+        """The JSON body for the host: the same bytes as ``json_text(self.to_dict())``."""
+        if self.activation is not None:
+            # Replaces the result's own "activation" member in place: rare (first
+            # contact only), so made from the object rather than spliced.
+            return json_text(self.to_dict()).encode("utf-8")
+        # The result's members, then ours: a result's JSON is a non-empty object.
+        return (self.result_json[:-1] + "," + json_text(self._added())[1:]).encode("utf-8")
+
+    def _added(self) -> dict[str, Any]:
+        added: dict[str, Any] = {
+            "health_certificate": self.health_certificate,
+            "expires_at": self.expires_at,
+        }
+        if self.activation is not None:
+            added["activation"] = self.activation  # the challenge, in the result's request's place
+        return added
 
 
 @dataclass
@@ -132,9 +153,10 @@ class Attestor:
         txn = Txn().compare(reg.NONCES + nonce.nonce_id, ABSENT)
         txn.compare(reg.VERSION_KEY, reg.version_condition(version))
         txn.put(reg.NONCES + nonce.nonce_id, b"", ttl=max(1.0, nonce.expires_at - now + 1))
-        outcome = self._outcome(result, int(now), txn)
+        result_json = json_text(result.to_dict())
+        outcome = self._outcome(result, result_json, int(now), txn)
         if result.host_id is not None:
-            txn.put(reg.LAST + result.host_id, encode_last_record(result))
+            txn.put(reg.LAST + result.host_id, encode_last_record(result, result_json))
         host = result.host_id or "unidentified-host"
         record = AppendRequest(
             kind="attestation",
@@ -146,7 +168,9 @@ class Attestor:
         )
         return _Decision(outcome, record)
 
-    def _outcome(self, result: AttestationResult, now: int, txn: Txn) -> AttestOutcome:
+    def _outcome(
+        self, result: AttestationResult, result_json: str, now: int, txn: Txn
+    ) -> AttestOutcome:
         if result.passed and result.host_id is not None and result.host_key is not None:
             cert = HealthCertificate(
                 issuer=self.issuer,
@@ -158,10 +182,11 @@ class Attestor:
                 policies=tuple(v.policy for v in result.verdicts if v.state is VerdictState.PASSED),
             )
             token = issue_health_certificate(cert, self.signing_key)
-            return AttestOutcome(result, token, cert.expires_at)
+            return AttestOutcome(result, result_json, token, cert.expires_at)
         if result.activation is not None:
-            return AttestOutcome(result, activation=self._file_activation(result.activation, txn))
-        return AttestOutcome(result)
+            activation = self._file_activation(result.activation, txn)
+            return AttestOutcome(result, result_json, activation=activation)
+        return AttestOutcome(result, result_json)
 
     def _file_activation(self, request: ActivationRequest, txn: Txn) -> dict[str, Any]:
         secret = secrets.token_bytes(32)

@@ -27,8 +27,6 @@ from guardfab.attestation.summary import HostSummary
 
 #: Events members whose JSON is kept: about one per distinct boot of the fleet.
 EVENTS_CACHE_SIZE = 256
-#: How a JSON object whose last member is null ends: where a cached member goes.
-_NULL_TAIL = "null}"
 
 
 class _EventsJson:
@@ -53,7 +51,7 @@ class _EventsJson:
             if found is not None and found[0] is source:
                 self._items.move_to_end(key)
                 return found[1]
-        member = _dumps(summary.events_dict())
+        member = json_text(summary.events_dict())
         text = member[1:-1]  # '"event_log":"..."' or '"events":[...]', without the braces
         with self._lock:
             self._items[key] = (source, text)
@@ -66,31 +64,24 @@ class _EventsJson:
 _EVENTS = _EventsJson(EVENTS_CACHE_SIZE)
 
 
-def encode_last_record(result: AttestationResult) -> bytes:
-    """The stored record of ``result`` (what ``json.loads`` gives back is documented above)."""
-    text = _with_last_member({"result": result.to_dict(), "summary": None})
-    if result.summary is None:
-        return text.encode("utf-8")
-    return _spliced(text, _summary_json(result.summary)).encode("utf-8")
+def encode_last_record(result: AttestationResult, result_json: str | None = None) -> bytes:
+    """The stored record of ``result`` (what ``json.loads`` gives back is documented above).
+
+    ``result_json``: ``json_text(result.to_dict())`` if the caller already made it
+    (the HGS makes it once for both this record and its answer to the host).
+    """
+    if result_json is None:
+        result_json = json_text(result.to_dict())
+    summary = "null" if result.summary is None else _summary_json(result.summary)
+    return ('{"result":' + result_json + ',"summary":' + summary + "}").encode("utf-8")
+
+
+def json_text(value: Any) -> str:
+    """Compact JSON, byte for byte what Starlette's ``JSONResponse`` sends for ``value``."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
 def _summary_json(summary: HostSummary) -> str:
     """``summary.to_dict()`` as JSON, its events member from the cache (placed last)."""
-    head = _dumps(summary.head_dict())
+    head = json_text(summary.head_dict())
     return head[:-1] + "," + _EVENTS.get(summary) + "}"
-
-
-def _with_last_member(value: dict[str, Any]) -> str:
-    """JSON of ``value``, whose last member must be null (to be replaced by a splice)."""
-    text = _dumps(value)
-    if not text.endswith(_NULL_TAIL):
-        raise AssertionError("the member to splice must be the last one and null")
-    return text
-
-
-def _spliced(text: str, member: str) -> str:
-    return text[: -len(_NULL_TAIL)] + member + "}"
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
