@@ -380,3 +380,15 @@ def test_loaded_tpm_evidence_has_every_field_read_only() -> None:
     assert type(loaded.host_key) is MappingProxyType
     with pytest.raises(FrozenInstanceError):
         loaded.event_log = b""  # type: ignore[misc]
+
+
+def test_a_host_key_in_another_member_order_has_the_same_digest() -> None:
+    """The JWK caches are keyed by the members in the order sent (not sorted): each order
+    is its own entry, and both give the canonical digest."""
+    jwk = host_key_jwk()
+    reordered = dict(reversed(list(jwk.items())))
+    assert list(reordered) != list(jwk)
+    expected = hashlib.sha256(canonical_json(jwk)).digest()
+    assert host_key_digest(reordered) == host_key_digest(jwk) == expected
+    loaded = [evidence_from_dict(_set(tpm_body(), "host_key", key)) for key in (jwk, reordered)]
+    assert [e.key_digest() for e in loaded if isinstance(e, TpmEvidence)] == [expected] * 2

@@ -27,8 +27,8 @@ HOST_KEY_DOMAIN = b"guardfab/attestation/host-key/v1\x00"
 def host_key_digest(host_key_jwk: Mapping[str, Any]) -> bytes:
     """SHA-256 of the canonical public JWK of the host encryption key.
 
-    Computed once per exact JWK when every member is a string (a JWK always
-    is; the key is its sorted members, so no two JWKs share one); anything
+    Computed once per exact JWK when every member is a plain string (a JWK
+    always is; the key is its members, so no two JWKs share one); anything
     else is canonicalized every time.
     """
     members = string_members(host_key_jwk)
@@ -38,19 +38,22 @@ def host_key_digest(host_key_jwk: Mapping[str, Any]) -> bytes:
 
 
 def string_members(jwk: Mapping[str, Any]) -> tuple[tuple[str, str], ...] | None:
-    """A JWK's sorted members if every name and value is a ``str``, else None.
+    """A JWK's members, in its order, if every name and value is a plain ``str``, else None.
 
     The key of the caches of a JWK's checks and digest: ``1`` and ``True`` are
-    equal as Python keys but not as JSON, so only all-string JWKs are cached.
+    equal as Python keys but not as JSON, and a ``str`` subclass could redefine
+    equality, so only plain-string JWKs are cached. What is cached is a function
+    of the members alone (canonical JSON sorts them), so the members are not
+    sorted for the key: a host sends its key in one order.
     """
     if all(type(k) is str and type(v) is str for k, v in jwk.items()):
-        return tuple(sorted(jwk.items()))
+        return tuple(jwk.items())
     return None
 
 
 @functools.lru_cache(maxsize=4096)
 def digest_of_members(members: tuple[tuple[str, str], ...]) -> bytes:
-    """:func:`host_key_digest` of the all-string JWK with these sorted members."""
+    """:func:`host_key_digest` of the all-string JWK with these members."""
     return hashlib.sha256(canonical_json(dict(members))).digest()
 
 
