@@ -22,6 +22,7 @@ Rules every fact here follows (docs/eventlog-facts.md explains them at length):
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from itertools import chain
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from guardfab.tpm import uefi
@@ -168,25 +169,24 @@ class _Reader:
     verifier derives them for every log it has not seen before.
     """
 
-    __slots__ = ("bank", "log", "pcr7", "pcr7_digests", "required", "separators", "variables")
+    __slots__ = ("bank", "log", "pcr7", "pcr7_digests", "separators", "variables")
 
     def __init__(self, log: EventLog, bank: int | None) -> None:
         self.log = log
         self.bank = bank
-        self.required = log.replayable_banks
-        self.pcr7: list[Event] = []
-        self.separators: dict[int, list[Event]] = {pcr: [] for pcr in SEPARATOR_PCRS}
+        pcr7: list[Event] = []
+        separators: dict[int, list[Event]] = {pcr: [] for pcr in SEPARATOR_PCRS}
         for event in log.pcr_and_separators(SECURE_BOOT_PCR, SEPARATOR_PCRS.stop):
             if event.event_type == _SEPARATOR:
-                self.separators[event.pcr].append(event)
+                separators[event.pcr].append(event)
             if event.pcr == SECURE_BOOT_PCR:
-                self.pcr7.append(event)
-        self.variables = _variables(self.pcr7)
+                pcr7.append(event)
+        self.pcr7 = pcr7
+        self.separators = separators
+        self.variables = _variables(pcr7)
         #: Every digest PCR 7's events carry, in any bank: the negative facts
         #: look for a string's digest here first, and at each event only if found.
-        self.pcr7_digests = frozenset(
-            digest for event in self.pcr7 for digest in event.digests.values()
-        )
+        self.pcr7_digests = frozenset(chain.from_iterable(event.digests.values() for event in pcr7))
 
     def trusted(self, event: Event) -> bool:
         """True if the data hashes to the digest in the quoted bank (or, with none, every bank).
@@ -202,7 +202,7 @@ class _Reader:
         if check.status is not DigestStatus.VERIFIED:
             return False
         banks = check.banks
-        return all(banks.get(bank) for bank in self.required)
+        return all(banks.get(bank) for bank in self.log.replayable_banks)
 
 
 def _variables(pcr7: Iterable[Event]) -> _Variables:
