@@ -257,13 +257,12 @@ class _ParsedLog:
     match, what policies read) is still checked on every attestation.
     """
 
-    __slots__ = ("_facts", "_measured", "_quoted", "data", "initial", "log", "replayed")
+    __slots__ = ("_facts", "_measured", "_quoted", "data", "log", "replayed")
 
     def __init__(self, data: bytes, log: EventLog) -> None:
         self.data = data
         self.log = log
         self.replayed: Mapping[int, bytes] = log.replay([_SHA256])[_SHA256]
-        self.initial = log.initial_pcrs(_SHA256)
         self._facts: dict[str, FactRecord] | None = None
         self._quoted: dict[frozenset[int], QuotedLog] = {}
         self._measured: dict[int, tuple[tuple[str, ...], tuple[int, ...]]] = {}
@@ -345,7 +344,7 @@ def _replayed_log(
         if expected is None:
             if pcr not in trust.quote_pcrs:
                 continue  # a PCR the firmware log does not cover (e.g. IMA's PCR 10)
-            expected = parsed.initial[pcr]
+            expected = parsed.log.initial_pcrs(_SHA256)[pcr]  # reset value (rarely asked)
         if not hmac.compare_digest(expected, value):
             wrong.append(f"PCR {pcr}: log {expected.hex()[:16]}..., quote {value.hex()[:16]}...")
     if wrong:
