@@ -177,7 +177,7 @@ def _checked_key(members: tuple[tuple[str, str], ...], what: str) -> bytes:
 
     The digest (:func:`~guardfab.attestation.binding.host_key_digest`) is kept
     with the check: the verifier needs it at every attestation, and finding it
-    here spares a second sort of the members and a second lookup.
+    here spares a second walk over the members and a second lookup.
     """
     _check_key(dict(members), what)
     return digest_of_members(members)
