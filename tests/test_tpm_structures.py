@@ -457,6 +457,7 @@ attests = st.builds(
         ),
         st.binary(max_size=64),
     ),
+    attest_type=st.just(TpmSt.ATTEST_QUOTE),  # a named tuple's defaulted field is drawn too
 )
 signatures = st.one_of(
     st.builds(
@@ -464,11 +465,14 @@ signatures = st.one_of(
         st.sampled_from([TpmAlg.RSASSA, TpmAlg.RSAPSS]),
         hash_algs,
         sig=st.binary(max_size=MAX_RSA_KEY_BYTES),
+        r=st.just(b""),  # named-tuple fields with defaults are drawn unless given
+        s=st.just(b""),
     ),
     st.builds(
         TpmtSignature,
         st.just(TpmAlg.ECDSA),
         hash_algs,
+        sig=st.just(b""),
         r=ecc_params,
         s=ecc_params,
     ),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -114,11 +115,11 @@ class PcrDigestMismatchError(VerificationError):
     hint = "the host's PCRs differ from the expected values (event log or baseline)"
 
 
-@dataclass(frozen=True, slots=True)
-class VerifiedQuote:
+class VerifiedQuote(NamedTuple):
     """A quote whose signature, nonce and PCR digest all verified.
 
     ``pcrs`` holds exactly the values the PCR digest covered, by bank and index.
+    A named tuple (one per attestation), like the structures it holds.
     """
 
     attest: TpmsAttest

@@ -9,11 +9,15 @@ where the structure does. What a TPM would never produce is rejected here with a
 :class:`~guardfab.errors.FormatError` that names the field and its byte offset,
 rather than being half-understood later.
 
-Parsing uses ``struct.unpack_from`` at explicit offsets and builds one small frozen
-object per structure, so a quote parses in microseconds: the HGS checks about a
-thousand quotes a second. The marshal functions are the exact inverses (tests and
-hypothesis round trips rely on ``marshal(unmarshal(b)) == b``), which also makes
-:func:`object_name` a hash of exactly the bytes the TPM hashed.
+Parsing uses ``struct.unpack_from`` at explicit offsets and builds one small
+immutable object per structure, so a quote parses in microseconds: the HGS checks
+about a thousand quotes a second. What every quote makes (TPMS_ATTEST and its
+parts, TPMT_SIGNATURE) are named tuples: a frozen dataclass sets each field
+through ``object.__setattr__``, which cost a verifier ~1 us per quote; keys
+(TPMT_PUBLIC), parsed once per AK, stay frozen dataclasses. The marshal functions
+are the exact inverses (tests and hypothesis round trips rely on
+``marshal(unmarshal(b)) == b``), which also makes :func:`object_name` a hash of
+exactly the bytes the TPM hashed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import functools
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -134,8 +139,7 @@ class TpmtPublic:
     unique: bytes | EccPoint
 
 
-@dataclass(frozen=True, slots=True)
-class TpmsPcrSelection:
+class TpmsPcrSelection(NamedTuple):
     """TPMS_PCR_SELECTION: one bank and a bitmap of PCRs (bit i of byte j = PCR 8j+i)."""
 
     hash_alg: int
@@ -169,8 +173,7 @@ def pcr_selection(hash_alg: int, indices: list[int] | tuple[int, ...]) -> TpmsPc
     return TpmsPcrSelection(hash_alg, bytes(select))
 
 
-@dataclass(frozen=True, slots=True)
-class TpmsClockInfo:
+class TpmsClockInfo(NamedTuple):
     """TPMS_CLOCK_INFO: clock in ms, boot and resume counters, and the safe flag."""
 
     clock: int
@@ -179,16 +182,14 @@ class TpmsClockInfo:
     safe: bool
 
 
-@dataclass(frozen=True, slots=True)
-class TpmsQuoteInfo:
+class TpmsQuoteInfo(NamedTuple):
     """TPMS_QUOTE_INFO: which PCRs were quoted and the digest of their values."""
 
     pcr_select: tuple[TpmsPcrSelection, ...]
     pcr_digest: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class TpmsAttest:
+class TpmsAttest(NamedTuple):
     """TPMS_ATTEST of type TPM_ST_ATTEST_QUOTE (the magic is implied: it was checked)."""
 
     qualified_signer: bytes
@@ -199,8 +200,7 @@ class TpmsAttest:
     attest_type: int = TpmSt.ATTEST_QUOTE
 
 
-@dataclass(frozen=True, slots=True)
-class TpmtSignature:
+class TpmtSignature(NamedTuple):
     """TPMT_SIGNATURE: RSASSA/RSAPSS carry ``sig``; ECDSA carries ``r`` and ``s``."""
 
     sig_alg: int
