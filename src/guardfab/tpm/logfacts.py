@@ -146,7 +146,7 @@ _CI_POLICY = _gap(
     "every file it loads into PCR 9 as EV_IPL with the file's SHA-256, and the HGS's "
     "Hgs_CiPolicy compares those digests with its registered CI policies (docs/adr/0005)"
 )
-_DMA_UNKNOWN = (
+_DMA_UNKNOWN = _gap(
     "no 'DMA Protection Disabled' measurement in PCR 7, but firmware measures only the "
     "disabled state and not all firmware does, and the Linux IOMMU (intel_iommu/amd_iommu) "
     "is not in the log, so protection cannot be shown"
@@ -295,7 +295,7 @@ def _dma_protection(reader: _Reader) -> Fact:
     found = _measured_in_pcr7(reader, _DMA_DISABLED)
     if found:
         return Fact(False, found, "PCR 7 holds the 'DMA Protection Disabled' measurement")
-    return _gap(_DMA_UNKNOWN)
+    return _DMA_UNKNOWN
 
 
 def _separator_problem(reader: _Reader, pcr: int, separators: list[Event]) -> str:
