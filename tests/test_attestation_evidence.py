@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from guardfab.attestation import evidence as evidence_module
 from guardfab.attestation.binding import host_key_digest
 from guardfab.attestation.evidence import (
     MAX_CLAIMS_BYTES,
@@ -338,6 +339,14 @@ def test_identity_fields_are_decoded_once_per_exact_text() -> None:
     # A str subclass is never looked up: it is decoded for what it holds.
     lying = _LyingText(other)
     assert evidence_from_dict({**body, "ak_public": lying}).ak_public == another_ak
+    # A text longer than the cache keeps (an EK certificate may be) is decoded every time.
+    long_cert = b"\x30" * (evidence_module.IDENTITY_TEXT_MAX_CHARS * 3 // 4 + 3)
+    texts = {**body, "ek_certificate": b64url_encode(long_cert)}
+    first_cert, second_cert = (evidence_from_dict(dict(texts)) for _ in range(2))
+    assert isinstance(first_cert, TpmEvidence)
+    assert isinstance(second_cert, TpmEvidence)
+    assert first_cert.ek_certificate == second_cert.ek_certificate == long_cert
+    assert first_cert.ek_certificate is not second_cert.ek_certificate
 
 
 class _LyingPcr(str):

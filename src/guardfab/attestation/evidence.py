@@ -77,8 +77,11 @@ def _b64(obj: Mapping[str, Any], key: str, *, what: str, max_bytes: int) -> byte
 
 #: Identity fields decoded once per exact text: a host presents the same EK, EK
 #: certificate and AK at every attestation, and the identity checks downstream
-#: are cached by these bytes (one bytes object per text keeps its hash).
+#: are cached by these bytes (one bytes object per text keeps its hash). Texts of
+#: up to 4 K characters (an RSA-4096 public area is ~800, an EK certificate
+#: ~1.6 K) are kept, so the cache holds at most ~30 MB, whoever fills it.
 IDENTITY_TEXT_CACHE_SIZE = 4096
+IDENTITY_TEXT_MAX_CHARS = 4096
 
 
 def _identity_b64(obj: Mapping[str, Any], key: str, *, what: str, max_bytes: int) -> bytes:
@@ -87,7 +90,7 @@ def _identity_b64(obj: Mapping[str, Any], key: str, *, what: str, max_bytes: int
     Only a plain ``str`` is looked up: a subclass could redefine equality.
     """
     text = obj.get(key)
-    if type(text) is not str:
+    if type(text) is not str or len(text) > IDENTITY_TEXT_MAX_CHARS:
         return _b64(obj, key, what=what, max_bytes=max_bytes)
     return _decoded_identity(text, key, what, max_bytes)
 
