@@ -326,6 +326,31 @@ def test_quoted_events_follow_each_quotes_selection() -> None:
     assert wide.passed
 
 
+def test_a_narrow_quote_first_does_not_empty_a_wide_ones_ci_fact() -> None:
+    """The CI fact's digests are kept per log and PCR: a quote that leaves PCR 9 out,
+    checked first, must not leave an empty list for the next quote that covers it."""
+    trust = trust_for(HOST)
+    narrow = verify_tpm_evidence(
+        _loaded(HOST.evidence(quoted=range(8))), trust, nonce=NONCE, now=NOW
+    )
+    wide = verify_tpm_evidence(_loaded(), trust, nonce=NONCE, now=NOW)
+    assert narrow.summary is not None
+    assert wide.summary is not None
+    assert narrow.summary.facts["ci_policy"].value is None
+    digests = [e.digest.hex() for e in wide.summary.events_in(9)]
+    assert wide.summary.facts["ci_policy"].value == digests != []
+    assert wide.passed
+    # The same, asked of the parsed log directly: nothing is kept for a PCR left out.
+    loaded = _loaded()
+    verify_tpm_evidence(loaded, trust, nonce=NONCE, now=NOW)
+    assert loaded.decoded is not None
+    parsed = loaded.decoded.derived
+    assert isinstance(parsed, tpm_mode._ParsedLog)
+    parsed._measured.clear()
+    assert parsed.measured_in(parsed.quoted(range(8)), 9) == ((), ())
+    assert parsed.measured_in(parsed.quoted(range(10)), 9)[0] == tuple(digests)
+
+
 def test_forget_logs_makes_the_next_check_decode_and_parse_again(
     decodes: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -283,7 +283,8 @@ class _ParsedLog:
         if found is None:
             records = events.events_in(pcr)
             found = (tuple(e.digest.hex() for e in records), tuple(e.number for e in records))
-            self._measured[pcr] = found
+            if pcr in events.pcrs:  # (none for a PCR this quote left out says nothing of the log)
+                self._measured[pcr] = found
         return found
 
     def quoted(self, pcrs: Iterable[int]) -> QuotedLog:
