@@ -305,51 +305,54 @@ def _b64(data: bytes) -> str:
 def floor_check(case: Case, log: bytes) -> Callable[[], object]:
     """One signature verify + a hashlib replay of the log's SHA-256 bank, read from its bytes.
 
-    The minimal direct replay of the input every engine gets: the layout of a
-    record head (PCR, type, digest count, each bank's id and digest, data size)
-    is derived from the log's header beforehand, then each record is one
-    ``unpack_from`` and, unless it is EV_NO_ACTION, one extend. It trusts the
-    log entirely: no bound, shape or PCR index is checked.
+    Each extend hashes in a copy of one fresh SHA-256 context (hashlib's fastest
+    way here: ~10 % less than ``sha256(data).digest()``, which guardfab's replay
+    uses too). The minimal direct replay of the input every engine gets: the layout of a
+    record head is derived from the log's header beforehand (PCR, type, the
+    SHA-256 digest and the data size; every other field skipped as padding),
+    then each record is one ``unpack_from`` and, unless it is EV_NO_ACTION, one
+    extend. It trusts the log entirely: no bound, shape or PCR index is checked.
     """
-    first, head, at = _raw_layout(log)
+    first, head = _raw_layout(log)
     unpack, size, total = head.unpack_from, head.size, len(log)
-    zero, sha256, no_action = bytes(32), hashlib.sha256, int(EventType.EV_NO_ACTION)
+    zero, fresh, no_action = bytes(32), hashlib.sha256().copy, int(EventType.EV_NO_ACTION)
 
     def check() -> object:
         case.verify_signature()
         pcrs: dict[int, bytes] = {}
         offset = first
         while offset < total:
-            row = unpack(log, offset)
-            offset += size + row[-1]
-            if row[1] != no_action:
-                pcr = row[0]
-                pcrs[pcr] = sha256(pcrs.get(pcr, zero) + row[at]).digest()
+            pcr, event_type, digest, data_size = unpack(log, offset)
+            offset += size + data_size
+            if event_type != no_action:
+                extend = fresh()
+                extend.update(pcrs.get(pcr, zero) + digest)
+                pcrs[pcr] = extend.digest()
         return pcrs
 
     return check
 
 
-def _raw_layout(log: bytes) -> tuple[int, struct.Struct, int]:
-    """Where the first TCG_PCR_EVENT2 record starts, its head's ``struct``, the SHA-256 field."""
+def _raw_layout(log: bytes) -> tuple[int, struct.Struct]:
+    """Where the first TCG_PCR_EVENT2 record starts, and its head as (PCR, type, SHA-256, size)."""
     spec = parse_event_log(log).spec_id
     if spec is None:
         raise SystemExit("the bench log is not crypto-agile")
-    sizes = spec.digest_sizes
-    fields = "".join(f"H{size}s" for _, size in sizes)
-    at = 4 + 2 * [alg for alg, _ in sizes].index(_SHA256)
-    return 32 + spec.size, struct.Struct(f"<III{fields}I"), at
+    banks = "".join(f"2x{n}s" if alg == _SHA256 else f"2x{n}x" for alg, n in spec.digest_sizes)
+    return 32 + spec.size, struct.Struct(f"<II4x{banks}I")
 
 
 def floor_digests_check(case: Case, digests: list[tuple[int, bytes]]) -> Callable[[], object]:
     """One signature verify + a hashlib replay of the log's SHA-256 digests, already extracted."""
-    zero, sha256 = bytes(32), hashlib.sha256
+    zero, fresh = bytes(32), hashlib.sha256().copy
 
     def check() -> object:
         case.verify_signature()
         pcrs: dict[int, bytes] = {}
         for pcr, digest in digests:
-            pcrs[pcr] = sha256(pcrs.get(pcr, zero) + digest).digest()
+            extend = fresh()
+            extend.update(pcrs.get(pcr, zero) + digest)
+            pcrs[pcr] = extend.digest()
         return pcrs
 
     return check
