@@ -324,17 +324,15 @@ def pcr_digest(
     return _digest(_selected_values(_banks(selection), pcr_values)[1], hash_alg)
 
 
-def _check_coverage(
-    banks: _Banks, required: PcrValues, selected: dict[int, dict[int, bytes]]
-) -> None:
+def _check_coverage(required: PcrValues, selected: dict[int, dict[int, bytes]]) -> None:
     """Every PCR the verifier has a value for must be in the quote's selection.
 
-    ``selected`` is :func:`_selected_values`' answer: it holds only PCRs that
-    have a required value, so a bank's required PCRs are all selected exactly
-    when there are as many of them as selected values; the missing ones are
-    worked out only to name them.
+    ``selected`` is :func:`_selected_values`' answer: it holds every selected
+    PCR (or that raised) and only PCRs that have a required value, so a bank's
+    required PCRs are all selected exactly when there are as many of them as
+    selected values; the missing ones are worked out only to name them.
     """
-    if not any(indices for _bank, indices in banks):
+    if not any(selected.values()):
         raise PcrSelectionError("the quote covers no PCRs at all")
     if all(len(values) == len(selected.get(bank, ())) for bank, values in required.items()):
         return
@@ -382,7 +380,7 @@ def verify_quote(
         raise NonceMismatchError("the quote's qualifying data is not the expected nonce")
     banks = _banks(attest.quote.pcr_select)
     pcrs, ordered = _selected_values(banks, pcr_values)
-    _check_coverage(banks, pcr_values, pcrs)
+    _check_coverage(pcr_values, pcrs)
     if not hmac.compare_digest(_digest(ordered, signature.hash_alg), attest.quote.pcr_digest):
         raise PcrDigestMismatchError(
             "the quoted PCR digest does not match the digest of the expected PCR values"
