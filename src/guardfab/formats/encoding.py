@@ -21,9 +21,8 @@ from guardfab.errors import FormatError
 #: 384 KB of files; base64 and envelopes roughly double that).
 MAX_DOCUMENT_BYTES = 2 * 1024 * 1024
 
-#: Characters of standard base64 that base64url never uses: refused before the URL
-#: alphabet's ``-`` and ``_`` are mapped onto the standard ``+`` and ``/``.
-_NOT_B64URL = ("+", "/", "=")
+#: The padding the strict decoder wants, by length mod 4 (1 is never valid).
+_PADDING = ("", "", "==", "=")
 _B64URL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 #: By length mod 4: the low bits of the last character that carry no data.
 _UNUSED_BITS = {0: 0, 2: 0x0F, 3: 0x03}
@@ -111,21 +110,20 @@ def b64url_decode(text: str, *, what: str) -> bytes:
     cheaper than a ``translate`` table), and the strict decoder refuses anything
     else (non-ASCII text included).
     """
-    if not isinstance(text, str) or len(text) % 4 == 1:
-        raise FormatError(f"{what}: not valid base64url")
     if type(text) is not str:
-        text = str.__str__(text)  # an exact copy: a subclass could redefine ``in`` or replace
-    for char in _NOT_B64URL:
-        if char in text:
+        if not isinstance(text, str):
             raise FormatError(f"{what}: not valid base64url")
-    standard = text.replace("-", "+").replace("_", "/")
+        text = str.__str__(text)  # an exact copy: a subclass could redefine ``in`` or replace
+    rest = len(text) % 4
+    if rest == 1 or "+" in text or "/" in text or "=" in text:
+        raise FormatError(f"{what}: not valid base64url")
+    standard = text.replace("-", "+").replace("_", "/") + _PADDING[rest]
     try:
-        data = binascii.a2b_base64(standard + "=" * (-len(text) % 4), strict_mode=True)
+        data = binascii.a2b_base64(standard, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
         raise FormatError(f"{what}: not valid base64url") from exc
     # Canonical means the bits the last character carries beyond the data are zero.
-    unused_mask = _UNUSED_BITS[len(text) % 4]
-    if unused_mask and _B64URL_ALPHABET.index(text[-1]) & unused_mask:
+    if rest and _B64URL_ALPHABET.index(text[-1]) & _UNUSED_BITS[rest]:
         raise FormatError(f"{what}: not canonical base64url")
     return data
 
