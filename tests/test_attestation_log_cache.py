@@ -13,6 +13,7 @@ the cache, and a refused log or text is never kept.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from types import MappingProxyType
@@ -129,19 +130,20 @@ def test_a_log_that_does_not_parse_is_refused_every_time(monkeypatch: pytest.Mon
 
 def test_the_cache_is_bounded_and_skips_large_logs(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _parses(monkeypatch)
-    monkeypatch.setattr(evidence_module, "_DECODED_LOGS", evidence_module.VerifiedCache(1))
+    one_log = functools.lru_cache(maxsize=1)(evidence_module._decoded_log.__wrapped__)
+    monkeypatch.setattr(evidence_module, "_decoded_log", one_log)
     trust = trust_for(HOST)
     assert verify_tpm_evidence(_loaded(), trust, nonce=NONCE, now=NOW).passed
     other = SoftHost(boot=Boot(debug=True))
     verify_tpm_evidence(_loaded(other.evidence()), trust_for(other), nonce=NONCE, now=NOW)
-    assert len(evidence_module._DECODED_LOGS._items) == 1
+    assert one_log.cache_info().currsize == 1
     assert verify_tpm_evidence(_loaded(), trust, nonce=NONCE, now=NOW).passed  # evicted: again
     assert len(calls) == 3
     monkeypatch.setattr(evidence_module, "LOG_TEXT_CACHE_MAX_CHARS", 10)
-    tpm_mode.forget_logs()
+    one_log.cache_clear()
     for _ in range(2):
         assert verify_tpm_evidence(_loaded(), trust, nonce=NONCE, now=NOW).passed
-    assert not evidence_module._DECODED_LOGS._items
+    assert one_log.cache_info().currsize == 0
     assert len(calls) == 5
 
 
@@ -201,7 +203,7 @@ def test_facts_handed_out_are_copies() -> None:
 @pytest.fixture
 def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Count the event-log texts decoded from now on (the text cache starts empty)."""
-    evidence_module._DECODED_LOGS.clear()
+    evidence_module.forget_decoded_logs()
     calls: list[str] = []
     original = evidence_module.b64url_decode
 
@@ -212,7 +214,7 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(evidence_module, "b64url_decode", counting)
     yield calls
-    evidence_module._DECODED_LOGS.clear()
+    evidence_module.forget_decoded_logs()
 
 
 def test_a_repeated_log_text_is_decoded_once_and_still_checked(decodes: list[str]) -> None:
@@ -306,7 +308,7 @@ def test_a_bad_log_text_is_refused_every_time_and_never_kept(
     for _ in range(2):
         with pytest.raises(FormatError, match="event_log"):
             evidence_from_dict(body)
-    assert not evidence_module._DECODED_LOGS._items
+    assert evidence_module._decoded_log.cache_info().currsize == 0
 
 
 def test_quoted_events_follow_each_quotes_selection() -> None:

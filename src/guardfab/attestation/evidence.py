@@ -36,7 +36,6 @@ from guardfab.formats.encoding import (
     require_dict,
     require_str,
 )
-from guardfab.formats.guardian import VerifiedCache
 from guardfab.tpm.constants import MAX_ATTEST_BYTES
 
 #: A whole evidence document (the HGS should cap request bodies at this too).
@@ -104,7 +103,7 @@ def _decoded_identity(text: str, key: str, what: str, max_bytes: int) -> bytes:
 class DecodedLog:
     """An event log decoded from its base64url text, and what a verifier derived from it.
 
-    The loader keeps one per distinct text (:data:`_DECODED_LOGS`) and hands it
+    The loader keeps one per distinct text (:func:`_decoded_log`) and hands it
     out with the evidence (:attr:`TpmEvidence.decoded`). ``derived`` is where
     the verifier keeps the parse and replay of ``data``
     (:mod:`guardfab.attestation.tpm_mode`): a pure function of the bytes, which
@@ -124,30 +123,35 @@ class DecodedLog:
 #: log at every attestation until it reboots, and decoding it costs several times
 #: more than finding the text (Python hashes a new string once, ~2 us for 16 K
 #: characters, and a hit compares the whole text). Only logs that decoded are
-#: kept; longer ones are decoded every time.
+#: kept (an lru_cache keeps no exception); longer ones are decoded every time.
 LOG_TEXT_CACHE_SIZE = 64
 LOG_TEXT_CACHE_MAX_CHARS = 700 * 1024
-_DECODED_LOGS: VerifiedCache[str, DecodedLog] = VerifiedCache(LOG_TEXT_CACHE_SIZE)
 
 
-def _event_log(obj: Mapping[str, Any], what: str) -> DecodedLog:
-    """The decoded ``event_log`` field (the same entry for the same text).
+def _event_log(obj: Mapping[str, Any]) -> DecodedLog:
+    """The decoded ``event_log`` field of TPM evidence (the same entry for the same text).
 
     Only a plain ``str`` is looked up: a subclass could redefine equality.
     """
     text = obj.get("event_log")
     if type(text) is not str or len(text) > LOG_TEXT_CACHE_MAX_CHARS:
-        return DecodedLog(_b64(obj, "event_log", what=what, max_bytes=MAX_EVENT_LOG_BYTES))
-    log = _DECODED_LOGS.get(text)
-    if log is None:
-        log = DecodedLog(_b64(obj, "event_log", what=what, max_bytes=MAX_EVENT_LOG_BYTES))
-        _DECODED_LOGS.put(text, log)
-    return log
+        return _decode_log(obj)
+    return _decoded_log(text)
+
+
+@functools.lru_cache(maxsize=LOG_TEXT_CACHE_SIZE)
+def _decoded_log(text: str) -> DecodedLog:
+    """One text's entry, decoded once (one argument: the text itself is the key)."""
+    return _decode_log({"event_log": text})
+
+
+def _decode_log(obj: Mapping[str, Any]) -> DecodedLog:
+    return DecodedLog(_b64(obj, "event_log", what="TPM evidence", max_bytes=MAX_EVENT_LOG_BYTES))
 
 
 def forget_decoded_logs() -> None:
     """Drop every decoded log text, and what was derived from it (the next load decodes)."""
-    _DECODED_LOGS.clear()
+    _decoded_log.cache_clear()
 
 
 def load_host_key(value: Any, *, what: str = "host_key") -> dict[str, Any]:
@@ -309,7 +313,7 @@ class TpmEvidence:
         attest = _b64(quote, "attest", what=in_quote, max_bytes=MAX_ATTEST_BYTES)
         signature = _b64(quote, "signature", what=in_quote, max_bytes=MAX_TPM_SIGNATURE_BYTES)
         values = pcr_map_from_dict(pcrs.get("sha256"), what=f"{what} pcrs")
-        decoded = _event_log(obj, what)
+        decoded = _event_log(obj)
         host_key, key_digest = _loaded_host_key(obj.get("host_key"), "host_key")
         # Every field was just made here, and both mappings are fresh: the frozen
         # dataclass's __init__ would set each field through object.__setattr__ and copy
