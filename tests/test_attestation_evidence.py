@@ -309,6 +309,21 @@ def test_the_loaders_host_key_digest_is_that_keys_and_follows_a_swap() -> None:
     assert loaded.key_digest() == host_key_digest(other)
 
 
+def test_only_the_loaders_own_host_key_counts_as_checked() -> None:
+    """``key_checked`` (the verifier skips its second check of the key) holds only for the
+    very mapping the loader checked: not for evidence built otherwise, a copy, or a key
+    set under loaded evidence afterwards."""
+    loaded = evidence_from_dict(tpm_body())
+    assert isinstance(loaded, TpmEvidence)
+    assert loaded.key_checked()
+    assert not replace(loaded, host_key=dict(loaded.host_key)).key_checked()
+    built = TpmEvidence(**{f.name: getattr(loaded, f.name) for f in fields(TpmEvidence) if f.init})
+    assert built == loaded
+    assert not built.key_checked()
+    object.__setattr__(loaded, "host_key", MappingProxyType(dict(loaded.host_key)))
+    assert not loaded.key_checked()
+
+
 class _LyingText(str):
     """A text that says it equals any text and hashes like another."""
 

@@ -13,6 +13,7 @@ import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -125,6 +126,41 @@ def _pcr_changed(evidence: TpmEvidence, pcr: int) -> TpmEvidence:
     return replace(evidence, pcrs={**evidence.pcrs, pcr: bytes(32)})
 
 
+#: A JWK the loader refuses (not EC or RSA): only ``require_mode`` stops it in evidence
+#: built otherwise.
+_OCT_KEY = {"kty": "oct", "k": "AAAA"}
+
+
+def _loaded(evidence: TpmEvidence) -> TpmEvidence:
+    loaded = TpmEvidence.from_dict(evidence.to_dict())
+    assert loaded.key_checked()
+    return loaded
+
+
+def _quote_for(evidence: TpmEvidence) -> dict[str, Any]:
+    """The host key and the quote bound to it (what an attacker swaps in together)."""
+    return {
+        "host_key": evidence.host_key,
+        "quote_attest": evidence.quote_attest,
+        "quote_signature": evidence.quote_signature,
+    }
+
+
+def _loaded_with_key_of(evidence: TpmEvidence) -> TpmEvidence:
+    """Honest loaded evidence whose host key and quote were then set to ``evidence``'s.
+
+    The loader checked the key it loaded, not this one: the verifier must check
+    this one again (the quote, bound to it, would pass the nonce check).
+    """
+    loaded = _loaded(HOST.evidence())
+    for name, value in _quote_for(evidence).items():
+        object.__setattr__(
+            loaded, name, MappingProxyType(dict(value)) if name == "host_key" else value
+        )
+    assert not loaded.key_checked()
+    return loaded
+
+
 Attack = tuple[str, Callable[[], Case], AttestationStatus, str]
 
 ATTACKS: list[Attack] = [
@@ -219,6 +255,21 @@ ATTACKS: list[Attack] = [
         "host key not a usable public key (evidence built without the loader)",
         lambda: Case(
             replace(HOST.evidence(), host_key={"kty": "oct", "k": "AAAA"}), trust_for(HOST)
+        ),
+        S.INVALID_EVIDENCE,
+        "host-encryption-key",
+    ),
+    (
+        "unusable host key set into loaded evidence, quote bound to it",
+        lambda: Case(_loaded_with_key_of(HOST.evidence(host_key=_OCT_KEY)), trust_for(HOST)),
+        S.INVALID_EVIDENCE,
+        "host-encryption-key",
+    ),
+    (
+        "copy of loaded evidence with an unusable host key, quote bound to it",
+        lambda: Case(
+            replace(_loaded(HOST.evidence()), **_quote_for(HOST.evidence(host_key=_OCT_KEY))),
+            trust_for(HOST),
         ),
         S.INVALID_EVIDENCE,
         "host-encryption-key",

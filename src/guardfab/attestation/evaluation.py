@@ -41,12 +41,16 @@ def require_mode(
     mode: AttestationMode,
     host_key: Mapping[str, Any],
     now: datetime.datetime,
+    *,
+    key_checked: bool = False,
 ) -> None:
     """Refuse evidence in a mode the HGS does not accept now, or with an unusable host key.
 
     The host key is checked again here (it was checked when the evidence was
     loaded) because a passed result hands it to the KPS, whatever built the
-    evidence object. A naive ``now`` is a programming error.
+    evidence object. ``key_checked`` says the loader checked this very mapping
+    (:meth:`~guardfab.attestation.evidence.TpmEvidence.key_checked`): the check
+    is then not repeated. A naive ``now`` is a programming error.
 
     Raises:
         ValueError: ``now`` has no time zone.
@@ -62,6 +66,8 @@ def require_mode(
             f"the HGS does not accept {mode.value} attestation (active: {active})",
             hint="configure the host for the HGS's attestation mode",
         )
+    if key_checked:
+        return
     try:
         load_host_key(dict(host_key))
     except FormatError as exc:

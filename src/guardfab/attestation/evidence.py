@@ -264,6 +264,15 @@ class TpmEvidence:
         object.__setattr__(self, "pcrs", MappingProxyType(dict(self.pcrs)))
         object.__setattr__(self, "host_key", MappingProxyType(dict(self.host_key)))
 
+    def key_checked(self) -> bool:
+        """Whether the loader checked this very ``host_key`` mapping (so no one need again).
+
+        True only for the read-only mapping the loader made from the key it
+        checked: not for evidence built otherwise, a copy, or a key set afterwards.
+        """
+        known = self._key_digest
+        return known is not None and known[0] is self.host_key
+
     def key_digest(self) -> bytes:
         """:func:`~guardfab.attestation.binding.host_key_digest` of ``host_key``.
 

@@ -424,7 +424,9 @@ def verify_tpm_evidence(
     """
     host_id: str | None = None
     try:
-        require_mode(trust, AttestationMode.TPM, evidence.host_key, now)
+        require_mode(
+            trust, AttestationMode.TPM, evidence.host_key, now, key_checked=evidence.key_checked()
+        )
         host_id, digest = _identify(evidence, trust, now)
         ak = _check_ak(evidence, host_id, digest, trust)
         quote = _verify_quote(evidence, ak, trust, nonce)
