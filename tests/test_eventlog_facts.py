@@ -20,7 +20,7 @@ from guardfab.tpm.events import (
     digest_matches,
     measured_bytes,
 )
-from guardfab.tpm.logfacts import SECURE_BOOT_VARIABLES
+from guardfab.tpm.logfacts import SECURE_BOOT_VARIABLES, _Reader
 from test_eventlog_builder import (
     EFI_GLOBAL,
     EFI_SECURITY_DB,
@@ -364,3 +364,73 @@ def test_a_variable_named_with_a_trailing_nul_is_another_variable() -> None:
         7, EV_EFI_VARIABLE_DRIVER_CONFIG, variable(EFI_GLOBAL, "SecureBoot\0", b"\x01")
     )
     assert parse_event_log(log.build()).facts(SHA256).secure_boot.value is None
+
+
+_ERROR_SEPARATOR = b"\x01\x00\x00\x00"
+
+
+def _with_pcr3_separator(separator: Ev) -> bytes:
+    log = _secure_boot_log(b"\x01")
+    log.events = [separator if (e.type == EV_SEPARATOR and e.pcr == 3) else e for e in log.events]
+    return log.build()
+
+
+@pytest.mark.parametrize(
+    ("separator", "quoted_ok", "every_bank_ok"),
+    [
+        (Ev(3, EV_SEPARATOR, SEPARATOR), True, True),
+        # Attack: the data rewritten to 00000000 after an error separator was measured.
+        (
+            Ev(
+                3, EV_SEPARATOR, SEPARATOR, {b: digest(b, _ERROR_SEPARATOR) for b in (SHA1, SHA256)}
+            ),
+            False,
+            False,
+        ),
+        # Attack: an error separator relabelled with the digests of a normal one.
+        (
+            Ev(
+                3, EV_SEPARATOR, _ERROR_SEPARATOR, {b: digest(b, SEPARATOR) for b in (SHA1, SHA256)}
+            ),
+            False,
+            False,
+        ),
+        # Only the quoted bank measured the error: the unquoted SHA-1 digest proves nothing.
+        (Ev(3, EV_SEPARATOR, SEPARATOR, {SHA256: digest(SHA256, _ERROR_SEPARATOR)}), False, False),
+        # Only the unquoted bank is wrong: the quoted one decides (a person's view refuses).
+        (Ev(3, EV_SEPARATOR, SEPARATOR, {SHA1: digest(SHA1, _ERROR_SEPARATOR)}), True, False),
+        (Ev(3, EV_SEPARATOR, SEPARATOR, {SHA256: bytes(32)}), False, False),
+        # The quoted bank missing from the record: nothing attests the data.
+        (Ev(3, EV_SEPARATOR, SEPARATOR, banks=(SHA1,)), False, False),
+    ],
+)
+def test_a_separator_counts_only_if_the_quoted_bank_measured_00000000(
+    separator: Ev, quoted_ok: bool, every_bank_ok: bool
+) -> None:
+    log = parse_event_log(_with_pcr3_separator(separator))
+    quoted = log.facts(SHA256).separators_ok
+    assert quoted.value is quoted_ok
+    assert log.facts().separators_ok.value is every_bank_ok
+    if not quoted_ok:
+        assert quoted.note.startswith("PCR 3 separator (event ")
+
+
+@pytest.mark.parametrize("name", VECTOR_NAMES)
+def test_the_normal_separator_shortcut_agrees_with_the_digest_check(
+    vectors: Path, name: str
+) -> None:
+    """With a quoted bank, normal_separator says True exactly when trusted() and 00000000 do.
+
+    Every event of every real log, as a separator with its own data, 00000000 and
+    an error value, each with its own digests and with those of 00000000.
+    """
+    log = parse_event_log((vectors / name).read_bytes())
+    for bank in (*log.banks, 0x7777):  # 0x7777: a bank nothing can hash
+        reader = _Reader(log, bank)
+        for event in log.events:
+            normal = {alg: digest(alg, SEPARATOR)[: len(d)] for alg, d in event.digests.items()}
+            for data in (event.data, SEPARATOR, _ERROR_SEPARATOR):
+                for digests in (event.digests, normal):
+                    variant = event._replace(event_type=EV_SEPARATOR, data=data, digests=digests)
+                    expected = reader.trusted(variant) and data == SEPARATOR
+                    assert reader.normal_separator(variant) is expected, (event.number, bank)

@@ -38,6 +38,10 @@ SECURE_BOOT_PCR = 7
 #: PCRs whose pre-OS measurements end with an EV_SEPARATOR (PFP).
 SEPARATOR_PCRS = range(8)
 _NORMAL_SEPARATOR = b"\0\0\0\0"
+#: What a normal separator's data hashes to, in each bank we can compute.
+_NORMAL_SEPARATOR_DIGESTS = {
+    alg: hasher(_NORMAL_SEPARATOR).digest() for alg, hasher in HASHERS.items()
+}
 
 #: Secure boot policy variables whose measurements a baseline compares.
 SECURE_BOOT_VARIABLES = (
@@ -169,11 +173,20 @@ class _Reader:
     verifier derives them for every log it has not seen before.
     """
 
-    __slots__ = ("bank", "log", "pcr7", "pcr7_digests", "separators", "variables")
+    __slots__ = (
+        "bank",
+        "log",
+        "normal_separator_digest",
+        "pcr7",
+        "pcr7_digests",
+        "separators",
+        "variables",
+    )
 
     def __init__(self, log: EventLog, bank: int | None) -> None:
         self.log = log
         self.bank = bank
+        self.normal_separator_digest = None if bank is None else _NORMAL_SEPARATOR_DIGESTS.get(bank)
         pcr7: list[Event] = []
         separators: dict[int, list[Event]] = {pcr: [] for pcr in SEPARATOR_PCRS}
         for event in log.pcr_and_separators(SECURE_BOOT_PCR, SEPARATOR_PCRS.stop):
@@ -203,6 +216,21 @@ class _Reader:
             return False
         banks = check.banks
         return all(banks.get(bank) for bank in self.log.replayable_banks)
+
+    def normal_separator(self, event: Event) -> bool:
+        """True if ``event``'s data is 00000000 and trusted (what ``_separator_problem`` accepts).
+
+        With the quoted bank, such data is trusted exactly when the event's digest
+        there is the digest of 00000000 (EV_SEPARATOR digests its whole data), so
+        a verifier's eight separators cost two comparisons each instead of a
+        digest check each; any other case goes through :meth:`trusted`.
+        """
+        if event.data != _NORMAL_SEPARATOR:
+            return False
+        expected, bank = self.normal_separator_digest, self.bank
+        if expected is None or bank is None:  # a person's view, or a bank we cannot hash
+            return self.trusted(event)
+        return event.digests.get(bank) == expected
 
 
 def _variables(pcr7: Iterable[Event]) -> _Variables:
@@ -299,6 +327,7 @@ def _dma_protection(reader: _Reader) -> Fact:
 
 
 def _separator_problem(reader: _Reader, pcr: int, separators: list[Event]) -> str:
+    """Why PCR ``pcr``'s separators are not one trusted 00000000 separator ("" if they are)."""
     if len(separators) != 1:
         return f"PCR {pcr} has {len(separators)} separators"
     event = separators[0]
@@ -312,10 +341,12 @@ def _separator_problem(reader: _Reader, pcr: int, separators: list[Event]) -> st
 def _separators(reader: _Reader) -> Fact:
     """PCRs 0-7 each end their pre-OS measurements with one verified 00000000 separator."""
     by_pcr = reader.separators
+    normal = reader.normal_separator
     for pcr, separators in by_pcr.items():
+        if len(separators) == 1 and normal(separators[0]):
+            continue  # the common case, checked without naming a problem
         problem = _separator_problem(reader, pcr, separators)
-        if problem:
-            return Fact(False, tuple(e.number for e in separators), problem)
+        return Fact(False, tuple(e.number for e in separators), problem)
     indexes = tuple(sorted(events[0].number for events in by_pcr.values()))
     return Fact(True, indexes, "one verified 00000000 separator in each of PCRs 0-7")
 
