@@ -427,6 +427,23 @@ def _verify_with_prepared_ak(args: dict[str, Any]) -> object:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_a_prepared_ak_must_pair_a_padding_with_an_rsa_key(
+    vectors: dict[str, Vector], kind: str
+) -> None:
+    """The verifier tells an RSA AK by its padding: an AttestationKey put together by hand
+    with a padding and an ECC key, or an RSA key without one, cannot be made."""
+    good = AttestationKey.of(vectors[kind].ak)
+    other = AttestationKey.of(vectors[OTHER[kind]].ak)
+    with pytest.raises(AttestationKeyError, match="padding exactly when its key is RSA"):
+        AttestationKey(good.public, good.key, good.algorithm, other.padding, other.ecdsa)
+    # Built by hand with its own parts, it verifies as the prepared one does.
+    same = AttestationKey(good.public, good.key, good.algorithm, good.padding, good.ecdsa)
+    assert verify_quote(**vectors[kind].args(ak_public=same)) == verify_quote(
+        **vectors[kind].args()
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_prepared_ak_gives_the_same_verified_quote(vectors: dict[str, Vector], kind: str) -> None:
     vector = vectors[kind]
     prepared = AttestationKey.of(vector.ak)

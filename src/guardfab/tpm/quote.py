@@ -22,7 +22,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -174,6 +174,11 @@ class AttestationKey:
     #: The ECDSA signature algorithm object (ECC AKs), made once like the padding.
     ecdsa: ec.ECDSA | None = field(default=None, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # A quote's verifier tells the key type by the padding (see _verify_signature).
+        if (self.padding is not None) != isinstance(self.key, rsa.RSAPublicKey):
+            raise AttestationKeyError("the AK has a padding exactly when its key is RSA")
+
     @classmethod
     def of(cls, public: TpmtPublic | bytes) -> AttestationKey:
         """Check the AK (raises AttestationKeyError, FormatError) and prepare its key."""
@@ -202,16 +207,18 @@ def _verify_signature(message: bytes, signature: TpmtSignature, ak: AttestationK
             f"{alg_name(signature.hash_alg)} but the AK's scheme is "
             f"{alg_name(scheme.scheme)}/{alg_name(scheme.hash_alg)}"
         )
-    key = ak.key
+    # An AttestationKey has a padding exactly when its key is RSA (checked when it is
+    # made): testing that is cheaper than isinstance against cryptography's key ABCs
+    # (an ABC check, ~0.2 us, at every quote).
+    pad = ak.padding
     try:
-        if isinstance(key, rsa.RSAPublicKey):
-            if ak.padding is None:  # unreachable: AttestationKey.of sets it for RSA schemes
-                raise AttestationKeyError("the AK's RSA signing scheme has no padding")
-            key.verify(signature.sig, message, ak.padding, ak.algorithm)
+        if pad is not None:
+            cast("rsa.RSAPublicKey", ak.key).verify(signature.sig, message, pad, ak.algorithm)
         else:
             der = encode_dss_signature(
                 int.from_bytes(signature.r, "big"), int.from_bytes(signature.s, "big")
             )
+            key = cast("ec.EllipticCurvePublicKey", ak.key)
             key.verify(der, message, ak.ecdsa or ec.ECDSA(ak.algorithm))
     except InvalidSignature as exc:
         raise QuoteSignatureError("the quote signature does not verify with the AK") from exc
