@@ -9,7 +9,8 @@ status of a verified attestation reads only the verdicts.
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
+import inspect
+from dataclasses import MISSING, FrozenInstanceError, fields, replace
 from typing import Any
 
 import pytest
@@ -295,3 +296,36 @@ def test_a_results_json_status_and_mode_are_plain_strings_of_the_values(
     assert as_json["status"] == status.value
     assert type(as_json["mode"]) is str
     assert as_json["mode"] == mode.value
+
+
+def test_attestation_result_fields() -> None:
+    """AttestationResult's own __init__ (one update instead of a setattr per field) takes
+    exactly the dataclass's fields, in order, with their defaults, sets every one, and the
+    result stays frozen, comparable and copyable with ``replace``."""
+    params = list(inspect.signature(AttestationResult.__init__).parameters.values())[1:]
+    declared = fields(AttestationResult)
+    assert [p.name for p in params] == [f.name for f in declared]
+    for param, field in zip(params, declared, strict=True):
+        assert param.default == (
+            inspect.Parameter.empty if field.default is MISSING else field.default
+        ), field.name
+    values = {
+        "status": AttestationStatus.PASSED,
+        "mode": AttestationMode.TPM,
+        "host_id": "h",
+        "verified_at": NOW,
+        "verdicts": (),
+        "failures": (CheckFailure("c", AttestationStatus.TPM_ERROR, "E", "r"),),
+        "host_key": {"kty": "EC"},
+        "baseline": None,
+        "activation": None,
+        "warnings": ("w",),
+        "summary": None,
+    }
+    result = AttestationResult(**values)
+    assert vars(result) == values
+    assert result == AttestationResult(**values)
+    assert result != replace(result, host_id="other")
+    assert replace(result, host_id="other").warnings == ("w",)
+    with pytest.raises(FrozenInstanceError):
+        result.host_id = "other"  # type: ignore[misc]
