@@ -17,7 +17,7 @@ import pytest
 from guardfab.errors import FormatError, VerificationError
 from guardfab.tpm import eventlog
 from guardfab.tpm.constants import TpmAlg
-from guardfab.tpm.eventlog import LogFormat, parse_event_log
+from guardfab.tpm.eventlog import LogFormat, Measurement, parse_event_log
 from test_eventlog_builder import (
     EFI_GLOBAL,
     EV_EFI_HCRTM_EVENT,
@@ -117,6 +117,15 @@ MALFORMED = {
     "pcr index 24": (
         _agile_with(event2_record(24, EV_POST_CODE, _GOOD_DIGESTS, b"")),
         "PCR index 24",
+    ),
+    # Above a byte: the regular walk's PCR index cannot hold it (the careful walk names it).
+    "pcr index 256": (
+        _agile_with(event2_record(256, EV_POST_CODE, _GOOD_DIGESTS, b"")),
+        "PCR index 256",
+    ),
+    "pcr index 2**32-1": (
+        _agile_with(event2_record(2**32 - 1, EV_POST_CODE, _GOOD_DIGESTS, b"")),
+        "PCR index 4294967295",
     ),
     "sha1 log pcr index": (sha1_record(99, EV_POST_CODE, bytes(20), b""), "PCR index 99"),
     "undeclared bank": (
@@ -316,3 +325,11 @@ def test_spec_id_text_in_another_event_type_is_a_sha1_log() -> None:
     log = parse_event_log(sha1_record(0, EV_POST_CODE, bytes(20), data))
     assert log.format is LogFormat.SHA1
     assert [(e.event_type, e.data) for e in log.events] == [(EV_POST_CODE, data)]
+
+
+def test_the_last_pcr_is_accepted_and_found() -> None:
+    """PCR 23 is the highest a PC Client TPM has: parsed, and found through the PCR index."""
+    data = _agile_with(event2_record(23, EV_POST_CODE, _GOOD_DIGESTS, b"x"))
+    log = parse_event_log(data)
+    assert [m.pcr for m in log.measurements(SHA256, {23}, Measurement)] == [23]
+    assert log.measurements(SHA256, {22}, Measurement) == []

@@ -306,23 +306,26 @@ def _sha1_records(buf: bytes) -> _Records:
     return _Records(buf, _SHA1_LAYOUT, rows, starts, {})
 
 
-def _agile_walk(buf: bytes, offset: int, spec: SpecIdEvent, records: _Records) -> None:
+def _agile_walk(buf: bytes, offset: int, spec: SpecIdEvent, records: _Records) -> bytes | None:
     """Walk TCG_PCR_EVENT2 records from ``offset`` to the end into ``records``.
 
     The hot loop of a first check of a log. Real logs list every bank in header
     order in every record, so it first walks trusting that (one ``struct`` call
     and two appends per record), then checks every row's shape, PCR and size at
     once; only a log where that fails is walked again record by record, which
-    handles odd records and names the exact fault.
+    handles odd records and names the exact fault. Returns the PCR index of
+    every row (:meth:`EventLog._numbers_in`) when the regular walk made it.
     """
     start_rows = len(records.rows)
-    if not _walk_regular(buf, offset, records):
+    index = _walk_regular(buf, offset, records)
+    if index is None:
         del records.rows[start_rows:], records.starts[start_rows:]
         _walk_careful(buf, offset, spec, records)
+    return index
 
 
-def _walk_regular(buf: bytes, offset: int, records: _Records) -> bool:
-    """Walk records as if all were in the layout; True if every row proves it."""
+def _walk_regular(buf: bytes, offset: int, records: _Records) -> bytes | None:
+    """Walk records as if all were in the layout; every row's PCR index if every row proves it."""
     layout, rows, starts = records.layout, records.rows, records.starts
     unpack, head, total = layout.head.unpack_from, layout.head.size, len(buf)
     first = len(rows)
@@ -336,20 +339,35 @@ def _walk_regular(buf: bytes, offset: int, records: _Records) -> bool:
             add_start(offset)
             offset += row[-1]
     except struct.error:  # a record head cut short: let the careful walk name it
-        return False
+        return None
     new = rows[first:]
     # Records end exactly at the buffer's end, so no size exceeds the buffer:
     # the per-record size bound needs checking only in a log larger than it.
-    return (
+    regular = (
         offset == total
         and len(rows) <= MAX_EVENTS
         # Column by column (no tuple per row): each holds its one value in every row.
         and all(
             countOf(map(column, new), value) == len(new) for column, value in layout.shape_columns
         )
-        and (not new or max(map(_PCR_OF, new)) < PCR_COUNT)
         and (total <= MAX_EVENT_DATA or not new or max(map(_SIZE_OF, new)) <= MAX_EVENT_DATA)
     )
+    # The PCR bound is checked on the PCR index, which a verifier reads next.
+    return _pcr_index(rows) if regular else None
+
+
+#: Every valid PCR index, as the bytes a PCR index deletes to check its PCRs.
+_VALID_PCRS = bytes(range(PCR_COUNT))
+
+
+def _pcr_index(rows: list[_Row]) -> bytes | None:
+    """Each row's PCR as one byte, or None if a PCR is not below PCR_COUNT."""
+    try:
+        index = bytes(map(_PCR_OF, rows))
+    except ValueError:  # a PCR above 255
+        return None
+    # Deleting every valid PCR leaves nothing exactly when all are valid (one C call).
+    return None if index.translate(None, _VALID_PCRS) else index
 
 
 def _walk_careful(buf: bytes, offset: int, spec: SpecIdEvent, records: _Records) -> None:
@@ -479,6 +497,7 @@ class EventLog:
         records: _Records,
         *,
         notes: tuple[str, ...] = (),
+        pcr_index: bytes | None = None,
     ) -> None:
         self.format = log_format
         self.spec_id = spec_id
@@ -487,7 +506,8 @@ class EventLog:
         self.notes = notes
         self._events: tuple[Event, ...] | None = None
         self._checks: list[DigestCheck | None] = [None] * len(records.rows)
-        self._pcr_index: bytes | None = None
+        #: Each record's PCR as one byte (from the parse, or made when first needed).
+        self._pcr_index = pcr_index
         self.startup_locality = self._pcr0_locality()
 
     # ------------------------------------------------------------------ events
@@ -532,12 +552,13 @@ class EventLog:
     def _numbers_in(self, pcrs: Iterable[int]) -> list[int]:
         """Numbers of the records of ``pcrs``, in log order, found in the PCR index.
 
-        The index holds each record's PCR as one byte (the parse proved every
-        PCR below 24), made once per log; each PCR's records are then a few C
-        searches instead of a Python pass over every record.
+        The index holds each record's PCR as one byte (every PCR is below 24),
+        made once per log: by the regular walk, which checks the PCR bound on
+        it, or here on first use. Each PCR's records are then a few C searches
+        instead of a Python pass over every record.
         """
         index = self._pcr_index
-        if index is None:
+        if index is None:  # the careful walk (or a SHA-1 log): made now, every PCR below 24
             index = self._pcr_index = bytes(map(_PCR_OF, self._records.rows))
         found: list[int] = []
         for pcr in set(pcrs):
@@ -814,5 +835,5 @@ def _agile_log(buf: bytes) -> EventLog:
             "the next event is read after the fields, as tpm2-tools does",
         )
     records = _Records(buf, layout, [header], [head], {0: (0, {_SHA1: digest})})
-    _agile_walk(buf, head + spec.size, spec, records)
-    return EventLog(LogFormat.CRYPTO_AGILE, spec, records, notes=notes)
+    index = _agile_walk(buf, head + spec.size, spec, records)
+    return EventLog(LogFormat.CRYPTO_AGILE, spec, records, notes=notes, pcr_index=index)
