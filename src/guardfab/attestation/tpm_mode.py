@@ -282,7 +282,8 @@ class _ParsedLog:
         found = self._measured.get(pcr)
         if found is None:
             records = events.events_in(pcr)
-            found = (tuple(e.digest.hex() for e in records), tuple(e.number for e in records))
+            # Lists, then tuples: a generator is resumed once per event (here at every new log).
+            found = (tuple([e.digest.hex() for e in records]), tuple([e.number for e in records]))
             if pcr in events.pcrs:  # (none for a PCR this quote left out says nothing of the log)
                 self._measured[pcr] = found
         return found
