@@ -107,6 +107,19 @@ def test_the_planned_states_follow_every_change_of_the_stored_states() -> None:
         assert enforced.state is VerdictState.NOT_EVALUABLE  # type: ignore[attr-defined]
 
 
+def test_the_plan_key_is_the_stored_states_sorted_once() -> None:
+    """The key plans are kept by is made with the trust state, from its own copy of the
+    states: a caller's dict changed afterwards changes neither the states nor the key."""
+    states = {"Hgs_IommuEnabled": PolicyState.ENABLED, "Hgs_CiPolicy": PolicyState.DISABLED}
+    trust = TrustState(policy_states=states)
+    expected = (("Hgs_CiPolicy", PolicyState.DISABLED), ("Hgs_IommuEnabled", PolicyState.ENABLED))
+    assert trust.policy_states_key == expected
+    states["Hgs_CiPolicy"] = PolicyState.ENABLED
+    assert trust.policy_states_key == expected == tuple(sorted(trust.policy_states.items()))
+    changed = set_policy_state(trust, "Hgs_CiPolicy", PolicyState.ENABLED)
+    assert changed.policy_states_key == tuple(sorted(changed.policy_states.items())) != expected
+
+
 @pytest.mark.parametrize("name", ["Hgs_SecureBootEnabled", "Hgs_PcrBaseline"])
 @pytest.mark.parametrize("state", [PolicyState.DISABLED, PolicyState.ENABLED])
 def test_a_locked_policy_cannot_be_disabled_or_unlocked(name: str, state: PolicyState) -> None:

@@ -408,7 +408,7 @@ class PolicySet:
 
     def _plan(self, trust: TrustState) -> tuple[_Step, ...]:
         """Each policy's state and, if disabled, its verdict (cached by the states' content)."""
-        key = tuple(sorted(trust.policy_states.items()))
+        key = trust.policy_states_key
         plan = self._plans.get(key)
         if plan is None:
             plan = tuple(self._step(trust, policy) for policy in self.policies)

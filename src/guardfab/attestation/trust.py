@@ -277,6 +277,11 @@ class TrustState:
     _bindings: dict[bytes, AkBinding] = field(init=False, repr=False, compare=False)
     _ci: dict[bytes, CiPolicy] = field(init=False, repr=False, compare=False)
     _keys: dict[str, HostKey] = field(init=False, repr=False, compare=False)
+    #: The stored policy states, sorted: the key a policy set's plan is kept by
+    #: (:class:`~guardfab.attestation.policies.PolicySet`), read at every attestation.
+    policy_states_key: tuple[tuple[str, PolicyState], ...] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.ci_policy_pcr < PCR_COUNT:
@@ -293,6 +298,7 @@ class TrustState:
             "_ci": _index(self.ci_policies, lambda c: c.digest, "a CI policy digest"),
             "_keys": _index(self.host_keys, lambda k: k.key_id, "a host key"),
             "policy_states": MappingProxyType(dict(self.policy_states)),
+            "policy_states_key": tuple(sorted(self.policy_states.items())),
         }
         for name, value in indexes.items():
             object.__setattr__(self, name, value)
