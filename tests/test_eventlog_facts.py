@@ -20,7 +20,7 @@ from guardfab.tpm.events import (
     digest_matches,
     measured_bytes,
 )
-from guardfab.tpm.logfacts import SECURE_BOOT_VARIABLES, _Reader
+from guardfab.tpm.logfacts import SECURE_BOOT_VARIABLES, Fact, _Reader, _separators
 from test_eventlog_builder import (
     EFI_GLOBAL,
     EFI_SECURITY_DB,
@@ -410,6 +410,7 @@ def test_a_separator_counts_only_if_the_quoted_bank_measured_00000000(
     log = parse_event_log(_with_pcr3_separator(separator))
     quoted = log.facts(SHA256).separators_ok
     assert quoted.value is quoted_ok
+    assert _separators_both_ways(log, SHA256) == (quoted, quoted)
     assert log.facts().separators_ok.value is every_bank_ok
     if not quoted_ok:
         assert quoted.note.startswith("PCR 3 separator (event ")
@@ -434,3 +435,53 @@ def test_the_normal_separator_shortcut_agrees_with_the_digest_check(
                     variant = event._replace(event_type=EV_SEPARATOR, data=data, digests=digests)
                     expected = reader.trusted(variant) and data == SEPARATOR
                     assert reader.normal_separator(variant) is expected, (event.number, bank)
+
+
+def _separators_both_ways(log: EventLog, bank: int) -> tuple[Fact, Fact]:
+    """The separator fact from the separator records first, and from the events alone."""
+    careful = _Reader(log, bank)
+    careful.separator_records = None  # as a reader without records: the events decide
+    return _separators(_Reader(log, bank)), _separators(careful)
+
+
+@pytest.mark.parametrize(
+    "separators",
+    [
+        [Ev(3, EV_SEPARATOR, SEPARATOR), Ev(3, EV_SEPARATOR, SEPARATOR, banks=(SHA1,))],
+        [Ev(3, EV_SEPARATOR, SEPARATOR, banks=(SHA1,)), Ev(3, EV_SEPARATOR, SEPARATOR)],
+        [Ev(9, EV_SEPARATOR, SEPARATOR)],  # outside PCRs 0-7: not read
+        [Ev(7, EV_SEPARATOR, SEPARATOR)],
+    ],
+)
+def test_separator_records_and_events_agree_on_extra_separators(separators: list[Ev]) -> None:
+    """A second separator counts, with or without the quoted bank's digest, both ways."""
+    log = _secure_boot_log(b"\x01")
+    log.events = [e for e in log.events if not (e.type == EV_SEPARATOR and e.pcr == 3)]
+    log.events += separators
+    parsed = parse_event_log(log.build())
+    fast, careful = _separators_both_ways(parsed, SHA256)
+    assert fast == careful
+    assert fast.value is (len([e for e in separators if e.pcr == 3]) == 1)
+
+
+@pytest.mark.parametrize("name", VECTOR_NAMES)
+def test_separator_records_and_events_agree_on_every_vector(vectors: Path, name: str) -> None:
+    """The verifier's separator fact is the same from the records as from the events.
+
+    Every real log, in each of its banks, intact and with each separator's data
+    changed (its digests kept); the intact UEFI logs are settled by the records.
+    """
+    data = (vectors / name).read_bytes()
+    log = parse_event_log(data)
+    separators = [e for e in log.events if e.event_type == EV_SEPARATOR and e.pcr < 8]
+    for bank in log.banks:
+        fast, careful = _separators_both_ways(log, bank)
+        assert fast == careful, bank
+        if fast.value:
+            assert _Reader(log, bank).normal_separators() == fast.events
+    for event in separators:
+        tampered = parse_event_log(_tamper(data, log, event.number, 0))
+        for bank in log.banks:
+            fast, careful = _separators_both_ways(tampered, bank)
+            assert fast == careful, (event.number, bank)
+            assert fast.value is False

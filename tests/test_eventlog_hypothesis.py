@@ -114,8 +114,9 @@ def test_measurements_and_pcr_views_match_the_events(
     """The verifier's views (read from the parse's rows) say what the event list says.
 
     Measurements of small PCR sets are found through the log's PCR index, larger
-    ones by a pass over every record; the facts' events by one pass comparing
-    ints: all must give the same events in log order.
+    ones by a pass over every record; the facts' events (and separator records,
+    with one bank's digest) by one pass comparing ints: all must give the same
+    events in log order.
     """
     banks = data.draw(bank_lists())
     events = data.draw(agile_events(banks))
@@ -127,6 +128,7 @@ def test_measurements_and_pcr_views_match_the_events(
     in_pcrs = log.events_in(pcrs)
     separators = log.events_in(pcrs, {EventType.EV_SEPARATOR})
     for_facts = log.pcr_and_separators(one, below)
+    records = {bank: log.pcr_and_separator_records(one, below, bank) for bank, _ in banks}
     for bank, measured in views.items():
         expected = [
             (e.number, e.pcr, e.event_type, e.digests[bank], e.data)
@@ -142,6 +144,14 @@ def test_measurements_and_pcr_views_match_the_events(
         if e.pcr == one or (e.pcr < below and e.event_type == EventType.EV_SEPARATOR)
     )
     assert log.pcr_and_separators(one, below) == for_facts  # again, from the event list
+    for bank, (of_pcr, separator_records) in records.items():
+        assert of_pcr == tuple(e for e in log.events if e.pcr == one)
+        assert separator_records == [
+            (e.number, e.pcr, e.data, e.digests.get(bank))
+            for e in for_facts
+            if e.pcr < below and e.event_type == EventType.EV_SEPARATOR
+        ]
+        assert log.pcr_and_separator_records(one, below, bank)[0] == of_pcr  # from the list
 
 
 @settings(max_examples=100)

@@ -130,6 +130,19 @@ class Measurement(NamedTuple):
 _M = TypeVar("_M", bound=Measurement)
 
 
+class SeparatorRecord(NamedTuple):
+    """An EV_SEPARATOR as a verifier's facts read it: where, its data, one bank's digest.
+
+    ``digest`` is the record's digest in the bank asked for (None if the record
+    lists none there); ``data`` is as logged, untrusted until compared with it.
+    """
+
+    number: int
+    pcr: int
+    data: bytes
+    digest: bytes | None
+
+
 class _Copyable(Protocol):
     """A hashlib object, as the replay uses it (a fresh one copied for each extend)."""
 
@@ -548,6 +561,35 @@ class EventLog:
         if self._events is not None:
             return tuple(self._events[n] for n in numbers)
         return self._make_events(numbers)
+
+    def pcr_and_separator_records(
+        self, pcr: int, separators_below: int, bank: int
+    ) -> tuple[tuple[Event, ...], list[SeparatorRecord]]:
+        """Every event of ``pcr``, and the EV_SEPARATOR records of PCRs below ``separators_below``.
+
+        What a verifier's facts read, found in one pass: the separators (eight,
+        one per PCR, in a normal log) come as light records with their ``bank``
+        digest, since a verifier compares only their data and that digest; the
+        events of ``pcr`` (PCR 7, its separator among them) are full events.
+
+        Raises:
+            VerificationError: the log has no bank ``bank``.
+        """
+        buf, _layout, rows, starts, _irregular = self._records
+        at = self._digest_position(bank)
+        numbers: list[int] = []
+        separators: list[SeparatorRecord] = []
+        add_number, add_separator, new = numbers.append, separators.append, tuple.__new__
+        for number, row in enumerate(rows):
+            row_pcr = row[0]
+            if row_pcr == pcr:
+                add_number(number)
+            if row[1] == _SEPARATOR and row_pcr < separators_below:
+                data = buf[(start := starts[number]) : start + row[-1]]
+                add_separator(new(SeparatorRecord, (number, row_pcr, data, row[at])))
+        if self._events is not None:
+            return tuple(self._events[n] for n in numbers), separators
+        return self._make_events(numbers), separators
 
     def _numbers_in(self, pcrs: Iterable[int]) -> list[int]:
         """Numbers of the records of ``pcrs``, in log order, found in the PCR index.

@@ -29,7 +29,7 @@ from guardfab.tpm import uefi
 from guardfab.tpm.events import HASHERS, DigestStatus, EventType, alg_name, digest_matches
 
 if TYPE_CHECKING:
-    from guardfab.tpm.eventlog import Event, EventLog
+    from guardfab.tpm.eventlog import Event, EventLog, SeparatorRecord
 
 _DRIVER_CONFIG = int(EventType.EV_EFI_VARIABLE_DRIVER_CONFIG)
 _SEPARATOR = int(EventType.EV_SEPARATOR)
@@ -37,7 +37,9 @@ _SEPARATOR = int(EventType.EV_SEPARATOR)
 SECURE_BOOT_PCR = 7
 #: PCRs whose pre-OS measurements end with an EV_SEPARATOR (PFP).
 SEPARATOR_PCRS = range(8)
+_SEPARATOR_PCR_SET = frozenset(SEPARATOR_PCRS)
 _NORMAL_SEPARATOR = b"\0\0\0\0"
+_SEPARATORS_OK = "one verified 00000000 separator in each of PCRs 0-7"
 #: What a normal separator's data hashes to, in each bank we can compute.
 _NORMAL_SEPARATOR_DIGESTS = {
     alg: hasher(_NORMAL_SEPARATOR).digest() for alg, hasher in HASHERS.items()
@@ -170,16 +172,20 @@ class _Reader:
     """The events facts read (PCR 7, the separators of PCRs 0-7), and whose data may be read.
 
     Only those events are made from the log: the facts need no other, and a
-    verifier derives them for every log it has not seen before.
+    verifier derives them for every log it has not seen before. With a quoted
+    bank we can hash, the separators are first read as light records
+    (``separator_records``): in a normal log they settle the separator fact
+    alone, and their events (``separators``) are made only to word a problem.
     """
 
     __slots__ = (
+        "_separators",
         "bank",
         "log",
         "normal_separator_digest",
         "pcr7",
         "pcr7_digests",
-        "separators",
+        "separator_records",
         "variables",
     )
 
@@ -187,19 +193,47 @@ class _Reader:
         self.log = log
         self.bank = bank
         self.normal_separator_digest = None if bank is None else _NORMAL_SEPARATOR_DIGESTS.get(bank)
-        pcr7: list[Event] = []
-        separators: dict[int, list[Event]] = {pcr: [] for pcr in SEPARATOR_PCRS}
-        for event in log.pcr_and_separators(SECURE_BOOT_PCR, SEPARATOR_PCRS.stop):
-            if event.event_type == _SEPARATOR:
-                separators[event.pcr].append(event)
-            if event.pcr == SECURE_BOOT_PCR:
-                pcr7.append(event)
+        self.separator_records: list[SeparatorRecord] | None = None
+        self._separators: dict[int, list[Event]] | None = None
+        if bank is not None and self.normal_separator_digest is not None and bank in log.banks:
+            pcr7, self.separator_records = log.pcr_and_separator_records(
+                SECURE_BOOT_PCR, SEPARATOR_PCRS.stop, bank
+            )
+        else:
+            events = log.pcr_and_separators(SECURE_BOOT_PCR, SEPARATOR_PCRS.stop)
+            pcr7 = tuple(event for event in events if event.pcr == SECURE_BOOT_PCR)
+            self._separators = _separators_by_pcr(events)
         self.pcr7 = pcr7
-        self.separators = separators
         self.variables = _variables(pcr7)
         #: Every digest PCR 7's events carry, in any bank: the negative facts
         #: look for a string's digest here first, and at each event only if found.
         self.pcr7_digests = frozenset(chain.from_iterable(event.digests.values() for event in pcr7))
+
+    @property
+    def separators(self) -> dict[int, list[Event]]:
+        """The EV_SEPARATOR events of each of PCRs 0-7, in log order (made when first read)."""
+        if self._separators is None:
+            events = self.log.pcr_and_separators(SECURE_BOOT_PCR, SEPARATOR_PCRS.stop)
+            self._separators = _separators_by_pcr(events)
+        return self._separators
+
+    def normal_separators(self) -> tuple[int, ...] | None:
+        """The separators' numbers if the records show one trusted 00000000 per PCR 0-7, else None.
+
+        The separator fact's common case, from the records alone: exactly one
+        per PCR, each with data 00000000 and the quoted bank's digest of it
+        (what :meth:`normal_separator` accepts). None decides nothing: the fact
+        then reads the events, which name the problem if there is one.
+        """
+        records, expected = self.separator_records, self.normal_separator_digest
+        if records is None or len(records) != len(SEPARATOR_PCRS):
+            return None
+        if {record.pcr for record in records} != _SEPARATOR_PCR_SET:
+            return None
+        for record in records:
+            if record.data != _NORMAL_SEPARATOR or record.digest != expected:
+                return None
+        return tuple(sorted(record.number for record in records))
 
     def trusted(self, event: Event) -> bool:
         """True if the data hashes to the digest in the quoted bank (or, with none, every bank).
@@ -231,6 +265,15 @@ class _Reader:
         if expected is None or bank is None:  # a person's view, or a bank we cannot hash
             return self.trusted(event)
         return event.digests.get(bank) == expected
+
+
+def _separators_by_pcr(events: Iterable[Event]) -> dict[int, list[Event]]:
+    """The EV_SEPARATOR events among ``events``, by PCR (0-7, each PCR listed)."""
+    by_pcr: dict[int, list[Event]] = {pcr: [] for pcr in SEPARATOR_PCRS}
+    for event in events:
+        if event.event_type == _SEPARATOR:
+            by_pcr[event.pcr].append(event)
+    return by_pcr
 
 
 def _variables(pcr7: Iterable[Event]) -> _Variables:
@@ -290,7 +333,7 @@ def _secure_boot_variables(reader: _Reader) -> Fact:
 
 
 def _pcr7_separator(reader: _Reader) -> Event | None:
-    separators = reader.separators[SECURE_BOOT_PCR]
+    separators = [event for event in reader.pcr7 if event.event_type == _SEPARATOR]
     if len(separators) == 1 and reader.trusted(separators[0]):
         return separators[0]
     return None
@@ -340,6 +383,9 @@ def _separator_problem(reader: _Reader, pcr: int, separators: list[Event]) -> st
 
 def _separators(reader: _Reader) -> Fact:
     """PCRs 0-7 each end their pre-OS measurements with one verified 00000000 separator."""
+    numbers = reader.normal_separators()
+    if numbers is not None:
+        return Fact(True, numbers, _SEPARATORS_OK)
     by_pcr = reader.separators
     normal = reader.normal_separator
     for pcr, separators in by_pcr.items():
@@ -348,7 +394,7 @@ def _separators(reader: _Reader) -> Fact:
         problem = _separator_problem(reader, pcr, separators)
         return Fact(False, tuple(e.number for e in separators), problem)
     indexes = tuple(sorted(events[0].number for events in by_pcr.values()))
-    return Fact(True, indexes, "one verified 00000000 separator in each of PCRs 0-7")
+    return Fact(True, indexes, _SEPARATORS_OK)
 
 
 def derive_facts(log: EventLog, bank: int | None = None) -> LogFacts:
