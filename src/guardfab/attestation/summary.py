@@ -136,32 +136,23 @@ def pcr_map_from_dict(obj: Any, *, what: str) -> dict[int, bytes]:
             if isinstance(key, str) and key.isascii() and key.isdigit() and str(int(key)) == key:
                 raise FormatError(f"{what}: PCR {key} is not below {PCR_COUNT}")
             raise FormatError(f"{what}: PCR index {key!r} is not a decimal number")
-        value = _sha256_hex(text)
-        if value is None:  # not canonical: hex_digest says exactly why (or takes a subclass)
-            value = hex_digest(obj, key, what=f"{what} PCR {key}")
-        values[index] = value
+        # Every attestation reads a dozen values: a plain ``str`` of the right length is
+        # read once per exact text (a subclass could redefine equality), inline, with no
+        # per-field error context; anything else, and a non-canonical text, goes to
+        # hex_digest, which says exactly why (or takes a subclass).
+        if type(text) is str and len(text) == _SHA256_HEX_CHARS:
+            try:
+                values[index] = _canonical_sha256(text)
+                continue
+            except ValueError:
+                pass
+        values[index] = hex_digest(obj, key, what=f"{what} PCR {key}")
     return values
 
 
 #: Canonical PCR values kept by their exact text: a host reports the same values at
 #: every attestation until it reboots, and hosts of one build share most of them.
 PCR_VALUE_CACHE_SIZE = 4096
-
-
-def _sha256_hex(text: Any) -> bytes | None:
-    """The value of a canonical SHA-256 hex string (a plain ``str``), else None.
-
-    Every attestation reads a dozen PCR values: this is :func:`hex_digest`'s
-    check without its per-field error context, which is built only on
-    failure, and read once per exact text (only a plain ``str`` is looked up:
-    a subclass could redefine equality).
-    """
-    if type(text) is not str or len(text) != _SHA256_HEX_CHARS:
-        return None
-    try:
-        return _canonical_sha256(text)
-    except ValueError:
-        return None
 
 
 @functools.lru_cache(maxsize=PCR_VALUE_CACHE_SIZE)
