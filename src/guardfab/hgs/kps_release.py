@@ -97,7 +97,7 @@ class KeyReleases:
             KeyReleaseError: refused (audited; nothing else changed).
             KpsUnavailableError: the KPS keys or configuration do not load (audited).
         """
-        state = self._first_state()
+        state = self._audited_state(fresh=False)
         for _ in range(STATE_RETRIES):
             decided = self._decision(state, health_certificate, key_protector)
             if isinstance(decided, ReleaseState):
@@ -112,13 +112,6 @@ class KeyReleases:
             return result
         raise self._kept_moving()
 
-    def _first_state(self) -> ReleaseState:
-        try:
-            return self._state(fresh=False)
-        except GuardfabError as exc:
-            self._kps.audit_refusal(exc)
-            raise
-
     def _decision(
         self, state: ReleaseState, health_certificate: str, key_protector: str
     ) -> ReleaseState | tuple[ReleaseResult, AppendRequest]:
@@ -132,14 +125,14 @@ class KeyReleases:
     def _after_refusal(self, state: ReleaseState, refusal: GuardfabError) -> ReleaseState:
         """The fresh state to decide again under if ``state`` moved; else audit and raise."""
         if state.cached and self._moved(state):
-            return self._fresh_state()
+            return self._audited_state(fresh=True)
         self._kps.audit_refusal(refusal)
         raise refusal
 
     def _after_conflict(self, exc: ConflictError, result: ReleaseResult) -> ReleaseState:
         """A lost version compare: decide again. A lost counter compare: a concurrent replay."""
         if exc.key in (VERSION_KEY, TRUST_VERSION_KEY):
-            return self._fresh_state()
+            return self._audited_state(fresh=True)
         refusal = RollbackError(
             f"key protector {result.kp_id} generation {result.generation} was released"
             " by a concurrent request: this one is refused as a replay"
@@ -148,9 +141,10 @@ class KeyReleases:
         self._kps.audit_refusal(refusal)
         raise refusal from exc
 
-    def _fresh_state(self) -> ReleaseState:
+    def _audited_state(self, *, fresh: bool) -> ReleaseState:
+        """The state to decide under (cached, or read afresh); a failure to load it is audited."""
         try:
-            return self._state(fresh=True)
+            return self._state(fresh=fresh)
         except GuardfabError as exc:
             self._kps.audit_refusal(exc)
             raise
