@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import string
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -35,6 +38,37 @@ def test_b64url_round_trip(data: bytes) -> None:
 def test_b64url_rejects_non_canonical(text: object) -> None:
     with pytest.raises(FormatError):
         b64url_decode(text, what="field")  # type: ignore[arg-type]
+
+
+_URL_ALPHABET = string.ascii_letters + string.digits + "-_"
+
+
+def _reference_b64url_decode(text: str) -> bytes | None:
+    """The standard library's reading of canonical unpadded base64url, or None."""
+    if len(text) % 4 == 1 or any(char not in _URL_ALPHABET for char in text):
+        return None
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    canonical = base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    return data if canonical == text else None
+
+
+# Text near the alphabet (and just outside it) so both verdicts are common.
+_NEAR_BASE64URL = st.text(alphabet=_URL_ALPHABET + "+/= \n\x00é", max_size=40)
+
+
+@given(st.one_of(_NEAR_BASE64URL, st.binary(max_size=40).map(b64url_encode)))
+def test_b64url_decode_agrees_with_the_standard_library(text: str) -> None:
+    expected = _reference_b64url_decode(text)
+    if expected is None:
+        with pytest.raises(FormatError):
+            b64url_decode(text, what="field")
+    else:
+        assert b64url_decode(text, what="field") == expected
+
+
+@given(st.binary(max_size=300))
+def test_b64url_encode_matches_the_standard_library(data: bytes) -> None:
+    assert b64url_encode(data) == base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def test_b64url_maps_the_url_alphabet() -> None:
