@@ -1,33 +1,61 @@
-"""hosts/last/<host>: the spliced encoding decodes to exactly what the readers expect.
+"""hosts/last/<host> and hosts/boot/<host>: the encoding reads back as exactly what readers expect.
 
-The record's events member (the verified boot log) is JSON kept per events
-source (one per distinct boot log and quote selection) and spliced into each
-new record; these tests show the bytes decode to ``{"result":
-result.to_dict(), "summary": summary.to_dict()}``, that what changes per
-attestation (time, PCRs, facts, the host) is never served stale, and that
-another boot's events never stand in for this one's.
+The record's events member (the verified boot log) is stored under
+hosts/boot/<host>, made once per events source (one per distinct boot log and
+quote selection), and the record names it by digest; these tests show the two
+read back (:func:`read_last_record`) as ``{"result": result.to_dict(),
+"summary": summary.to_dict()}``, that what changes per attestation (time, PCRs,
+facts, the host) is never served stale, and that another boot's events never
+stand in for this one's.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 from dataclasses import replace
+from typing import Any
 
+import pytest
 from fastapi.responses import JSONResponse
 
 from guardfab.attestation.result import AttestationResult
 from guardfab.attestation.summary import HostSummary, _describe
 from guardfab.attestation.tpm_mode import verify_tpm_evidence
 from guardfab.formats.encoding import b64url_decode
+from guardfab.hgs import registry as reg
 from guardfab.hgs.attest import AttestOutcome
-from guardfab.hgs.last_record import encode_last_record, json_text
+from guardfab.hgs.last_record import (
+    UnresolvedBootError,
+    encode_last_record,
+    json_text,
+    read_last_record,
+)
+from guardfab.store.base import Entry
+from guardfab.store.memory import MemoryStore
 from test_attestation_fixtures import NONCE, NOW, Boot, SoftHost, trust_for
+
+#: A host after a secure boot db update: another boot of the same host.
+UPDATED = Boot(db=b"db: vendor CA + 2026 update CA")
 
 
 def _expected(result: AttestationResult) -> dict[str, object]:
     summary = None if result.summary is None else result.summary.to_dict()
     return {"result": result.to_dict(), "summary": summary}
+
+
+def _read_back(result: AttestationResult) -> dict[str, Any]:
+    """What a reader gets after ``result`` is stored as the attestation path stores it."""
+    assert result.host_id is not None
+    last, boot = encode_last_record(result)
+    store = MemoryStore()
+    store.put(reg.LAST + result.host_id, last)
+    if boot is not None:
+        store.put(reg.BOOT + result.host_id, boot.value)
+    found = read_last_record(store, result.host_id)
+    assert found is not None
+    return found
 
 
 def _attest(host: SoftHost, now: datetime.datetime = NOW) -> AttestationResult:
@@ -38,14 +66,14 @@ def test_a_tpm_record_decodes_to_the_result_and_summary() -> None:
     result = _attest(SoftHost())
     assert result.summary is not None
     for _ in range(2):  # the second time, the events come from the cache
-        record = json.loads(encode_last_record(result))
+        record = _read_back(result)
         assert record == _expected(result)
         assert HostSummary.from_dict(record["summary"]) == result.summary
 
 
 def test_a_record_without_summary_has_null() -> None:
     result = replace(_attest(SoftHost()), summary=None)
-    assert json.loads(encode_last_record(result)) == _expected(result)
+    assert _read_back(result) == _expected(result)
 
 
 def test_per_attestation_fields_are_encoded_afresh() -> None:
@@ -55,10 +83,9 @@ def test_per_attestation_fields_are_encoded_afresh() -> None:
     assert later.summary is not None
     other_host = replace(later, summary=later.summary.replace(host_id="host-z"))
     for result in (first, later, other_host):
-        assert json.loads(encode_last_record(result)) == _expected(result)
+        assert _read_back(result) == _expected(result)
     assert (
-        json.loads(encode_last_record(later))["summary"]["verified_at"]
-        != json.loads(encode_last_record(first))["summary"]["verified_at"]
+        _read_back(later)["summary"]["verified_at"] != _read_back(first)["summary"]["verified_at"]
     )
 
 
@@ -69,7 +96,7 @@ def test_another_boots_events_never_stand_in() -> None:
     assert changed.summary is not None
     assert golden.summary.events != changed.summary.events
     for result in (golden, changed, golden):
-        assert json.loads(encode_last_record(result)) == _expected(result)
+        assert _read_back(result) == _expected(result)
 
 
 def test_descriptions_with_quotes_and_non_ascii_stay_valid_json() -> None:
@@ -81,8 +108,8 @@ def test_descriptions_with_quotes_and_non_ascii_stay_valid_json() -> None:
         for e in result.summary.events
     )
     tricky = replace(result, summary=result.summary.replace(events=odd))
-    assert json.loads(encode_last_record(tricky)) == _expected(tricky)
-    assert "event_log" not in json.loads(encode_last_record(tricky))["summary"]
+    assert _read_back(tricky) == _expected(tricky)
+    assert "event_log" not in _read_back(tricky)["summary"]
 
 
 def test_the_attestation_path_describes_no_event() -> None:
@@ -96,7 +123,7 @@ def test_the_attestation_path_describes_no_event() -> None:
     assert result.summary is not None
     summary = result.summary
     before = _describe.cache_info()
-    record = json.loads(encode_last_record(result))
+    record = _read_back(result)
     assert _describe.cache_info() == before
     assert summary.source is not None
     assert summary.source._events is None  # the records were never made
@@ -137,3 +164,115 @@ def test_the_answer_carries_the_result_it_was_made_with() -> None:
     stale = AttestOutcome(later, json_text(first.to_dict()))
     assert json.loads(stale.body())["verified_at"] == first.to_dict()["verified_at"]
     assert json.loads(stale.body())["verified_at"] != later.to_dict()["verified_at"]
+
+
+# ------------------------------------------------------------- the split record
+
+
+def test_the_record_names_its_boot_and_holds_none_of_it() -> None:
+    host = SoftHost(boot=Boot(grub_commands=40))
+    result = _attest(host)
+    last, boot = encode_last_record(result)
+    assert boot is not None
+    summary = json.loads(last)["summary"]
+    assert "event_log" not in summary
+    assert "events" not in summary
+    stored = json.loads(boot.value)
+    assert summary["events_sha256"] == boot.events_sha256 == stored["events_sha256"]
+    events_json = json_text(stored["events"]).encode()
+    assert hashlib.sha256(events_json).hexdigest() == boot.events_sha256
+    inline = json_text(_expected(result)).encode()
+    assert stored["events"]["event_log"].encode() not in last
+    assert len(inline) - len(events_json) < len(last) < len(inline) - len(events_json) + 100
+
+
+def test_a_host_key_record_names_no_boot() -> None:
+    result = replace(_attest(SoftHost()), summary=None)
+    last, boot = encode_last_record(result)
+    assert boot is None
+    assert json.loads(last) == _expected(result)
+
+
+def _store_with(result: AttestationResult, *, inline: bool = False) -> MemoryStore:
+    assert result.host_id is not None
+    store = MemoryStore()
+    if inline:  # as the previous version wrote it: the events in the record
+        store.put(reg.LAST + result.host_id, json_text(_expected(result)).encode())
+    else:
+        last, boot = encode_last_record(result)
+        assert boot is not None
+        store.put(reg.LAST + result.host_id, last)
+        store.put(reg.BOOT + result.host_id, boot.value)
+    return store
+
+
+def test_a_record_written_before_the_split_is_read_as_it_is() -> None:
+    result = _attest(SoftHost())
+    found = read_last_record(_store_with(result, inline=True), "host-a")
+    assert found == _expected(result)
+    assert found is not None
+    assert HostSummary.from_dict(found["summary"]) == result.summary
+
+
+def test_a_record_whose_boot_is_missing_names_the_host() -> None:
+    store = _store_with(_attest(SoftHost()))
+    store.delete(reg.BOOT + "host-a")
+    with pytest.raises(UnresolvedBootError, match=r"host 'host-a'.*absent"):
+        read_last_record(store, "host-a")
+
+
+def test_a_record_whose_boot_was_replaced_by_hand_is_refused() -> None:
+    """Another boot under the key (an old backup's, or another host's) is never used."""
+    store = _store_with(_attest(SoftHost()))
+    _last, other = encode_last_record(_attest(SoftHost(boot=Boot(db=b"db: other CA"))))
+    assert other is not None
+    store.put(reg.BOOT + "host-a", other.value)
+    with pytest.raises(UnresolvedBootError, match=r"host 'host-a'.*another boot"):
+        read_last_record(store, "host-a")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda v: v.replace(b'"event_log":"', b'"event_log":"AAAA'),  # events changed, digest kept
+        lambda v: v.replace(b'{"event_log"', b'{"pcrs":{},"event_log"'),  # a member smuggled in
+        lambda v: v[:-1],  # not JSON
+        lambda v: b'{"events_sha256":"00"}',  # no events
+    ],
+)
+def test_a_tampered_boot_is_refused(edit: Any) -> None:
+    store = _store_with(_attest(SoftHost()))
+    boot = store.get(reg.BOOT + "host-a")
+    assert boot is not None
+    store.put(reg.BOOT + "host-a", edit(boot.value))
+    with pytest.raises(UnresolvedBootError, match="host 'host-a'"):
+        read_last_record(store, "host-a")
+
+
+class _RebootBetweenReads(MemoryStore):
+    """A store where the host attests a new boot right after a reader read its record."""
+
+    def __init__(self, next_record: tuple[bytes, bytes]) -> None:
+        super().__init__()
+        self.next_record: tuple[bytes, bytes] | None = next_record
+
+    def get(self, key: str) -> Entry | None:
+        if key.startswith(reg.BOOT) and self.next_record is not None:
+            last, boot = self.next_record
+            self.next_record = None
+            host = key.removeprefix(reg.BOOT)
+            self.transaction(puts=[(reg.LAST + host, last, None), (key, boot, None)])
+        return super().get(key)
+
+
+def test_a_reader_racing_a_new_boot_reads_the_new_record_whole() -> None:
+    first, rebooted = _attest(SoftHost()), _attest(SoftHost(boot=UPDATED))
+    last, boot = encode_last_record(rebooted)
+    assert boot is not None
+    store = _RebootBetweenReads((last, boot.value))
+    old_last, old_boot = encode_last_record(first)
+    assert old_boot is not None
+    store.put(reg.LAST + "host-a", old_last)
+    store.put(reg.BOOT + "host-a", old_boot.value)
+    assert read_last_record(store, "host-a") == _expected(rebooted)
+    assert store.next_record is None  # the race did happen

@@ -3,7 +3,8 @@
 A baseline is added from a reference host's event log (the reference's
 Add-HgsAttestationTpmPolicy with a TCG log). The friendlier path after a
 firmware or secure boot update: file the host's last *verified* boot (kept in
-``hosts/last/<host>`` by every attestation whose quote and log verified) as a
+``hosts/last/<host>`` and ``hosts/boot/<host>`` by every attestation whose quote
+and log verified) as a
 candidate, look at it, and approve it with one command. A candidate's id is
 derived from its PCR values, so the same boot is never filed twice.
 """
@@ -33,9 +34,11 @@ from guardfab.hgs.admin import (
     AlreadyExistsError,
     Change,
     InvalidRequestError,
+    NotFoundError,
     check_name,
     valid,
 )
+from guardfab.hgs.last_record import read_last_record
 from guardfab.store.base import ABSENT
 
 #: Largest reference event log accepted (a real one is 20-200 KiB).
@@ -164,7 +167,9 @@ def _candidate_view(cid: str, candidate: CandidateBaseline) -> dict[str, Any]:
 
 
 def _host_summary(admin: Admin, host_id: str) -> HostSummary:
-    record, _revision = admin.load(reg.LAST + host_id, f"an attestation of host {host_id!r}")
+    record = read_last_record(admin.store, host_id)
+    if record is None:
+        raise NotFoundError(f"an attestation of host {host_id!r} is not registered")
     summary = record.get("summary") if isinstance(record, dict) else None
     if summary is None:
         raise NoVerifiedBootError(f"host {host_id!r}'s last attestation left no verified boot")

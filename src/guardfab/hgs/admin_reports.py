@@ -1,7 +1,8 @@
 """HGS administration: read-only reports -- hosts, explain, what-if, the audit log.
 
 Nothing here writes. ``explain`` and ``what-if`` read the verified host
-summaries every TPM attestation leaves in ``hosts/last/<host>`` and run the
+summaries every TPM attestation leaves in ``hosts/last/<host>`` (its boot's
+events from ``hosts/boot/<host>``, :func:`~guardfab.hgs.last_record.resolve_record`) and run the
 engine's own code over them (baseline matching, :func:`assess_summary`,
 :func:`~guardfab.attestation.whatif.what_if`), so an administrator sees what
 a real attestation would decide, not an approximation of it.
@@ -30,18 +31,39 @@ from guardfab.attestation.whatif import (
 from guardfab.errors import FormatError, UsageError
 from guardfab.hgs import registry as reg
 from guardfab.hgs.admin import Admin, AlreadyExistsError, NotFoundError, check_name
+from guardfab.hgs.last_record import UnresolvedBootError, read_last_record, resolve_record
 from guardfab.store.audit import walk
+from guardfab.store.base import Entry
 from guardfab.store.errors import AuditChainError
 
 #: Most audit records one page returns.
 MAX_AUDIT_PAGE = 1000
 
 
-def _last_records(admin: Admin) -> Iterator[tuple[str, dict[str, Any]]]:
+def _last_entries(admin: Admin) -> Iterator[tuple[str, Entry]]:
     for entry in walk(admin.store, reg.LAST):
+        yield entry.key.removeprefix(reg.LAST), entry
+
+
+def _last_records(admin: Admin) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every host's last record as stored: the result and a summary without its boot."""
+    for host_id, entry in _last_entries(admin):
         record = reg.decode(entry.value, what=entry.key)
         if isinstance(record, dict):
-            yield entry.key.removeprefix(reg.LAST), record
+            yield host_id, record
+
+
+def last_record(admin: Admin, host_id: str) -> dict[str, Any]:
+    """``host_id``'s last record, its summary whole (the boot read from ``hosts/boot/``).
+
+    Raises:
+        NotFoundError: the host never attested.
+        UnresolvedBootError: the record names a boot the store does not hold.
+    """
+    record = read_last_record(admin.store, host_id)
+    if record is None:
+        raise NotFoundError(f"an attestation of host {host_id!r} is not registered")
+    return record
 
 
 def _last_view(result: Any) -> dict[str, Any] | None:
@@ -137,7 +159,7 @@ def explain_host(admin: Admin, host_id: str) -> dict[str, Any]:
     registered *now* (after a baseline was added or removed, not as it was then).
     """
     check_name(host_id, "host id")
-    record, _revision = admin.load(reg.LAST + host_id, f"an attestation of host {host_id!r}")
+    record = last_record(admin, host_id)
     result = record.get("result") or {}
     lines = result_lines(result)
     baseline_now = status_now = None
@@ -193,8 +215,13 @@ def run_what_if(admin: Admin, change: TrustChange) -> dict[str, Any]:
     _check_change(trust, change)
     summaries: list[HostSummary] = []
     skipped: list[dict[str, str]] = []
-    for host_id, record in _last_records(admin):
-        if record.get("summary") is None:
+    for host_id, entry in _last_entries(admin):
+        try:
+            record = resolve_record(admin.store, host_id, entry)
+        except (FormatError, UnresolvedBootError) as exc:
+            skipped.append({"host_id": host_id, "reason": f"stored record unreadable: {exc}"})
+            continue
+        if not isinstance(record, dict) or record.get("summary") is None:
             skipped.append({"host_id": host_id, "reason": "no verified TPM boot on record"})
             continue
         try:

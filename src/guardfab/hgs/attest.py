@@ -2,9 +2,10 @@
 
 One attestation is: check the challenge (MAC, expiry), verify the evidence
 against the current trust, then in ONE store transaction consume the nonce,
-keep the host's last result, file an activation challenge if one is needed,
-and append the audit record. A replayed nonce loses that transaction and
-changes nothing.
+keep the host's last result (and its boot, unless the store holds it already:
+:mod:`guardfab.hgs.known_boots`), file an activation challenge if one is
+needed, and append the audit record. A replayed nonce loses that transaction
+and changes nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from guardfab.attestation.activation import activation_challenge, binding_for
@@ -35,7 +36,8 @@ from guardfab.formats.encoding import b64url_decode
 from guardfab.formats.health_certificate import HealthCertificate, issue_health_certificate
 from guardfab.hgs import registry as reg
 from guardfab.hgs.audit_batch import Commit, LoopBatcher, commit_now, run_now
-from guardfab.hgs.last_record import encode_last_record, json_text
+from guardfab.hgs.known_boots import KnownBoots, write_boot
+from guardfab.hgs.last_record import StoredBoot, encode_last_record, json_text
 from guardfab.hgs.nonce import Nonce, NonceError
 from guardfab.store.audit import AppendRequest, AuditLog
 from guardfab.store.base import ABSENT, Txn
@@ -110,6 +112,11 @@ class Attestor:
     issuer: str
     certificate_lifetime: int
     clock: Callable[[], float]
+    #: The boots this worker knows the store holds (made from the registry's store).
+    boots: KnownBoots = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.boots = KnownBoots(self.registry.store)
 
     def attest(self, nonce: Nonce, evidence: Evidence) -> AttestOutcome:
         """Verify ``evidence`` bound to ``nonce``, record and answer at once (:meth:`_attest`)."""
@@ -129,18 +136,34 @@ class Attestor:
         if an admin changed trust meanwhile (a revocation, a new baseline), the
         commit fails, nothing is written, and the evidence is judged again under
         the trust just read. No answer rests on trust older than its commit.
+
+        The boot's compare (:mod:`guardfab.hgs.known_boots`) is not a trust
+        retry: when another worker wrote another boot of the host meanwhile, the
+        same decision commits again with the boot written instead of compared.
         """
         version, trust = self.registry.cached_trust()
         for _ in range(TRUST_RETRIES):
             decision = self._decide(nonce, evidence, version, trust)
             try:
-                await commit(decision.record)
+                await self._commit(decision, commit)
             except ConflictError as exc:
                 _raise_unless_trust_moved(exc)
                 version, trust = self.registry.current_trust()
                 continue
             return decision.outcome
         raise _trust_kept_moving()
+
+    async def _commit(self, decision: _Decision, commit: Commit) -> None:
+        """Commit ``decision``; once more with its boot written if the boot's compare lost."""
+        try:
+            await commit(decision.record)
+        except ConflictError as exc:
+            boot = decision.compared_boot
+            if boot is None or exc.key != reg.BOOT + boot.host_id:
+                raise
+            self.boots.forget(boot.host_id)
+            txn = write_boot(decision.record.txn or Txn(), boot.host_id, boot.boot)
+            await commit(replace(decision.record, txn=txn))
 
     def _decide(
         self, nonce: Nonce, evidence: Evidence, version: int, trust: TrustState
@@ -155,8 +178,12 @@ class Attestor:
         txn.put(reg.NONCES + nonce.nonce_id, b"", ttl=max(1.0, nonce.expires_at - now + 1))
         result_json = json_text(result.to_dict())
         outcome = self._outcome(result, result_json, int(now), txn)
+        compared_boot = None
         if result.host_id is not None:
-            txn.put(reg.LAST + result.host_id, encode_last_record(result, result_json))
+            last, boot = encode_last_record(result, result_json)
+            txn.put(reg.LAST + result.host_id, last)
+            if boot is not None and self.boots.add_to(txn, result.host_id, boot):
+                compared_boot = _HostBoot(result.host_id, boot)
         host = result.host_id or "unidentified-host"
         record = AppendRequest(
             kind="attestation",
@@ -166,7 +193,7 @@ class Attestor:
             details=_audit_details(result, outcome),
             txn=txn,
         )
-        return _Decision(outcome, record)
+        return _Decision(outcome, record, compared_boot)
 
     def _outcome(
         self, result: AttestationResult, result_json: str, now: int, txn: Txn
@@ -226,15 +253,29 @@ class Attestor:
 
 
 @dataclass(frozen=True)
+class _HostBoot:
+    """A host's boot that a decision's transaction compares instead of writing."""
+
+    host_id: str
+    boot: StoredBoot
+
+
+@dataclass(frozen=True)
 class _Decision:
     """An attestation's answer and the audit record (with its state change) it stands on."""
 
     outcome: AttestOutcome
     record: AppendRequest
+    #: The boot the record names, when the transaction relies on the store holding it.
+    compared_boot: _HostBoot | None = None
 
 
 def _raise_unless_trust_moved(exc: ConflictError) -> None:
-    """A lost compare on trust/version means retry; any other is the nonce's reuse."""
+    """A lost compare on trust/version means retry; any other is the nonce's reuse.
+
+    (The boot's compare, the only other one an attestation makes, is settled in
+    ``Attestor._commit`` before this sees a conflict.)
+    """
     if exc.key != reg.VERSION_KEY:
         raise NonceError("nonce: already used (replayed request)") from exc
 

@@ -17,7 +17,10 @@ Store layout (every value canonical JSON)::
     trust/revoked/<host id>           {"host_id": ..., "revoked_at": ...}
     trust/policies/<policy name>      {"state": "enabled"|"disabled"|"locked"}
     candidates/<id>                   CandidateBaseline
-    hosts/last/<host id>              last attestation: result + verified summary
+    hosts/last/<host id>              last attestation: result + verified summary (its
+                                      events as a reference, events_sha256, to hosts/boot/)
+    hosts/boot/<host id>              the host's last verified boot: the summary's events
+                                      member and its SHA-256, written once per boot
     nonces/<nonce id>                 used challenges (TTL = their remaining life)
     activations/<id>                  pending MakeCredential secrets (TTL)
 
@@ -69,6 +72,7 @@ REVOKED = "trust/revoked/"
 POLICIES = "trust/policies/"
 CANDIDATES = "candidates/"
 LAST = "hosts/last/"
+BOOT = "hosts/boot/"
 NONCES = "nonces/"
 ACTIVATIONS = "activations/"
 
