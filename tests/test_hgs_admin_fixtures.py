@@ -24,7 +24,9 @@ from guardfab.attestation.result import AttestationResult
 from guardfab.attestation.tpm_mode import verify_tpm_evidence
 from guardfab.formats.encoding import b64url_encode
 from guardfab.hgs import registry as reg
+from guardfab.hgs.last_record import encode_last_record
 from guardfab.store.audit import AuditLog
+from guardfab.store.base import Txn
 from guardfab.store.sqlite import SqliteStore
 from guardfab.tpm.structures import marshal_public2b
 from hgs_harness import RunningHgs, start_hgs
@@ -65,7 +67,19 @@ class Probe:
         return dataclasses.asdict(records[-1])
 
     def put_last(self, result: AttestationResult) -> None:
-        """Record ``result`` as its host's last attestation, as the attestation flow does."""
+        """Record ``result`` as its host's last attestation, as the attestation flow does.
+
+        The record names its boot, stored under ``hosts/boot/<host>`` in the same transaction.
+        """
+        assert result.host_id is not None
+        last, boot = encode_last_record(result)
+        txn = Txn().put(reg.LAST + result.host_id, last)
+        if boot is not None:
+            txn.put(reg.BOOT + result.host_id, boot.value)
+        txn.commit(self.store)
+
+    def put_last_inline(self, result: AttestationResult) -> None:
+        """Record ``result`` as an HGS before hosts/boot/ did: the boot's events in the record."""
         assert result.host_id is not None
         record = {
             "result": result.to_dict(),

@@ -5,6 +5,10 @@ hosts have a last attestation on record, made by the real engine from soft-host
 evidence: ``host-a`` booted the golden boot and passed; ``host-b`` booted after
 a secure boot db update and failed Hgs_PcrBaseline and Hgs_SecureBootSettings.
 A third, ``hk-host``, attested in host-key mode (no boot on record).
+
+``host-a``'s record is stored as attestations now store it (its boot under
+``hosts/boot/host-a``, named by digest); ``host-b``'s as the previous version
+stored it (the events inline), which an HGS upgraded in place still reads.
 """
 
 from __future__ import annotations
@@ -56,8 +60,8 @@ def fleet(module_hgs: RunningHgs, probe: Probe) -> Iterator[None]:
     ]
     for path, body in setup:
         assert call(module_hgs, "admin", "POST", path, body).status_code == 201
-    for host in (HOST_A, HOST_B):
-        probe.put_last(attested(host))
+    probe.put_last(attested(HOST_A))
+    probe.put_last_inline(attested(HOST_B))
     host_key_result = {
         "status": "Passed",
         "mode": "host-key",
@@ -100,6 +104,39 @@ def test_explain_names_every_verdict_and_the_differing_events(module_hgs: Runnin
     assert len(report["recorded"]["verdicts"]) == 10
     assert "! Hgs_PcrBaseline" in text
     assert "! Hgs_SecureBootSettings" in text
+
+
+def test_explain_reads_a_boot_stored_apart_from_the_record(module_hgs: RunningHgs) -> None:
+    report = call(module_hgs, "reviewer", "GET", "/hosts/host-a/explain").json()
+    assert report["baseline_now"]["baseline"] == "golden-2026"
+    assert report["baseline_now"]["matched"]
+    assert report["status_now"]["status"] == "Passed"
+
+
+def test_a_record_naming_a_boot_the_store_lacks_is_named_never_used(
+    module_hgs: RunningHgs, probe: Probe
+) -> None:
+    """A store edited by hand or an old backup: explain, candidates and what-if say which host."""
+    probe.put_last(attested(SoftHost("host-c", ek_kind="p256-sha256-128", index=22)))
+    probe.store.delete(reg.BOOT + "host-c")
+    try:
+        with unchanged(probe):
+            explain = call(module_hgs, "admin", "GET", "/hosts/host-c/explain")
+            body = {"host_id": "host-c", "name": "from-c"}
+            filed = call(module_hgs, "admin", "POST", "/candidates", body)
+            change = {"kind": "remove-baseline", "name": "golden-2026"}
+            report = call(module_hgs, "reviewer", "POST", "/what-if", {"change": change}).json()
+        for response in (explain, filed):
+            assert response.status_code == 409, response.text
+            error = response.json()["error"]
+            assert error["type"] == "UnresolvedBootError"
+            assert "host 'host-c'" in error["message"]
+            assert "hosts/boot/host-c" in error["message"]
+        skipped = {s["host_id"]: s["reason"] for s in report["skipped"]}
+        assert "hosts/boot/host-c" in skipped["host-c"]
+        assert report["newly_failing"] == ["host-a"]  # the others still evaluated
+    finally:
+        probe.store.delete(reg.LAST + "host-c")
 
 
 def test_explain_of_a_host_without_a_boot_on_record(module_hgs: RunningHgs) -> None:
