@@ -12,6 +12,7 @@ leave a record naming a boot the store no longer holds.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,13 @@ from guardfab.attestation.summary import HostSummary
 from guardfab.hgs import known_boots
 from guardfab.hgs import registry as reg
 from guardfab.hgs.attest import AttestOutcome
+from guardfab.hgs.backup import (
+    BackupSecret,
+    RestoreOptions,
+    export_state,
+    import_state,
+    new_key_file,
+)
 from guardfab.hgs.last_record import StoredBoot, read_last_record
 from guardfab.hgs.nonce import NonceError
 from guardfab.hgs.service import HgsService
@@ -41,6 +49,7 @@ class Workers:
 
     def __init__(self, directory: Path) -> None:
         init_state(directory, HgsConfig(service_name="test-hgs"))
+        self.directory = directory
         state = HgsState(directory)
         self.stores = [SqliteStore(state.store_path()) for _ in range(2)]
         self.services = [HgsService(state, store) for store in self.stores]
@@ -197,3 +206,38 @@ def test_the_batched_path_writes_the_boot_again_after_a_lost_compare(workers: Wo
     outcome = asyncio.run(service.attest_batched(nonce.token, body))
     assert outcome.health_certificate is not None
     assert workers.recorded_log() == BOOT_A.boot.log_bytes()
+
+
+def test_a_restored_hgs_resolves_every_record_and_keeps_the_boot(
+    workers: Workers, tmp_path: Path
+) -> None:
+    """A backup copies hosts/boot/ with hosts/last/ (one read of the store: the pair agrees).
+
+    A worker of the restored HGS starts with no memory of boots: it reads the
+    boot key once, finds the very boot it would write, and compares instead.
+    """
+    workers.attest(0, BOOT_B)
+    workers.attest(1, BOOT_A)
+    secret = BackupSecret.from_key_file(new_key_file())
+    data = export_state(workers.directory, secret, now=time.time())
+    restored_dir = tmp_path / "restored"
+    import_state(data, secret, restored_dir, RestoreOptions(), now=time.time())
+    restored = SqliteStore(HgsState(restored_dir).store_path())
+    try:
+        record = read_last_record(restored, "host-a")
+        assert record is not None
+        source = HostSummary.from_dict(record["summary"]).source
+        assert source is not None
+        assert source.data == BOOT_A.boot.log_bytes()
+        boot = restored.get(BOOT_KEY)
+        assert boot is not None
+        service = HgsService(HgsState(restored_dir), restored)
+        for _ in range(2):
+            nonce = service.challenge()
+            evidence = BOOT_A.evidence(nonce.value).to_dict()
+            assert service.attest(nonce.token, evidence).health_certificate is not None
+        again = restored.get(BOOT_KEY)
+        assert again is not None
+        assert again.revision == boot.revision
+    finally:
+        restored.close()

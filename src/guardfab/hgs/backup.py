@@ -224,6 +224,8 @@ def _open_store(state: HgsState) -> SqliteStore:
 def _store_records(state: HgsState) -> list[tuple[str, bytes]]:
     store = _open_store(state)
     try:
+        # One read, one snapshot: a host's last record and the boot it names
+        # (hosts/last/, hosts/boot/) are copied as one attestation left them.
         return [
             (e.key, e.value)
             for e in store.list("")
