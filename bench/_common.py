@@ -39,14 +39,13 @@ TESTS = REPO / "tests"
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-# ruff: noqa: E402 (the fixtures live in tests/, importable only after the path is set)
+# ruff: noqa: E402 (the software EK/AK live in tests/, importable only after the path is set)
 from guardfab.attestation.baseline import baseline_from_log
 from guardfab.attestation.trust import CiPolicy, TrustState
 from guardfab.hgs import registry as reg
 from guardfab.hgs.state import HgsState
-from guardfab.store.sqlite import SqliteStore
-from test_attestation_fixtures import CI_POLICY_FILE, Boot, SoftHost
-from test_eventlog_builder import (
+from guardfab.softhost.boot import CI_POLICY_FILE, Boot
+from guardfab.softhost.eventlog import (
     EFI_GLOBAL,
     EFI_SECURITY_DB,
     EV_EFI_PLATFORM_FIRMWARE_BLOB,
@@ -59,6 +58,8 @@ from test_eventlog_builder import (
     Ev,
     variable,
 )
+from guardfab.store.sqlite import SqliteStore
+from test_attestation_fixtures import SoftHost
 from test_tpm_quote import SoftAk, soft_ak
 
 EV_S_CRTM_VERSION = 0x08
