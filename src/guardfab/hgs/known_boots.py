@@ -5,7 +5,7 @@ the boot itself, ~16 KB, is stored under ``hosts/boot/<host>`` only when the
 store does not hold it already. Several worker processes share one store, so
 "already" must hold at the commit, not when this worker last looked.
 
-The rule (docs/adr/0020): this worker remembers ``host -> (digest, revision)``,
+The rule (docs/adr/0021): this worker remembers ``host -> (digest, revision)``,
 each a fact that cannot go stale: *at mod revision r, hosts/boot/<host> held
 the boot with this digest*. Revisions are store-wide and never reused, so when
 the attestation's transaction compares the boot key with ``r`` and the compare

@@ -10,8 +10,8 @@ That events member is the verified boot log itself (base64url, ~16 K
 characters for 100 events; docs/adr/0018), the same for every attestation until
 the host reboots. It lives once under ``hosts/boot/<host>``
 (``{"events_sha256": ..., "events": {...}}``), written only when the store does
-not already hold it (:mod:`guardfab.hgs.known_boots`, docs/adr/0020); the
-attestation's own record stays ~2 KB. Readers put the two back together with
+not already hold it (:mod:`guardfab.hgs.known_boots`, docs/adr/0021); the
+attestation's own record is the ~10 KB that does change. Readers put the two back together with
 :func:`resolve_record`, which refuses a reference the boot key does not answer.
 Records written before the split carry their events inline, and are read as
 they are.
