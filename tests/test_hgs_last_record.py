@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from guardfab.attestation.result import AttestationResult
 from guardfab.attestation.summary import HostSummary, _describe
 from guardfab.attestation.tpm_mode import verify_tpm_evidence
+from guardfab.errors import FormatError
 from guardfab.formats.encoding import b64url_decode
 from guardfab.hgs import registry as reg
 from guardfab.hgs.attest import AttestOutcome
@@ -276,3 +277,10 @@ def test_a_reader_racing_a_new_boot_reads_the_new_record_whole() -> None:
     store.put(reg.BOOT + "host-a", old_boot.value)
     assert read_last_record(store, "host-a") == _expected(rebooted)
     assert store.next_record is None  # the race did happen
+
+
+def test_a_record_that_is_not_an_object_is_named() -> None:
+    store = MemoryStore()
+    store.put(reg.LAST + "host-a", b"[1, 2]")
+    with pytest.raises(FormatError, match="hosts/last/host-a"):
+        read_last_record(store, "host-a")

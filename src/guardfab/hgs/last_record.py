@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 from guardfab.attestation.result import AttestationResult
 from guardfab.attestation.summary import HostSummary
-from guardfab.errors import UsageError
+from guardfab.errors import FormatError, UsageError
 from guardfab.hgs import registry as reg
 from guardfab.store.base import Entry, Store
 
@@ -154,19 +154,21 @@ def resolve_record(store: Store, host_id: str, entry: Entry) -> dict[str, Any]:
     between them. A boot that does not answer the reference is read again
     with the record; only when the record has not moved is the store itself
     inconsistent. Records written before the split (events inline), records
-    without a summary and malformed ones are returned as stored: their
+    without a summary and malformed summaries are returned as stored: their
     readers' own checks name what is wrong with them.
 
     Raises:
         UnresolvedBootError: the boot named is not in the store, naming the host.
-        FormatError: the record is not JSON.
+        FormatError: the record is not a JSON object.
     """
     reference, problem = "", ""
     for _ in range(RESOLVE_ATTEMPTS):
         record = reg.decode(entry.value, what=entry.key)
-        summary = record.get("summary") if isinstance(record, dict) else None
+        if not isinstance(record, dict):
+            raise FormatError(f"stored {entry.key} is not a JSON object")
+        summary = record.get("summary")
         if not isinstance(summary, dict) or EVENTS_REF not in summary:
-            return record  # type: ignore[no-any-return]
+            return record
         reference = str(summary[EVENTS_REF])
         events, problem = _events_named(store.get(reg.BOOT + host_id), reference)
         if events is not None:
