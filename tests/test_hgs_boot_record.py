@@ -31,6 +31,7 @@ from guardfab.hgs.backup import (
 )
 from guardfab.hgs.last_record import StoredBoot, read_last_record
 from guardfab.hgs.nonce import NonceError
+from guardfab.hgs.server import HISTORY_WITHOUT_VALUES
 from guardfab.hgs.service import HgsService
 from guardfab.hgs.state import HgsConfig, HgsState, init_state
 from guardfab.store import verify
@@ -241,3 +242,20 @@ def test_a_restored_hgs_resolves_every_record_and_keeps_the_boot(
         assert again.revision == boot.revision
     finally:
         restored.close()
+
+
+def test_served_store_keeps_no_boot_or_record_values_in_watch_history(tmp_path: Path) -> None:
+    """Nobody watches hosts/last/ or hosts/boot/: the served store's history drops their values."""
+    store = SqliteStore(tmp_path / "hgs.db", history_without_values=HISTORY_WITHOUT_VALUES)
+    watch = store.watch("", start_revision=1)
+    store.put(reg.BOOT + "host-a", b"x" * 20_000)
+    store.put(reg.LAST + "host-a", b"y" * 10_000)
+    store.put(reg.TPM_HOSTS + "host-a", b"z")
+    events = [watch.next_event(timeout=5) for _ in range(3)]
+    watch.cancel()
+    store.close()
+    assert [(e.key, e.value) for e in events if e is not None] == [
+        (reg.BOOT + "host-a", None),
+        (reg.LAST + "host-a", None),
+        (reg.TPM_HOSTS + "host-a", b"z"),
+    ]
