@@ -1,9 +1,14 @@
-"""The store contract, run against every backend (memory = the reference, SQLite).
+"""The store contract, run against every backend (memory = the reference, SQLite, etcd).
 
 Each test states one promise of :class:`guardfab.store.base.Store` that the HGS
 relies on: CAS is exact, a failed transaction writes nothing, revisions are
 store-wide and monotonic, expired keys vanish for every reader at once, and a
 watcher sees every change in order.
+
+Revisions are asserted relative to the store's revision when the test starts:
+etcd's revision is the cluster's, shared by every key prefix (tests share one
+etcd server, each under a prefix of its own, and run one at a time, so within a
+test the revisions still move only with the test's own writes).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from etcd_harness import EtcdCluster, etcd_server, new_prefix  # noqa: F401 -- fixture
 from guardfab.errors import TransportError, UsageError
 from guardfab.store import (
     ABSENT,
@@ -30,6 +36,11 @@ from guardfab.store import (
     WatchEvent,
 )
 from guardfab.store.base import MAX_TXN_OPS, MAX_VALUE_BYTES
+from guardfab.store.etcd import EtcdStore
+
+#: Seconds drain() waits for one more event: etcd delivers events over a stream
+#: a moment after the write returns; the local backends have them at once.
+DRAIN_WAIT = {"memory": 0.0, "sqlite": 0.0, "etcd": 0.3}
 
 
 class FakeClock:
@@ -48,23 +59,46 @@ class FakeClock:
 StoreFactory = Callable[..., Store]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "etcd"])
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
-    """Build stores of the parametrized backend; closes them after the test."""
+    """Build stores of the parametrized backend; closes them after the test.
+
+    etcd stores of one test share a fresh key prefix on the session's etcd server,
+    wiped afterwards (so their leases expire on nothing in later tests).
+    """
     opened: list[Store] = []
+    prefix = new_prefix()
+    cluster = request.getfixturevalue("etcd_server") if request.param == "etcd" else None
+    global drain_wait  # noqa: PLW0603 -- one test at a time; read by drain()
+    drain_wait = DRAIN_WAIT[request.param]
 
     def factory(**kwargs: object) -> Store:
         kwargs.setdefault("poll_interval", 0.01)
         if request.param == "memory":
             store: Store = MemoryStore(**kwargs)  # type: ignore[arg-type]
-        else:
+        elif request.param == "sqlite":
             store = SqliteStore(tmp_path / f"store{len(opened)}.db", **kwargs)  # type: ignore[arg-type]
+        else:
+            store = _etcd_store(request, prefix, kwargs)
         opened.append(store)
         return store
 
     yield factory
     for store in opened:
         store.close()
+    if cluster is not None:
+        cluster.wipe(prefix)
+
+
+def _etcd_store(request: pytest.FixtureRequest, prefix: str, kwargs: dict[str, object]) -> Store:
+    """An EtcdStore: no poll interval (etcd pushes events), no history (etcd compacts)."""
+    kwargs.pop("poll_interval")
+    kwargs.pop("history", None)
+    cluster: EtcdCluster = request.getfixturevalue("etcd_server")
+    return EtcdStore(cluster.endpoints, prefix=prefix, max_txn_ops=512, **kwargs)  # type: ignore[arg-type]
+
+
+drain_wait = 0.0
 
 
 @pytest.fixture
@@ -85,10 +119,11 @@ def snapshot(store: Store) -> tuple[int, list[tuple[str, bytes, int, int]]]:
     ]
 
 
-def drain(watch: object, *, wait: float = 0.0) -> list[WatchEvent]:
+def drain(watch: object, *, wait: float | None = None) -> list[WatchEvent]:
     """Collect events until the watch has nothing more within ``wait`` seconds."""
     events = []
-    while (event := watch.next_event(timeout=wait)) is not None:  # type: ignore[attr-defined]
+    timeout = drain_wait if wait is None else wait
+    while (event := watch.next_event(timeout=timeout)) is not None:  # type: ignore[attr-defined]
         events.append(event)
     return events
 
@@ -97,7 +132,10 @@ def drain(watch: object, *, wait: float = 0.0) -> list[WatchEvent]:
 
 
 def test_new_store_is_empty(store: Store) -> None:
-    assert store.current_revision() == 0
+    if isinstance(store, EtcdStore):
+        assert store.current_revision() >= 1  # the cluster's; a new etcd starts at 1
+    else:
+        assert store.current_revision() == 0
     assert store.get("hosts/tpm/a") is None
     assert store.list("") == []
 
@@ -136,18 +174,20 @@ def test_compare_and_swap_on_revision(store: Store) -> None:
 
 
 def test_revision_is_store_wide_and_monotonic(store: Store) -> None:
+    base = store.current_revision()
     revisions = [store.put(f"k/{i % 3}", b"v") for i in range(10)]
-    assert revisions == list(range(1, 11))
-    assert store.current_revision() == 10
+    assert revisions == list(range(base + 1, base + 11))
+    assert store.current_revision() == base + 10
     entries = {e.key: e for e in store.list("k/")}
-    assert entries["k/0"].revision == 10
-    assert entries["k/0"].create_revision == 1
-    assert entries["k/2"].revision == 9
+    assert entries["k/0"].revision == base + 10
+    assert entries["k/0"].create_revision == base + 1
+    assert entries["k/2"].revision == base + 9
 
 
 def test_delete_conditions(store: Store) -> None:
+    base = store.current_revision()
     assert store.delete("missing") is False
-    assert store.current_revision() == 0
+    assert store.current_revision() == base
     revision = store.put("k", b"v")
     with pytest.raises(ConflictError):
         store.delete("k", expect=revision + 7)
@@ -188,6 +228,7 @@ def test_transaction_is_all_or_nothing(store: Store) -> None:
 
 
 def test_transaction_writes_share_one_revision(store: Store) -> None:
+    base = store.current_revision()
     store.put("a", b"1")
     store.put("b", b"1")
     revision = store.transaction(
@@ -195,18 +236,18 @@ def test_transaction_writes_share_one_revision(store: Store) -> None:
         puts=[("c", b"3", None), ("a", b"2", None)],
         deletes=["b", "never-existed"],
     )
-    assert revision == 3
+    assert revision == base + 3
     assert [(e.key, e.value, e.revision) for e in store.list("")] == [
-        ("a", b"2", 3),
-        ("c", b"3", 3),
+        ("a", b"2", base + 3),
+        ("c", b"3", base + 3),
     ]
 
 
 def test_transaction_without_effect_keeps_revision(store: Store) -> None:
-    store.put("a", b"1")
-    assert store.transaction(compares=[("a", 1)], deletes=["missing"]) == 1
-    assert store.transaction() == 1
-    assert store.current_revision() == 1
+    first = store.put("a", b"1")
+    assert store.transaction(compares=[("a", first)], deletes=["missing"]) == first
+    assert store.transaction() == first
+    assert store.current_revision() == first
 
 
 def test_txn_builder_commits_and_copies(store: Store) -> None:
@@ -214,7 +255,7 @@ def test_txn_builder_commits_and_copies(store: Store) -> None:
     assert txn.written_keys() == {"n", "x", "y"}
     copy = txn.copy().put("z", b"2")
     assert len(txn.puts) == 2
-    assert copy.commit(store) == 1
+    assert copy.commit(store) == store.current_revision()
     with pytest.raises(ConflictError):
         txn.commit(store)
     assert {e.key for e in store.list("")} == {"n", "x", "z"}
@@ -281,6 +322,7 @@ def test_ttl_expiry_with_injected_clock(store: Store, clock: FakeClock) -> None:
 
 
 def test_compact_expired_removes_and_notifies(store: Store, clock: FakeClock) -> None:
+    base = store.current_revision()
     store.put("t/a", b"1", ttl=5)
     store.put("t/b", b"2", ttl=50)
     store.put("t/c", b"3")
@@ -290,18 +332,19 @@ def test_compact_expired_removes_and_notifies(store: Store, clock: FakeClock) ->
     assert store.compact_expired() == 1
     assert store.compact_expired() == 0
     assert [e.key for e in store.list("t/")] == ["t/b", "t/c"]
-    assert drain(watch) == [WatchEvent(EventKind.DELETE, "t/a", None, 4)]
+    assert drain(watch) == [WatchEvent(EventKind.DELETE, "t/a", None, base + 4)]
 
 
 def test_compact_expired_spreads_large_batches_over_revisions(
     store: Store, clock: FakeClock
 ) -> None:
     count = MAX_TXN_OPS + 10
+    base = store.current_revision()
     for i in range(count):
         store.put(f"n/{i:04d}", b"", ttl=1)
     clock.advance(1)
     assert store.compact_expired() == count
-    assert store.current_revision() == count + 2
+    assert store.current_revision() == base + count + 2
     assert store.list("") == []
 
 
@@ -364,40 +407,42 @@ def test_list_prefix_ending_in_tilde(store: Store) -> None:
 
 
 def test_watch_replays_history_in_order(store: Store) -> None:
+    base = store.current_revision()
     store.put("hosts/a", b"1")
     store.put("other/x", b"x")
     store.transaction(puts=[("hosts/b", b"2", None)], deletes=["hosts/a"])
     store.put("hosts/b", b"3")
-    with store.watch("hosts/", start_revision=1) as watch:
+    with store.watch("hosts/", start_revision=base + 1) as watch:
         events = drain(watch)
     assert events == [
-        WatchEvent(EventKind.PUT, "hosts/a", b"1", 1),
-        WatchEvent(EventKind.PUT, "hosts/b", b"2", 3),
-        WatchEvent(EventKind.DELETE, "hosts/a", None, 3),
-        WatchEvent(EventKind.PUT, "hosts/b", b"3", 4),
+        WatchEvent(EventKind.PUT, "hosts/a", b"1", base + 1),
+        WatchEvent(EventKind.PUT, "hosts/b", b"2", base + 3),
+        WatchEvent(EventKind.DELETE, "hosts/a", None, base + 3),
+        WatchEvent(EventKind.PUT, "hosts/b", b"3", base + 4),
     ]
-    with store.watch("hosts/", start_revision=4) as watch:
-        assert [e.revision for e in drain(watch)] == [4]
+    with store.watch("hosts/", start_revision=base + 4) as watch:
+        assert [e.revision for e in drain(watch)] == [base + 4]
 
 
 def test_watch_defaults_to_future_and_wakes_on_write(store: Store) -> None:
-    store.put("k/old", b"")
+    old = store.put("k/old", b"")
     watch = store.watch("k/")
     assert watch.next_event(timeout=0) is None
     writer = threading.Timer(0.05, lambda: store.put("k/new", b"n"))
     writer.start()
     event = watch.next_event(timeout=5)
     writer.join()
-    assert event == WatchEvent(EventKind.PUT, "k/new", b"n", 2)
+    assert event == WatchEvent(EventKind.PUT, "k/new", b"n", old + 1)
     watch.cancel()
 
 
 def test_watch_spans_many_revisions(store: Store) -> None:
+    base = store.current_revision()
     for i in range(300):
         store.put(f"w/{i % 7}", str(i).encode())
-    with store.watch("w/", start_revision=1) as watch:
+    with store.watch("w/", start_revision=base + 1) as watch:
         events = drain(watch)
-    assert [e.revision for e in events] == list(range(1, 301))
+    assert [e.revision for e in events] == list(range(base + 1, base + 301))
 
 
 def test_watch_cancel_ends_a_blocked_iterator(store: Store) -> None:
@@ -416,17 +461,35 @@ def test_watch_cancel_ends_a_blocked_iterator(store: Store) -> None:
     assert [e.key for e in seen] == ["k/1"]
 
 
-def test_watch_from_compacted_revision_is_refused(make_store: StoreFactory) -> None:
+def test_watch_from_compacted_revision_is_refused(
+    make_store: StoreFactory, request: pytest.FixtureRequest
+) -> None:
     store = make_store(history=5)
-    watch = store.watch("", start_revision=1)
+    base = store.current_revision()
+    watch = store.watch("", start_revision=base + 1)
     for i in range(10):
         store.put(f"k{i}", b"")
+    if isinstance(store, EtcdStore):  # etcd keeps what its compaction leaves: keep 5 too
+        request.getfixturevalue("etcd_server").compact(base + 6)
     with pytest.raises(WatchCompactedError) as info:
-        store.watch("", start_revision=5)
-    assert info.value.compact_revision == 5
-    assert [e.revision for e in drain(store.watch("", start_revision=6))] == [6, 7, 8, 9, 10]
-    with pytest.raises(WatchCompactedError):
-        watch.next_event(timeout=0)  # this watcher fell behind the kept history
+        store.watch("", start_revision=base + 5)
+    assert info.value.compact_revision == base + 5
+    assert [e.revision for e in drain(store.watch("", start_revision=base + 6))] == [
+        base + 6,
+        base + 7,
+        base + 8,
+        base + 9,
+        base + 10,
+    ]
+    if isinstance(store, EtcdStore):
+        # An etcd watcher streams events as they happen: one connected before the
+        # compaction already holds them all and is not behind. (One that has to
+        # reconnect from a compacted revision gets WatchCompactedError: see
+        # tests/test_store_etcd_cluster.py.)
+        assert [e.revision for e in drain(watch)] == list(range(base + 1, base + 11))
+    else:
+        with pytest.raises(WatchCompactedError):
+            watch.next_event(timeout=0)  # this watcher fell behind the kept history
 
 
 # --- lifecycle and threads -------------------------------------------------------

@@ -27,6 +27,7 @@ from guardfab.store.errors import (
     StoreUsageError,
     WatchCompactedError,
 )
+from guardfab.store.etcd import EtcdStore
 from guardfab.store.memory import MemoryStore
 from guardfab.store.sqlite import SqliteStore
 
@@ -42,6 +43,7 @@ __all__ = [
     "Condition",
     "ConflictError",
     "Entry",
+    "EtcdStore",
     "EventKind",
     "Expect",
     "MemoryStore",
