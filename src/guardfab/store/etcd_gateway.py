@@ -32,6 +32,7 @@ from guardfab.store.errors import StoreError, StoreUsageError
 
 #: gRPC status codes etcd puts in gateway errors.
 CODE_INVALID_ARGUMENT = 3
+CODE_DEADLINE_EXCEEDED = 4
 CODE_NOT_FOUND = 5
 CODE_OUT_OF_RANGE = 11
 CODE_UNAVAILABLE = 14
@@ -45,7 +46,14 @@ class EtcdRequestError(StoreError):
     """etcd answered a request with an error (``code`` is the gRPC status code)."""
 
     def __init__(self, endpoint: str, what: str, code: int, message: str) -> None:
-        super().__init__(f"etcd at {endpoint} refused {what}: {message}")
+        if code == CODE_DEADLINE_EXCEEDED or "timed out" in message:
+            text = (
+                f"etcd at {endpoint} did not finish {what} in time ({message}); "
+                "a write may or may not have been applied (a leader change?)"
+            )
+        else:
+            text = f"etcd at {endpoint} refused {what}: {message}"
+        super().__init__(text)
         self.code = code
         self.etcd_message = message
 
@@ -195,6 +203,10 @@ class EtcdGateway:
         while True:
             endpoint = self._endpoint()
             headers = self._headers(endpoint, deadline)
+            # etcd gives up on the request when we do (otherwise a write proposed to
+            # a leader that just died waits for etcd's own 7 s request timeout).
+            remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
+            headers["Grpc-Timeout"] = f"{remaining_ms}m"
             try:
                 return endpoint, self._client.post(endpoint + path, json=body, headers=headers)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
@@ -235,6 +247,7 @@ class EtcdGateway:
             return self.endpoints[self._current]
 
     def _headers(self, endpoint: str, deadline: float) -> dict[str, str]:
+        """Return the request headers: the auth token, once logged in."""
         if self._username is None:
             return {}
         if self._token is None:

@@ -112,6 +112,7 @@ class EtcdWatch:
             "key": b64(self._namespace or b"\x00"),
             "revision": start_revision,
             "count_only": True,
+            "serializable": True,  # the member's own view: answers without a leader
         }
         try:
             self._gateway.call("/v3/kv/range", body, what="a history check", idempotent=True)
