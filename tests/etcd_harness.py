@@ -223,16 +223,20 @@ def new_prefix() -> str:
     return f"test/{time.monotonic_ns()}/{next(_prefixes)}/"
 
 
-@pytest.fixture(scope="session")
-def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    """One single-member etcd for the session; tests isolate themselves by key prefix."""
+@pytest.fixture(scope="session", name="etcd_server")
+def etcd_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One single-member etcd for the session; tests isolate themselves by key prefix.
+
+    Test modules import ``etcd_server_fixture`` (and ``etcd_stores_fixture``) and
+    ask for ``etcd_server`` (``etcd_stores``) by name.
+    """
     cluster = EtcdCluster(tmp_path_factory.mktemp("etcd")).start()
     yield cluster
     cluster.stop()
 
 
-@pytest.fixture
-def etcd_stores(etcd_server: EtcdCluster) -> Iterator[StoreOpener]:
+@pytest.fixture(name="etcd_stores")
+def etcd_stores_fixture(etcd_server: EtcdCluster) -> Iterator[StoreOpener]:
     """Open EtcdStores under a fresh prefix; close them and wipe the prefix afterwards."""
     opener = StoreOpener(etcd_server, new_prefix())
     yield opener

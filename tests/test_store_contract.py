@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from etcd_harness import EtcdCluster, etcd_server, new_prefix  # noqa: F401 -- fixture
+from etcd_harness import EtcdCluster, etcd_server_fixture, new_prefix  # noqa: F401 -- fixture
 from guardfab.errors import TransportError, UsageError
 from guardfab.store import (
     ABSENT,
