@@ -321,6 +321,38 @@ def test_ttl_expiry_with_injected_clock(store: Store, clock: FakeClock) -> None:
     assert (entry.create_revision, entry.expires_at) == (again, None)
 
 
+def test_writes_over_an_expired_entry_see_it_absent(store: Store, clock: FakeClock) -> None:
+    old = store.put("t/a", b"old", ttl=5)
+    store.put("t/b", b"old", ttl=5)
+    clock.advance(5)
+    before = store.current_revision()
+    assert store.delete("t/b") is False  # nothing live to delete: no write at all
+    assert store.current_revision() == before
+    with pytest.raises(ConflictError) as info:
+        store.delete("t/b", expect=old + 1)
+    assert info.value.actual is None
+    again = store.put("t/a", b"new")  # an unconditional put creates the key anew
+    entry = store.get("t/a")
+    assert entry is not None
+    assert (entry.value, entry.revision, entry.create_revision) == (b"new", again, again)
+    assert entry.expires_at is None
+    assert [e.key for e in store.list("t/")] == ["t/a"]
+
+
+def test_a_ttl_entry_rewritten_without_ttl_stays(store: Store, clock: FakeClock) -> None:
+    first = store.put("t/a", b"1", ttl=5)
+    second = store.put("t/a", b"2", expect=first)
+    clock.advance(10)
+    entry = store.get("t/a")
+    assert entry is not None
+    assert (entry.value, entry.revision, entry.create_revision) == (b"2", second, first)
+    assert entry.expires_at is None
+    third = store.put("t/a", b"3", expect=second, ttl=50)
+    entry = store.get("t/a")
+    assert entry is not None
+    assert (entry.revision, entry.expires_at) == (third, clock.now + 50)
+
+
 def test_compact_expired_removes_and_notifies(store: Store, clock: FakeClock) -> None:
     base = store.current_revision()
     store.put("t/a", b"1", ttl=5)
