@@ -19,6 +19,9 @@ dev=0
 apt_packages=(python3 python3-venv python3-dev build-essential pkg-config openssl coreutils
   libtss2-dev swtpm swtpm-tools busybox-static cpio e2fsprogs qemu-system-x86 qemu-utils ovmf
   softhsm2 dosfstools mtools fdisk)
+# The tests start real etcd members (the store's etcd backend, ADR 0022). A guardfab
+# node does not need etcd itself: an HGS on etcd talks to a cluster run for it.
+((dev)) && apt_packages+=(etcd-server)
 
 missing=()
 for pkg in "${apt_packages[@]}"; do
@@ -29,6 +32,12 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian starts etcd on 127.0.0.1:2379 when it installs it. The tests run their own
+  # members on free ports; a stray unauthenticated etcd is not wanted. Only one that
+  # this run installed is stopped, and only where systemd runs.
+  if [[ " ${missing[*]} " == *" etcd-server "* && -d /run/systemd/system ]]; then
+    systemctl disable --now etcd >/dev/null 2>&1 || echo "setup: could not disable etcd.service" >&2
+  fi
 fi
 
 # The virtualenv, from Debian's own Python so nothing depends on a hand-made one.
