@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
+import os
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,10 +50,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the test process dies, so no etcd outlives it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _die_with(parent: int) -> Callable[[], None]:
+    """Return a preexec_fn: the child gets SIGTERM when the test process dies.
+
+    If the test process died between fork and prctl, the signal would never come:
+    then the child exits at once instead of starting etcd.
+    """
+
+    def in_child() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return in_child
 
 
 @dataclass
@@ -112,7 +123,7 @@ class EtcdMember:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - tests, single-threaded start
+                preexec_fn=_die_with(os.getpid()),  # noqa: PLW1509 - tests, no locks taken
             )
 
     def kill(self) -> None:
@@ -198,9 +209,9 @@ class EtcdCluster:
                     return member
         raise RuntimeError("no etcd member says it is the leader")
 
-    def compact(self, revision: int) -> None:
-        """Drop history before ``revision`` (etcd compaction)."""
-        member = next(m for m in self.members if m.running)
+    def compact(self, revision: int, *, via: EtcdMember | None = None) -> None:
+        """Drop history before ``revision`` (etcd compaction), asking ``via`` or a live member."""
+        member = via or next(m for m in self.members if m.running)
         answer = httpx.post(
             member.endpoint + "/v3/kv/compaction", json={"revision": revision}, timeout=5
         )

@@ -112,7 +112,7 @@ def test_a_watcher_resuming_into_compacted_history_is_told(cluster: EtcdCluster)
         os.kill(follower.process.pid, signal.SIGSTOP)  # its stream goes quiet, not closed
         missed = writer.put("hosts/b", b"2")
         writer.put("other/x", b"3")
-        cluster.compact(writer.current_revision())  # the change it missed is gone
+        cluster.compact(writer.current_revision(), via=others[0])  # what it missed is gone
         follower.kill()  # now its stream ends and the watcher reconnects elsewhere
         with pytest.raises(WatchCompactedError) as info:
             collect(watch, 1)
