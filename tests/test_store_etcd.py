@@ -9,6 +9,7 @@ half-way, and keys under guardfab's prefix that guardfab did not write.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime
 import ipaddress
@@ -36,6 +37,7 @@ from etcd_harness import (  # noqa: F401 -- the *_fixture names are fixtures
 from guardfab.store import ABSENT, EtcdStore, StoreError, StoreSchemaError, StoreUsageError
 from guardfab.store.base import MAX_TXN_OPS, MAX_VALUE_BYTES
 from guardfab.store.etcd_codec import b64, decode_stamp, encode_stamp
+from guardfab.store.etcd_expiry import INDEX_ROOT
 
 PASSWORD = "correct horse battery staple 7"
 WRONG_PASSWORD = "Tr0ub4dor&3-not-it"
@@ -360,3 +362,65 @@ def socket_that_refuses() -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+# --- the expiry index ----------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def index_entries(cluster: EtcdCluster, prefix: str) -> list[tuple[float, str]]:
+    """(expiry, key) of every expiry index key of ``prefix``, read from etcd directly."""
+    start = INDEX_ROOT + prefix.encode()
+    body = {"key": b64(start), "range_end": b64(start[:-1] + bytes([start[-1] + 1]))}
+    answer = httpx.post(cluster.endpoints[0] + "/v3/kv/range", json=body, timeout=5).json()
+    entries = []
+    for kv in answer.get("kvs") or []:
+        rest = base64.b64decode(kv["key"])[len(start) :]
+        entries.append((decode_stamp(rest[:8]), rest[8:].decode()))
+    return entries
+
+
+def test_the_expiry_index_follows_rewrites_and_stays_out_of_sight(
+    etcd_stores: StoreOpener,
+) -> None:
+    clock = Clock()
+    store = etcd_stores(clock=clock)
+    now = clock.now
+    store.put("n/a", b"", ttl=5)
+    store.put("n/a", b"", ttl=50)  # a rewrite of a live TTL entry replaces its index key
+    assert index_entries(etcd_stores.cluster, etcd_stores.prefix) == [(now + 50, "n/a")]
+    revision = store.put("n/b", b"", ttl=5)
+    store.put("n/b", b"kept", expect=revision)  # now without TTL: its index key is stale
+    store.put("n/c", b"", ttl=1)
+    watch = store.watch("", start_revision=revision)
+    assert [e.key for e in store.list("")] == ["n/a", "n/b", "n/c"]  # no index key shows
+    clock.now += 10
+    assert store.compact_expired() == 1  # n/c; n/b is live without TTL
+    assert [e.key for e in store.list("")] == ["n/a", "n/b"]
+    # The stale key went with the real removal; only n/a's is left.
+    assert index_entries(etcd_stores.cluster, etcd_stores.prefix) == [(now + 50, "n/a")]
+    events = []
+    while (event := watch.next_event(timeout=0.3)) is not None:
+        events.append((event.kind.value, event.key))
+    assert events == [("put", "n/b"), ("put", "n/b"), ("put", "n/c"), ("delete", "n/c")]
+    watch.cancel()
+
+
+def test_a_write_over_an_expired_entry_takes_its_index_key_too(etcd_stores: StoreOpener) -> None:
+    clock = Clock()
+    store = etcd_stores(clock=clock)
+    store.put("n/a", b"", ttl=1)
+    clock.now += 2
+    store.put("n/a", b"again")  # deletes the expired entry first, index key included
+    assert index_entries(etcd_stores.cluster, etcd_stores.prefix) == []
+    assert store.compact_expired() == 0
+    entry = store.get("n/a")
+    assert entry is not None
+    assert entry.value == b"again"

@@ -57,6 +57,7 @@ from guardfab.store.etcd_codec import (
     parse_kv,
     unb64,
 )
+from guardfab.store.etcd_expiry import ExpiredEntry, find_expired, index_key
 from guardfab.store.etcd_gateway import CODE_NOT_FOUND, EtcdGateway, EtcdRequestError
 from guardfab.store.etcd_watch import EtcdWatch, range_end_of
 
@@ -80,6 +81,8 @@ class _Plan:
     compares: list[dict[str, Any]] = field(default_factory=list)
     success: list[dict[str, Any]] = field(default_factory=list)
     read_keys: list[str] = field(default_factory=list)
+    #: Expiry index keys of TTL entries this transaction replaces or deletes.
+    old_index_keys: list[bytes] = field(default_factory=list)
     size: int = 0
 
 
@@ -260,25 +263,38 @@ class EtcdStore:
                 plan.compares.append(_alive(self._full(key), now))
                 guarded.add(key)
         skipped = self._guard_written_keys(txn, known, now, guarded, plan)
-        for key, value, ttl in txn.puts:
-            expires_at = None if ttl is None else now + ttl
-            put: dict[str, Any] = {
-                "key": self._full(key),
-                "value": b64(encode_value(value, expires_at)),
-            }
-            if ttl is not None:
-                put["lease"] = self._lease(ttl)
-            plan.success.append({"request_put": put})
-            plan.size += len(value) + len(key) + _OP_OVERHEAD_BYTES
+        new_index_keys = self._add_puts(txn, now, plan)
         for key in txn.deletes:
             if key not in skipped:
                 plan.success.append({"request_delete_range": {"key": self._full(key)}})
+        for raw in plan.old_index_keys:
+            if raw not in new_index_keys:
+                plan.success.append({"request_delete_range": {"key": b64(raw)}})
         plan.read_keys = list(
             dict.fromkeys([k for k, e in txn.compares if e is not ANY] + sorted(guarded))
         )
         plan.size += sum(len(k) + _OP_OVERHEAD_BYTES for k in plan.read_keys)
         self._check_size(plan)
         return plan
+
+    def _add_puts(self, txn: CheckedTxn, now: float, plan: _Plan) -> set[bytes]:
+        """Add the puts (a TTL one with its expiry index key); return those index keys."""
+        index_keys: set[bytes] = set()
+        for key, value, ttl in txn.puts:
+            expires_at = None if ttl is None else now + ttl
+            put: dict[str, Any] = {
+                "key": self._full(key),
+                "value": b64(encode_value(value, expires_at)),
+            }
+            if expires_at is not None and ttl is not None:
+                lease = self._lease(ttl)
+                put["lease"] = lease
+                raw = index_key(self._namespace, key, expires_at)
+                index_keys.add(raw)
+                plan.success.append({"request_put": {"key": b64(raw), "lease": lease}})
+            plan.success.append({"request_put": put})
+            plan.size += len(value) + 2 * len(key) + _OP_OVERHEAD_BYTES
+        return index_keys
 
     def _guard_written_keys(
         self,
@@ -304,6 +320,8 @@ class EtcdStore:
             elif is_live(stored.expires_at, now):
                 plan.compares.append(_compare(full, "MOD", stored.mod_revision))
                 plan.compares.append(_alive(full, now))
+                if stored.expires_at is not None:
+                    plan.old_index_keys.append(index_key(self._namespace, key, stored.expires_at))
             elif key not in put_keys:
                 plan.compares.append(_compare(full, "MOD", stored.mod_revision))
                 skipped.add(key)
@@ -351,25 +369,34 @@ class EtcdStore:
     ) -> None:
         """Delete expired entries that an ABSENT compare or a put must not see."""
         in_the_way = {k for k, e in txn.compares if e is ABSENT} | {p.key for p in txn.puts}
-        expired = {
-            key: stored.mod_revision
+        expired = [
+            ExpiredEntry(key, stored.mod_revision, stored.expires_at)
             for key, stored in reads.items()
-            if stored is not None and key in in_the_way and not is_live(stored.expires_at, now)
-        }
+            if stored is not None
+            and stored.expires_at is not None
+            and key in in_the_way
+            and not is_live(stored.expires_at, now)
+        ]
         if expired:
-            self._delete_if_unchanged(expired)
-            for key in expired:
-                reads[key] = None
+            self._delete_expired(expired)
+            for entry in expired:
+                reads[entry.key] = None
 
-    def _delete_if_unchanged(self, revisions: dict[str, int]) -> int:
-        """Delete keys still at the given revisions, in one revision; return how many."""
+    def _delete_expired(
+        self, entries: Sequence[ExpiredEntry], stale_index_keys: Sequence[bytes] = ()
+    ) -> bool:
+        """Delete entries still at their revisions, with their index keys, in one revision."""
+        deletes = [self._full(e.key) for e in entries] + [
+            b64(index_key(self._namespace, e.key, e.expires_at)) for e in entries
+        ]
+        deletes += [b64(raw) for raw in stale_index_keys]
         body = {
-            "compare": [_compare(self._full(k), "MOD", r) for k, r in revisions.items()],
-            "success": [{"request_delete_range": {"key": self._full(k)}} for k in revisions],
+            "compare": [_compare(self._full(e.key), "MOD", e.mod_revision) for e in entries],
+            "success": [{"request_delete_range": {"key": key}} for key in deletes],
             "failure": [],
         }
         answer = self._call("/v3/kv/txn", body, "an expiry clean-up", idempotent=False)
-        return _deleted(answer) if answer.get("succeeded") else 0
+        return bool(answer.get("succeeded"))
 
     # --- leases --------------------------------------------------------------
 
@@ -408,40 +435,35 @@ class EtcdStore:
     def compact_expired(self, *, limit: int | None = None) -> int:
         """Delete entries expired by their stamp, earliest first; return how many.
 
-        etcd's leases would remove them too, but only seconds later and on the
-        server's clock; this deletes what the injected clock says is gone, with
-        a revision compare each so a concurrent rewrite survives, at most
-        MAX_TXN_OPS per revision. It reads the whole prefix: call it rarely.
+        etcd's leases would remove them too, but seconds later and on the server's
+        clock; this deletes what the injected clock says is gone, found through the
+        expiry index (:mod:`etcd_expiry`), with a revision compare each so a
+        concurrent rewrite survives, at most MAX_TXN_OPS per revision (half the
+        cluster's max_txn_ops if that is less: each removal is two deletes).
         """
         limit = check_limit(limit)
-        now = self._clock()
-        expired = sorted(
-            (stored.expires_at or 0.0, stored.key, stored.mod_revision)
-            for stored in self._scan()
-            if not is_live(stored.expires_at, now)
-        )[:limit]
+        self._check_open()
+        chunk = max(1, min(MAX_TXN_OPS, self._max_txn_ops // 2))
         removed = 0
-        for offset in range(0, len(expired), MAX_TXN_OPS):
-            chunk = expired[offset : offset + MAX_TXN_OPS]
-            removed += self._delete_if_unchanged({key: rev for _when, key, rev in chunk})
+        for _attempt in range(MAX_ATTEMPTS):
+            wanted = None if limit is None else limit - removed
+            scan = find_expired(
+                self._call_positional, self._namespace, self._clock(), limit=wanted, page=chunk
+            )
+            stale = scan.stale_index_keys[: max(0, self._max_txn_ops - 2 * chunk)]
+            for offset in range(0, len(scan.expired), chunk):
+                batch = scan.expired[offset : offset + chunk]
+                if not self._delete_expired(batch, stale if offset == 0 else ()):
+                    break  # one of them changed meanwhile: look again
+                removed += len(batch)
+            else:
+                return removed
         return removed
 
-    def _scan(self) -> builtins.list[StoredKey]:
-        end = b64(range_end_of(self._namespace, ""))
-        body: dict[str, Any] = {
-            "key": b64(self._namespace or b"\x00"),
-            "range_end": end,
-            "limit": _PAGE,
-        }
-        stored: builtins.list[StoredKey] = []
-        while True:
-            answer = self._call("/v3/kv/range", body, "an expiry scan", idempotent=True)
-            kvs = answer.get("kvs") or []
-            stored.extend(parse_kv(kv, self._namespace) for kv in kvs)
-            if not answer.get("more") or not kvs:
-                return stored
-            body["key"] = b64(_after(kvs[-1]))
-            body["revision"] = as_int(answer["header"]["revision"])
+    def _call_positional(
+        self, path: str, body: dict[str, Any], what: str, idempotent: bool
+    ) -> dict[str, Any]:
+        return self._call(path, body, what, idempotent=idempotent)
 
     def close(self) -> None:
         """Stop every watch and close the connections; later calls raise StoreUsageError."""
