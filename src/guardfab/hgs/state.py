@@ -11,7 +11,8 @@ Layout (``guardfab hgs init --dir D``)::
     D/tokens/admin.token               HGS administrator credential (0600)
     D/tokens/reviewer.token            read-only reviewer credential (0600)
     D/access.json                      SHA-256 of each token and its role
-    D/state.db                         the embedded SQLite store
+    D/state.db                         the embedded SQLite store (or an etcd cluster:
+                                       hgs.json names it, ADR 0022)
 
 The directory is created complete or not at all: it is built under a temporary
 name and renamed into place. Tokens and TLS material come from the shared
@@ -20,6 +21,7 @@ name and renamed into place. Tokens and TLS material come from the shared
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import secrets
@@ -36,9 +38,94 @@ from guardfab.formats import jose, keyfiles
 from guardfab.formats.guardian import KeyAlgorithm
 from guardfab.hgs.kps_keys import create_first_kps_key
 from guardfab.hgs.tls import TlsMaterial, make_private_ca_and_server
+from guardfab.store.errors import StoreUsageError
+from guardfab.store.etcd_gateway import check_endpoint
 
 CONFIG_VERSION = 1
 ROLES = ("admin", "reviewer")
+STORE_BACKENDS = ("sqlite", "etcd")
+
+
+@dataclass(frozen=True)
+class EtcdStoreSettings:
+    """Where an HGS on etcd keeps its state: ``hgs.json``'s ``store`` with ``backend: etcd``.
+
+    No secret is kept here (``hgs.json`` is public): the password is read from
+    ``password_file`` when the store is opened. Relative paths are relative to the
+    HGS directory.
+    """
+
+    endpoints: tuple[str, ...]
+    prefix: str = "guardfab/"
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password_file: str | None = None
+    timeout: float = 5.0
+    max_txn_ops: int = 128
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``store`` member of ``hgs.json``."""
+        data: dict[str, Any] = {
+            "backend": "etcd",
+            "endpoints": list(self.endpoints),
+            "prefix": self.prefix,
+            "timeout": self.timeout,
+            "max_txn_ops": self.max_txn_ops,
+        }
+        for name in ("ca_file", "cert_file", "key_file", "username", "password_file"):
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EtcdStoreSettings:
+        """Check and load the ``store`` member (``backend`` must be ``etcd``)."""
+        endpoints = data.get("endpoints")
+        if (
+            not isinstance(endpoints, list)
+            or not endpoints
+            or not all(isinstance(e, str) and e for e in endpoints)
+        ):
+            raise FormatError("hgs.json: store.endpoints must be a non-empty list of URLs")
+        for endpoint in endpoints:
+            try:
+                check_endpoint(endpoint)
+            except StoreUsageError as exc:
+                raise FormatError(f"hgs.json: store.endpoints: {exc}") from None
+        optional = {}
+        for name in ("ca_file", "cert_file", "key_file", "username", "password_file"):
+            value = data.get(name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise FormatError(f"hgs.json: store.{name} must be a non-empty string")
+            optional[name] = value
+        if (optional["username"] is None) != (optional["password_file"] is None):
+            raise FormatError("hgs.json: store.username and store.password_file go together")
+        prefix = data.get("prefix", "guardfab/")
+        timeout = data.get("timeout", 5.0)
+        max_txn_ops = data.get("max_txn_ops", 128)
+        if not isinstance(prefix, str):
+            raise FormatError("hgs.json: store.prefix must be a string")
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout <= 300
+        ):
+            raise FormatError("hgs.json: store.timeout must be more than 0 and at most 300 s")
+        if isinstance(max_txn_ops, bool) or not isinstance(max_txn_ops, int) or max_txn_ops < 128:
+            raise FormatError("hgs.json: store.max_txn_ops must be an integer >= 128")
+        return cls(
+            tuple(endpoints), prefix, timeout=float(timeout), max_txn_ops=max_txn_ops, **optional
+        )
+
+
+def _check_store(store: dict[str, Any]) -> None:
+    backend = store.get("backend")
+    if backend not in STORE_BACKENDS:
+        raise FormatError(f"hgs.json: store.backend must be one of {', '.join(STORE_BACKENDS)}")
+    if backend == "etcd":
+        EtcdStoreSettings.from_dict(store)
 
 
 @dataclass(frozen=True)
@@ -84,6 +171,7 @@ class HgsConfig:
             raise FormatError("hgs.json: health_certificate_lifetime must be 60 s to 7 days")
         if not 5 <= config.nonce_ttl <= 3600:
             raise FormatError("hgs.json: nonce_ttl must be 5 s to 1 hour")
+        _check_store(config.store)
         return config
 
 
@@ -124,6 +212,27 @@ class HgsState:
     def store_path(self) -> Path:
         """Where the embedded SQLite store lives."""
         return self.path(str(self.config.store.get("path", "state.db")))
+
+    def etcd_settings(self) -> EtcdStoreSettings:
+        """The etcd store's settings, relative paths resolved against this directory.
+
+        Raises:
+            UsageError: this HGS keeps its state in SQLite, not etcd.
+        """
+        if self.config.store.get("backend") != "etcd":
+            raise UsageError(f"{self.dir}: this HGS does not keep its state in etcd")
+        settings = EtcdStoreSettings.from_dict(self.config.store)
+
+        def resolve(value: str | None) -> str | None:
+            return None if value is None else str(self.dir / value)
+
+        return dataclasses.replace(
+            settings,
+            ca_file=resolve(settings.ca_file),
+            cert_file=resolve(settings.cert_file),
+            key_file=resolve(settings.key_file),
+            password_file=resolve(settings.password_file),
+        )
 
 
 def default_server_names() -> tuple[str, ...]:
@@ -184,7 +293,9 @@ def _populate(root: Path, config: HgsConfig, tls: TlsMaterial) -> dict[str, str]
 __all__ = [
     "CONFIG_VERSION",
     "ROLES",
+    "STORE_BACKENDS",
     "AccessTable",
+    "EtcdStoreSettings",
     "HgsConfig",
     "HgsState",
     "default_server_names",

@@ -58,7 +58,8 @@ class EtcdRequestError(StoreError):
         self.etcd_message = message
 
 
-def _check_endpoint(endpoint: str) -> str:
+def check_endpoint(endpoint: str) -> str:
+    """Return ``endpoint`` as ``scheme://host:port`` if it is an acceptable member URL."""
     parsed = urllib.parse.urlsplit(endpoint)
     if parsed.username is not None or parsed.password is not None:
         raise StoreUsageError(
@@ -123,7 +124,7 @@ class EtcdGateway:
     ) -> None:
         if isinstance(endpoints, str) or not endpoints:
             raise StoreUsageError("give at least one etcd endpoint, as a list of URLs")
-        self.endpoints = [_check_endpoint(e) for e in endpoints]
+        self.endpoints = [check_endpoint(e) for e in endpoints]
         if (username is None) != (password is None):
             raise StoreUsageError("give both an etcd username and a password, or neither")
         if not (0 < timeout <= 300):
