@@ -17,6 +17,8 @@ are not one to one:
 * **Conflicts** are named by reading every compared key in the failure branch of
   the same ``Txn`` and checking the conditions, in order, with the same clock time.
 * **Revisions** are the cluster's: writes to other prefixes move them too.
+* **compact_expired** finds expired entries through an expiry index that every
+  TTL put writes beside the entry (:mod:`etcd_expiry`), not by reading the prefix.
 """
 
 from __future__ import annotations
