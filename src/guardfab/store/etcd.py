@@ -59,7 +59,7 @@ from guardfab.store.etcd_codec import (
     parse_kv,
     unb64,
 )
-from guardfab.store.etcd_expiry import ExpiredEntry, find_expired, index_key
+from guardfab.store.etcd_expiry import INDEX_ROOT, ExpiredEntry, find_expired, index_key
 from guardfab.store.etcd_gateway import CODE_NOT_FOUND, EtcdGateway, EtcdRequestError
 from guardfab.store.etcd_watch import EtcdWatch, range_end_of
 
@@ -74,6 +74,14 @@ LEASE_REUSE_SECONDS = 1.0
 MAX_ATTEMPTS = 16
 _PAGE = 256
 _OP_OVERHEAD_BYTES = 64
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every live entry under a prefix as of one etcd revision."""
+
+    revision: int
+    entries: list[Entry]
 
 
 @dataclass
@@ -184,26 +192,63 @@ class EtcdStore:
         Pages are read at the revision of the first page, so the result is one
         consistent snapshot however many pages it takes.
         """
+        return self._read_range(prefix, start=start, limit=limit)[1]
+
+    def snapshot(self, prefix: str = "", *, page: int = _PAGE) -> Snapshot:
+        """Return every live entry under ``prefix`` as of one revision, and that revision.
+
+        A backup needs this: every page is read at the revision the first one
+        was read at, so an entry written meanwhile is in no page, and two entries
+        one transaction wrote are both old or both new. If etcd compacts that
+        revision before the last page, the read fails (``StoreError``) rather than
+        mixing revisions.
+        """
+        if page < 1:
+            raise StoreUsageError("a snapshot page holds at least one key")
+        revision, entries = self._read_range(prefix, start=None, limit=None, page=page)
+        return Snapshot(revision, entries)
+
+    def _read_range(
+        self, prefix: str, *, start: str | None, limit: int | None, page: int = _PAGE
+    ) -> tuple[int, builtins.list[Entry]]:
         check_prefix(prefix)
         low = max(prefix, check_prefix(start, what="start")) if start is not None else prefix
         limit = check_limit(limit)
         now = self._clock()
         end = b64(range_end_of(self._namespace, prefix))
-        body: dict[str, Any] = {"key": self._full(low), "range_end": end, "limit": _PAGE}
+        body: dict[str, Any] = {"key": self._full(low), "range_end": end, "limit": page}
         entries: builtins.list[Entry] = []
         while True:
             answer = self._call("/v3/kv/range", body, "a list", idempotent=True)
+            # The first page fixes the revision; every later page is read at it.
+            body.setdefault("revision", as_int(answer.get("header", {}).get("revision")))
             kvs = answer.get("kvs") or []
             for kv in kvs:
                 entry = _live_entry(parse_kv(kv, self._namespace), now)
                 if entry is not None:
                     entries.append(entry)
                     if limit is not None and len(entries) >= limit:
-                        return entries
+                        return body["revision"], entries
             if not answer.get("more") or not kvs:
-                return entries
+                return body["revision"], entries
             body["key"] = b64(_after(kvs[-1]))
-            body["revision"] = as_int(answer["header"]["revision"])
+
+    def stored_keys(self) -> int:
+        """Return how many keys this store's prefix physically holds, expired ones included.
+
+        Counts the expiry index keys of the prefix too: a restore refuses a prefix
+        where this is not 0, since nothing there may be mixed with a backup.
+        """
+        ranges = [
+            (self._namespace or b"\x00", range_end_of(self._namespace, "")),
+            (INDEX_ROOT + self._namespace, _end_of_bytes(INDEX_ROOT + self._namespace)),
+        ]
+        total = 0
+        for key, end in ranges:
+            body = {"key": b64(key), "range_end": b64(end), "count_only": True}
+            answer = self._call("/v3/kv/range", body, "a key count", idempotent=True)
+            total += as_int(answer.get("count"))
+        return total
 
     # --- writes --------------------------------------------------------------
 
@@ -517,6 +562,11 @@ def _raise_first_conflict(txn: CheckedTxn, reads: dict[str, StoredKey | None], n
 
 def _after(kv: dict[str, Any]) -> bytes:
     return unb64(kv.get("key")) + b"\x00"
+
+
+def _end_of_bytes(key: bytes) -> bytes:
+    """etcd's ``range_end`` for every key starting with ``key`` (which ends below 0xff)."""
+    return key[:-1] + bytes([key[-1] + 1])
 
 
 def _revision(answer: dict[str, Any]) -> int:
