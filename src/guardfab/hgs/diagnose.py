@@ -9,7 +9,8 @@ over HTTPS at its URL with its CA. A check whose input an earlier failure
 removed is reported as SKIP (never as OK).
 
 It reads the state directory and the store; it changes nothing (the store is
-opened only if its file exists).
+opened only if its file exists). An HGS on etcd gets the cluster's checks in
+place of the state.db ones (:mod:`guardfab.hgs.diagnose_etcd`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from urllib.parse import urlsplit
 import httpx
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 
 from guardfab import diagnostics as diag
 from guardfab.attestation.admin_group_mode import DEPRECATION_WARNING
@@ -38,15 +38,14 @@ from guardfab.diagnostics import Check, Status
 from guardfab.errors import GuardfabError
 from guardfab.formats import jose
 from guardfab.hgs.client import url_for_listen
+from guardfab.hgs.diagnose_certs import key_match, validity
+from guardfab.hgs.diagnose_etcd import EtcdDiagnosis
 from guardfab.hgs.registry import Registry
 from guardfab.hgs.state import ROLES, HgsState, token_digest
 from guardfab.store.audit import AuditLog
 from guardfab.store.base import Store
 from guardfab.store.memory import MemoryStore
 from guardfab.store.sqlite import SCHEMA_VERSION, SqliteStore
-
-#: A TLS certificate expiring sooner than this is a warning.
-EXPIRY_WARNING = datetime.timedelta(days=30)
 
 #: Files an initialized HGS directory holds, whether private (0600), and how to restore each.
 FILES: tuple[tuple[str, bool, str], ...] = (
@@ -214,22 +213,13 @@ def check_tls(ctx: _Context) -> Iterator[Check]:
     except (OSError, ValueError) as exc:
         yield diag.fail("tls-certificate", f"cannot load the TLS certificates ({exc})", FIX["tls"])
         return
-    yield _validity(chain[0], ctx.now)
+    yield validity("tls-validity", chain[0], ctx.now, FIX["renew"])
     yield _names(ctx, chain[0])
     yield _chain(chain, ca)
-    yield _key_match(ctx.directory / "tls" / "server.key", chain[0])
-
-
-def _validity(leaf: x509.Certificate, now: datetime.datetime) -> Check:
-    name, until = "tls-validity", leaf.not_valid_after_utc
-    renew = FIX["renew"]
-    if now < leaf.not_valid_before_utc:
-        return diag.fail(name, f"not valid before {leaf.not_valid_before_utc}", renew)
-    if now > until:
-        return diag.fail(name, f"expired on {until.isoformat()}", renew)
-    if until - now < EXPIRY_WARNING:
-        return diag.warn(name, f"expires on {until.isoformat()} ({(until - now).days} days)", renew)
-    return diag.ok(name, f"valid until {until.isoformat()}")
+    yield key_match(
+        "tls-key", ctx.directory / "tls" / "server.key", chain[0],
+        label="tls/server.key", cert="tls/server.pem",
+    )  # fmt: skip
 
 
 def _names(ctx: _Context, leaf: x509.Certificate) -> Check:
@@ -255,28 +245,6 @@ def _chain(chain: list[x509.Certificate], ca: x509.Certificate) -> Check:
     except (ValueError, TypeError, InvalidSignature) as exc:
         return diag.fail("tls-chain", f"it does not chain to tls/ca.pem ({exc})", FIX["chain"])
     return diag.ok("tls-chain", "the certificate chains to tls/ca.pem")
-
-
-def _key_match(key_file: Path, leaf: x509.Certificate) -> Check:
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    try:
-        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
-        same = key.public_key().public_bytes(serialization.Encoding.DER, spki) == (
-            leaf.public_key().public_bytes(serialization.Encoding.DER, spki)
-        )
-    except (OSError, ValueError, TypeError) as exc:
-        return diag.fail(
-            "tls-key",
-            f"tls/server.key does not load ({exc})",
-            "restore tls/server.key (unencrypted PEM) from backup",
-        )
-    if not same:
-        return diag.fail(
-            "tls-key",
-            "tls/server.key is not the certificate's key",
-            "put the key that belongs to tls/server.pem in tls/server.key",
-        )
-    return diag.ok("tls-key", "tls/server.key matches the certificate")
 
 
 # --------------------------------------------------------------------- keys and tokens
@@ -345,9 +313,20 @@ def _schema_version(path: Path) -> int | None:
 
 
 def check_store(ctx: _Context) -> Iterator[Check]:
-    """The store opens, its schema is current, and the audit chain verifies."""
+    """The store opens, its schema is current, and the audit chain verifies.
+
+    For an HGS on etcd the cluster is checked instead of ``state.db``
+    (:mod:`guardfab.hgs.diagnose_etcd`), then the same audit chain.
+    """
     if ctx.state is None:
         yield diag.skip("store", "hgs.json did not load")
+        return
+    if ctx.state.config.store.get("backend") == "etcd":
+        etcd = EtcdDiagnosis(ctx.state, ctx.now)
+        yield from etcd.checks()
+        ctx.store = etcd.store
+        if ctx.store is not None:
+            yield _audit(ctx.store)
         return
     path = ctx.state.store_path()
     if not path.exists():
