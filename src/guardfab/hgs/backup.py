@@ -16,7 +16,18 @@ joserfc, ``typ`` ``guardfab-hgs-backup+jwe``, content encrypted with A256GCM:
   registry of its own, so the algorithm is joserfc's and only the bound moves;
 * under a key file: ``A256KW`` with a 256-bit key kept as an ``oct`` JWK.
 
+The store is read as one snapshot: SQLite's in one read transaction, etcd's at
+one revision however many pages it takes (:meth:`EtcdStore.snapshot`), so a
+host's last record and the boot it names, or a KP generation and its audit
+record, are copied as one transaction left them. The backup does not name the
+backend it came from beyond the ``hgs.json`` it holds; it restores into either.
+
 Restore writes a new directory complete or not at all (staged, then renamed).
+Its store is SQLite by default (which is also how an HGS moves off etcd), or an
+etcd prefix (``RestoreOptions.etcd``) that must be empty: the records go in with
+"create only" transactions sized for the cluster's ``--max-txn-ops``, and if one
+fails, every key created under the prefix since the restore began is deleted
+again.
 By default it makes a NEW private TLS CA and server certificate (for the names
 of the backup or those given): a restore is as often a drill or a second site
 as a takeover, and the backup's TLS key should not silently start answering
@@ -43,7 +54,7 @@ from joserfc.jwa import AESAlgKeyWrapping, PBES2HSAlgKeyEncryption
 from joserfc.jwk import OctKey
 from joserfc.registry import HeaderParameter
 
-from guardfab.errors import FormatError, NotAuthorizedError, UsageError
+from guardfab.errors import FormatError, GuardfabError, NotAuthorizedError, UsageError
 from guardfab.files import PRIVATE, PUBLIC, atomic_write
 from guardfab.formats.encoding import (
     b64url_decode,
@@ -55,10 +66,14 @@ from guardfab.formats.encoding import (
     require_int,
     require_str,
 )
-from guardfab.hgs.state import HgsConfig, HgsState
+from guardfab.hgs.backup_store import EtcdTarget, write_records
+from guardfab.hgs.etcd_admin import open_settings_store
+from guardfab.hgs.state import EtcdStoreSettings, HgsConfig, HgsState
 from guardfab.hgs.tls import make_private_ca_and_server
 from guardfab.store.audit import AuditLog
-from guardfab.store.base import MAX_TXN_OPS, Txn
+from guardfab.store.base import Store
+from guardfab.store.errors import StoreError
+from guardfab.store.etcd import EtcdStore
 from guardfab.store.sqlite import SqliteStore
 
 BACKUP_JWE_TYPE = "guardfab-hgs-backup+jwe"
@@ -170,6 +185,8 @@ class Backup:
     service_name: str
     files: dict[str, tuple[bytes, int]] = field(repr=False)
     records: list[tuple[str, bytes]] = field(repr=False)
+    #: The etcd revision the records were read at (not part of the file).
+    revision: int | None = field(default=None, compare=False)
 
     def to_bytes(self) -> bytes:
         """The canonical JSON plaintext."""
@@ -198,7 +215,7 @@ def collect(directory: Path, *, now: float) -> Backup:
     key file, never as a primary whose files are missing.
     """
     state = HgsState(directory)
-    records = _store_records(state)
+    records, revision = _store_records(state)
     files: dict[str, tuple[bytes, int]] = {}
     for name in BACKED_UP_FILES:
         files[name] = _file(state.path(name))
@@ -207,7 +224,7 @@ def collect(directory: Path, *, now: float) -> Backup:
             relative = path.relative_to(state.dir)
             if path.is_file() and not any(p.startswith(".") for p in relative.parts):
                 files[relative.as_posix()] = _file(path)
-    return Backup(int(now), state.config.service_name, files, records)
+    return Backup(int(now), state.config.service_name, files, records, revision)
 
 
 def _file(path: Path) -> tuple[bytes, int]:
@@ -215,24 +232,33 @@ def _file(path: Path) -> tuple[bytes, int]:
     return path.read_bytes(), mode
 
 
-def _open_store(state: HgsState) -> SqliteStore:
-    if state.config.store.get("backend") != "sqlite":
-        raise UsageError("export-state reads the embedded SQLite store only")
+def _open_store(state: HgsState) -> Store:
+    if state.config.store.get("backend") == "etcd":
+        return open_settings_store(state.etcd_settings())
     return SqliteStore(state.store_path())
 
 
-def _store_records(state: HgsState) -> list[tuple[str, bytes]]:
+def _store_records(state: HgsState) -> tuple[list[tuple[str, bytes]], int | None]:
+    """Every lasting record, from one snapshot; and the etcd revision it is of."""
     store = _open_store(state)
     try:
-        # One read, one snapshot: a host's last record and the boot it names
-        # (hosts/last/, hosts/boot/) are copied as one attestation left them.
-        return [
-            (e.key, e.value)
-            for e in store.list("")
-            if e.expires_at is None and not e.key.startswith(TRANSIENT_PREFIXES)
-        ]
+        # One snapshot: a host's last record and the boot it names (hosts/last/,
+        # hosts/boot/) are copied as one attestation left them.
+        if isinstance(store, EtcdStore):
+            snapshot = store.snapshot("")
+            entries, revision = snapshot.entries, snapshot.revision
+        else:
+            entries, revision = store.list(""), None
+    except StoreError as exc:
+        raise StoreError(f"export-state could not read the store: {exc}") from None
     finally:
         store.close()
+    records = [
+        (e.key, e.value)
+        for e in entries
+        if e.expires_at is None and not e.key.startswith(TRANSIENT_PREFIXES)
+    ]
+    return records, revision
 
 
 def seal(backup: Backup, secret: BackupSecret) -> bytes:
@@ -257,11 +283,18 @@ def export_state(directory: Path, secret: BackupSecret, *, now: float) -> bytes:
             actor="hgs-admin",
             subject=backup.service_name,
             outcome="success",
-            details={"files": len(backup.files), "records": len(backup.records)},
+            details=_export_details(backup),
         )
     finally:
         store.close()
     return data
+
+
+def _export_details(backup: Backup) -> dict[str, Any]:
+    details: dict[str, Any] = {"files": len(backup.files), "records": len(backup.records)}
+    if backup.revision is not None:
+        details["etcd_revision"] = backup.revision
+    return details
 
 
 # --- import ---------------------------------------------------------------------------
@@ -377,35 +410,67 @@ class RestoreOptions:
     keep_tls: bool = False
     server_names: tuple[str, ...] | None = None
     listen: str | None = None
+    #: Restore the store into this (empty) etcd prefix instead of DIR/state.db.
+    etcd: EtcdStoreSettings | None = None
 
 
 def restore(backup: Backup, directory: Path, options: RestoreOptions, *, now: float) -> HgsConfig:
-    """Write ``backup`` as a new, complete HGS directory; return its configuration."""
+    """Write ``backup`` as a new, complete HGS directory; return its configuration.
+
+    With ``options.etcd`` the store goes into that etcd prefix, which must be
+    empty (checked before anything is written); relative paths in the settings
+    are relative to ``directory``, as in ``hgs.json``.
+    """
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise UsageError(
             f"{directory} exists and is not empty", hint="restore into a new directory"
         )
     config = _restored_config(backup, options)
+    target = None
+    if options.etcd is not None:
+        target = EtcdTarget(_resolved(options.etcd, directory))
     staging = directory.parent / f".{directory.name}.restore"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         _write_files(staging, backup, config, options, now=now)
-        _write_store(staging / "state.db", backup, now=now)
+        if target is None:
+            _write_store(SqliteStore(staging / "state.db"), backup, now=now)
+        else:
+            _write_etcd(target, backup, now=now)
         if directory.exists():
             directory.rmdir()
         staging.rename(directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if target is not None:
+            target.close()
     return config
+
+
+def _resolved(settings: EtcdStoreSettings, directory: Path) -> EtcdStoreSettings:
+    def resolve(value: str | None) -> str | None:
+        return None if value is None else str(directory / value)
+
+    return replace(
+        settings,
+        ca_file=resolve(settings.ca_file),
+        cert_file=resolve(settings.cert_file),
+        key_file=resolve(settings.key_file),
+        password_file=resolve(settings.password_file),
+    )
 
 
 def _restored_config(backup: Backup, options: RestoreOptions) -> HgsConfig:
     if "hgs.json" not in backup.files:
         raise FormatError("HGS backup: it has no hgs.json")
     config = HgsConfig.from_dict(load_json_document(backup.files["hgs.json"][0], what="hgs.json"))
-    config = replace(config, store={"backend": "sqlite", "path": "state.db"})
+    store = {"backend": "sqlite", "path": "state.db"}
+    if options.etcd is not None:
+        store = options.etcd.to_dict()
+    config = replace(config, store=store)
     if options.listen is not None:
         config = replace(config, listen=options.listen)
     if options.server_names:
@@ -439,24 +504,33 @@ def _write_files(
         atomic_write(path, data, mode=mode)
 
 
-def _write_store(path: Path, backup: Backup, *, now: float) -> None:
-    store = SqliteStore(path)
+def _write_store(store: Store, backup: Backup, *, now: float) -> None:
+    """Create the backup's records in a new store, then audit the restore."""
     try:
-        records = backup.records
-        for start in range(0, len(records), MAX_TXN_OPS):
-            txn = Txn()
-            for key, value in records[start : start + MAX_TXN_OPS]:
-                txn.put(key, value)
-            txn.commit(store)
-        AuditLog(store, clock=lambda: now).append(
-            kind="hgs-restore",
-            actor="hgs-admin",
-            subject=backup.service_name,
-            outcome="success",
-            details={"backup_created_at": backup.created_at, "records": len(records)},
-        )
+        write_records(store, backup.records)
+        _audit_restore(store, backup, now=now)
     finally:
         store.close()
+
+
+def _write_etcd(target: EtcdTarget, backup: Backup, *, now: float) -> None:
+    """Create the records under the target prefix; on failure leave the prefix empty."""
+    try:
+        target.write(backup.records)
+        _audit_restore(target.store, backup, now=now)
+    except GuardfabError:
+        target.undo()
+        raise
+
+
+def _audit_restore(store: Store, backup: Backup, *, now: float) -> None:
+    AuditLog(store, clock=lambda: now).append(
+        kind="hgs-restore",
+        actor="hgs-admin",
+        subject=backup.service_name,
+        outcome="success",
+        details={"backup_created_at": backup.created_at, "records": len(backup.records)},
+    )
 
 
 def import_state(
