@@ -2,8 +2,9 @@
 
 The HGS service processes are stateless; everything they remember (registered
 hosts, consumed nonces, policies, the audit log) lives behind :class:`Store`.
-One node uses the embedded SQLite backend; a cluster will use etcd 3.4 through
-its HTTP gateway. The interface is shaped so that etcd maps onto it one to one:
+One node uses the embedded SQLite backend; a cluster uses etcd 3.4 through
+its HTTP gateway (:mod:`guardfab.store.etcd`, ADR 0022). The interface is
+shaped after etcd; the mapping is one to one except where noted:
 
 =========================  ==============================================
 guardfab                   etcd v3
@@ -12,14 +13,18 @@ guardfab                   etcd v3
 ``Entry.create_revision``  ``kv.create_revision``
 ``expect=ABSENT``          ``compare create_revision == 0``
 ``expect=<int>``           ``compare mod_revision == <int>``
-``ttl=``                   a lease granted for ``ceil(ttl)`` seconds
+``ttl=``                   an expiry stamp stored with the value (decides,
+                           by the store's clock) and a lease of ``ceil(ttl)``
+                           plus slack (only collects)
 ``transaction()``          ``Txn`` (compares; success = puts + deletes;
                            failure = a range read of each compared key,
                            which names the key whose compare failed)
 ``list(prefix)``           ``Range(key, range_end=prefix_end(key))``
 ``watch(prefix, rev)``     ``Watch(key, range_end, start_revision=rev)``
 ``WatchCompactedError``    ``ErrCompacted`` / ``compact_revision``
-``compact_expired()``      nothing: etcd revokes expired leases itself
+``compact_expired()``      deletes what the stored expiry stamps say has
+                           expired, found through an expiry index; leases
+                           only collect leftovers later (ADR 0022)
 =========================  ==============================================
 
 Semantics every backend shares (the in-memory store is the reference):
