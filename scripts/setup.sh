@@ -32,11 +32,17 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # Debian starts etcd on 127.0.0.1:2379 when it installs it. The tests run their own
-  # members on free ports; a stray unauthenticated etcd is not wanted. Only one that
-  # this run installed is stopped, and only where systemd runs.
-  if [[ " ${missing[*]} " == *" etcd-server "* && -d /run/systemd/system ]]; then
-    systemctl disable --now etcd >/dev/null 2>&1 || echo "setup: could not disable etcd.service" >&2
+  # Debian starts etcd on 127.0.0.1:2379 when it installs it (systemd, or its init.d
+  # script where no policy-rc.d forbids it). The tests run their own members on free
+  # ports; a stray unauthenticated etcd is not wanted. Only one this run installed is
+  # stopped and disabled.
+  if [[ " ${missing[*]} " == *" etcd-server "* ]]; then
+    if [[ -d /run/systemd/system ]]; then
+      systemctl disable --now etcd >/dev/null 2>&1 || echo "setup: could not disable etcd.service" >&2
+    elif [[ -x /etc/init.d/etcd ]]; then
+      /etc/init.d/etcd stop >/dev/null 2>&1 || true
+      update-rc.d etcd disable >/dev/null 2>&1 || echo "setup: could not disable /etc/init.d/etcd" >&2
+    fi
   fi
 fi
 
