@@ -13,7 +13,6 @@ one transaction goes in as several that fit the cluster's --max-txn-ops.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ from guardfab.hgs.backup import (
     BackupSecret,
     RestoreOptions,
     collect,
+    export_state,
     new_key_file,
     restore,
 )
@@ -51,13 +51,14 @@ def etcd_settings(cluster: EtcdCluster, prefix: str, **more: object) -> EtcdStor
     return EtcdStoreSettings(tuple(cluster.endpoints), prefix, **more)  # type: ignore[arg-type]
 
 
-def attest(hgs: RunningHgs, signing: ECKey) -> int:
+def attest(hgs: RunningHgs, signing: ECKey) -> str:
+    """Attest for real with the registered host key (raises if refused); the certificate."""
     client = HgsAttestationClient(hgs.url, Path(hgs.ca))
     try:
-        attest_with_host_key(client, signing, host_key=jose.public_jwk(ECKey.generate_key("P-384")))
+        host_key = jose.public_jwk(ECKey.generate_key("P-384"))
+        return attest_with_host_key(client, signing, host_key=host_key).health_certificate
     finally:
         client.close()
-    return 200
 
 
 def stored(store: Store) -> dict[str, bytes]:
@@ -163,7 +164,7 @@ def test_export_from_etcd_then_import_into_sqlite_and_into_etcd(
 
     served = start_hgs(tmp_path / "etcd", init=False)  # the restored etcd HGS attests the host
     try:
-        assert attest(served, signing) == 200
+        assert attest(served, signing)
     finally:
         served.stop()
         etcd_server.wipe(prefix)
@@ -182,8 +183,6 @@ def test_export_is_one_snapshot_and_audited_with_its_revision(
         assert dict(backup.records) == stored(store)
     finally:
         store.close()
-    from guardfab.hgs.backup import export_state  # noqa: PLC0415
-
     export_state(directory, KEY, now=NOW)
     store = open_store(HgsState(directory))
     try:
@@ -290,7 +289,6 @@ def test_a_backup_of_a_sqlite_hgs_restores_into_etcd(
     tmp_path: Path, etcd_server: EtcdCluster
 ) -> None:
     """The way onto etcd: SQLite HGS -> backup -> etcd prefix."""
-    shutil.rmtree(tmp_path / "src", ignore_errors=True)
     init_state(tmp_path / "src", HgsConfig(service_name="onto-etcd"))
     store = open_store(HgsState(tmp_path / "src"))
     try:
