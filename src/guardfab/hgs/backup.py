@@ -27,7 +27,8 @@ Its store is SQLite by default (which is also how an HGS moves off etcd), or an
 etcd prefix (``RestoreOptions.etcd``) that must be empty: the records go in with
 "create only" transactions sized for the cluster's ``--max-txn-ops``, and if one
 fails, every key created under the prefix since the restore began is deleted
-again.
+again (:mod:`guardfab.hgs.backup_store`).
+
 By default it makes a NEW private TLS CA and server certificate (for the names
 of the backup or those given): a restore is as often a drill or a second site
 as a takeover, and the backup's TLS key should not silently start answering
