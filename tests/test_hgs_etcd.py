@@ -100,12 +100,20 @@ def test_hgs_init_with_store_etcd_writes_no_secret(tmp_path: Path) -> None:
     assert not (tmp_path / "hgs" / "state.db").exists()
 
 
-def test_store_etcd_options_without_an_endpoint_are_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [["hgs", "init"], ["hgs", "import-state", "--in", __file__, "--key-file", __file__]],
+    ids=["init", "import-state"],
+)
+def test_store_etcd_options_without_an_endpoint_are_refused(
+    tmp_path: Path, command: list[str]
+) -> None:
     result = CliRunner().invoke(
-        cli, ["hgs", "init", "--dir", str(tmp_path / "hgs"), "--store-etcd-user", "hgs"]
+        cli, [*command, "--dir", str(tmp_path / "hgs"), "--store-etcd-user", "hgs"]
     )
     assert result.exit_code != 0
     assert "--store-etcd URL" in result.output
+    assert "Traceback" not in result.output
     assert not (tmp_path / "hgs").exists()
 
 

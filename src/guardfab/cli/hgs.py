@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from guardfab.cli.common import read_passphrase
+from guardfab.cli.etcd_options import etcd_store_options
 from guardfab.cli.output import emit, handle_errors, json_option
-from guardfab.errors import UsageError
 from guardfab.files import read_bounded
 from guardfab.hgs.state import EtcdStoreSettings, HgsConfig, default_server_names, init_state
 from guardfab.hgs.tls import TlsMaterial, load_given_pem, load_given_pkcs12
@@ -47,33 +47,6 @@ def _given_tls(
 _path = click.Path(dir_okay=False, path_type=Path)
 
 
-def _etcd_settings(
-    endpoints: tuple[str, ...],
-    *,
-    prefix: str,
-    files: tuple[Path | None, Path | None, Path | None, Path | None],
-    username: str | None,
-    max_txn_ops: int,
-) -> EtcdStoreSettings | None:
-    """The etcd store settings from the --store-etcd options, or None without any."""
-    if not endpoints:
-        if any(files) or username:
-            raise UsageError("the --store-etcd-* options need --store-etcd URL")
-        return None
-    ca, cert, key, password_file = (None if f is None else str(f.resolve()) for f in files)
-    settings = EtcdStoreSettings(
-        tuple(endpoints),
-        prefix,
-        ca_file=ca,
-        cert_file=cert,
-        key_file=key,
-        username=username,
-        password_file=password_file,
-        max_txn_ops=max_txn_ops,
-    )
-    return EtcdStoreSettings.from_dict(settings.to_dict())  # the checks hgs.json gets
-
-
 @hgs.command("init")
 @click.option(
     "--dir",
@@ -108,37 +81,13 @@ def _etcd_settings(
 @click.option("--tls-key", type=_path, help="Unencrypted PEM private key of --tls-cert.")
 @click.option("--tls-pkcs12", type=_path, help="Use this PKCS#12 bundle (certificate + key).")
 @click.option("--passphrase-file", type=_path, help="Passphrase of --tls-pkcs12 (else a prompt).")
-@click.option(
-    "--store-etcd",
-    "etcd_endpoints",
-    multiple=True,
-    help="Keep the state in this etcd cluster instead of DIR/state.db: a member's client "
-    "URL (https://HOST:2379); repeat for every member.",
-)
-@click.option(
-    "--store-etcd-prefix",
-    default="guardfab/",
-    show_default=True,
-    help="Key prefix of this HGS in etcd (one per fabric; every HGS node of it the same).",
-)
-@click.option("--store-etcd-ca", type=_path, help="CA bundle of the etcd members' certificates.")
-@click.option("--store-etcd-cert", type=_path, help="Client certificate for etcd.")
-@click.option("--store-etcd-key", type=_path, help="Private key of --store-etcd-cert.")
-@click.option("--store-etcd-user", help="etcd user name, if the cluster has authentication on.")
-@click.option(
-    "--store-etcd-password-file",
-    type=_path,
-    help="File holding that user's password (read when the HGS starts; keep it 0600).",
-)
-@click.option(
-    "--store-etcd-max-txn-ops",
-    type=click.IntRange(min=128),
-    default=128,
-    show_default=True,
-    help="The cluster's --max-txn-ops (512 lets every transaction through; ADR 0022).",
-)
 @json_option
 @handle_errors
+@etcd_store_options(
+    endpoint_help="Keep the state in this etcd cluster instead of DIR/state.db: a member's "
+    "client URL (https://HOST:2379); repeat for every member.",
+    prefix_help="Key prefix of this HGS in etcd (one per fabric; every HGS node of it the same).",
+)
 def init(
     directory: Path,
     service_name: str,
@@ -148,14 +97,7 @@ def init(
     tls_key: Path | None,
     tls_pkcs12: Path | None,
     passphrase_file: Path | None,
-    etcd_endpoints: tuple[str, ...],
-    store_etcd_prefix: str,
-    store_etcd_ca: Path | None,
-    store_etcd_cert: Path | None,
-    store_etcd_key: Path | None,
-    store_etcd_user: str | None,
-    store_etcd_password_file: Path | None,
-    store_etcd_max_txn_ops: int,
+    etcd: EtcdStoreSettings | None,
     as_json: bool,
 ) -> None:
     """Create the HGS state: signing keys, TLS certificate, access tokens, store.
@@ -163,13 +105,6 @@ def init(
     The administrator and reviewer tokens are written to DIR/tokens/ (0600) and
     shown nowhere else; hosts trust DIR/tls/ca.pem.
     """
-    etcd = _etcd_settings(
-        etcd_endpoints,
-        prefix=store_etcd_prefix,
-        files=(store_etcd_ca, store_etcd_cert, store_etcd_key, store_etcd_password_file),
-        username=store_etcd_user,
-        max_txn_ops=store_etcd_max_txn_ops,
-    )
     config = HgsConfig(
         service_name=service_name,
         listen=listen,

@@ -21,7 +21,8 @@ import click
 import httpx
 
 from guardfab.cli.common import read_passphrase
-from guardfab.cli.hgs import _etcd_settings, hgs
+from guardfab.cli.etcd_options import etcd_store_options
+from guardfab.cli.hgs import hgs
 from guardfab.cli.hgs_admin_common import ConnectionOptions, call, connection_options, table
 from guardfab.cli.output import emit, handle_errors, json_option
 from guardfab.errors import FormatError, TransportError, UsageError
@@ -29,6 +30,7 @@ from guardfab.files import PRIVATE, PUBLIC, atomic_write, read_bounded
 from guardfab.formats.encoding import load_json_document
 from guardfab.formats.guardian import KeyAlgorithm
 from guardfab.hgs import backup
+from guardfab.hgs.state import EtcdStoreSettings
 
 _file = click.Path(dir_okay=False, path_type=Path)
 _existing = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -430,35 +432,13 @@ def export_state(
     "--server-name", "server_names", multiple=True, help="Names for the new TLS certificate."
 )
 @click.option("--listen", default=None, help="HOST:PORT for 'hgs serve' [default: the backup's].")
-@click.option(
-    "--store-etcd",
-    "etcd_endpoints",
-    multiple=True,
-    help="Restore the state into this etcd cluster instead of DIR/state.db: a member's "
-    "client URL; repeat for every member (the other --store-etcd-* as for 'hgs init').",
-)
-@click.option(
-    "--store-etcd-prefix",
-    default="guardfab/",
-    show_default=True,
-    help="Key prefix to restore into; it must be empty.",
-)
-@click.option("--store-etcd-ca", type=_file, help="CA bundle of the etcd members' certificates.")
-@click.option("--store-etcd-cert", type=_file, help="Client certificate for etcd.")
-@click.option("--store-etcd-key", type=_file, help="Private key of --store-etcd-cert.")
-@click.option("--store-etcd-user", help="etcd user name, if the cluster has authentication on.")
-@click.option(
-    "--store-etcd-password-file", type=_file, help="File holding that user's password (0600)."
-)
-@click.option(
-    "--store-etcd-max-txn-ops",
-    type=click.IntRange(min=128),
-    default=128,
-    show_default=True,
-    help="The cluster's --max-txn-ops.",
-)
 @json_option
 @handle_errors
+@etcd_store_options(
+    endpoint_help="Restore the state into this etcd cluster instead of DIR/state.db: a "
+    "member's client URL; repeat for every member.",
+    prefix_help="Key prefix to restore into; it must be empty.",
+)
 def import_state(
     directory: Path,
     source: Path,
@@ -467,14 +447,7 @@ def import_state(
     keep_tls: bool,
     server_names: tuple[str, ...],
     listen: str | None,
-    etcd_endpoints: tuple[str, ...],
-    store_etcd_prefix: str,
-    store_etcd_ca: Path | None,
-    store_etcd_cert: Path | None,
-    store_etcd_key: Path | None,
-    store_etcd_user: str | None,
-    store_etcd_password_file: Path | None,
-    store_etcd_max_txn_ops: int,
+    etcd: EtcdStoreSettings | None,
     as_json: bool,
 ) -> None:
     """Restore a backup into a new HGS directory, ready for 'guardfab hgs serve'.
@@ -485,13 +458,6 @@ def import_state(
     trust DIR/tls/ca.pem. Take the original HGS out of service first: two HGSs
     with the same KPS keys would each re-key the same VMs.
     """
-    etcd = _etcd_settings(
-        etcd_endpoints,
-        prefix=store_etcd_prefix,
-        files=(store_etcd_ca, store_etcd_cert, store_etcd_key, store_etcd_password_file),
-        username=store_etcd_user,
-        max_txn_ops=store_etcd_max_txn_ops,
-    )
     secret = _secret(passphrase_file, key_file, new_key=False, confirm=False)
     data = read_bounded(source, limit=2 * backup.MAX_BACKUP_BYTES, what="backup")
     options = backup.RestoreOptions(

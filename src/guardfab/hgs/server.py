@@ -17,10 +17,10 @@ from fastapi import FastAPI
 
 from guardfab.access.serving import UVICORN_SETTINGS
 from guardfab.errors import UsageError
-from guardfab.files import read_bounded
 from guardfab.hgs import registry as reg
 from guardfab.hgs.app import create_app
 from guardfab.hgs.deps import service_of_app
+from guardfab.hgs.etcd_admin import open_settings_store
 from guardfab.hgs.service import HgsService
 from guardfab.hgs.state import HgsState
 from guardfab.hgs.supervisor import Supervisor, WorkerSpec
@@ -57,46 +57,13 @@ def open_store(state: HgsState, *, checkpoint_interval: float | None = None) -> 
 
 
 #: Longest etcd password file read.
-_MAX_PASSWORD_FILE = 4096
-
-
 def open_etcd_store(state: HgsState) -> EtcdStore:
     """Open the etcd store ``hgs.json`` names and check that the cluster answers.
 
     Checking here makes ``hgs serve`` fail at start, naming the members it could not
     reach, rather than at the first request.
     """
-    settings = state.etcd_settings()
-    password = None
-    if settings.password_file is not None:
-        raw = read_bounded(
-            Path(settings.password_file), limit=_MAX_PASSWORD_FILE, what="etcd password file"
-        )
-        try:
-            password = raw.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError:
-            raise UsageError(f"{settings.password_file}: the etcd password is not UTF-8") from None
-    store = EtcdStore(
-        list(settings.endpoints),
-        prefix=settings.prefix,
-        ca_file=_optional_path(settings.ca_file),
-        cert_file=_optional_path(settings.cert_file),
-        key_file=_optional_path(settings.key_file),
-        username=settings.username,
-        password=password,
-        timeout=settings.timeout,
-        max_txn_ops=settings.max_txn_ops,
-    )
-    try:
-        store.current_revision()
-    except BaseException:
-        store.close()
-        raise
-    return store
-
-
-def _optional_path(value: str | None) -> Path | None:
-    return None if value is None else Path(value)
+    return open_settings_store(state.etcd_settings())
 
 
 def build_app(
