@@ -40,6 +40,8 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 # ruff: noqa: E402 (the software EK/AK live in tests/, importable only after the path is set)
+from etcd_harness import MAX_TXN_OPS as ETCD_MAX_TXN_OPS
+from etcd_harness import EtcdCluster
 from guardfab.attestation.baseline import baseline_from_log
 from guardfab.attestation.trust import CiPolicy, TrustState
 from guardfab.hgs import registry as reg
@@ -58,6 +60,8 @@ from guardfab.softhost.eventlog import (
     Ev,
     variable,
 )
+from guardfab.store.base import Store
+from guardfab.store.etcd import EtcdStore
 from guardfab.store.sqlite import SqliteStore
 from test_attestation_fixtures import SoftHost
 from test_tpm_quote import SoftAk, soft_ak
@@ -268,26 +272,51 @@ def descendants(pid: int) -> list[int]:
 class Hgs:
     """A guardfab HGS in a temporary directory, served on a free loopback port."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, *, etcd_members: int = 0) -> None:
+        """``etcd_members``: keep the state in a local etcd cluster of that size (0: SQLite)."""
         self.dir = Path(tempfile.mkdtemp(prefix="guardfab-hgs-bench-")) / "hgs"
         self.workers = workers
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
+        self.etcd: EtcdCluster | None = None
+        if etcd_members:
+            self.etcd = EtcdCluster(self.dir.parent / "etcd", etcd_members)
+
+    @property
+    def store_name(self) -> str:
+        if self.etcd is None:
+            return "SQLite store"
+        return f"etcd store, {len(self.etcd.members)} member(s) on 127.0.0.1, counted as the HGS's"
 
     def init(self, puts: list[tuple[str, Any]], *, nonce_ttl: int | None = None) -> None:
         """``guardfab hgs init`` (nonces living ``nonce_ttl`` s if given), then trusted state."""
         cli = [sys.executable, "-m", "guardfab", "hgs", "init", "--dir", str(self.dir)]
-        subprocess.run([*cli, "--name", "bench-hgs"], check=True, capture_output=True)
+        cli += ["--name", "bench-hgs"]
+        if self.etcd is not None:
+            self.etcd.start()
+            for endpoint in self.etcd.endpoints:
+                cli += ["--store-etcd", endpoint]
+            cli += ["--store-etcd-max-txn-ops", str(ETCD_MAX_TXN_OPS)]
+        subprocess.run(cli, check=True, capture_output=True)
         if nonce_ttl is not None:
             config_path = self.dir / "hgs.json"
             config = json.loads(config_path.read_text())
             config["nonce_ttl"] = nonce_ttl
             config_path.write_text(json.dumps(config, indent=2))
-        store = SqliteStore(HgsState(self.dir).store_path())
+        store = self._open_store()
         try:
             reg.Registry.trust_txn(puts).commit(store)
         finally:
             store.close()
+
+    def _open_store(self) -> Store:
+        state = HgsState(self.dir)
+        if self.etcd is None:
+            return SqliteStore(state.store_path())
+        settings = state.etcd_settings()
+        return EtcdStore(
+            list(settings.endpoints), prefix=settings.prefix, max_txn_ops=ETCD_MAX_TXN_OPS
+        )
 
     def start(self) -> None:
         """Serve, in a session of its own (stopped as one group), until /healthz answers."""
@@ -315,7 +344,8 @@ class Hgs:
         """The serve process and its uvicorn workers."""
         if self.process is None or self.process.poll() is not None:
             return []
-        return [self.process.pid, *descendants(self.process.pid)]
+        store = [] if self.etcd is None else [m.process.pid for m in self.etcd.members if m.process]
+        return [self.process.pid, *descendants(self.process.pid), *store]
 
     def cpu(self) -> dict[int, float]:
         """CPU seconds used so far by each process of the HGS (serve process, workers)."""
@@ -352,6 +382,8 @@ class Hgs:
             except subprocess.TimeoutExpired:
                 _signal_group(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
+        if self.etcd is not None:
+            self.etcd.stop()
         shutil.rmtree(self.dir.parent, ignore_errors=True)
 
 

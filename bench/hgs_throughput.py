@@ -558,6 +558,14 @@ def parse_args() -> argparse.Namespace:
         " swept, inside every measured window as at steady state",
     )
     parser.add_argument(
+        "--etcd",
+        type=int,
+        default=0,
+        metavar="MEMBERS",
+        help="keep the HGS's state in a local etcd cluster of this many members (0: SQLite);"
+        " their CPU counts as the HGS's",
+    )
+    parser.add_argument(
         "--phases",
         help="comma-separated subset to run (default: healthz,tpm,host-key; release mode: release)",
     )
@@ -580,11 +588,11 @@ def run(args: argparse.Namespace, notes: list[str]) -> list[Result]:
     """Start the HGS, run every phase, stop the HGS (also on errors and Ctrl-C)."""
     global MATERIAL, FABRIC  # noqa: PLW0603 (read by the forked generator processes)
     MATERIAL = make_material(args.ak)
-    hgs = c.Hgs(args.workers)
+    hgs = c.Hgs(args.workers, etcd_members=args.etcd)
     try:
         hgs.init(MATERIAL.puts, nonce_ttl=args.nonce_ttl)
         hgs.start()
-        notes.append(f"HGS state (SQLite store) in {hgs.dir} ({c.filesystem(hgs.dir)})")
+        notes.append(f"HGS state ({hgs.store_name}) in {hgs.dir} ({c.filesystem(hgs.dir)})")
         if "release" in args.phases:
             FABRIC = _release.prepare(f"https://127.0.0.1:{hgs.port}", hgs.ca, MATERIAL.release)
         results = []
