@@ -6,7 +6,9 @@ over ``httpx``, which guardfab already uses for its own HTTP.
 
 Failover follows what is safe to repeat. A request that never reached a member
 (connection refused, connect timeout) or that etcd refused before proposing it
-(``no leader``) goes to the next endpoint, until ``timeout`` runs out. A write
+(``no leader``) goes to the next endpoint, until ``timeout`` runs out; so does a
+read that etcd gave up because the leader changed under it (a read changes
+nothing, and the new leader answers it). A write
 whose connection broke after it was sent may or may not have been applied: it is
 reported as a :class:`~guardfab.store.errors.StoreError` saying so, never
 silently sent again (a repeated "create if absent" would fail as a conflict and
@@ -39,6 +41,10 @@ CODE_UNAVAILABLE = 14
 CODE_UNAUTHENTICATED = 16
 #: Errors etcd gives before a request is proposed to Raft: safe to send again.
 _NOT_PROPOSED = ("etcdserver: no leader", "etcdserver: not capable")
+#: Errors after which only a request that is harmless to repeat (a read) is sent again:
+#: a linearizable read waiting on a leader that died is answered this once the next
+#: leader is elected, about a second after the loss; repeated, it succeeds at once.
+_REPEAT_IF_IDEMPOTENT = ("etcdserver: leader changed",)
 _RETRY_PAUSE = 0.05
 
 
@@ -169,7 +175,7 @@ class EtcdGateway:
                 self._token = None
                 reauthenticated = True
                 continue
-            if message in _NOT_PROPOSED and time.monotonic() < deadline:
+            if _repeatable(message, idempotent=idempotent) and time.monotonic() < deadline:
                 time.sleep(_RETRY_PAUSE)
                 continue
             raise EtcdRequestError(endpoint, what, code, message)
@@ -274,6 +280,11 @@ class EtcdGateway:
         if not isinstance(token, str) or not token:
             raise StoreError(f"etcd at {endpoint} answered a login without a token")
         return token
+
+
+def _repeatable(message: str, *, idempotent: bool) -> bool:
+    """Whether a request etcd answered with ``message`` may be sent again."""
+    return message in _NOT_PROPOSED or (idempotent and message in _REPEAT_IF_IDEMPOTENT)
 
 
 def _json_object(response: httpx.Response, endpoint: str, what: str) -> dict[str, Any]:
