@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from guardfab.cli.common import IdArgumentCommand
 from guardfab.cli.hgs import hgs
 from guardfab.cli.hgs_admin_common import (
     ConnectionOptions,
@@ -244,7 +245,7 @@ def host_keys(conn: ConnectionOptions, as_json: bool) -> None:
     )
 
 
-@host.command("revoke-key")
+@host.command("revoke-key", cls=IdArgumentCommand)
 @click.argument("key_id")
 @connection_options
 @json_option
@@ -260,7 +261,7 @@ def host_revoke_key(key_id: str, conn: ConnectionOptions, as_json: bool) -> None
     emit(as_json, data, f"revoked host key {key_id} of host {data['host_id']}")
 
 
-@host.command("remove-key")
+@host.command("remove-key", cls=IdArgumentCommand)
 @click.argument("key_id")
 @connection_options
 @json_option
@@ -369,7 +370,7 @@ def ek_ca_list(conn: ConnectionOptions, as_json: bool) -> None:
     emit(as_json, rows, lambda: _ca_table(rows))
 
 
-@ek_ca.command("remove")
+@ek_ca.command("remove", cls=IdArgumentCommand)
 @click.argument("cert_id")
 @connection_options
 @json_option
@@ -446,7 +447,7 @@ def group_list_cas(conn: ConnectionOptions, as_json: bool) -> None:
     emit(as_json, rows, lambda: _ca_table(rows))
 
 
-@group.command("remove-ca")
+@group.command("remove-ca", cls=IdArgumentCommand)
 @click.argument("cert_id")
 @connection_options
 @json_option

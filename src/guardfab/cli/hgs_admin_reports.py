@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from guardfab.cli.common import IdArgumentCommand
 from guardfab.cli.hgs import hgs
 from guardfab.cli.hgs_admin_common import (
     ConnectionOptions,
@@ -186,7 +187,7 @@ def baseline_file_candidate(
     )
 
 
-@baseline.command("approve")
+@baseline.command("approve", cls=IdArgumentCommand)
 @click.argument("candidate_id")
 @click.option("--name", default=None, help="Register it under this name instead.")
 @connection_options
@@ -202,7 +203,7 @@ def baseline_approve(
     emit(as_json, data, lambda: with_notes(f"approved: baseline {data['name']} added", data))
 
 
-@baseline.command("reject")
+@baseline.command("reject", cls=IdArgumentCommand)
 @click.argument("candidate_id")
 @click.option("--reason", required=True, help="Why (kept on record and in the audit log).")
 @connection_options

@@ -20,7 +20,7 @@ from typing import Any
 import click
 import httpx
 
-from guardfab.cli.common import read_passphrase
+from guardfab.cli.common import IdArgumentCommand, read_passphrase
 from guardfab.cli.etcd_options import etcd_store_options
 from guardfab.cli.hgs import hgs
 from guardfab.cli.hgs_admin_common import ConnectionOptions, call, connection_options, table
@@ -115,7 +115,7 @@ def signer_add(
     emit(as_json, data, lambda: "trusted signers added: " + ", ".join(data["added"]))
 
 
-@signer.command("remove")
+@signer.command("remove", cls=IdArgumentCommand)
 @click.argument("kid")
 @connection_options
 @json_option
@@ -263,7 +263,7 @@ def key_add(
     )
 
 
-@key.command("make-primary")
+@key.command("make-primary", cls=IdArgumentCommand)
 @click.argument("key_id")
 @click.option(
     "--key-generation", type=click.IntRange(min=0), default=None, help="Default: the newest."
