@@ -6,9 +6,11 @@ over ``httpx``, which guardfab already uses for its own HTTP.
 
 Failover follows what is safe to repeat. A request that never reached a member
 (connection refused, connect timeout) or that etcd refused before proposing it
-(``no leader``) goes to the next endpoint, until ``timeout`` runs out; so does a
-read that etcd gave up because the leader changed under it (a read changes
-nothing, and the new leader answers it). A write
+(``no leader``) goes to the next endpoint, until ``timeout`` runs out. A request
+that is harmless to repeat (a read, a lease grant) is also sent again when etcd
+gave it up because the leader changed under it, or when its share of the time
+(a third) ran out: a proposal lost with a dead leader is only answered at its
+deadline, and the next leader answers it at once. A write
 whose connection broke after it was sent may or may not have been applied: it is
 reported as a :class:`~guardfab.store.errors.StoreError` saying so, never
 silently sent again (a repeated "create if absent" would fail as a conflict and
@@ -45,6 +47,8 @@ _NOT_PROPOSED = ("etcdserver: no leader", "etcdserver: not capable")
 #: a linearizable read waiting on a leader that died is answered this once the next
 #: leader is elected, about a second after the loss; repeated, it succeeds at once.
 _REPEAT_IF_IDEMPOTENT = ("etcdserver: leader changed",)
+#: The share of ``timeout`` one try of a request that is harmless to repeat may take.
+_IDEMPOTENT_TRY_SHARE = 1 / 3
 _RETRY_PAUSE = 0.05
 
 
@@ -52,7 +56,7 @@ class EtcdRequestError(StoreError):
     """etcd answered a request with an error (``code`` is the gRPC status code)."""
 
     def __init__(self, endpoint: str, what: str, code: int, message: str) -> None:
-        if code == CODE_DEADLINE_EXCEEDED or "timed out" in message:
+        if _timed_out(code, message):
             text = (
                 f"etcd at {endpoint} did not finish {what} in time ({message}); "
                 "a write may or may not have been applied (a leader change?)"
@@ -167,7 +171,13 @@ class EtcdGateway:
         deadline = time.monotonic() + self.timeout
         reauthenticated = False
         while True:
-            endpoint, response = self._post_somewhere(path, body, what, idempotent, deadline)
+            tries_until = deadline
+            if idempotent:
+                share = time.monotonic() + self.timeout * _IDEMPOTENT_TRY_SHARE
+                tries_until = min(deadline, share)
+            endpoint, response = self._post_somewhere(
+                path, body, what, idempotent, (tries_until, deadline)
+            )
             if response.status_code == 200:
                 return _json_object(response, endpoint, what)
             code, message = _error_of(response)
@@ -175,7 +185,7 @@ class EtcdGateway:
                 self._token = None
                 reauthenticated = True
                 continue
-            if _repeatable(message, idempotent=idempotent) and time.monotonic() < deadline:
+            if _repeatable(code, message, idempotent=idempotent) and time.monotonic() < deadline:
                 time.sleep(_RETRY_PAUSE)
                 continue
             raise EtcdRequestError(endpoint, what, code, message)
@@ -204,15 +214,22 @@ class EtcdGateway:
             return endpoint, response
 
     def _post_somewhere(
-        self, path: str, body: dict[str, Any], what: str, idempotent: bool, deadline: float
+        self,
+        path: str,
+        body: dict[str, Any],
+        what: str,
+        idempotent: bool,
+        deadlines: tuple[float, float],
     ) -> tuple[str, httpx.Response]:
+        """Send to the first member that takes the request; ``deadlines``: (etcd's, ours)."""
+        etcd_deadline, deadline = deadlines
         failures: dict[str, str] = {}
         while True:
             endpoint = self._endpoint()
             headers = self._headers(endpoint, deadline)
             # etcd gives up on the request when we do (otherwise a write proposed to
             # a leader that just died waits for etcd's own 7 s request timeout).
-            remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
+            remaining_ms = max(1, int((etcd_deadline - time.monotonic()) * 1000))
             headers["Grpc-Timeout"] = f"{remaining_ms}m"
             try:
                 return endpoint, self._client.post(endpoint + path, json=body, headers=headers)
@@ -282,9 +299,16 @@ class EtcdGateway:
         return token
 
 
-def _repeatable(message: str, *, idempotent: bool) -> bool:
-    """Whether a request etcd answered with ``message`` may be sent again."""
-    return message in _NOT_PROPOSED or (idempotent and message in _REPEAT_IF_IDEMPOTENT)
+def _timed_out(code: int, message: str) -> bool:
+    """Whether etcd gave a request up at its deadline (its outcome, for a write, unknown)."""
+    return code == CODE_DEADLINE_EXCEEDED or "timed out" in message or "deadline" in message
+
+
+def _repeatable(code: int, message: str, *, idempotent: bool) -> bool:
+    """Whether a request etcd answered with ``code`` and ``message`` may be sent again."""
+    if message in _NOT_PROPOSED:
+        return True
+    return idempotent and (message in _REPEAT_IF_IDEMPOTENT or _timed_out(code, message))
 
 
 def _json_object(response: httpx.Response, endpoint: str, what: str) -> dict[str, Any]:
