@@ -13,6 +13,7 @@ that verifies and holds each attestation whose nonce was consumed exactly once.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -30,7 +31,8 @@ from click.testing import CliRunner
 from joserfc.jwk import ECKey
 
 from etcd_harness import EtcdCluster
-from guardfab.attestation.trust import AttestationMode, HostKey
+from guardfab.attestation.baseline import baseline_from_log
+from guardfab.attestation.trust import AttestationMode, CiPolicy, HostKey, TpmHost, ek_digest
 from guardfab.cli.main import cli
 from guardfab.errors import GuardfabError
 from guardfab.formats import jose
@@ -48,19 +50,24 @@ from guardfab.host.attestation import (
     attest_with_host_key,
 )
 from guardfab.host.attester import make_attester
-from guardfab.host.config import HostMode, RetrySettings
+from guardfab.host.config import HostConfig, HostMode, RetrySettings
 from guardfab.host.keyrequest import KpsKeyReleaser
 from guardfab.host.keys import load_or_create_key
 from guardfab.host.status import AgentStatus, HostStatus
+from guardfab.host.tpm import HostTpm
+from guardfab.softhost.boot import CI_POLICY_FILE, Boot
 from guardfab.store import EtcdStore, Store
 from guardfab.store.audit import AuditLog
 from hgs_harness import RunningHgs, start_hgs
 from host_agent_harness import host_config
+from swtpm_harness import simulate_measured_boot, start_swtpm, tpm_factory  # noqa: F401 -- fixtures
 from test_kps_fixtures import Tenant, kps_document
 
 pytestmark = pytest.mark.slow
 
 PREFIX = "fabric/"
+HOST_NAME = "host-1"
+GOLDEN = Boot().log_bytes()
 #: The HGS's etcd timeout (hgs.json store.timeout, the default). A write that was on
 #: its way to the leader when it died is answered 503 only when it runs out, and the
 #: worker waits for it meanwhile (its commits run on the event loop, ADR 0016).
@@ -197,23 +204,67 @@ class Fabric:
     #: A second registered host that attests at both nodes in turn while the leader dies.
     other_host: jose.AsymmetricKey
     recorder: Recorder
+    #: How the guarded host attests: "host-key", or "tpm" (a swtpm; activated on first contact).
+    mode: str
 
 
-def register_host_keys(directory: Path, *keys: tuple[str, jose.AsymmetricKey]) -> None:
-    """Host-key mode on, and the keys registered, straight into the shared store."""
-    puts: list[tuple[str, object]] = [(reg.MODES_KEY, [AttestationMode.HOST_KEY.value])]
-    for name, key in keys:
-        host_key = HostKey(jose.thumbprint(key), name, jose.public_jwk(key))
-        puts.append((reg.HOST_KEYS + host_key.key_id, host_key.to_dict()))
+def host_key_puts(name: str, key: jose.AsymmetricKey) -> list[tuple[str, object]]:
+    """The registry records of a host key."""
+    host_key = HostKey(jose.thumbprint(key), name, jose.public_jwk(key))
+    return [(reg.HOST_KEYS + host_key.key_id, host_key.to_dict())]
+
+
+def tpm_host_puts(name: str, ek_public: bytes) -> list[tuple[str, object]]:
+    """The registry records of a TPM host: its EK, the golden boot as baseline, the CI policy."""
+    host = TpmHost(name, ek_digest(ek_public))
+    baseline = baseline_from_log("golden", GOLDEN)
+    ci = CiPolicy("ima-appraise", hashlib.sha256(CI_POLICY_FILE).digest())
+    return [
+        (reg.TPM_HOSTS + host.host_id, host.to_dict()),
+        (reg.BASELINES + baseline.name, baseline.to_dict()),
+        (reg.CI_POLICIES + ci.digest.hex(), ci.to_dict()),
+    ]
+
+
+def register(directory: Path, puts: list[tuple[str, object]]) -> None:
+    """Write trusted state straight into the shared store, as the admin API would."""
+    modes = [AttestationMode.TPM.value, AttestationMode.HOST_KEY.value]
     store = open_store(HgsState(directory))
     try:
-        reg.Registry.trust_txn(puts).commit(store)
+        reg.Registry.trust_txn([(reg.MODES_KEY, modes), *puts]).commit(store)
     finally:
         store.close()
 
 
-@pytest.fixture
-def fabric(tmp_path: Path, cluster: EtcdCluster) -> Iterator[Fabric]:
+def guarded_host(
+    request: pytest.FixtureRequest, root: Path, nodes: list[RunningHgs]
+) -> tuple[HostConfig, list[tuple[str, object]]]:
+    """The host of the test's mode: its configuration and its registry records.
+
+    Every attempt tries A first (no failback interval), so the failover after A
+    dies is visible; the 10 s HTTP timeout outlasts the HGS's 5 s store timeout.
+    """
+    retry = RetrySettings(
+        initial_delay=0.2, max_delay=2, jitter=0.25, failback_after=0, http_timeout=10
+    )
+    if request.param == "host-key":
+        config = host_config(root, nodes[0], fallback=nodes[1], mode=HostMode.HOST_KEY, retry=retry)
+        assert isinstance(config.signing_key, Path)  # a key file, as host_config makes
+        return config, host_key_puts(HOST_NAME, load_or_create_key(config.signing_key))
+    device = request.getfixturevalue("start_swtpm")(HOST_NAME)
+    with HostTpm(device.tcti) as tpm:
+        simulate_measured_boot(tpm, GOLDEN)
+        ek_public = tpm.read_ek().public
+    config = host_config(
+        root, nodes[0], fallback=nodes[1], tcti=device.tcti, event_log=GOLDEN, retry=retry
+    )
+    return config, tpm_host_puts(HOST_NAME, ek_public)
+
+
+@pytest.fixture(params=["host-key", "tpm"])
+def fabric(
+    request: pytest.FixtureRequest, tmp_path: Path, cluster: EtcdCluster
+) -> Iterator[Fabric]:
     settings = EtcdStoreSettings(
         tuple(cluster.endpoints), PREFIX, timeout=STORE_TIMEOUT, max_txn_ops=512
     )
@@ -222,24 +273,9 @@ def fabric(tmp_path: Path, cluster: EtcdCluster) -> Iterator[Fabric]:
     nodes: list[RunningHgs] = []
     try:
         nodes += [start_hgs(tmp_path / name, init=False) for name in ("node-a", "node-b")]
-        config = host_config(
-            tmp_path / "host",
-            nodes[0],
-            fallback=nodes[1],
-            mode=HostMode.HOST_KEY,
-            # Every attempt tries A first (no failback interval), so the failover
-            # after A dies is visible; 10 s outlasts the HGS's 5 s store timeout.
-            retry=RetrySettings(
-                initial_delay=0.2, max_delay=2, jitter=0.25, failback_after=0, http_timeout=10
-            ),
-        )
-        assert isinstance(config.signing_key, Path)  # a key file, as host_config makes
+        config, puts = guarded_host(request, tmp_path / "host", nodes)
         other = ECKey.generate_key("P-256")
-        register_host_keys(
-            nodes[0].directory,
-            ("host-k", load_or_create_key(config.signing_key)),
-            ("host-other", other),
-        )
+        register(nodes[0].directory, puts + host_key_puts("host-other", other))
         key = load_or_create_key(config.encryption_key)
         recorder = Recorder()
         agent = GuardedHostAgent(
@@ -250,7 +286,7 @@ def fabric(tmp_path: Path, cluster: EtcdCluster) -> Iterator[Fabric]:
             client_factory=recorder.client,
         )
         agent.recover()
-        yield Fabric(cluster, nodes[0], nodes[1], agent, other, recorder)
+        yield Fabric(cluster, nodes[0], nodes[1], agent, other, recorder, request.param)
     finally:
         for node in nodes:
             node.stop()
@@ -397,7 +433,7 @@ def attest_through_a(fabric: Fabric) -> None:
     signer = HgsState(fabric.node_b.directory).attestation_signing_key()  # the copy's key
     token = fabric.agent.usable_certificate().token
     cert = verify_health_certificate(token, {jose.thumbprint(signer): signer}, now=time.time())
-    assert cert.host_id == "host-k"
+    assert cert.host_id == HOST_NAME
 
 
 def fail_over_to_b(fabric: Fabric, caplog: pytest.LogCaptureFixture) -> float:
@@ -440,8 +476,10 @@ def check_the_audit_chain(fabric: Fabric, store: Store) -> None:
     # An attestation is recorded in the transaction that consumes its nonce: one each,
     # whether its answer arrived (200) or was lost with the leader (503).
     assert len(attestations) == len(used)
-    assert {r.outcome for r in attestations} == {"success"}
-    assert [r.kind for r in records if r.kind != "attestation"] == ["key-release"]
+    # A TPM host's first attestation asks it to activate its AK ("failure"), once.
+    activations = ["activation"] if fabric.mode == "tpm" else []
+    assert [r.outcome for r in attestations].count("failure") == len(activations)
+    assert [r.kind for r in records if r.kind != "attestation"] == [*activations, "key-release"]
 
 
 # --- the test -------------------------------------------------------------------
