@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from click.testing import CliRunner
 from joserfc.jwk import ECKey
@@ -36,7 +37,7 @@ from guardfab.attestation.trust import AttestationMode, CiPolicy, HostKey, TpmHo
 from guardfab.cli.main import cli
 from guardfab.errors import GuardfabError
 from guardfab.formats import jose
-from guardfab.formats.encoding import b64url_encode
+from guardfab.formats.encoding import b64url_decode, b64url_encode
 from guardfab.formats.health_certificate import verify_health_certificate
 from guardfab.formats.key_protector import load_key_protector
 from guardfab.hgs import registry as reg
@@ -48,6 +49,7 @@ from guardfab.host.attestation import (
     HgsAttestationClient,
     HgsUnavailableError,
     attest_with_host_key,
+    host_key_evidence,
 )
 from guardfab.host.attester import make_attester
 from guardfab.host.config import HostConfig, HostMode, RetrySettings
@@ -237,7 +239,7 @@ def register(directory: Path, puts: list[tuple[str, object]]) -> None:
 
 
 def guarded_host(
-    request: pytest.FixtureRequest, root: Path, nodes: list[RunningHgs]
+    request: pytest.FixtureRequest, mode: str, root: Path, nodes: list[RunningHgs]
 ) -> tuple[HostConfig, list[tuple[str, object]]]:
     """The host of the test's mode: its configuration and its registry records.
 
@@ -247,7 +249,7 @@ def guarded_host(
     retry = RetrySettings(
         initial_delay=0.2, max_delay=2, jitter=0.25, failback_after=0, http_timeout=10
     )
-    if request.param == "host-key":
+    if mode == "host-key":
         config = host_config(root, nodes[0], fallback=nodes[1], mode=HostMode.HOST_KEY, retry=retry)
         assert isinstance(config.signing_key, Path)  # a key file, as host_config makes
         return config, host_key_puts(HOST_NAME, load_or_create_key(config.signing_key))
@@ -261,19 +263,21 @@ def guarded_host(
     return config, tpm_host_puts(HOST_NAME, ek_public)
 
 
-@pytest.fixture(params=["host-key", "tpm"])
-def fabric(
-    request: pytest.FixtureRequest, tmp_path: Path, cluster: EtcdCluster
+@contextlib.contextmanager
+def running_fabric(
+    request: pytest.FixtureRequest, cluster: EtcdCluster, mode: str, store_timeout: float
 ) -> Iterator[Fabric]:
+    """Two HGS nodes on ``cluster`` and a guarded host of ``mode``; the nodes stop after."""
+    root = request.getfixturevalue("tmp_path")
     settings = EtcdStoreSettings(
-        tuple(cluster.endpoints), PREFIX, timeout=STORE_TIMEOUT, max_txn_ops=512
+        tuple(cluster.endpoints), PREFIX, timeout=store_timeout, max_txn_ops=512
     )
-    init_state(tmp_path / "node-a", HgsConfig(service_name="hgs", store=settings.to_dict()))
-    shutil.copytree(tmp_path / "node-a", tmp_path / "node-b")  # as the admin guide says
+    init_state(root / "node-a", HgsConfig(service_name="hgs", store=settings.to_dict()))
+    shutil.copytree(root / "node-a", root / "node-b")  # as the admin guide says
     nodes: list[RunningHgs] = []
     try:
-        nodes += [start_hgs(tmp_path / name, init=False) for name in ("node-a", "node-b")]
-        config, puts = guarded_host(request, tmp_path / "host", nodes)
+        nodes += [start_hgs(root / name, init=False) for name in ("node-a", "node-b")]
+        config, puts = guarded_host(request, mode, root / "host", nodes)
         other = ECKey.generate_key("P-256")
         register(nodes[0].directory, puts + host_key_puts("host-other", other))
         key = load_or_create_key(config.encryption_key)
@@ -286,10 +290,16 @@ def fabric(
             client_factory=recorder.client,
         )
         agent.recover()
-        yield Fabric(cluster, nodes[0], nodes[1], agent, other, recorder, request.param)
+        yield Fabric(cluster, nodes[0], nodes[1], agent, other, recorder, mode)
     finally:
         for node in nodes:
             node.stop()
+
+
+@pytest.fixture(params=["host-key", "tpm"])
+def fabric(request: pytest.FixtureRequest, cluster: EtcdCluster) -> Iterator[Fabric]:
+    with running_fabric(request, cluster, request.param, STORE_TIMEOUT) as running:
+        yield running
 
 
 # --- the phases ---------------------------------------------------------------
@@ -382,7 +392,8 @@ def check_the_agent_rode_through(
         assert status.certificate_expires_at == expiry, "a transient error keeps the certificate"
         assert status.next_attempt is not None
         assert status.last_attempt is not None
-        assert 0 < status.next_attempt - status.last_attempt <= retry.max_delay
+        # Backed off; a certificate still good keeps its renewal point (later still).
+        assert status.next_attempt - status.last_attempt >= retry.initial_delay * (1 - retry.jitter)
     back = recovered(attempts, killed_at)
     assert back is not None, "the agent never attested again after the leader died"
     assert attempts[-1].status.attestation_status == HostStatus.PASSED
@@ -514,3 +525,53 @@ def test_the_fabric_rides_through_losing_the_etcd_leader_and_an_hgs_node(
         f"{max(c.ended - c.started for c in calls):.2f} s; replays first use {first_uses}; "
         f"attestation through B with A down {failover:.3f} s"
     )
+
+
+def test_while_the_store_is_down_nodes_answer_503_and_the_host_keeps_its_certificate(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """etcd entirely down: every node says 503 (never 500), the agent fails over, then waits.
+
+    The agent tries A, takes A's 503 for "did not answer", tries B in the same
+    attempt, and keeps the certificate it holds and its renewal point (an
+    on-demand attempt that failed does not pull the schedule forward). Once the member
+    is back (its data kept), the same HGS processes serve again without a restart.
+    """
+    cluster = EtcdCluster(tmp_path / "etcd-1", size=1).start()
+    try:
+        with running_fabric(request, cluster, "host-key", store_timeout=1.0) as fabric:
+            passed = fabric.agent.attest_now()
+            assert passed.attestation_status == HostStatus.PASSED
+            cluster.members[0].kill()
+            tried = len(fabric.recorder.tried)
+            status = fabric.agent.attest_now()
+            tried_then = fabric.recorder.tried[tried:]
+            answer = attest_directly(fabric.node_b, fabric.other_host)
+            cluster.start()  # the member comes back with its data
+            again = fabric.agent.attest_now()
+    finally:
+        cluster.stop()
+    nodes = [fabric.node_a.url, fabric.node_b.url]
+    assert tried_then == nodes, "A's 503 made the agent try B in the same attempt"
+    assert status.attestation_status == HostStatus.TRANSIENT_ERROR
+    assert [f["reason"] for f in status.failures] == [f"HGS at {u} answered 503" for u in nodes]
+    assert status.certificate_expires_at == passed.certificate_expires_at, "certificate kept"
+    assert status.next_attempt == passed.next_attempt, "and its renewal point"
+    assert answer.status_code == 503
+    error = answer.json()["error"]
+    assert (error["type"], "no etcd member answered" in error["message"]) == ("StoreError", True)
+    assert again.attestation_status == HostStatus.PASSED
+
+
+def attest_directly(node: RunningHgs, signer: jose.AsymmetricKey) -> httpx.Response:
+    """One attestation by another host, over plain HTTPS, to see the node's own answer."""
+    host_key = jose.public_jwk(ECKey.generate_key("P-384"))
+    with node.client() as client:
+        challenge = client.post("/attestation/v1/challenge")
+        assert challenge.status_code == 200, "a challenge needs no store"
+        nonce = challenge.json()["nonce"]
+        evidence = host_key_evidence(
+            signer, nonce=b64url_decode(nonce, what="nonce"), host_key=host_key
+        )
+        body = {"nonce": nonce, "evidence": evidence.to_dict()}
+        return client.post("/attestation/v1/attest", json=body)
