@@ -33,7 +33,9 @@ class HgsService:
         self.store = store
         self.clock = clock
         self.audit = AuditLog(store, clock=clock)
-        self.audit_batcher = LoopBatcher(self.audit)
+        # A store whose calls wait on the network (etcd) commits off the event loop.
+        in_thread = bool(getattr(store, "waits_on_network", False))
+        self.audit_batcher = LoopBatcher(self.audit, in_thread=in_thread)
         self.access: AccessTable = state.access()
         self._nonce_key = state.nonce_key()
         self._signing_key = state.attestation_signing_key()

@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from guardfab.store.base import (
     ABSENT,
@@ -115,6 +115,11 @@ class EtcdStore:
             everything the interface does.
         max_request_bytes: The cluster's ``--max-request-bytes``.
     """
+
+    #: Every call waits on the network (one or more round trips to a member, seconds
+    #: during an election): callers on an event loop commit on a thread instead
+    #: (:class:`guardfab.hgs.audit_batch.LoopBatcher`). The local backends lack it.
+    waits_on_network: ClassVar[bool] = True
 
     def __init__(
         self,
