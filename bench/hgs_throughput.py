@@ -665,7 +665,12 @@ def goal_line(args: argparse.Namespace, by_name: dict[str, Result]) -> str:
         p99 = half.p99_ms if half and half.p99_ms is not None else float("inf")
         ok = c.verdict(p99 < P99_GOAL_MS)
         parts.append(f"{label} p99 < {P99_GOAL_MS:g} ms at half load: {ok} ({p99:.1f} ms)")
-    return f"goal (issue {4 if release else 3}): " + "; ".join(parts)
+    issue = 4 if release else 3
+    if args.etcd:
+        # The issues' goals are set for the embedded store on this machine, where an
+        # etcd cluster would also share the HGS's two cores: shown, not judged.
+        return f"for reference, issue {issue}'s goals (set for the SQLite HGS): " + "; ".join(parts)
+    return f"goal (issue {issue}): " + "; ".join(parts)
 
 
 def _interrupted(_signum: int, _frame: object) -> None:
