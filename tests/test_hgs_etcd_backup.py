@@ -22,7 +22,6 @@ from click.testing import CliRunner
 from joserfc.jwk import ECKey
 
 from etcd_harness import EtcdCluster, etcd_server_fixture, new_prefix  # noqa: F401 -- fixture
-from guardfab.attestation.trust import AttestationMode, HostKey
 from guardfab.cli.main import cli
 from guardfab.errors import UsageError
 from guardfab.formats import jose
@@ -41,6 +40,7 @@ from guardfab.hgs.state import EtcdStoreSettings, HgsConfig, HgsState, init_stat
 from guardfab.host.attestation import HgsAttestationClient, attest_with_host_key
 from guardfab.store import AuditLog, EtcdStore, Store, StoreUsageError, verify
 from hgs_harness import RunningHgs, start_hgs
+from test_hgs_etcd_diagnose import register_host_key
 
 NOW = time.time()
 KEY = BackupSecret.from_key_file(new_key_file())
@@ -77,21 +77,7 @@ def etcd_hgs(tmp_path: Path, etcd_server: EtcdCluster) -> Iterator[tuple[Path, E
     store_settings = etcd_settings(etcd_server, prefix).to_dict()
     directory = tmp_path / "hgs-etcd"
     init_state(directory, HgsConfig(service_name="etcd-backup", store=store_settings))
-    signing = ECKey.generate_key("P-256")
-    key = HostKey(jose.thumbprint(signing), "host-a", jose.public_jwk(signing))
-    store = open_store(HgsState(directory))
-    try:
-        txn = reg.Registry.trust_txn(
-            [
-                (reg.MODES_KEY, [AttestationMode.HOST_KEY.value]),
-                (reg.HOST_KEYS + key.key_id, key.to_dict()),
-            ]
-        )
-        AuditLog(store).append(
-            kind="admin", actor="admin", subject="setup", outcome="success", txn=txn
-        )
-    finally:
-        store.close()
+    signing = register_host_key(directory)
     hgs = start_hgs(directory, init=False)
     try:
         attest(hgs, signing)

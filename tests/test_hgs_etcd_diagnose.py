@@ -105,6 +105,12 @@ def etcd_hgs(directory: Path, endpoints: list[str], **settings: object) -> Path:
 
 def with_a_host_key(directory: Path) -> Path:
     """Host-key mode with one host registered, audited, as the admin API would."""
+    register_host_key(directory)
+    return directory
+
+
+def register_host_key(directory: Path) -> ECKey:
+    """Host-key mode with host-a registered, audited as the admin API would; its signing key."""
     signing = ECKey.generate_key("P-256")
     key = HostKey(jose.thumbprint(signing), "host-a", jose.public_jwk(signing))
     store = open_store(HgsState(directory))
@@ -120,7 +126,7 @@ def with_a_host_key(directory: Path) -> Path:
         )
     finally:
         store.close()
-    return directory
+    return signing
 
 
 def checks_of(report: DiagnoseReport, start: str) -> dict[str, tuple[Status, str, str]]:
