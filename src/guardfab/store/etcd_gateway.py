@@ -186,6 +186,10 @@ class EtcdGateway:
                 reauthenticated = True
                 continue
             if _repeatable(code, message, idempotent=idempotent) and time.monotonic() < deadline:
+                if message in _NOT_PROPOSED:
+                    # This member has no leader (cut off from the others, or one
+                    # election behind): another member may well have one.
+                    self._move_past(endpoint)
                 time.sleep(_RETRY_PAUSE)
                 continue
             raise EtcdRequestError(endpoint, what, code, message)
@@ -254,9 +258,7 @@ class EtcdGateway:
         """Note a member's failure and move to the next; raise once all failed for good."""
         tls = _is_tls_failure(exc)
         failures[endpoint] = "TLS handshake failed" if tls else type(exc).__name__
-        with self._lock:
-            if self.endpoints[self._current] == endpoint:
-                self._current = (self._current + 1) % len(self.endpoints)
+        self._move_past(endpoint)
         tried_all = len(failures) == len(self.endpoints)
         all_tls = tried_all and all(f == "TLS handshake failed" for f in failures.values())
         if all_tls or (tried_all and time.monotonic() >= deadline):
@@ -265,6 +267,12 @@ class EtcdGateway:
         if tried_all:
             failures.clear()
             time.sleep(_RETRY_PAUSE)
+
+    def _move_past(self, endpoint: str) -> None:
+        """Make the member after ``endpoint`` the next one tried (unless another thread did)."""
+        with self._lock:
+            if self.endpoints[self._current] == endpoint:
+                self._current = (self._current + 1) % len(self.endpoints)
 
     def _endpoint(self) -> str:
         with self._lock:
