@@ -11,7 +11,6 @@ a replayed nonce, a revocation made by another process meanwhile, the chain.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,55 +141,3 @@ def test_a_loop_that_stopped_before_its_commit_does_not_stall_the_next(tmp_path:
     assert verify(store).records == 1  # the abandoned request was never committed
     store.close()
 
-
-class _GatedStore(SqliteStore):
-    """A store whose commits wait until the event loop has run a coroutine meanwhile."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.loop_ran = threading.Event()
-        self.commits = 0
-
-    def locked_transaction(self, *args: Any, **kwargs: Any) -> int:
-        self.commits += 1
-        if self.commits == 1 and not self.loop_ran.wait(timeout=10):
-            raise RuntimeError("the event loop was held while the commit waited")
-        return super().locked_transaction(*args, **kwargs)
-
-
-def test_a_threaded_batcher_commits_off_the_loop_and_gathers_the_next_batch(
-    tmp_path: Path,
-) -> None:
-    """A store that waits on the network must not hold the worker's loop (etcd, ADR 0022)."""
-    store = _GatedStore(tmp_path / "store.db")
-    batcher = LoopBatcher(AuditLog(store), in_thread=True)
-
-    def request(actor: str) -> AppendRequest:
-        return AppendRequest("attestation", actor, actor, "success")
-
-    async def run() -> list[AuditRecord]:
-        first = asyncio.create_task(batcher.append(request("a")))
-        await asyncio.sleep(0)  # the first commit starts on its thread and waits
-        await asyncio.sleep(0.05)
-        # Two more arrive while it waits: they queue for the next commit.
-        later = [asyncio.create_task(batcher.append(request(actor))) for actor in "bc"]
-        await asyncio.sleep(0)
-        store.loop_ran.set()  # only a free loop gets here
-        return await asyncio.wait_for(asyncio.gather(first, *later), timeout=20)
-
-    records = asyncio.run(run())
-    assert [(record.actor, record.seq) for record in records] == [("a", 1), ("b", 2), ("c", 3)]
-    assert store.commits == 2  # a alone, then b and c together
-    assert verify(store).records == 3
-    store.close()
-
-
-def test_a_threaded_batcher_hands_each_request_its_own_error(fleet: Fleet) -> None:
-    """A replay committed on the batcher's thread fails alone, as on the loop."""
-    batcher = LoopBatcher(fleet.service.audit, in_thread=True)
-    fleet.service.audit_batcher = batcher
-    bodies = fleet.bodies()
-    results = fleet.attest_together([*bodies, bodies[0]])
-    assert all(isinstance(r, AttestOutcome) and r.result.passed for r in results[:-1])
-    assert isinstance(results[-1], NonceError)
-    assert verify(fleet.store).records == len(bodies)

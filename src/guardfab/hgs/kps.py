@@ -37,6 +37,7 @@ nothing); removing it like any other signer records that it is distrusted.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -127,6 +128,7 @@ class KpsService:
         self._own_signer: dict[str, Any] = service.signers()["keys"][0]
         #: Commits of the releases that reach them in one event-loop turn, shared.
         self.batcher: LoopBatcher = service.audit_batcher
+        self._store_threads = service.store_threads
         self._releases = KeyReleases(self)
 
     # ----------------------------------------------------------------- configuration
@@ -188,7 +190,16 @@ class KpsService:
     async def release_batched(
         self, health_certificate: str, key_protector: str, batcher: LoopBatcher
     ) -> ReleaseResult:
-        """:meth:`release` with its commit shared with the loop turn's others."""
+        """:meth:`release` with its commit shared with the loop turn's others.
+
+        On a store that waits on the network it runs whole on one of the
+        service's store threads (:meth:`HgsService.attest_batched` says why).
+        """
+        if self._store_threads is not None:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._store_threads, self.release, health_certificate, key_protector
+            )
         return await self._releases.release_batched(health_certificate, key_protector, batcher)
 
     def loaded_config(self, *, fresh: bool) -> tuple[int, KpsConfig]:

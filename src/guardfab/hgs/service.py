@@ -7,8 +7,10 @@ only translates requests into calls on this object.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from guardfab.attestation.evidence import evidence_from_dict
@@ -22,6 +24,10 @@ from guardfab.hgs.state import AccessTable, HgsState
 from guardfab.store.audit import AuditLog
 from guardfab.store.base import Store
 
+#: Threads for requests on a store that waits on the network: each mostly waits for
+#: etcd, and every one in flight can join the audit log's next group commit.
+STORE_THREADS = 32
+
 
 class HgsService:
     """Everything a request handler needs, loaded once per process."""
@@ -33,9 +39,11 @@ class HgsService:
         self.store = store
         self.clock = clock
         self.audit = AuditLog(store, clock=clock)
-        # A store whose calls wait on the network (etcd) commits off the event loop.
-        in_thread = bool(getattr(store, "waits_on_network", False))
-        self.audit_batcher = LoopBatcher(self.audit, in_thread=in_thread)
+        self.audit_batcher = LoopBatcher(self.audit)
+        #: Where whole requests run when every store call waits on the network (etcd).
+        self.store_threads: ThreadPoolExecutor | None = None
+        if getattr(store, "waits_on_network", False):
+            self.store_threads = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="hgs-store")
         self.access: AccessTable = state.access()
         self._nonce_key = state.nonce_key()
         self._signing_key = state.attestation_signing_key()
@@ -65,7 +73,17 @@ class HgsService:
         return self.attestor.attest(nonce, evidence_from_dict(evidence))
 
     async def attest_batched(self, nonce_token: str, evidence: Any) -> AttestOutcome:
-        """:meth:`attest` on the event loop, its commit shared with the loop turn's others."""
+        """:meth:`attest` on the event loop, its commit shared with the loop turn's others.
+
+        On a store that waits on the network the whole request runs on one of
+        :attr:`store_threads` instead (its commit shared with the other threads'
+        by the audit log's group commit), so the loop never waits for the store.
+        """
+        if self.store_threads is not None:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self.store_threads, self.attest, nonce_token, evidence
+            )
         nonce = check_nonce(self._nonce_key, nonce_token, now=self.clock())
         return await self.attestor.attest_batched(
             nonce, evidence_from_dict(evidence), self.audit_batcher

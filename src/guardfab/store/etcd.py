@@ -117,8 +117,9 @@ class EtcdStore:
     """
 
     #: Every call waits on the network (one or more round trips to a member, seconds
-    #: during an election): callers on an event loop commit on a thread instead
-    #: (:class:`guardfab.hgs.audit_batch.LoopBatcher`). The local backends lack it.
+    #: during an election): an HGS runs its requests on threads instead of its event
+    #: loop (:attr:`guardfab.hgs.service.HgsService.store_threads`). The local
+    #: backends lack it.
     waits_on_network: ClassVar[bool] = True
 
     def __init__(
