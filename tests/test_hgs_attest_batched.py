@@ -140,4 +140,3 @@ def test_a_loop_that_stopped_before_its_commit_does_not_stall_the_next(tmp_path:
     assert record.actor == "b"
     assert verify(store).records == 1  # the abandoned request was never committed
     store.close()
-
