@@ -10,22 +10,20 @@ what to do; it never skips.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import itertools
-import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 
+from guardfab.hypervisor.procs import child_setup
 from guardfab.store.etcd import EtcdStore
 from guardfab.store.etcd_codec import b64
 
@@ -48,22 +46,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _die_with(parent: int) -> Callable[[], None]:
-    """Return a preexec_fn: the child gets SIGTERM when the test process dies.
-
-    If the test process died between fork and prctl, the signal would never come:
-    then the child exits at once instead of starting etcd.
-    """
-
-    def in_child() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return in_child
 
 
 @dataclass
@@ -123,7 +105,7 @@ class EtcdMember:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                preexec_fn=_die_with(os.getpid()),  # noqa: PLW1509 - tests, no locks taken
+                preexec_fn=child_setup(die_with_parent=True),  # noqa: PLW1509 - tests, no locks taken
             )
 
     def kill(self) -> None:

@@ -22,9 +22,7 @@ Fixtures are imported explicitly by the test modules that use them::
 
 from __future__ import annotations
 
-import ctypes
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -33,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from guardfab.hypervisor.procs import child_setup
 from guardfab.softhost.swtpm import (
     free_port_pair,
     manufacture,
@@ -79,12 +78,6 @@ class TpmFactory:
         return self._states[name]
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the test process dies, so no swtpm outlives it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class Swtpm:
     """One running ``swtpm socket`` on a copy of a manufactured state, loopback only."""
 
@@ -114,7 +107,7 @@ class Swtpm:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - tests, single-threaded start
+                preexec_fn=child_setup(die_with_parent=True),  # noqa: PLW1509 - tests, single-threaded start
             )
             if self._wait_listening():
                 return self

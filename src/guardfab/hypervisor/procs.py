@@ -22,15 +22,26 @@ from guardfab.hypervisor.errors import HypervisorError
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: die when the parent thread goes."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def _dies_with(parent: int) -> Callable[[], None]:
+    """In the child, before exec: die when the parent thread goes.
+
+    A parent that died between the fork and the ``prctl`` never sends the
+    signal (the child was already reparented): then the child exits at once
+    instead of running on alone (seen with etcd members when pytest was killed).
+    """
+
+    def in_child() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return in_child
 
 
 def child_setup(die_with_parent: bool) -> Callable[[], None] | None:
     """The ``preexec_fn`` for a child (``None`` unless it must die with its parent)."""
-    return _die_with_parent if die_with_parent else None
+    return _dies_with(os.getpid()) if die_with_parent else None
 
 
 def spawn(
